@@ -1,0 +1,125 @@
+"""Per-guest local state (keys, known_hosts, console copy, last report) and the locks.
+
+Root keeps it in /var/lib/nvmprov/state; other users in $XDG_STATE_HOME/nvmprov. Everything 0700/0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LockedError
+
+
+def state_root() -> Path:
+    override = os.environ.get("NVMPROV_STATE_DIR")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/var/lib/nvmprov/state")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "nvmprov"
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """Where one guest's local files live. Names are validated by the spec before they get here."""
+
+    dir: Path
+
+    @property
+    def client_key(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def client_key_pub(self) -> Path:
+        return self.dir / "id_ed25519.pub"
+
+    @property
+    def host_key_pub(self) -> Path:
+        return self.dir / "host_ed25519.pub"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.json"
+
+    @property
+    def spec_json(self) -> Path:
+        return self.dir / "spec.json"
+
+    @property
+    def console_copy(self) -> Path:
+        return self.dir / "console.log"
+
+
+def guest_files(name: str, *, create: bool = True) -> GuestFiles:
+    root = state_root() / "guests"
+    path = root / name
+    if create:
+        _private_dir(root)
+        _private_dir(path)
+    return GuestFiles(path)
+
+
+def write_private(path: Path, data: bytes | str) -> None:
+    """Write a file readable by its owner only, replacing it atomically."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, raw)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def lock(name: str, *, what: str = "guest") -> Iterator[None]:
+    """Hold the lock for one guest name, failing at once (naming the holder) when it is taken."""
+    locks = _private_dir(state_root() / "locks")
+    path = locks / f"{what}-{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            raise LockedError(
+                f"{what} {name!r} is busy: another nvmprov holds its lock ({holder}); "
+                "wait for it to finish, or stop that process"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+@contextlib.contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """A blocking host-wide lock (e.g. while choosing an SSH port)."""
+    locks = _private_dir(state_root() / "locks")
+    fd = os.open(locks / f"host-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

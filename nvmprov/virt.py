@@ -1,0 +1,200 @@
+"""libvirt side effects: connection, define/start/stop/undefine, metadata, hotplug.
+
+Every libvirt failure leaves here as VirtError (or HostError for the connection) with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import libvirt
+
+from .errors import HostError, VirtError
+
+# libvirt prints every error to stderr by default; we raise instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+DEFAULT_URI = "qemu:///system"
+
+
+def connect(uri: str) -> libvirt.virConnect:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise HostError(
+            f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; "
+            "is libvirtd running? (scripts/setup.sh starts it)"
+        ) from None
+    if conn is None:  # older bindings returned None instead of raising
+        raise HostError(f"cannot connect to libvirt at {uri}")
+    return conn
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise VirtError(f"looking up domain {name!r}: {exc.get_error_message()}") from None
+
+
+def require(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    dom = lookup(conn, name)
+    if dom is None:
+        raise VirtError(f"no domain named {name!r} on {conn.getURI()}; `nvmprov list` shows the guests")
+    return dom
+
+
+def _call(what: str, fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"{what}: {exc.get_error_message()}") from None
+
+
+def define(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+    return _call("defining the domain", lambda: conn.defineXML(xml))  # type: ignore[return-value]
+
+
+def start(dom: libvirt.virDomain) -> None:
+    _call(f"starting {dom.name()}", dom.create)
+
+
+def is_active(dom: libvirt.virDomain) -> bool:
+    return bool(_call(f"state of {dom.name()}", dom.isActive))
+
+
+def power_off(dom: libvirt.virDomain) -> None:
+    """Cut the power (virDomainDestroy): no flush, no clean shutdown."""
+    if is_active(dom):
+        _call(f"powering off {dom.name()}", dom.destroy)
+
+
+def wait_inactive(dom: libvirt.virDomain, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_active(dom):
+            return True
+        time.sleep(0.5)
+    return not is_active(dom)
+
+
+def acpi_shutdown(dom: libvirt.virDomain) -> None:
+    if is_active(dom):
+        _call(f"sending ACPI shutdown to {dom.name()}", dom.shutdown)
+
+
+def undefine(dom: libvirt.virDomain) -> None:
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+    _call(f"undefining {dom.name()}", lambda: dom.undefineFlags(flags))
+
+
+def attach(dom: libvirt.virDomain, device_xml: str, *, live: bool, config: bool) -> None:
+    flags = 0
+    if live:
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    if config:
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    _call(f"attaching a device to {dom.name()}", lambda: dom.attachDeviceFlags(device_xml, flags))
+
+
+def xml_desc(dom: libvirt.virDomain, *, inactive: bool = False) -> str:
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    return _call(f"reading the XML of {dom.name()}", lambda: dom.XMLDesc(flags))  # type: ignore[return-value]
+
+
+def set_metadata(dom: libvirt.virDomain, inner_xml: str, *, key: str, uri: str) -> None:
+    """Replace nvmprov's metadata element in the persistent config (and the live one when running)."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    if is_active(dom):
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    _call(
+        f"recording metadata on {dom.name()}",
+        lambda: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, inner_xml, key, uri, flags),
+    )
+
+
+def all_domains(conn: libvirt.virConnect) -> Iterator[libvirt.virDomain]:
+    yield from _call("listing domains", conn.listAllDomains)  # type: ignore[misc]
+
+
+def domains_using_path(conn: libvirt.virConnect, path: str, *, exclude: str | None = None) -> list[str]:
+    """Names of domains (running or not) whose config or live XML references `path`."""
+    users = []
+    for dom in all_domains(conn):
+        if dom.name() == exclude:
+            continue
+        for xml in {xml_desc(dom, inactive=True), xml_desc(dom)}:
+            if path in _referenced_paths(xml):
+                users.append(dom.name())
+                break
+    return users
+
+
+def _referenced_paths(domain_xml: str) -> set[str]:
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
+    paths = set()
+    for el in root.iter():
+        if el.tag in ("source", "path") or el.tag.endswith("kernel") or el.tag.endswith("initrd"):
+            for attr in ("file", "path"):
+                value = el.get(attr)
+                if value:
+                    paths.add(value)
+            if el.tag == "path" and el.text:
+                paths.add(el.text.strip())
+    return paths
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Guest physical layout as libvirt reports it."""
+
+    memory_bytes: int
+    max_memory_bytes: int
+    slots: int
+    used_slots: int
+    numa_cells: int
+    acpi: bool
+    has_nvdimm: bool
+
+
+def memory_layout(domain_xml: str) -> Memory:
+    root = ET.fromstring(domain_xml)  # noqa: S314
+    def size(el: ET.Element | None) -> int:
+        if el is None or not el.text:
+            return 0
+        return int(el.text) * _unit(el.get("unit", "KiB"))
+
+    max_el = root.find("maxMemory")
+    devices = root.findall("./devices/memory")
+    return Memory(
+        memory_bytes=sum(_cell_bytes(c) for c in root.findall("./cpu/numa/cell")) or size(root.find("memory")),
+        max_memory_bytes=size(max_el),
+        slots=int(max_el.get("slots", "0")) if max_el is not None else 0,
+        used_slots=len(devices),
+        numa_cells=len(root.findall("./cpu/numa/cell")),
+        acpi=root.find("./features/acpi") is not None,
+        has_nvdimm=any(d.get("model") == "nvdimm" for d in devices),
+    )
+
+
+def _cell_bytes(cell: ET.Element) -> int:
+    return int(cell.get("memory", "0")) * _unit(cell.get("unit", "KiB"))
+
+
+_UNITS = {
+    "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+
+
+def _unit(name: str) -> int:
+    return _UNITS[name.lower()]

@@ -1,0 +1,70 @@
+"""Watching a guest boot: its serial log, kernel panics, a domain that died, and SSH port choice."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import GuestError, HostError
+
+PANIC_MARKERS = ("Kernel panic", "end Kernel panic", "Unable to mount root fs")
+LOG_DIR = "/var/log/libvirt/qemu"
+SSH_PORT_RANGE = range(40022, 40922)
+
+
+def console_log_path(name: str) -> str:
+    """Where virtlogd keeps the guest's serial output (on the hypervisor)."""
+    return f"{LOG_DIR}/{name}-nvmprov-serial.log"
+
+
+def read_tail(path: str, *, max_lines: int = 25) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-max_lines:])
+
+
+def panic_in(log_text: str) -> bool:
+    return any(marker in log_text for marker in PANIC_MARKERS)
+
+
+def check_boot(name: str, log_path: str, *, active: bool) -> None:
+    """Raise at once when the serial log shows a panic or the domain is no longer running."""
+    tail = read_tail(log_path, max_lines=200)
+    if panic_in(tail):
+        raise GuestError(
+            f"guest {name} panicked while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])
+        )
+    if not active:
+        raise GuestError(
+            f"guest {name} stopped while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])
+        )
+
+
+def copy_log(log_path: str, dest: Path) -> None:
+    try:
+        dest.write_bytes(Path(log_path).read_bytes())
+        dest.chmod(0o600)
+    except OSError:
+        pass
+
+
+def free_port(taken: Iterable[int], candidates: Iterable[int] = SSH_PORT_RANGE) -> int:
+    """A loopback TCP port nobody listens on and no other nvmprov guest has claimed."""
+    claimed = set(taken)
+    for port in candidates:
+        if port in claimed:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise HostError("no free SSH port on 127.0.0.1 in the nvmprov range; destroy unused guests")

@@ -1,0 +1,288 @@
+"""SSH to a guest: pinned host key, a deadline with backoff, quoted remote commands.
+
+Only paramiko is used; nothing here reads ~/.ssh (no known_hosts, no agent, no default keys).
+Remote commands are templates with `%s` placeholders; every argument is shell-quoted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import select
+import shlex
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import paramiko
+
+from nvmprov.errors import GuestError, GuestTimeout, RemoteCommandError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+BACKOFF_FIRST_S = 0.25
+BACKOFF_CAP_S = 5.0
+ATTEMPT_TIMEOUT_CAP_S = 30.0  # one TCP connect + banner + auth; TCG guests answer slowly
+READ_POLL_S = 0.05  # wake-up interval while a remote command runs
+READ_CHUNK_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int
+    user: str
+    client_key_path: str
+    host_public_key: str  # "ssh-ed25519 AAAA... [comment]"
+    sock_factory: Callable[[], socket.socket] | None = None  # an already-connected socket (tunnels)
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name OpenSSH and paramiko file a host key under."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+    command: str
+
+
+class Deadline:
+    """A named point in time; `remaining_s` never goes below zero."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.name = name
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+
+    @property
+    def remaining_s(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining_s <= 0.0
+
+
+def parse_public_key(text: str) -> paramiko.PKey:
+    """Parse one OpenSSH public key line ("TYPE BASE64 [comment]") into a paramiko key."""
+    fields = text.split()
+    if len(fields) < 2:
+        raise GuestError(f"pinned host key is not an OpenSSH public key line: {text[:40]!r}")
+    key_type, blob = fields[0], fields[1]
+    try:
+        return paramiko.PKey.from_type_string(key_type, base64.b64decode(blob, validate=True))
+    except (binascii.Error, ValueError, paramiko.SSHException) as e:
+        raise GuestError(f"pinned host key ({key_type}) cannot be parsed: {e}") from e
+
+
+def render_command(cmd: str, *args: object) -> str:
+    """Fill `%s` placeholders with shell-quoted arguments (testinfra style).
+
+    Without arguments the template is returned as is, so `%` needs no escaping then.
+    """
+    if not args:
+        return cmd
+    return cmd % tuple(shlex.quote(str(a)) for a in args)
+
+
+def wrap_sudo(command: str) -> str:
+    """Run `command` as root through a non-interactive sudo, keeping redirections inside."""
+    return f"sudo -n -- sh -c {shlex.quote(command)}"
+
+
+def connect(target: SshTarget, *, deadline_s: float, progress: Progress | None = None) -> Session:
+    """Wait for the guest's SSH server and log in, until `deadline_s` seconds have passed.
+
+    Refused/reset/EOF/timeouts and authentication failures are retried with backoff (the guest
+    may still be booting, or cloud-init not yet done); a host key other than the pinned one
+    fails at once.
+    """
+    pinned = parse_public_key(target.host_public_key)
+    client_key = _load_client_key(target.client_key_path)
+    deadline = Deadline("ssh", deadline_s)
+    delay_s = BACKOFF_FIRST_S
+    attempt = 0
+    last_error = "no attempt made"
+    while True:
+        attempt += 1
+        try:
+            return Session(_connect_once(target, pinned, client_key, deadline), target)
+        except _Retry as e:
+            last_error = str(e)
+        if progress is not None:
+            progress(f"ssh {target.host}:{target.port} attempt {attempt}: {last_error}")
+        if deadline.remaining_s <= 0:
+            break
+        time.sleep(min(delay_s, deadline.remaining_s))
+        delay_s = min(delay_s * 2, BACKOFF_CAP_S)
+    raise GuestTimeout(
+        f"SSH to {target.user}@{target.host}:{target.port} not ready after {deadline_s:.0f} s "
+        f"({attempt} attempts); last error: {last_error}"
+    )
+
+
+class _Retry(Exception):
+    """An attempt failed in a way that is normal while a guest boots."""
+
+
+def _load_client_key(path: str) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(path)
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        raise GuestError(f"cannot load SSH client key {path}: {e}") from e
+
+
+def _connect_once(
+    target: SshTarget, pinned: paramiko.PKey, client_key: paramiko.PKey, deadline: Deadline
+) -> paramiko.SSHClient:
+    timeout_s = max(0.1, min(deadline.remaining_s, ATTEMPT_TIMEOUT_CAP_S))
+    client = paramiko.SSHClient()
+    # Only the pinned key is known; anything else is rejected (never AutoAddPolicy).
+    client.get_host_keys().add(target.known_hosts_name, pinned.get_name(), pinned)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        sock = _open_socket(target, timeout_s)
+        client.connect(
+            target.host,
+            port=target.port,
+            username=target.user,
+            pkey=client_key,
+            sock=sock,
+            timeout=timeout_s,
+            banner_timeout=timeout_s,
+            auth_timeout=timeout_s,
+            look_for_keys=False,
+            allow_agent=False,
+        )
+        return client
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        raise GuestError(
+            f"host key mismatch for {target.host}:{target.port}: expected {pinned.get_name()} "
+            f"{pinned.fingerprint}, the server offered {e.key.get_name()} {e.key.fingerprint}. "
+            "Refusing to connect: this is not the guest nvmprov created, or its keys were replaced."
+        ) from e
+    except paramiko.AuthenticationException as e:
+        client.close()
+        raise _Retry(
+            f"authentication as {target.user} with {target.client_key_path} failed ({e}); "
+            "cloud-init may not have installed the key yet"
+        ) from e
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        client.close()
+        raise _Retry(_describe(e)) from e
+    except BaseException:
+        client.close()
+        raise
+
+
+def _open_socket(target: SshTarget, timeout_s: float) -> socket.socket:
+    # Opened here rather than by paramiko so "connection refused" reads as such.
+    if target.sock_factory is not None:
+        return target.sock_factory()
+    return socket.create_connection((target.host, target.port), timeout=timeout_s)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (sshd not listening yet)"
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class Session:
+    """One logged-in SSH connection. Use as a context manager or call close()."""
+
+    def __init__(self, client: paramiko.SSHClient, target: SshTarget) -> None:
+        self._client = client
+        self.target = target
+
+    @property
+    def is_root(self) -> bool:
+        return self.target.user == "root"
+
+    def run(
+        self,
+        cmd: str,
+        *args: object,
+        sudo: bool = False,
+        check: bool = True,
+        timeout_s: float = 300,
+        stdin: bytes | None = None,
+    ) -> Result:
+        """Run a command template in the guest's shell; raise RemoteCommandError if check and rc != 0."""
+        command = render_command(cmd, *args)
+        wire = wrap_sudo(command) if sudo and not self.is_root else command
+        log.debug("guest %s:%s run: %s", self.target.host, self.target.port, wire)
+        rc, out, err = self._exec(wire, stdin, Deadline(f"command {command[:60]}", timeout_s))
+        result = Result(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), command)
+        if check and rc != 0:
+            raise RemoteCommandError(command, rc, result.stderr)
+        return result
+
+    def put(self, data: bytes, path: str, mode: int = 0o644, sudo: bool = False) -> None:
+        """Write `data` to `path` atomically (temporary file in the same directory, then rename)."""
+        self.run(
+            'd=$(dirname -- %s) && t=$(mktemp "$d/.nvmprov.XXXXXX") && cat > "$t" '
+            '&& chmod %s "$t" && mv -f -- "$t" %s || { rm -f -- "$t"; exit 1; }',
+            path,
+            format(mode, "o"),
+            path,
+            sudo=sudo,
+            stdin=data,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _exec(self, wire: str, stdin: bytes | None, deadline: Deadline) -> tuple[int, bytes, bytes]:
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestError(f"SSH connection to {self.target.host}:{self.target.port} is closed")
+        chan = transport.open_session(timeout=max(0.1, deadline.remaining_s))
+        try:
+            chan.settimeout(max(0.1, deadline.remaining_s))
+            chan.exec_command(wire)
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            return self._collect(chan, deadline)
+        except TimeoutError as e:
+            raise GuestTimeout(f"guest command did not finish within {deadline.seconds:g} s: {wire}") from e
+        finally:
+            chan.close()
+
+    @staticmethod
+    def _collect(chan: paramiko.Channel, deadline: Deadline) -> tuple[int, bytes, bytes]:
+        # Read both streams as data arrives: reading one to its end first can deadlock
+        # once the other fills the channel window.
+        out: list[bytes] = []
+        err: list[bytes] = []
+        while True:
+            if chan.recv_ready():
+                out.append(chan.recv(READ_CHUNK_BYTES))
+            elif chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(READ_CHUNK_BYTES))
+            elif chan.closed or (chan.exit_status_ready() and chan.eof_received):
+                return chan.recv_exit_status(), b"".join(out), b"".join(err)
+            elif deadline.expired:
+                raise TimeoutError
+            else:
+                select.select([chan], [], [], min(READ_POLL_S, deadline.remaining_s))

@@ -1,0 +1,344 @@
+"""nvmprov.ssh against a real, throwaway OpenSSH server on 127.0.0.1 (no VM needed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nvmprov import ssh
+from nvmprov.errors import GuestError, GuestTimeout, RemoteCommandError
+
+SSHD = "/usr/sbin/sshd"
+SSHD_READY_S = 10.0
+
+
+def _require_sshd() -> None:
+    """The tests are real: install OpenSSH's server when it is missing instead of skipping."""
+    if os.path.exists(SSHD):
+        return
+    if os.geteuid() != 0:
+        pytest.fail(f"{SSHD} is missing; install openssh-server (apt-get install openssh-server)")
+    subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", "openssh-server"],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        capture_output=True,
+    )
+
+
+def _write_keypair(directory: Path, name: str) -> tuple[Path, str]:
+    key = Ed25519PrivateKey.generate()
+    private = directory / name
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode() + f" {name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, deadline_s: float) -> None:
+    deadline = ssh.Deadline("sshd listening", deadline_s)
+    while not deadline.expired:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port} within {deadline_s} s")
+
+
+@dataclass
+class Sshd:
+    directory: Path
+    port: int
+    host_public_key: str
+    client_key: Path
+    user: str
+
+    def target(self, **changes: object) -> ssh.SshTarget:
+        t = ssh.SshTarget("127.0.0.1", self.port, self.user, str(self.client_key), self.host_public_key)
+        return replace(t, **changes)  # type: ignore[arg-type]
+
+    def start(self, port: int) -> subprocess.Popen[bytes]:
+        config = self.directory / f"sshd_config.{port}"
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self.directory / 'host_key'}",
+                    f"AuthorizedKeysFile {self.directory / 'authorized_keys'}",
+                    f"PidFile {self.directory / f'sshd.{port}.pid'}",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PermitRootLogin prohibit-password",
+                    "Subsystem sftp internal-sftp",
+                    "",
+                ]
+            )
+        )
+        return subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    _require_sshd()
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir sshd insists on
+    directory = tmp_path_factory.mktemp("sshd")
+    host_key, host_public = _write_keypair(directory, "host_key")
+    client_key, client_public = _write_keypair(directory, "client_key")
+    (directory / "authorized_keys").write_text(client_public + "\n")
+    server = Sshd(directory, _free_port(), host_public, client_key, os.environ.get("USER") or _whoami())
+    proc = server.start(server.port)
+    try:
+        _wait_listening(server.port, SSHD_READY_S)
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _whoami() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.fixture
+def session(sshd: Sshd) -> Iterator[ssh.Session]:
+    with ssh.connect(sshd.target(), deadline_s=10) as s:
+        yield s
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+HOSTILE = [
+    "plain",
+    "two words",
+    "$(touch /tmp/nvmprov-pwned)",
+    "`touch /tmp/nvmprov-pwned`",
+    "'; touch /tmp/nvmprov-pwned; '",
+    '"; touch /tmp/nvmprov-pwned; "',
+    "a\nb; touch /tmp/nvmprov-pwned",
+    "-n",
+    "*",
+    "$HOME",
+    "",
+    "back\\slash",
+    "%s %d",
+]
+
+
+@pytest.mark.parametrize("arg", HOSTILE)
+def test_render_command_keeps_each_argument_one_word(arg: str) -> None:
+    rendered = ssh.render_command("printf '%%s' %s", arg)
+    out = subprocess.run(["sh", "-c", rendered], capture_output=True, text=True, check=True).stdout
+    assert out == arg
+    assert not os.path.exists("/tmp/nvmprov-pwned")
+
+
+def test_render_command_without_args_leaves_percent_alone() -> None:
+    assert ssh.render_command("date +%s") == "date +%s"
+    assert ssh.render_command("echo %s %s", "a b", 3) == "echo 'a b' 3"
+
+
+def test_wrap_sudo_keeps_redirection_inside(tmp_path: Path) -> None:
+    # A stand-in sudo that drops "-n --" and runs the rest, to check the quoting really nests.
+    fake = tmp_path / "sudo"
+    fake.write_text('#!/bin/sh\n[ "$1" = -n ] && [ "$2" = -- ] || exit 99\nshift 2\nexec "$@"\n')
+    fake.chmod(0o755)
+    target = tmp_path / "out file"
+    command = ssh.wrap_sudo(ssh.render_command("printf %s > %s", "x'y", str(target)))
+    subprocess.run(["sh", "-c", command], check=True, env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert target.read_text() == "x'y"
+
+
+def test_parse_public_key_rejects_garbage() -> None:
+    with pytest.raises(GuestError, match="not an OpenSSH public key"):
+        ssh.parse_public_key("ssh-ed25519")
+    with pytest.raises(GuestError, match="cannot be parsed"):
+        ssh.parse_public_key("ssh-ed25519 !!!notbase64!!!")
+
+
+def test_known_hosts_name() -> None:
+    assert ssh.SshTarget("127.0.0.1", 2222, "u", "k", "h").known_hosts_name == "[127.0.0.1]:2222"
+    assert ssh.SshTarget("127.0.0.1", 22, "u", "k", "h").known_hosts_name == "127.0.0.1"
+
+
+# --- against the real sshd -----------------------------------------------------------------------
+
+
+def test_run_returns_rc_stdout_stderr(session: ssh.Session) -> None:
+    r = session.run("echo out; echo err >&2; exit 3", check=False)
+    assert (r.rc, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    assert r.command == "echo out; echo err >&2; exit 3"
+
+
+def test_run_check_raises_with_command_status_and_stderr_tail(session: ssh.Session) -> None:
+    with pytest.raises(RemoteCommandError) as e:
+        session.run("ls %s", "/nonexistent dir")
+    assert e.value.exit_status == 2
+    assert e.value.command == "ls '/nonexistent dir'"
+    assert "No such file" in e.value.stderr
+    assert "exit 2" in str(e.value)
+
+
+@pytest.mark.parametrize("arg", HOSTILE)
+def test_run_hostile_arguments_stay_data(session: ssh.Session, arg: str) -> None:
+    r = session.run("printf '%%s' %s", arg)
+    assert r.stdout == arg
+    assert not os.path.exists("/tmp/nvmprov-pwned")
+
+
+def test_run_stdin_roundtrip(session: ssh.Session) -> None:
+    data = os.urandom(300_000)
+    r = session.run("sha256sum", stdin=data)
+    import hashlib
+
+    assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_run_reads_large_stdout_and_stderr_without_deadlock(session: ssh.Session) -> None:
+    # 4 MiB on stderr first: more than the channel window, so a reader that waited on
+    # stdout first would hang here.
+    r = session.run("head -c 4194304 /dev/zero | tr '\\0' e >&2; head -c 4194304 /dev/zero | tr '\\0' o", timeout_s=60)
+    assert len(r.stderr) == 4194304 and len(r.stdout) == 4194304
+    assert set(r.stdout) == {"o"} and set(r.stderr) == {"e"}
+
+
+def test_run_timeout_raises_guest_timeout(session: ssh.Session) -> None:
+    start = time.monotonic()
+    with pytest.raises(GuestTimeout, match="did not finish within 0.5 s"):
+        session.run("sleep 10", timeout_s=0.5)
+    assert time.monotonic() - start < 3
+    assert session.run("echo still usable").stdout == "still usable\n"
+
+
+def test_put_writes_atomically_with_mode(session: ssh.Session, tmp_path: Path) -> None:
+    target = tmp_path / "dir with space" / "file's name"
+    target.parent.mkdir()
+    session.put(b"first", str(target), mode=0o600)
+    assert target.read_bytes() == b"first"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    session.put(b"\x00second\xff", str(target), mode=0o640)
+    assert target.read_bytes() == b"\x00second\xff"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file's name"]  # no temp file left
+
+
+def test_put_into_missing_directory_fails_cleanly(session: ssh.Session, tmp_path: Path) -> None:
+    with pytest.raises(RemoteCommandError):
+        session.put(b"x", str(tmp_path / "missing" / "f"))
+
+
+def test_sock_factory_is_used(sshd: Sshd) -> None:
+    made: list[socket.socket] = []
+
+    def factory() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", sshd.port), timeout=5)
+        made.append(s)
+        return s
+
+    # host is only a name now: the pinned key is looked up under it, the socket goes where the factory says
+    with ssh.connect(sshd.target(host="guest.invalid", sock_factory=factory), deadline_s=10) as s:
+        assert s.run("echo tunnel").stdout == "tunnel\n"
+    assert len(made) == 1
+
+
+def test_host_key_mismatch_fails_at_once(sshd: Sshd, tmp_path: Path) -> None:
+    _, other_public = _write_keypair(tmp_path, "other")
+    start = time.monotonic()
+    with pytest.raises(GuestError, match="host key mismatch") as e:
+        ssh.connect(sshd.target(host_public_key=other_public), deadline_s=30)
+    assert time.monotonic() - start < 5  # not retried until the deadline
+    assert not isinstance(e.value, GuestTimeout)
+    expected = ssh.parse_public_key(other_public).fingerprint
+    offered = ssh.parse_public_key(sshd.host_public_key).fingerprint
+    assert f"expected ssh-ed25519 {expected}" in str(e.value)
+    assert f"offered ssh-ed25519 {offered}" in str(e.value)
+
+
+def test_wrong_port_times_out_within_deadline(sshd: Sshd) -> None:
+    progress: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(GuestTimeout, match="not ready after 2 s") as e:
+        ssh.connect(sshd.target(port=_free_port()), deadline_s=2, progress=progress.append)
+    elapsed = time.monotonic() - start
+    assert 1.9 < elapsed < 3.5
+    assert "refused" in str(e.value).lower()
+    assert len(progress) >= 3  # backoff retried several times, starting small
+
+
+def test_unknown_client_key_retries_then_says_authentication(sshd: Sshd, tmp_path: Path) -> None:
+    stranger, _ = _write_keypair(tmp_path, "stranger")
+    with pytest.raises(GuestTimeout, match="authentication as .* failed"):
+        ssh.connect(sshd.target(client_key_path=str(stranger)), deadline_s=2)
+
+
+def test_missing_client_key_is_a_guest_error(sshd: Sshd, tmp_path: Path) -> None:
+    with pytest.raises(GuestError, match="cannot load SSH client key"):
+        ssh.connect(sshd.target(client_key_path=str(tmp_path / "nope")), deadline_s=2)
+
+
+def _reset_server(port: int, stop: threading.Event) -> threading.Thread:
+    """Accept and drop connections at once, as QEMU's user-network forward does while the guest boots."""
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.1)
+
+    def loop() -> None:
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_waits_through_dropped_banners_until_sshd_comes_up(sshd: Sshd) -> None:
+    port = _free_port()
+    stop = threading.Event()
+    dropper = _reset_server(port, stop)
+    progress: list[str] = []
+    late: list[subprocess.Popen[bytes]] = []
+
+    def boot_finishes() -> None:
+        time.sleep(1.5)
+        stop.set()
+        dropper.join()
+        late.append(sshd.start(port))
+
+    threading.Thread(target=boot_finishes, daemon=True).start()
+    try:
+        with ssh.connect(sshd.target(port=port), deadline_s=20, progress=progress.append) as s:
+            assert s.run("echo booted").stdout == "booted\n"
+        assert any("banner" in p.lower() or "eof" in p.lower() for p in progress), progress
+    finally:
+        for p in late:
+            p.terminate()
+            p.wait(timeout=10)

@@ -99,12 +99,19 @@ def wrap_sudo(command: str) -> str:
     return f"sudo -n -- sh -c {shlex.quote(command)}"
 
 
-def connect(target: SshTarget, *, deadline_s: float, progress: Progress | None = None) -> Session:
+def connect(
+    target: SshTarget,
+    *,
+    deadline_s: float,
+    progress: Progress | None = None,
+    abort_check: Callable[[], None] | None = None,
+) -> Session:
     """Wait for the guest's SSH server and log in, until `deadline_s` seconds have passed.
 
     Refused/reset/EOF/timeouts and authentication failures are retried with backoff (the guest
     may still be booting, or cloud-init not yet done); a host key other than the pinned one
-    fails at once.
+    fails at once. `abort_check` runs between attempts and may raise to give up early
+    (a kernel panic on the console, the domain gone).
     """
     pinned = parse_public_key(target.host_public_key)
     client_key = _load_client_key(target.client_key_path)
@@ -120,6 +127,8 @@ def connect(target: SshTarget, *, deadline_s: float, progress: Progress | None =
             last_error = str(e)
         if progress is not None:
             progress(f"ssh {target.host}:{target.port} attempt {attempt}: {last_error}")
+        if abort_check is not None:
+            abort_check()
         if deadline.remaining_s <= 0:
             break
         time.sleep(min(delay_s, deadline.remaining_s))

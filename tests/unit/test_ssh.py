@@ -342,3 +342,18 @@ def test_waits_through_dropped_banners_until_sshd_comes_up(sshd: Sshd) -> None:
         for p in late:
             p.terminate()
             p.wait(timeout=10)
+
+
+def test_abort_check_stops_the_wait_early(sshd: Sshd) -> None:
+    calls: list[int] = []
+
+    def abort_check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise GuestError("kernel panic on the console")
+
+    start = time.monotonic()
+    with pytest.raises(GuestError, match="kernel panic"):
+        ssh.connect(sshd.target(port=_free_port()), deadline_s=30, abort_check=abort_check)
+    assert time.monotonic() - start < 3
+    assert len(calls) == 2

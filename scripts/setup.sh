@@ -1,0 +1,103 @@
+#!/bin/bash
+# Set up everything nvmprov needs on a Debian 12 host, as root. Idempotent and quick when done:
+#   - Debian packages (only the missing ones),
+#   - the virtualenv <checkout>/.venv with nvmprov installed (only when pyproject.toml changed),
+#   - the libvirt daemons (systemd units when systemd runs, else virtlogd -d / libvirtd -d).
+# It never starts libvirt's `default` NAT network: guests use QEMU user networking.
+set -euo pipefail
+
+checkout="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$checkout/.venv"
+stamp="$venv/.nvmprov-installed"
+libvirt_uri="qemu:///system"
+libvirt_wait_s=30
+
+packages=(
+    qemu-system-x86 qemu-utils ovmf
+    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv
+    mmdebstrap e2fsprogs xfsprogs openssh-client make
+)
+
+step() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it installs Debian packages and starts libvirtd)"
+command -v dpkg-query >/dev/null || die "this script supports Debian (dpkg/apt) only"
+
+install_packages() {
+    local missing=() p
+    for p in "${packages[@]}"; do
+        # "install ok installed" only when the package is fully installed
+        if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+            missing+=("$p")
+        fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        step "packages: all ${#packages[@]} present"
+        return
+    fi
+    step "packages: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+}
+
+setup_venv() {
+    local want have=""
+    want="$(sha256sum "$checkout/pyproject.toml" | cut -d' ' -f1)"
+    [ -f "$stamp" ] && have="$(cat "$stamp")"
+    if [ -x "$venv/bin/python" ] && [ "$want" = "$have" ]; then
+        step "virtualenv: $venv up to date"
+        return
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        step "virtualenv: creating $venv"
+        /usr/bin/python3 -m venv "$venv"
+    fi
+    step "virtualenv: installing nvmprov with test and lint extras"
+    local log="$venv/pip-install.log"
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$checkout[test,lint]" \
+            </dev/null >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "pip install failed; full log in $log"
+    fi
+    printf '%s\n' "$want" > "$stamp"
+}
+
+daemon_running() {
+    # pidfile first (what the daemon itself writes), pgrep as a fallback
+    local name="$1" pidfile="/run/$1.pid"
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        return 0
+    fi
+    pgrep -x "$name" >/dev/null
+}
+
+start_daemons() {
+    if [ -d /run/systemd/system ]; then
+        step "daemons: systemctl start virtlogd libvirtd"
+        systemctl start virtlogd libvirtd
+    else
+        local d
+        for d in virtlogd libvirtd; do
+            if daemon_running "$d"; then
+                step "daemons: $d running"
+            else
+                step "daemons: starting $d -d"
+                "$d" -d
+            fi
+        done
+    fi
+    local deadline=$((SECONDS + libvirt_wait_s))
+    # `virsh list` is the cheap probe: `virsh version` takes ~4 s here (it asks QEMU's capabilities)
+    until virsh -c "$libvirt_uri" list --name >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || die "libvirtd did not answer on $libvirt_uri within ${libvirt_wait_s}s; try 'virsh -c $libvirt_uri list' and libvirtd's log"
+        sleep 0.5
+    done
+    step "daemons: libvirt answers on $libvirt_uri"
+}
+
+install_packages
+setup_venv
+start_daemons
+step "done"

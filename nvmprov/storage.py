@@ -1,0 +1,466 @@
+"""Host files as libvirt storage volumes: pool, backing volumes, overlays, uploads, downloads.
+
+Everything goes through the libvirt storage API (volume XML, streams), so the same code works
+against a remote hypervisor. The only local file system calls are the optional permission fix of
+the pool's parent directory (local connections only) and reading a local file to upload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import libvirt
+
+from nvmprov.errors import StorageError
+
+DEFAULT_POOL = "nvmprov"
+DEFAULT_POOL_PATH = "/var/lib/nvmprov/pool"
+CHUNK_BYTES = 4 * 1024 * 1024  # stream chunk: big enough for throughput, small enough for memory
+
+# The pool directory lets QEMU (running as libvirt-qemu) reach files it was chowned, and lists
+# nothing; volumes holding guest data or keys are 0600 (libvirt's DAC driver chowns them to the
+# QEMU user while the domain runs).
+POOL_DIR_MODE = 0o711
+PRIVATE_MODE = 0o600
+
+Allocation = Literal["full", "sparse"]
+
+
+def _parse(xml: str) -> ET.Element:
+    return ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not untrusted input
+
+
+def _err(what: str, e: libvirt.libvirtError) -> StorageError:
+    return StorageError(f"{what}: {e.get_error_message()}")
+
+
+def _no_such(e: libvirt.libvirtError, code: int) -> bool:
+    return e.get_error_code() == code
+
+
+# ---------------------------------------------------------------- pools
+
+
+def _pool_xml(name: str, path: str) -> str:
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = name
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = path
+    perms = ET.SubElement(target, "permissions")
+    ET.SubElement(perms, "mode").text = f"0{POOL_DIR_MODE:o}"
+    return ET.tostring(pool, encoding="unicode")
+
+
+def _is_local(conn: libvirt.virConnect) -> bool:
+    """The pool's files are on this machine (the test driver has no files at all)."""
+    uri = urlparse(conn.getURI())
+    return not uri.hostname and "+" not in uri.scheme and uri.scheme != "test"
+
+
+def _prepare_parent(conn: libvirt.virConnect, path: str) -> None:
+    """/var/lib/nvmprov: 0711 so QEMU can traverse it and nobody can list it (local hosts only;
+    a remote pool's parent is the remote admin's business, libvirt creates it 0755)."""
+    if not _is_local(conn):
+        return
+    parent = Path(path).parent
+    parent.mkdir(mode=POOL_DIR_MODE, parents=True, exist_ok=True)
+    if parent.stat().st_uid == os.getuid():
+        parent.chmod(POOL_DIR_MODE)
+
+
+def pool_of(conn: libvirt.virConnect, name: str = DEFAULT_POOL) -> libvirt.virStoragePool:
+    """The existing, active pool NAME, or StorageError saying how to make it."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as e:
+        if _no_such(e, libvirt.VIR_ERR_NO_STORAGE_POOL):
+            raise StorageError(
+                f"storage pool {name!r} does not exist; `nvmprov create` or `nvmprov image build` makes it"
+            ) from None
+        raise _err(f"looking up storage pool {name!r}", e) from None
+    if not pool.isActive():
+        try:
+            pool.create(0)
+        except libvirt.libvirtError as e:
+            raise _err(f"starting storage pool {name!r}", e) from None
+    return pool
+
+
+def ensure_pool(
+    conn: libvirt.virConnect, name: str = DEFAULT_POOL, path: str = DEFAULT_POOL_PATH
+) -> libvirt.virStoragePool:
+    """Pool NAME, defined as a `dir` pool at PATH if missing, built, started and autostarted."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as e:
+        if not _no_such(e, libvirt.VIR_ERR_NO_STORAGE_POOL):
+            raise _err(f"looking up storage pool {name!r}", e) from None
+        _prepare_parent(conn, path)
+        try:
+            pool = conn.storagePoolDefineXML(_pool_xml(name, path), 0)
+        except libvirt.libvirtError as e2:
+            raise _err(f"defining storage pool {name!r} at {path}", e2) from None
+    try:
+        if not pool.isActive():
+            pool.build(0)  # a dir pool: mkdir the target with its permissions; harmless when it exists
+            pool.create(0)
+        if not pool.autostart():
+            pool.setAutostart(1)
+    except libvirt.libvirtError as e:
+        raise _err(f"starting storage pool {name!r} ({pool_path(pool)})", e) from None
+    return pool
+
+
+def pool_path(pool: libvirt.virStoragePool) -> str:
+    path = _parse(pool.XMLDesc(0)).findtext("target/path")
+    if not path:
+        raise StorageError(f"storage pool {pool.name()!r} has no target path (not a dir pool?)")
+    return path
+
+
+def pool_free_bytes(pool: libvirt.virStoragePool) -> int:
+    try:
+        pool.refresh(0)
+        return int(pool.info()[3])
+    except libvirt.libvirtError as e:
+        raise _err(f"reading free space of storage pool {pool.name()!r}", e) from None
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def lookup(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as e:
+        if _no_such(e, libvirt.VIR_ERR_NO_STORAGE_VOL):
+            return None
+        raise _err(f"looking up volume {name!r} in pool {pool.name()!r}", e) from None
+
+
+def volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
+    return lookup(pool, name) is not None
+
+
+def volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol:
+    vol = lookup(pool, name)
+    if vol is None:
+        raise StorageError(f"volume {name!r} not found in storage pool {pool.name()!r} ({pool_path(pool)})")
+    return vol
+
+
+def vol_capacity_bytes(vol: libvirt.virStorageVol) -> int:
+    return int(vol.info()[1])
+
+
+def volume_format(vol: libvirt.virStorageVol) -> str | None:
+    return _parse(vol.XMLDesc(0)).find("target/format").get("type")  # type: ignore[union-attr]
+
+
+def _volume_xml(
+    name: str,
+    capacity: int,
+    *,
+    allocation: int,
+    fmt: str,
+    mode: int,
+    backing: tuple[str, str] | None = None,
+) -> str:
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    ET.SubElement(vol, "allocation", unit="bytes").text = str(allocation)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if fmt == "qcow2":
+        ET.SubElement(target, "compat").text = "1.1"  # libvirt's default is 0.10: no zero clusters
+    perms = ET.SubElement(target, "permissions")
+    ET.SubElement(perms, "mode").text = f"0{mode:o}"
+    if backing is not None:
+        path, backing_fmt = backing
+        store = ET.SubElement(vol, "backingStore")
+        ET.SubElement(store, "path").text = path
+        ET.SubElement(store, "format", type=backing_fmt)
+    return ET.tostring(vol, encoding="unicode")
+
+
+def _create(pool: libvirt.virStoragePool, xml: str, what: str) -> libvirt.virStorageVol:
+    try:
+        return pool.createXML(xml, 0)
+    except libvirt.libvirtError as e:
+        raise _err(f"creating {what} in storage pool {pool.name()!r}", e) from None
+
+
+def _refuse_existing(pool: libvirt.virStoragePool, name: str) -> None:
+    if volume_exists(pool, name):
+        raise StorageError(
+            f"volume {name!r} already exists in storage pool {pool.name()!r} ({pool_path(pool)}); "
+            f"nvmprov never overwrites a volume: remove it first (virsh vol-delete --pool {pool.name()} {name})"
+        )
+
+
+def create_backing(
+    pool: libvirt.virStoragePool,
+    name: str,
+    capacity_bytes: int,
+    *,
+    allocation: Allocation = "full",
+) -> libvirt.virStorageVol:
+    """A raw backing volume (0600), fully allocated unless `sparse`.
+
+    An existing volume of that name is never truncated or overwritten: it is returned when its
+    size matches (the caller checks that no other domain uses it), refused otherwise.
+    """
+    existing = lookup(pool, name)
+    if existing is not None:
+        return _reuse_or_refuse(pool, existing, capacity_bytes)
+    if allocation == "full":
+        free = pool_free_bytes(pool)
+        if capacity_bytes > free:
+            raise StorageError(
+                f"storage pool {pool.name()!r} ({pool_path(pool)}) has {free} bytes free; backing volume "
+                f"{name!r} needs {capacity_bytes} bytes fully allocated: free space there, ask for a smaller "
+                "region, or use `allocation: sparse` (the guest then gets SIGBUS if the host disk fills)"
+            )
+    xml = _volume_xml(
+        name,
+        capacity_bytes,
+        allocation=capacity_bytes if allocation == "full" else 0,  # allocation == capacity: fallocate
+        fmt="raw",
+        mode=PRIVATE_MODE,
+    )
+    return _create(pool, xml, f"backing volume {name!r} ({capacity_bytes} bytes, {allocation})")
+
+
+def _reuse_or_refuse(
+    pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, want_bytes: int
+) -> libvirt.virStorageVol:
+    have = vol_capacity_bytes(vol)
+    fmt = volume_format(vol)
+    if have == want_bytes and fmt == "raw":
+        return vol
+    raise StorageError(
+        f"backing volume {vol.name()!r} already exists in storage pool {pool.name()!r} with {have} bytes "
+        f"({fmt}), but {want_bytes} bytes raw are needed; nvmprov never truncates or overwrites it: "
+        f"use the size it has, pick another region name, or delete it if its data is not needed "
+        f"(virsh vol-delete --pool {pool.name()} {vol.name()})"
+    )
+
+
+def create_overlay(
+    pool: libvirt.virStoragePool, name: str, base_vol_name: str, capacity_bytes: int
+) -> libvirt.virStorageVol:
+    """A qcow2 volume whose backing store is the qcow2 volume BASE_VOL_NAME of the same pool."""
+    base = volume(pool, base_vol_name)
+    base_fmt = volume_format(base) or "qcow2"
+    return _overlay(pool, name, base.path(), base_fmt, capacity_bytes, vol_capacity_bytes(base))
+
+
+def create_overlay_for_path(
+    pool: libvirt.virStoragePool, name: str, image_path: str, capacity_bytes: int
+) -> libvirt.virStorageVol:
+    """A qcow2 overlay on an image file outside the pool (a user's own cloud image).
+
+    The image's format and virtual size are read from the file's header, so the file must be
+    readable here (a local hypervisor).
+    """
+    fmt, size = _probe_local_image(image_path)
+    return _overlay(pool, name, image_path, fmt, capacity_bytes, size)
+
+
+def _probe_local_image(path: str) -> tuple[str, int]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            size = f.seek(0, os.SEEK_END)
+    except OSError as e:
+        raise StorageError(f"image {path}: {e.strerror}; give the path of a qcow2 or raw disk image") from None
+    if head[:4] == b"QFI\xfb":
+        return "qcow2", int.from_bytes(head[24:32], "big")  # qcow2 header: virtual size at byte 24
+    return "raw", size
+
+
+def _overlay(
+    pool: libvirt.virStoragePool,
+    name: str,
+    base_path: str,
+    base_fmt: str,
+    capacity_bytes: int,
+    base_bytes: int,
+) -> libvirt.virStorageVol:
+    _refuse_existing(pool, name)
+    if capacity_bytes < base_bytes:
+        raise StorageError(
+            f"disk size {capacity_bytes} bytes is smaller than its base image {base_path} "
+            f"({base_bytes} bytes); ask for a disk of at least that size"
+        )
+    xml = _volume_xml(name, capacity_bytes, allocation=0, fmt="qcow2", mode=PRIVATE_MODE, backing=(base_path, base_fmt))
+    return _create(pool, xml, f"overlay {name!r} on {base_path}")
+
+
+def delete(pool: libvirt.virStoragePool, name: str) -> bool:
+    """Delete volume NAME; False when it did not exist."""
+    vol = lookup(pool, name)
+    if vol is None:
+        return False
+    try:
+        vol.delete(0)
+    except libvirt.libvirtError as e:
+        if _no_such(e, libvirt.VIR_ERR_NO_STORAGE_VOL):
+            return False
+        raise _err(f"deleting volume {name!r} from storage pool {pool.name()!r}", e) from None
+    return True
+
+
+# ---------------------------------------------------------------- streams
+
+
+def _local_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _bytes_chunks(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), CHUNK_BYTES):
+        yield bytes(view[start : start + CHUNK_BYTES])
+
+
+def upload(
+    pool: libvirt.virStoragePool,
+    name: str,
+    data_or_path: bytes | str | os.PathLike[str],
+    fmt: str = "raw",
+    *,
+    mode: int = PRIVATE_MODE,
+) -> libvirt.virStorageVol:
+    """A new volume NAME holding DATA (bytes) or the local file at PATH, sent over a libvirt stream.
+
+    The volume is made raw with the exact byte count, so nothing of an empty qcow2 header stays
+    behind the uploaded bytes; FMT is what the bytes are (libvirt re-probes on refresh). Refuses
+    an existing volume; on failure the partial volume is removed.
+    """
+    if isinstance(data_or_path, bytes):
+        size = len(data_or_path)
+        chunks: Iterable[bytes] = _bytes_chunks(data_or_path)
+    else:
+        path = os.fspath(data_or_path)
+        size = os.path.getsize(path)
+        chunks = _local_chunks(path)
+    _refuse_existing(pool, name)
+    vol = _create(pool, _volume_xml(name, size, allocation=0, fmt="raw", mode=mode), f"volume {name!r}")
+    try:
+        _send(vol, size, chunks)
+        pool.refresh(0)
+    except BaseException:
+        delete(pool, name)
+        raise
+    if fmt != "raw" and volume_format(volume(pool, name)) != fmt:
+        delete(pool, name)
+        raise StorageError(f"uploaded volume {name!r} is not {fmt} as announced")
+    return volume(pool, name)
+
+
+def _send(vol: libvirt.virStorageVol, size: int, chunks: Iterable[bytes]) -> None:
+    stream = vol.connect().newStream(0)
+    try:
+        vol.upload(stream, 0, size, 0)
+        sent = 0
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = stream.send(bytes(view))
+                view = view[n:]
+                sent += n
+        if sent != size:
+            raise StorageError(f"upload of volume {vol.name()!r}: sent {sent} bytes, expected {size}")
+        stream.finish()
+    except libvirt.libvirtError as e:
+        _abort(stream)
+        raise _err(f"uploading volume {vol.name()!r}", e) from None
+    except BaseException:
+        _abort(stream)
+        raise
+
+
+def _abort(stream: libvirt.virStream) -> None:
+    with contextlib.suppress(libvirt.libvirtError):  # already finished or broken: nothing to abort
+        stream.abort()
+
+
+def download(vol: libvirt.virStorageVol, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The volume's bytes from OFFSET (all of them, or LENGTH), in chunks, over a libvirt stream."""
+    stream = vol.connect().newStream(0)
+    done = False
+    try:
+        vol.download(stream, offset, length or 0, 0)
+        while True:
+            chunk = stream.recv(CHUNK_BYTES)
+            if not chunk:
+                break
+            yield chunk
+        stream.finish()
+        done = True
+    except libvirt.libvirtError as e:
+        raise _err(f"downloading volume {vol.name()!r}", e) from None
+    finally:
+        if not done:
+            _abort(stream)
+
+
+def find_in_chunks(chunks: Iterable[bytes], marker: bytes) -> int | None:
+    """Offset of the first MARKER in the concatenation of CHUNKS, keeping an overlap so a marker
+    split across two chunks is found."""
+    if not marker:
+        raise ValueError("empty marker")
+    keep = len(marker) - 1
+    tail = b""
+    base = 0  # offset of tail[0] in the whole stream
+    for chunk in chunks:
+        window = tail + chunk
+        hit = window.find(marker)
+        if hit >= 0:
+            return base + hit
+        tail = window[-keep:] if keep else b""
+        base += len(window) - len(tail)
+    return None
+
+
+def find_marker(vol: libvirt.virStorageVol, marker: bytes) -> int | None:
+    return find_in_chunks(download(vol), marker)
+
+
+# ---------------------------------------------------------------- users
+
+
+def _references(xml: str, path: str) -> bool:
+    return any((el.text or "").strip() == path or path in el.attrib.values() for el in _parse(xml).iter())
+
+
+def volume_users(conn: libvirt.virConnect, path: str) -> list[str]:
+    """Names of domains (running or not) whose XML references PATH: disks, memory backends,
+    kernel, initrd, backing chains. Both the live and the persistent XML are read."""
+    users = []
+    try:
+        domains = conn.listAllDomains(0)
+    except libvirt.libvirtError as e:
+        raise _err("listing domains", e) from None
+    for dom in domains:
+        try:
+            xmls = [dom.XMLDesc(0)]
+            if dom.isActive() and dom.isPersistent():
+                xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError as e:
+            if _no_such(e, libvirt.VIR_ERR_NO_DOMAIN):
+                continue  # went away while we looked
+            raise _err(f"reading the XML of domain {dom.name()!r}", e) from None
+        if any(_references(x, path) for x in xmls):
+            users.append(dom.name())
+    return sorted(users)

@@ -6,8 +6,15 @@ The dataclasses below are the contract between the pure core and the side-effect
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from .errors import HostError
+from .sizes import DIMM_ALIGN_BYTES, backing_bytes_for, expected_usable_bytes, format_size, round_up
+
+if TYPE_CHECKING:  # spec imports this module's neighbours; only the type is needed here
+    from .spec import GuestSpec, RegionSpec
 
 Model = Literal["nvdimm", "virtio-pmem"]
 Filesystem = Literal["ext4", "xfs", "none"]
@@ -26,6 +33,9 @@ class HostFacts:
     cpu_virt_extensions: bool = False          # host CPU has vmx or svm
     pool_dir: str = "/var/lib/nvmprov/pool"    # where the pool's volumes live (path of the dir pool)
     virtio_pmem_in_config: bool = False        # can a domain *start* with virtio-pmem in its config?
+    # (base, kernel, initrd) volume names of the built-in image; the caller fills them from
+    # nvmprov.image.builtin_volume_names(). None: DEFAULT_BUILTIN_VOLUMES.
+    builtin_volumes: tuple[str, str, str] | None = None
 
     @property
     def kvm_usable(self) -> bool:
@@ -47,9 +57,13 @@ class RegionPlan:
     volume: str                   # backing volume name in the pool, e.g. "demo-pmem-data.raw"
     alias: str                    # libvirt user alias, "ua-pmem-data"
     dimm_slot: int | None         # nvdimm: <address type='dimm' slot=N/>; NFIT handle in guest = slot + 1
-    pci_slot: int | None          # virtio-pmem: slot on pcie.0 (bus 0), the guest finds it at 0000:00:SS.0
+    # virtio-pmem: slot on pcie.0 of the region's own pcie-root-port (pcie.0 itself refuses hotplug:
+    # "Bus 'pcie.0' does not support hotplugging"); the device sits behind it at slot 0. The guest
+    # finds it as the child of 0000:00:SS.0.
+    pci_slot: int | None
     expected_usable_bytes: int    # best estimate of what the guest can use (fsdax namespace / pmem dev)
     notes: tuple[str, ...] = ()   # e.g. "size rounded up from ... to ..."
+    pci_bus: int | None = None    # virtio-pmem: libvirt index of that root port (the <address bus=...>)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,8 @@ class Plan:
     boot_timeout_s: int
     ssh_timeout_s: int
     regions: tuple[RegionPlan, ...] = field(default_factory=tuple)
+    # Empty pcie-root-ports after the virtio-pmem ones, so virtio-pmem can be hot-plugged later.
+    spare_root_ports: int = 0
 
     @property
     def nvdimm_regions(self) -> tuple[RegionPlan, ...]:
@@ -98,3 +114,146 @@ class Plan:
             if r.name == name:
                 return r
         raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+MACHINE = "q35"
+# Nehalem, not QEMU's default qemu64: it is the oldest named model with x86-64-v2 (SSE4.2, POPCNT),
+# which RHEL 9-family cloud images require, and every feature of it is implemented by TCG
+# (usable='yes' in `virsh domcapabilities --virttype qemu` here).
+TCG_CPU_MODEL = "Nehalem"
+KVM_CPU_MODEL = "host-passthrough"
+DIRECT_KERNEL_CMDLINE = "root=/dev/vda console=ttyS0"
+DEFAULT_BUILTIN_VOLUMES = ("nvmprov-debian12.qcow2", "nvmprov-debian12-vmlinuz", "nvmprov-debian12-initrd.img")
+FIRST_PORT_PCI_SLOT = 0x10           # pcie.0 slots 0x10..0x1d: libvirt fills from 0x01, NIC at 0x1e,
+LAST_PORT_PCI_SLOT = 0x1D            # ICH9 at 0x1f
+NIC_PCI_SLOT = 0x1E
+
+
+def build(spec: GuestSpec, facts: HostFacts) -> Plan:
+    """Every derived number of one guest. Raises HostError when the host cannot run it."""
+    if facts.arch != "x86_64":
+        raise HostError(f"nvmprov plans x86_64 guests with q35 and ACPI NVDIMMs; this host is {facts.arch}")
+    accel, notice = choose_accel(spec.accel, facts)
+    regions = tuple(_regions(spec))
+    boot = _boot(spec)
+    base, kernel, initrd = facts.builtin_volumes or DEFAULT_BUILTIN_VOLUMES
+    builtin = spec.image == "builtin"
+    n_ports = sum(1 for r in regions if r.model == "virtio-pmem")
+    return Plan(
+        name=spec.name,
+        spec_digest=spec.digest(),
+        connect=spec.connect,
+        pool=spec.pool,
+        machine=MACHINE,
+        accel=accel,
+        accel_notice=notice,
+        cpu_model=KVM_CPU_MODEL if accel == "kvm" else TCG_CPU_MODEL,
+        vcpus=spec.vcpus,
+        memory_bytes=spec.memory_bytes,
+        max_memory_bytes=max_memory_bytes(spec.memory_bytes, regions, spec.hotplug.headroom_bytes),
+        memory_slots=len(regions) + spec.hotplug.slots,
+        numa_cells=1,
+        boot=boot,
+        image=spec.image,
+        disk_bytes=spec.disk_bytes,
+        overlay_volume=f"{spec.name}-root.qcow2",
+        seed_volume=f"{spec.name}-seed.iso",
+        kernel_volume=kernel if boot == "direct" else None,
+        initrd_volume=initrd if boot == "direct" else None,
+        base_volume=base if builtin else None,
+        kernel_cmdline=DIRECT_KERNEL_CMDLINE if boot == "direct" else None,
+        mac=mac_for(spec.name),
+        network_mode=spec.network.mode,
+        network_outbound=spec.network.outbound,
+        network_name=spec.network.name,
+        ssh_user=spec.ssh.user,
+        boot_timeout_s=spec.timeouts.boot_s,
+        ssh_timeout_s=spec.timeouts.ssh_s,
+        regions=regions,
+        spare_root_ports=min(spec.hotplug.slots, LAST_PORT_PCI_SLOT - FIRST_PORT_PCI_SLOT + 1 - n_ports),
+    )
+
+
+def choose_accel(wanted: str, facts: HostFacts) -> tuple[Accel, str | None]:
+    if facts.kvm_usable:
+        return ("tcg", None) if wanted == "tcg" else ("kvm", None)
+    if not facts.kvm_domain_type:
+        reason = "libvirt offers no kvm domain type on this host"
+    else:
+        reason = "the host CPU has no vmx/svm (a paravirtual /dev/kvm hangs guests in firmware)"
+    if wanted == "kvm":
+        raise HostError(f"accel: kvm cannot work here: {reason}; use accel: auto or tcg")
+    if wanted == "tcg":
+        return "tcg", None
+    return "tcg", f"accel auto: using tcg (software emulation, slower) because {reason}"
+
+
+def mac_for(name: str) -> str:
+    """Stable per guest name, in QEMU's locally administered 52:54:00 range."""
+    tail = hashlib.sha256(name.encode()).digest()[:3]
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+def max_memory_bytes(memory_bytes: int, regions: tuple[RegionPlan, ...], headroom_bytes: int) -> int:
+    """RAM + every region's backing + hotplug headroom, in whole 2 MiB blocks (memory devices are
+    placed in 2 MiB steps)."""
+    total = memory_bytes + sum(r.backing_bytes for r in regions) + round_up(headroom_bytes, DIMM_ALIGN_BYTES)
+    return round_up(total, DIMM_ALIGN_BYTES)
+
+
+def _boot(spec: GuestSpec) -> Boot:
+    if spec.firmware == "auto":
+        return "direct" if spec.image == "builtin" else "bios"
+    return spec.firmware
+
+
+def _regions(spec: GuestSpec) -> list[RegionPlan]:
+    result = []
+    n_dimm = n_port = 0
+    for r in spec.pmem:
+        if r.model == "nvdimm":
+            result.append(region_plan(spec.name, r, dimm_slot=n_dimm))
+            n_dimm += 1
+        else:
+            result.append(region_plan(spec.name, r, port=n_port))
+            n_port += 1
+    return result
+
+
+def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port: int | None = None) -> RegionPlan:
+    """The plan of one region; `port` is the index among the guest's virtio-pmem regions."""
+    backing = backing_bytes_for(r.size_bytes)
+    usable = expected_usable_bytes(r.model, backing, r.label_bytes, readonly=r.readonly)
+    return RegionPlan(
+        name=r.name,
+        model=r.model,
+        size_bytes=r.size_bytes,
+        backing_bytes=backing,
+        label_bytes=r.label_bytes,
+        readonly=r.readonly,
+        host_pmem=r.host_pmem,
+        allocation=r.allocation,
+        filesystem=r.filesystem,
+        mount=r.mount,
+        volume=f"{guest}-pmem-{r.name}.raw",
+        alias=f"ua-pmem-{r.name}",
+        dimm_slot=dimm_slot if r.model == "nvdimm" else None,
+        pci_slot=FIRST_PORT_PCI_SLOT + port if port is not None else None,
+        pci_bus=port + 1 if port is not None else None,
+        expected_usable_bytes=usable,
+        notes=_notes(r, backing, usable),
+    )
+
+
+def _notes(r: RegionSpec, backing: int, usable: int) -> tuple[str, ...]:
+    notes = []
+    if backing != r.size_bytes:
+        notes.append(f"size {format_size(r.size_bytes)} rounded up to {format_size(backing)} "
+                     "(memory devices come in whole 2MiB blocks)")
+    if r.label_bytes:
+        notes.append(f"the {format_size(r.label_bytes)} label comes out of the region and the namespace is "
+                     f"aligned down to 16MiB: about {usable} bytes usable")
+    return tuple(notes)

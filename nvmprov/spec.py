@@ -1,0 +1,805 @@
+"""The guest file: safe YAML with positions -> validated pydantic models.
+
+Pure: no libvirt, no network. Every problem becomes one SpecError with FILE:LINE:COL, the
+field path, what is wrong and what would be right. Defaults and rules: docs/spec.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import posixpath
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import SpecError, UsageError
+from .sizes import GiB, KiB, MiB, TiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
+
+MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
+MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
+MAX_YAML_NODES = 20_000            # with aliases refused this only bounds absurd files
+MIN_MEMORY_BYTES = 256 * MiB       # the Debian guest with cloud-init does not boot in less
+MIN_DISK_BYTES = 1 * GiB
+MIN_REGION_BYTES = 16 * MiB        # one fsdax namespace alignment: less leaves nothing usable
+MIN_LABEL_BYTES = 128 * KiB        # QEMU's minimum label-size
+LABEL_MULTIPLE_BYTES = 4 * KiB
+XFS_MIN_USABLE_BYTES = 300 * MiB   # Debian 12's mkfs.xfs refuses smaller filesystems
+MAX_MEMORY_SLOTS = 256             # QEMU's limit of memory slots on x86
+MAX_VIRTIO_PMEM = 14               # each gets a pcie-root-port on pcie.0 slots 0x10..0x1d
+
+_UNITS = {"b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
+_DECIMAL_UNITS = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
+_SIZE_RE = re.compile(r"(?P<sign>[-+]?)(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]*))?[ ]?(?P<unit>[A-Za-z]*)")
+_UNIT_HELP = "B, KiB, MiB, GiB or TiB (K, M, G, T mean the same)"
+
+GUEST_NAME_MAX = 63
+REGION_NAME_MAX = 32               # keeps "<guest>-pmem-<region>.raw" and "ua-pmem-<region>" short
+_NAME_CHARS = re.compile(r"[a-z0-9-]")
+_PATH_CHARS = re.compile(r"[A-Za-z0-9._/+-]")
+_POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]{0,500}")
+_IMAGE_SUFFIXES = (".qcow2", ".img", ".raw")
+
+# Mounting over these would hide or break the guest's own system.
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+                 "/run", "/sbin", "/sys", "/usr")
+_SYSTEM_DIRS = frozenset(("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var",  # noqa: S108
+                          "/var/cache", "/var/lib", "/var/log", "/var/spool", "/var/tmp", *_SYSTEM_TREES))  # noqa: S108
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes
+
+
+def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False) -> int:
+    """Bytes of a size with a binary unit: "512MiB", "1G", "4096B" (B = bytes, explicitly).
+
+    Refused: no unit (YAML 1024 and "1024" alike: bytes or MiB? QEMU guesses, we don't), decimal
+    units (1GB), fractions (1.5GiB: write 1536MiB), zero (unless allow_zero: then "0" needs no
+    unit), negatives, and anything above MAX_SIZE_BYTES. Raises ValueError with the fix.
+    """
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ValueError(f"{what} must be a size such as 512MiB, not {_describe(text)}")
+    if isinstance(text, int):
+        if text == 0 and allow_zero:
+            return 0
+        raise ValueError(f"{what} {text} has no unit; write it with one of {_UNIT_HELP}, e.g. {abs(text)}MiB")
+    m = _SIZE_RE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 512MiB")
+    unit = m["unit"].lower()
+    number = Fraction(int(m["int"]))
+    if m["frac"]:
+        number += Fraction(int(m["frac"]), 10 ** len(m["frac"]))
+    if m["sign"] == "-" and number != 0:
+        raise ValueError(f"{what} {text!r} is negative; sizes are positive, e.g. 512MiB")
+    if number == 0:
+        if allow_zero:
+            return 0
+        raise ValueError(f"{what} {text!r} is zero; give a positive size, e.g. 512MiB")
+    if not unit:
+        raise ValueError(f"{what} {text!r} has no unit; write it with one of {_UNIT_HELP}, e.g. {m['int']}MiB")
+    if unit in _DECIMAL_UNITS:
+        raise ValueError(
+            f"{what} {text!r} uses a decimal unit; nvmprov sizes are binary: write {m['int']}{_DECIMAL_UNITS[unit]}"
+        )
+    if unit not in _UNITS:
+        raise ValueError(f"{what} {text!r} has an unknown unit {m['unit']!r}; use {_UNIT_HELP}")
+    exact = number * _UNITS[unit]
+    if m["frac"] is not None:
+        fix = f"write {format_size(int(exact))}" if exact.denominator == 1 else "give a whole number of bytes"
+        raise ValueError(f"{what} {text!r} is fractional; {fix}")
+    n_bytes = int(exact)
+    if n_bytes > MAX_SIZE_BYTES:
+        raise ValueError(f"{what} {text!r} is larger than {format_size(MAX_SIZE_BYTES)}; check the unit")
+    return n_bytes
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "an empty value"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _size(what: str, *, minimum: int = 1, multiple: int = 1, allow_zero: bool = False) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        n = parse_size(value, what=what, allow_zero=allow_zero)
+        if n == 0:
+            return n
+        if n < minimum:
+            raise ValueError(f"{what} {format_size(n)} is too small; use at least {format_size(minimum)}")
+        if n % multiple:
+            raise ValueError(
+                f"{what} {format_size(n)} is not a multiple of {format_size(multiple)}; "
+                f"use {format_size(round_up(n, multiple))}"
+            )
+        return n
+
+    return check
+
+
+def _optional_size(what: str, **kw: Any) -> Callable[[Any], int | None]:
+    check = _size(what, **kw)
+    return lambda value: None if value is None else check(value)
+
+
+_Ser = PlainSerializer(format_size, return_type=str)
+_OptSer = PlainSerializer(lambda n: None if n is None else format_size(n), return_type=str | None)
+
+
+# ---------------------------------------------------------------------------------------------
+# names and paths
+
+
+def _show_char(ch: str) -> str:
+    if ch.isascii() and ch.isprintable():
+        return repr(ch)
+    return f"{ch!r} (U+{ord(ch):04X})"
+
+
+def _name_checker(what: str, max_len: int) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if len(value) > max_len:
+            raise ValueError(f"{what} is {len(value)} characters long; use at most {max_len}")
+        if not value:
+            raise ValueError(f"{what} is empty; use lowercase letters, digits and '-', e.g. demo")
+        bad = next((c for c in value if not _NAME_CHARS.fullmatch(c)), None)
+        if bad is not None:
+            raise ValueError(
+                f"{what} {value!r} contains {_show_char(bad)}; use only lowercase letters a-z, digits and '-'"
+            )
+        if value.startswith("-"):
+            raise ValueError(f"{what} {value!r} starts with '-'; start with a letter or digit")
+        return value
+
+    return check
+
+
+def _check_abs_path(value: str, what: str, example: str) -> None:
+    bad = next((c for c in value if not _PATH_CHARS.fullmatch(c)), None)
+    if bad is not None:
+        raise ValueError(
+            f"{what} {value!r} contains {_show_char(bad)}; use letters, digits, '.', '_', '+', '-' and '/'"
+        )
+    if not value.startswith("/"):
+        raise ValueError(f"{what} {value!r} is not absolute; use a path such as {example}")
+    norm = posixpath.normpath(value)
+    if norm != value or value.startswith("//"):
+        raise ValueError(f"{what} {value!r} is not normalized; write {norm}")
+    if len(value) > 255:
+        raise ValueError(f"{what} is {len(value)} characters long; use at most 255")
+
+
+def _check_mount(value: str | None) -> str | None:
+    if value is None:
+        return None
+    _check_abs_path(value, "mount", "/mnt/data")
+    if value in _SYSTEM_DIRS or any(value.startswith(t + "/") for t in _SYSTEM_TREES):
+        raise ValueError(f"mount {value!r} is a system directory; use a directory of its own, e.g. /mnt/data")
+    return value
+
+
+def _check_image(value: str) -> str:
+    if value == "builtin":
+        return value
+    _check_abs_path(value, "image", "/var/lib/images/debian-12.qcow2")
+    if not value.endswith(_IMAGE_SUFFIXES):
+        raise ValueError(f"image {value!r} is neither builtin nor a .qcow2, .img or .raw file; use one of those")
+    return value
+
+
+def _regex_checker(pattern: re.Pattern[str], what: str, hint: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{what} {value!r} is not valid; {hint}")
+        return value
+
+    return check
+
+
+def _check_user(value: str) -> str:
+    _regex_checker(_USER_RE, "ssh.user", "use a Linux user name: a-z, 0-9, '_' or '-', up to 32")(value)
+    if value == "root":
+        raise ValueError("ssh.user 'root' is not allowed; nvmprov makes its own login user with sudo, e.g. nvmprov")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+class _Problem(ValueError):
+    """A cross-field problem that points at a field below the model that found it."""
+
+    def __init__(self, message: str, *loc: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.loc = loc
+
+
+_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+GuestName = Annotated[str, AfterValidator(_name_checker("name", GUEST_NAME_MAX))]
+RegionName = Annotated[str, AfterValidator(_name_checker("name", REGION_NAME_MAX))]
+PoolName = Annotated[str, AfterValidator(_regex_checker(_POOL_RE, "name", "use letters, digits, '_', '.', '-'"))]
+
+
+class SshSpec(BaseModel):
+    model_config = _CONFIG
+    user: Annotated[str, AfterValidator(_check_user)] = "nvmprov"
+
+
+class NetworkSpec(BaseModel):
+    model_config = _CONFIG
+    mode: Literal["user", "network"] = "user"
+    outbound: bool = False
+    name: PoolName | None = None
+
+    @model_validator(mode="after")
+    def _mode_rules(self) -> NetworkSpec:
+        if self.mode == "network" and self.name is None:
+            raise _Problem("mode: network needs the libvirt network's name; add name: <network>", "name")
+        if self.mode == "user" and self.name is not None:
+            raise _Problem("name is only used with mode: network; remove it or set mode: network", "name")
+        if self.mode == "network" and self.outbound:
+            raise _Problem("outbound only applies to mode: user; remove it", "outbound")
+        return self
+
+
+class HotplugSpec(BaseModel):
+    model_config = _CONFIG
+    slots: int = Field(4, ge=0, le=255)
+    headroom_bytes: Annotated[int, BeforeValidator(_size("headroom", allow_zero=True)), _Ser] = Field(
+        8 * GiB, alias="headroom"
+    )
+
+
+class TimeoutsSpec(BaseModel):
+    model_config = _CONFIG
+    boot_s: int = Field(600, ge=1, le=86_400)
+    ssh_s: int = Field(600, ge=1, le=86_400)
+
+
+class RegionSpec(BaseModel):
+    model_config = _CONFIG
+    name: RegionName
+    size_bytes: Annotated[int, BeforeValidator(_size("size", minimum=MIN_REGION_BYTES)), _Ser] = Field(
+        alias="size"
+    )
+    model: Literal["nvdimm", "virtio-pmem"] = "nvdimm"
+    label_bytes: Annotated[
+        int | None, BeforeValidator(_optional_size("label", minimum=MIN_LABEL_BYTES, multiple=LABEL_MULTIPLE_BYTES)),
+        _OptSer,
+    ] = Field(None, alias="label")
+    allocation: Literal["full", "sparse"] = "full"
+    readonly: bool = False
+    host_pmem: bool = False
+    filesystem: Literal["ext4", "xfs", "none"] = "ext4"
+    mount: Annotated[str | None, AfterValidator(_check_mount)] = None
+
+    @model_validator(mode="after")
+    def _region_rules(self) -> RegionSpec:
+        self._check_model_rules()
+        self._check_label()
+        self._check_filesystem()
+        if self.filesystem != "none" and self.mount is None:
+            self.mount = f"/mnt/{self.name}"
+        return self
+
+    def _check_model_rules(self) -> None:
+        if self.model != "virtio-pmem":
+            return
+        if self.label_bytes is not None:
+            raise _Problem("label is for nvdimm only; remove it or use model: nvdimm", "label")
+        if self.readonly:
+            raise _Problem("readonly is for nvdimm only (libvirt has no read-only virtio-pmem); use model: nvdimm",
+                           "readonly")
+        if self.host_pmem:
+            raise _Problem("host_pmem is for nvdimm only; use model: nvdimm", "host_pmem")
+
+    def _check_label(self) -> None:
+        if self.label_bytes is None:
+            return
+        size, label = format_size(self.size_bytes), format_size(self.label_bytes)
+        if self.label_bytes >= self.size_bytes:
+            raise _Problem(f"label {label} is not smaller than size {size}; the label is carved out of the region: "
+                           "use 128KiB", "label")
+        if self.size_bytes - self.label_bytes < MIN_REGION_BYTES:
+            raise _Problem(f"label {label} leaves less than {format_size(MIN_REGION_BYTES)} of the {size} region; "
+                           "use a smaller label or a larger size", "label")
+
+    def _check_filesystem(self) -> None:
+        if self.readonly and self.filesystem != "none":
+            raise _Problem(f"a readonly region cannot be formatted with {self.filesystem}; "
+                           "set filesystem: none (or readonly: false)", "readonly")
+        if self.filesystem == "none" and self.mount is not None:
+            raise _Problem("a region without a filesystem cannot be mounted; remove mount or set filesystem: ext4",
+                           "mount")
+        if self.filesystem == "xfs":
+            usable = _usable(self.model, self.size_bytes, self.label_bytes)
+            if usable < XFS_MIN_USABLE_BYTES:
+                raise _Problem(
+                    f"xfs needs at least 300MiB but a {format_size(self.size_bytes)} {self.model} region "
+                    f"leaves {usable} bytes usable; use size >= {format_size(_min_size_for_xfs(self))} "
+                    "or filesystem: ext4", "filesystem")
+
+
+def _usable(model: str, size_bytes: int, label_bytes: int | None) -> int:
+    return expected_usable_bytes(model, backing_bytes_for(size_bytes), label_bytes)  # type: ignore[arg-type]
+
+
+def _min_size_for_xfs(region: RegionSpec) -> int:
+    size = round_up(XFS_MIN_USABLE_BYTES, 2 * MiB)
+    while _usable(region.model, size, region.label_bytes) < XFS_MIN_USABLE_BYTES:
+        size += 2 * MiB
+    return size
+
+
+class GuestSpec(BaseModel):
+    """One guest, fully defaulted. YAML keys are the aliases (memory, disk, size, ...)."""
+
+    model_config = _CONFIG
+    name: GuestName
+    memory_bytes: Annotated[int, BeforeValidator(_size("memory", minimum=MIN_MEMORY_BYTES, multiple=MiB)), _Ser] = (
+        Field(1 * GiB, alias="memory")
+    )
+    # One vCPU: TCG runs each vCPU as a host thread and these CI hosts have 2 cores for several guests.
+    vcpus: int = Field(1, ge=1, le=64)
+    disk_bytes: Annotated[int, BeforeValidator(_size("disk", minimum=MIN_DISK_BYTES, multiple=MiB)), _Ser] = Field(
+        8 * GiB, alias="disk"
+    )
+    image: Annotated[str, AfterValidator(_check_image)] = "builtin"
+    firmware: Literal["auto", "direct", "bios", "efi"] = "auto"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    connect: Annotated[
+        str, AfterValidator(_regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system"))
+    ] = "qemu:///system"
+    pool: PoolName = "nvmprov"
+    ssh: SshSpec = Field(default_factory=SshSpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    hotplug: HotplugSpec = Field(default_factory=lambda: HotplugSpec.model_validate({}))
+    timeouts: TimeoutsSpec = Field(default_factory=lambda: TimeoutsSpec.model_validate({}))
+    pmem: list[RegionSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _guest_rules(self) -> GuestSpec:
+        if self.firmware == "direct" and self.image != "builtin":
+            raise _Problem("direct kernel boot needs image: builtin (a user image boots its own kernel); "
+                           "use firmware: auto, bios or efi", "firmware")
+        self._check_regions()
+        return self
+
+    def _check_regions(self) -> None:
+        names: dict[str, int] = {}
+        mounts: dict[str, int] = {}
+        for i, r in enumerate(self.pmem):
+            if r.name in names:
+                raise _Problem(f"region name {r.name!r} is used twice (also pmem[{names[r.name]}]); "
+                               "give each region its own name", "pmem", i, "name")
+            names[r.name] = i
+            if r.mount is None:
+                continue
+            for other, j in mounts.items():
+                if other == r.mount:
+                    raise _Problem(f"mount {r.mount!r} is used twice (also pmem[{j}]); give each region its own",
+                                   "pmem", i, "mount")
+                if r.mount.startswith(other + "/") or other.startswith(r.mount + "/"):
+                    raise _Problem(f"mount {r.mount!r} nests with {other!r} of pmem[{j}]; use separate directories",
+                                   "pmem", i, "mount")
+            mounts[r.mount] = i
+        n_virtio = sum(1 for r in self.pmem if r.model == "virtio-pmem")
+        if n_virtio > MAX_VIRTIO_PMEM:
+            raise _Problem(f"{n_virtio} virtio-pmem regions; at most {MAX_VIRTIO_PMEM} fit (one PCIe port each)",
+                           "pmem")
+        total = len(self.pmem) + self.hotplug.slots
+        if total > MAX_MEMORY_SLOTS:
+            raise _Problem(f"{len(self.pmem)} regions + {self.hotplug.slots} hotplug slots = {total} memory slots; "
+                           f"QEMU allows {MAX_MEMORY_SLOTS}: use slots <= {MAX_MEMORY_SLOTS - len(self.pmem)}",
+                           "hotplug", "slots")
+
+    def canonical(self) -> dict[str, Any]:
+        """The fully-defaulted guest as JSON-able data (sizes as canonical strings such as 1GiB)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def diff(self, other: GuestSpec) -> list[str]:
+        """Dotted YAML paths (pmem[0].size) whose values differ between the two guests."""
+        mine, theirs = dict(_flatten(self.canonical())), dict(_flatten(other.canonical()))
+        keys = sorted(set(mine) | set(theirs), key=_path_sort_key)
+        return [k for k in keys if mine.get(k, _MISSING) != theirs.get(k, _MISSING)]
+
+
+_MISSING = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+def _path_sort_key(path: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", path) if p]
+
+
+@dataclass
+class SpecFile:
+    path: str
+    guests: list[GuestSpec]
+
+    def guest(self, name: str | None = None) -> GuestSpec:
+        """The named guest; without a name, the only one. UsageError names the choices."""
+        names = ", ".join(g.name for g in self.guests)
+        if name is None:
+            if len(self.guests) == 1:
+                return self.guests[0]
+            raise UsageError(f"{self.path} holds {len(self.guests)} guests ({names}); pick one with --guest NAME")
+        for g in self.guests:
+            if g.name == name:
+                return g
+        raise UsageError(f"no guest {name!r} in {self.path}; it holds: {names}")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with positions
+
+Path_ = tuple[str | int, ...]
+_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null")}
+
+
+@dataclass(frozen=True)
+class _Pos:
+    line: int      # 1-based
+    col: int       # 1-based
+    field: str     # display path, e.g. guests[1].pmem[0].size or defaults.memory
+
+
+@dataclass
+class _Positions:
+    """Where each value (and each key) of the loaded data was written."""
+
+    values: dict[Path_, _Pos] = field(default_factory=dict)
+    keys: dict[Path_, _Pos] = field(default_factory=dict)
+
+    def sub(self, prefix: Path_) -> _Positions:
+        n = len(prefix)
+        return _Positions(
+            {p[n:]: v for p, v in self.values.items() if p[:n] == prefix},
+            {p[n:]: v for p, v in self.keys.items() if p[:n] == prefix},
+        )
+
+    def copy_under(self, src: _Positions, prefix: Path_) -> None:
+        n = len(prefix)
+        self.values.update({p: v for p, v in src.values.items() if p[:n] == prefix})
+        self.keys.update({p: v for p, v in src.keys.items() if p[:n] == prefix})
+
+
+class _YamlProblem(Exception):
+    def __init__(self, message: str, mark: yaml.Mark) -> None:
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+class _Loader(yaml.SafeLoader):
+    """Composes nodes only (nothing is constructed), refusing anchors and aliases: they are the
+    billion-laughs vector and nothing in a guest file needs them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.node_count = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            raise _YamlProblem(f"YAML aliases (*{event.anchor}) are not allowed; write the value out", mark)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _YamlProblem(f"YAML anchors (&{anchor}) are not allowed; write the value out", mark)
+        self.node_count += 1
+        if self.node_count > MAX_YAML_NODES:
+            raise _YamlProblem(f"more than {MAX_YAML_NODES} YAML values; a guest file is far smaller", mark)
+        return super().compose_node(parent, index)
+
+
+def _pos(mark: yaml.Mark, display: str) -> _Pos:
+    return _Pos(mark.line + 1, mark.column + 1, display)
+
+
+def _join(display: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{display}[{key}]"
+    return f"{display}.{key}" if display else key
+
+
+def _convert(node: yaml.Node, path: Path_, display: str, pos: _Positions) -> Any:
+    """Plain Python data from a composed node, recording where each value sits."""
+    pos.values[path] = _pos(node.start_mark, display)
+    if isinstance(node, yaml.MappingNode) and node.tag == _TAG + "map":
+        return _convert_mapping(node, path, display, pos)
+    if isinstance(node, yaml.SequenceNode) and node.tag == _TAG + "seq":
+        return [_convert(item, (*path, i), _join(display, i), pos) for i, item in enumerate(node.value)]
+    if isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_TAGS:
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    raise _YamlProblem(f"YAML tag {node.tag} is not allowed; nvmprov reads plain values only", node.start_mark)
+
+
+def _convert_mapping(node: yaml.MappingNode, path: Path_, display: str, pos: _Positions) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _TAG + "merge":
+            raise _YamlProblem("YAML merge keys (<<) are not allowed; write the keys out", key_node.start_mark)
+        if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _TAG + "str"):
+            raise _YamlProblem("keys must be plain names such as memory or pmem", key_node.start_mark)
+        key = key_node.value
+        if key in result:
+            first = pos.keys[(*path, key)]
+            raise _YamlProblem(f"duplicate key {key!r} (first at line {first.line}); keep one",
+                               key_node.start_mark)
+        pos.keys[(*path, key)] = _pos(key_node.start_mark, _join(display, key))
+        result[key] = _convert(value_node, (*path, key), _join(display, key), pos)
+    return result
+
+
+def _compose(text: str, filename: str) -> yaml.Node | None:
+    loader = _Loader(text)
+    try:
+        return loader.get_single_node()
+    except _YamlProblem as p:
+        raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = "; ".join(s for s in (e.context, e.problem) if s)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise SpecError(f"not valid YAML: {what}; check the indentation and quoting there",
+                        file=filename, line=line, col=col) from None
+    except yaml.reader.ReaderError as e:
+        line, col = _line_col(text, e.position)
+        raise SpecError(f"character {_show_char(chr(e.character))} is not allowed in YAML; remove it",
+                        file=filename, line=line, col=col) from None
+    finally:
+        loader.dispose()
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    before = text[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load(path: str | Path) -> SpecFile:
+    """Read and validate a guest file; every failure is one SpecError naming the file."""
+    name = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SpecError("no such file; check the path", file=name) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory; give a guest YAML file", file=name) from None
+    except OSError as e:
+        raise SpecError(f"cannot read it ({e.strerror}); check its permissions", file=name) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(f"is {len(data)} bytes; a guest file is at most {MAX_FILE_BYTES}", file=name)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_col(data[: e.start].decode("utf-8", "replace"), e.start)
+        raise SpecError("is not UTF-8 text; save it as UTF-8", file=name, line=line) from None
+    return loads(text, filename=name)
+
+
+def loads(text: str, filename: str = "<string>") -> SpecFile:
+    node = _compose(text, filename)
+    if node is None:
+        raise SpecError("the file is empty; a guest needs at least name: and pmem:", file=filename, line=1, col=1)
+    pos = _Positions()
+    try:
+        data = _convert(node, (), "", pos)
+    except _YamlProblem as p:
+        raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1) from None
+    if not isinstance(data, dict):
+        raise SpecError("the top level must be a mapping (name: ..., pmem: ...) or a fleet (guests: [...])",
+                        file=filename, line=pos.values[()].line, col=pos.values[()].col)
+    _check_version(data, pos, filename)
+    if "guests" in data:
+        return SpecFile(filename, _fleet(data, pos, filename))
+    guest = {k: v for k, v in data.items() if k != "version"}
+    return SpecFile(filename, [_validate(guest, pos, filename)])
+
+
+def _fail(message: str, at: _Pos | None, filename: str, field_path: str | None = None) -> SpecError:
+    if at is None:
+        return SpecError(message, file=filename, field=field_path)
+    return SpecError(message, file=filename, line=at.line, col=at.col, field=field_path or at.field or None)
+
+
+def _check_version(data: dict[str, Any], pos: _Positions, filename: str) -> None:
+    if "version" in data and (type(data["version"]) is not int or data["version"] != 1):
+        raise _fail(f"unsupported version {data['version']!r}; this nvmprov reads version: 1",
+                    pos.values[("version",)], filename)
+
+
+_FLEET_KEYS = ("version", "defaults", "guests")
+
+
+def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSpec]:
+    for key in data:
+        if key not in _FLEET_KEYS:
+            hint = _suggest(key, _FLEET_KEYS)
+            raise _fail(f"unknown key {key!r} in a fleet file; {hint}", pos.keys[(key,)], filename)
+    guests, defaults = data["guests"], data.get("defaults", {})
+    if not isinstance(guests, list) or not guests:
+        raise _fail("guests must be a non-empty list of guests (- name: ...)", pos.values[("guests",)], filename)
+    if not isinstance(defaults, dict):
+        raise _fail("defaults must be a mapping of guest keys (memory: 1GiB, ...)", pos.values[("defaults",)],
+                    filename)
+    if "name" in defaults:
+        raise _fail("defaults cannot set name; each guest needs its own", pos.keys[("defaults", "name")], filename)
+    result: list[GuestSpec] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(guests):
+        if not isinstance(raw, dict):
+            raise _fail("each guest must be a mapping (name: ..., pmem: ...)", pos.values[("guests", i)], filename)
+        merged_pos = _Positions()
+        merged = _merge(defaults, raw, pos.sub(("defaults",)), pos.sub(("guests", i)), merged_pos, ())
+        merged_pos.values[()] = pos.values[("guests", i)]
+        g = _validate(merged, merged_pos, filename)
+        if g.name in seen:
+            raise _fail(f"guest name {g.name!r} is used twice (also guests[{seen[g.name]}]); names must be unique",
+                        pos.values[("guests", i, "name")], filename)
+        seen[g.name] = i
+        result.append(g)
+    return result
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], base_pos: _Positions, over_pos: _Positions,
+           out: _Positions, path: Path_) -> dict[str, Any]:
+    """defaults <- guest, key by key; mappings merge recursively, anything else (lists too) replaces."""
+    result: dict[str, Any] = {}
+    for key, value in base.items():
+        if key not in over:
+            result[key] = value
+            out.copy_under(base_pos, (*path, key))
+    for key, value in over.items():
+        here = (*path, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out.keys[here] = over_pos.keys[here]
+            out.values[here] = over_pos.values[here]
+            result[key] = _merge(base[key], value, base_pos, over_pos, out, here)
+        else:
+            result[key] = value
+            out.copy_under(over_pos, here)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# pydantic errors -> one positioned SpecError
+
+
+def _validate(raw: dict[str, Any], pos: _Positions, filename: str) -> GuestSpec:
+    try:
+        return GuestSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = [_problem(err, pos) for err in e.errors()]
+        problems.sort(key=lambda p: (p[1].line, p[1].col) if p[1] else (1 << 30, 0))
+        message, at, field_path = problems[0]
+        raise _fail(message, at, filename, field_path) from None
+
+
+def _lookup(table: dict[Path_, _Pos], loc: Path_) -> tuple[_Pos | None, Path_]:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in table:
+            return table[loc[:n]], loc[n:]
+    return None, loc
+
+
+def _display(at: _Pos | None, rest: Path_) -> str:
+    text = at.field if at else ""
+    for part in rest:
+        text = _join(text, part)
+    return text
+
+
+def _problem(err: Any, pos: _Positions) -> tuple[str, _Pos | None, str]:
+    loc: Path_ = tuple(err["loc"])
+    kind = err["type"]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _Problem):
+        loc = (*loc, *cause.loc)
+    if kind == "extra_forbidden":
+        at = pos.keys.get(loc)
+        choices = _keys_of(loc[:-1])
+        return f"unknown key {loc[-1]!r}; {_suggest(str(loc[-1]), choices)}", at, at.field if at else ""
+    if kind == "missing":
+        at, rest = _lookup(pos.values, loc[:-1])
+        return f"missing required key {loc[-1]!r}; add it", at, _display(at, (*rest, loc[-1]))
+    at, rest = _lookup(pos.values, loc)
+    return _message(err, cause), at, _display(at, rest)
+
+
+def _message(err: Any, cause: object) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if isinstance(cause, _Problem):
+        return cause.message
+    if isinstance(cause, ValueError):
+        return str(cause)
+    value = err.get("input")
+    simple = {
+        "string_type": "expected text",
+        "int_type": "expected a whole number",
+        "bool_type": "expected true or false",
+        "model_type": "expected a mapping of keys",
+        "model_attributes_type": "expected a mapping of keys",
+        "list_type": "expected a list (- item)",
+    }
+    if kind in simple:
+        return f"{simple[kind]}, not {_describe(value)}"
+    if kind == "literal_error":
+        return f"{value!r} is not allowed; use {ctx.get('expected')}"
+    if kind == "greater_than_equal":
+        return f"{value!r} is too small; use at least {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"{value!r} is too large; use at most {ctx.get('le')}"
+    if kind == "too_short":
+        return "is empty; give at least one region (- name: data, size: 512MiB)"
+    return str(err.get("msg", "is not valid"))
+
+
+def _keys_of(loc: Path_) -> list[str]:
+    """The YAML keys valid at a location (by walking the models)."""
+    model: type[BaseModel] = GuestSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if info is None:
+            return []
+        ann = info.annotation
+        while get_origin(ann) is not None and not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            inner = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if not inner:
+                return []
+            ann = inner[0]
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    keys = [f.alias or n for n, f in model.model_fields.items()]
+    return keys + ["version"] if not loc else keys
+
+
+def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "valid keys: " + ", ".join(choices)

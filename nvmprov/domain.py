@@ -1,0 +1,331 @@
+"""Plan -> libvirt domain XML, built as an ElementTree in a fixed element order (pure).
+
+QEMU rules this module keeps (measured on libvirt 9.0 + QEMU 7.2, see docs and tests):
+access='shared' on every pmem device, <acpi/> + <maxMemory slots> + a NUMA cell for memory
+devices, <pmem/> only on real host pmem, user networking through <qemu:commandline> bound to
+127.0.0.1 with restrict=on, the NIC pinned at pcie.0 slot 0x1e.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ET  # noqa: S405  (we build and parse our own/libvirt's XML)
+from dataclasses import dataclass, replace
+
+from . import __version__
+from .plan import NIC_PCI_SLOT, Plan, RegionPlan
+from .sizes import KiB
+
+METADATA_NS = "https://nvmprov.dev/xmlns/domain/1"
+METADATA_PREFIX = "nvmprov"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+
+VOLUME_KINDS = ("overlay", "seed", "backing")
+DISK_PCI_SLOT = 0x0F     # the root disk, an integrated endpoint on pcie.0 below the root ports
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    uuid: str
+    ssh_port: int
+    pool_dir: str
+    console_log: str | None = None
+    include_virtio_pmem: bool = False   # libvirt 9.0 cannot start a domain with virtio-pmem in it
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What nvmprov made and needs to find again; stored in the domain (no secrets)."""
+
+    version: str
+    spec_digest: str
+    ssh_port: int
+    ssh_user: str
+    regions: tuple[RegionPlan, ...] = ()
+    volumes: tuple[tuple[str, str], ...] = ()   # (volume name, kind), in order of creation
+    spec_path: str | None = None
+
+    @classmethod
+    def from_plan(cls, plan: Plan, *, ssh_port: int, spec_path: str | None = None) -> Metadata:
+        return cls(__version__, plan.spec_digest, ssh_port, plan.ssh_user, plan.regions, (), spec_path)
+
+    def with_volume(self, name: str, kind: str) -> Metadata:
+        if kind not in VOLUME_KINDS:
+            raise ValueError(f"volume kind {kind!r} is not one of {VOLUME_KINDS}")
+        if (name, kind) in self.volumes:
+            return self
+        return replace(self, volumes=(*self.volumes, (name, kind)))
+
+
+# ---------------------------------------------------------------------------------------------
+# small builders
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _kib(n_bytes: int) -> str:
+    return str(n_bytes // KiB)
+
+
+def _path(pool_dir: str, volume: str) -> str:
+    return f"{pool_dir.rstrip('/')}/{volume}"
+
+
+def _pci_address(parent: ET.Element, bus: int, slot: int) -> None:
+    _sub(parent, "address", type="pci", domain="0x0000", bus=f"0x{bus:02x}", slot=f"0x{slot:02x}",
+         function="0x0")
+
+
+def _region_element(region: RegionPlan, pool_dir: str) -> ET.Element:
+    # access='shared': without it QEMU maps the file privately and guest writes never reach it.
+    mem = ET.Element("memory", model=region.model, access="shared")
+    source = _sub(mem, "source")
+    _sub(source, "path", _path(pool_dir, region.volume))
+    if region.host_pmem:
+        _sub(source, "pmem")     # QEMU pmem=on: only true on real host persistent memory
+    target = _sub(mem, "target")
+    _sub(target, "size", _kib(region.backing_bytes), unit="KiB")
+    if region.model == "nvdimm":
+        _sub(target, "node", "0")
+        if region.label_bytes:
+            label = _sub(target, "label")
+            _sub(label, "size", _kib(region.label_bytes), unit="KiB")
+        if region.readonly:
+            _sub(target, "readonly")
+    _sub(mem, "alias", name=region.alias)
+    if region.model == "nvdimm":
+        _sub(mem, "address", type="dimm", slot=str(region.dimm_slot))
+    else:
+        _pci_address(mem, region.pci_bus or 0, 0)
+    return mem
+
+
+def region_device_xml(region: RegionPlan, pool_dir: str) -> str:
+    """The <memory> element of one region, for attachDeviceFlags."""
+    return ET.tostring(_region_element(region, pool_dir), encoding="unicode")
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+
+
+def _m(tag: str) -> str:
+    return f"{{{METADATA_NS}}}{tag}"
+
+
+_REGION_FIELDS = [f.name for f in dataclasses.fields(RegionPlan) if f.name != "notes"]
+
+
+def _attr(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _metadata_element(md: Metadata) -> ET.Element:
+    root = ET.Element(_m("guest"), version=md.version)
+    spec = _sub(root, _m("spec"), digest=md.spec_digest)
+    if md.spec_path is not None:
+        spec.set("path", md.spec_path)
+    _sub(root, _m("ssh"), port=str(md.ssh_port), user=md.ssh_user)
+    regions = _sub(root, _m("regions"))
+    for r in md.regions:
+        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None}
+        _sub(regions, _m("region"), **attrs)
+    volumes = _sub(root, _m("volumes"))
+    for name, kind in md.volumes:
+        _sub(volumes, _m("volume"), name=name, kind=kind)
+    return root
+
+
+def metadata_xml(md: Metadata) -> str:
+    """The inner element alone, as virDomainSetMetadata wants it."""
+    return ET.tostring(_metadata_element(md), encoding="unicode")
+
+
+_INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
+               "expected_usable_bytes"}
+_BOOL_FIELDS = {"readonly", "host_pmem"}
+
+
+def _region_from(el: ET.Element) -> RegionPlan:
+    values: dict[str, object] = {n: None for n in _REGION_FIELDS}
+    for name, text in el.attrib.items():
+        if name in _INT_FIELDS:
+            values[name] = int(text)
+        elif name in _BOOL_FIELDS:
+            values[name] = text == "true"
+        elif name in values:
+            values[name] = text
+    return RegionPlan(**values)  # type: ignore[arg-type]
+
+
+def parse_metadata(domain_xml: str) -> Metadata | None:
+    """nvmprov's metadata in a full domain XML (or the bare element); None when absent."""
+    root = ET.fromstring(domain_xml)  # noqa: S314  (libvirt's own output)
+    el = root if root.tag == _m("guest") else root.find(f"metadata/{_m('guest')}")
+    if el is None:
+        return None
+    spec, ssh = el.find(_m("spec")), el.find(_m("ssh"))
+    if spec is None or ssh is None:
+        return None
+    return Metadata(
+        version=el.get("version", ""),
+        spec_digest=spec.get("digest", ""),
+        ssh_port=int(ssh.get("port", "0")),
+        ssh_user=ssh.get("user", ""),
+        regions=tuple(_region_from(r) for r in el.iterfind(f"{_m('regions')}/{_m('region')}")),
+        volumes=tuple((v.get("name", ""), v.get("kind", "")) for v in el.iterfind(f"{_m('volumes')}/{_m('volume')}")),
+        spec_path=spec.get("path"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the domain
+
+
+def _in_config(plan: Plan, ctx: RenderContext) -> list[RegionPlan]:
+    return [r for r in plan.regions if r.model == "nvdimm" or ctx.include_virtio_pmem]
+
+
+def _os(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
+    os_el = _sub(dom, "os")
+    if plan.boot == "efi":
+        os_el.set("firmware", "efi")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine=plan.machine)
+    if plan.boot == "direct":
+        _sub(os_el, "kernel", _path(ctx.pool_dir, plan.kernel_volume or ""))
+        _sub(os_el, "initrd", _path(ctx.pool_dir, plan.initrd_volume or ""))
+        _sub(os_el, "cmdline", plan.kernel_cmdline or "")
+    else:
+        _sub(os_el, "boot", dev="hd")
+
+
+def _cpu(dom: ET.Element, plan: Plan) -> None:
+    if plan.accel == "kvm":
+        cpu = _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
+    else:
+        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", plan.cpu_model, fallback="allow")
+    numa = _sub(cpu, "numa")
+    # One cell holds all vCPUs and RAM; memory devices need a NUMA node to land in.
+    _sub(numa, "cell", id="0", cpus=f"0-{plan.vcpus - 1}", memory=_kib(plan.memory_bytes), unit="KiB")
+
+
+def _disks(devices: ET.Element, plan: Plan, ctx: RenderContext) -> None:
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2", discard="unmap")
+    _sub(disk, "source", file=_path(ctx.pool_dir, plan.overlay_volume))
+    _sub(disk, "target", dev="vda", bus="virtio")
+    # Every PCI device gets a fixed address on pcie.0, so libvirt never parks one of its own in
+    # the root ports that are kept free for virtio-pmem hotplug.
+    _pci_address(disk, 0, DISK_PCI_SLOT)
+    seed = _sub(devices, "disk", type="file", device="cdrom")
+    _sub(seed, "driver", name="qemu", type="raw")
+    _sub(seed, "source", file=_path(ctx.pool_dir, plan.seed_volume))
+    _sub(seed, "target", dev="sda", bus="sata")
+    _sub(seed, "readonly")
+
+
+def _root_ports(devices: ET.Element, plan: Plan) -> None:
+    """A pcie-root-port per virtio-pmem region (pcie.0 itself refuses hotplug) plus spares."""
+    ports = [(r.pci_bus, r.pci_slot, f"ua-port-{r.name}") for r in plan.virtio_pmem_regions]
+    first_free = len(ports)
+    for i in range(plan.spare_root_ports):
+        n = first_free + i
+        ports.append((n + 1, 0x10 + n, f"ua-port-spare{i}"))
+    for index, slot, alias in ports:
+        ctl = _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
+        _sub(ctl, "alias", name=alias)
+        _pci_address(ctl, 0, slot or 0)
+
+
+def _network_interface(devices: ET.Element, plan: Plan) -> None:
+    if plan.network_mode != "network":
+        return
+    iface = _sub(devices, "interface", type="network")
+    _sub(iface, "mac", address=plan.mac)
+    _sub(iface, "source", network=plan.network_name or "")
+    _sub(iface, "model", type="virtio")
+    _pci_address(iface, 0, NIC_PCI_SLOT)
+
+
+def _serial(devices: ET.Element, ctx: RenderContext) -> None:
+    serial = _sub(devices, "serial", type="pty")
+    if ctx.console_log:
+        _sub(serial, "log", file=ctx.console_log, append="off")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+
+
+def _devices(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
+    devices = _sub(dom, "devices")
+    _disks(devices, plan, ctx)
+    _sub(devices, "controller", type="usb", index="0", model="none")   # else xhci takes a root port
+    _root_ports(devices, plan)
+    _network_interface(devices, plan)
+    _serial(devices, ctx)
+    _sub(devices, "memballoon", model="none")   # a balloon would fight the fixed NUMA cell
+    for region in _in_config(plan, ctx):
+        devices.append(_region_element(region, ctx.pool_dir))
+
+
+def user_netdev_args(plan: Plan, ssh_port: int) -> list[str]:
+    """QEMU arguments of the user-mode NIC: SSH forwarded from 127.0.0.1 only, no outbound route
+    unless the spec asks (restrict=on)."""
+    restrict = "off" if plan.network_outbound else "on"
+    return [
+        "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        # The explicit address matters: without it the NIC takes slot 1, libvirt's root port.
+        "-device", f"virtio-net-pci,netdev=net0,mac={plan.mac},bus=pcie.0,addr=0x{NIC_PCI_SLOT:02x}",
+    ]
+
+
+def _qemu_commandline(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
+    if plan.network_mode != "user":
+        return
+    cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
+    for arg in user_netdev_args(plan, ctx.ssh_port):
+        _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+
+
+def _memory_in_config(plan: Plan, ctx: RenderContext) -> int:
+    return plan.memory_bytes + sum(r.backing_bytes for r in _in_config(plan, ctx))
+
+
+def build_element(plan: Plan, ctx: RenderContext, metadata: Metadata | None = None) -> ET.Element:
+    dom = ET.Element("domain", type="kvm" if plan.accel == "kvm" else "qemu")
+    _sub(dom, "name", plan.name)
+    _sub(dom, "uuid", ctx.uuid)
+    md = metadata if metadata is not None else Metadata.from_plan(plan, ssh_port=ctx.ssh_port)
+    _sub(dom, "metadata").append(_metadata_element(md))
+    _sub(dom, "maxMemory", _kib(plan.max_memory_bytes), slots=str(plan.memory_slots), unit="KiB")
+    _sub(dom, "memory", _kib(_memory_in_config(plan, ctx)), unit="KiB")
+    _sub(dom, "vcpu", str(plan.vcpus), placement="static")
+    _os(dom, plan, ctx)
+    features = _sub(dom, "features")
+    _sub(features, "acpi")      # QEMU refuses memory hotplug (so nvdimms) without ACPI
+    _sub(features, "apic")
+    _cpu(dom, plan)
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+    _devices(dom, plan, ctx)
+    _qemu_commandline(dom, plan, ctx)
+    return dom
+
+
+def render(plan: Plan, ctx: RenderContext, metadata: Metadata | None = None) -> str:
+    """The full domain XML; `metadata` defaults to the plan's, with no volumes recorded yet."""
+    dom = build_element(plan, ctx, metadata)
+    ET.indent(dom, space="  ")
+    return ET.tostring(dom, encoding="unicode") + "\n"

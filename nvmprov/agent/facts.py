@@ -1,0 +1,468 @@
+"""Facts about a guest: pure parsers of command output, and the mapping of spec regions to devices.
+
+Nothing here talks to a guest. `gather()` in nvmprov.agent runs guest/collect_facts.py once and
+hands its JSON to `parse_guest_facts`. Each parser takes text and returns frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from nvmprov.errors import GuestError
+from nvmprov.plan import RegionPlan
+
+SECTOR_BYTES = 512
+STATX_ATTR_DAX = 0x00200000
+
+# --------------------------------------------------------------------------------------------
+# ndctl list
+
+
+@dataclass(frozen=True)
+class NdNamespace:
+    dev: str  # "namespace0.0"
+    mode: str  # "raw" | "fsdax" | "devdax" | "sector" | ...
+    size_bytes: int  # usable size (fsdax: after the page map); 0 for an idle seed
+    blockdev: str | None  # "pmem0" (raw, fsdax, sector); None for devdax or idle
+    uuid: str | None  # None for label-less namespaces
+    enabled: bool  # False when ndctl says "state": "disabled" (shown with --idle)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.size_bytes > 0
+
+
+@dataclass(frozen=True)
+class NdRegion:
+    dev: str  # "region0"
+    size_bytes: int
+    available_bytes: int | None
+    type: str | None  # "pmem"
+    enabled: bool
+    namespaces: tuple[NdNamespace, ...] = ()
+
+
+@dataclass(frozen=True)
+class NdDimm:
+    dev: str  # "nmem0"
+    handle: int | None  # NFIT device handle (QEMU: dimm slot + 1)
+
+
+@dataclass(frozen=True)
+class NdctlList:
+    regions: tuple[NdRegion, ...] = ()
+    namespaces: tuple[NdNamespace, ...] = ()  # top-level ones, when listed without regions
+    dimms: tuple[NdDimm, ...] = ()
+
+    def all_namespaces(self) -> tuple[NdNamespace, ...]:
+        nested = tuple(ns for r in self.regions for ns in r.namespaces)
+        return nested + self.namespaces
+
+
+def _json_values(text: str) -> list[Any]:
+    """Every JSON value in `text`: ndctl prints nothing for nothing, and one object per bus with -B."""
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return values
+        value, pos = decoder.raw_decode(text, pos)
+        values.append(value)
+
+
+def _as_list(value: Any) -> list[dict[str, Any]]:
+    """ndctl prints a lone object instead of a one-element array."""
+    if value is None:
+        return []
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, dict)]
+
+
+def _int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text, 0)
+    except ValueError:
+        return None
+
+
+def _enabled(obj: dict[str, Any]) -> bool:
+    return obj.get("state", "enabled") != "disabled"
+
+
+def _namespace(obj: dict[str, Any]) -> NdNamespace:
+    return NdNamespace(
+        dev=str(obj["dev"]),
+        mode=str(obj.get("mode", "unknown")),
+        size_bytes=_int(obj.get("size")) or 0,
+        blockdev=obj.get("blockdev"),
+        uuid=obj.get("uuid"),
+        enabled=_enabled(obj),
+    )
+
+
+def _region(obj: dict[str, Any]) -> NdRegion:
+    return NdRegion(
+        dev=str(obj["dev"]),
+        size_bytes=_int(obj.get("size")) or 0,
+        available_bytes=_int(obj.get("available_size")),
+        type=obj.get("type"),
+        enabled=_enabled(obj),
+        namespaces=tuple(_namespace(n) for n in _as_list(obj.get("namespaces"))),
+    )
+
+
+def _classify(obj: dict[str, Any]) -> str:
+    dev = str(obj.get("dev", ""))
+    for kind in ("region", "namespace", "nmem"):
+        if dev.startswith(kind):
+            return kind
+    return "other"
+
+
+def parse_ndctl_list(text: str) -> NdctlList:
+    """Parse `ndctl list` JSON in any of its shapes.
+
+    Shapes: nothing at all; one object; an array; {"dimms": [...], "regions": [...]} when
+    several kinds are listed; several top-level objects (one per bus).
+    """
+    regions: list[NdRegion] = []
+    namespaces: list[NdNamespace] = []
+    dimms: list[NdDimm] = []
+    pending: list[dict[str, Any]] = []
+    try:
+        values = _json_values(text)
+    except ValueError as e:
+        raise GuestError(f"cannot parse `ndctl list` output: {e}: {text[:200]!r}") from e
+    for value in values:
+        pending.extend(_as_list(value))
+    while pending:
+        obj = pending.pop(0)
+        if any(k in obj for k in ("regions", "dimms", "namespaces")) and "dev" not in obj or "provider" in obj:
+            pending.extend(_as_list(obj.get("dimms")))
+            pending.extend(_as_list(obj.get("regions")))
+            pending.extend(_as_list(obj.get("namespaces")))
+            continue
+        kind = _classify(obj)
+        if kind == "region":
+            regions.append(_region(obj))
+        elif kind == "namespace":
+            namespaces.append(_namespace(obj))
+        elif kind == "nmem":
+            dimms.append(NdDimm(dev=str(obj["dev"]), handle=_int(obj.get("handle"))))
+    return NdctlList(tuple(regions), tuple(namespaces), tuple(dimms))
+
+
+# --------------------------------------------------------------------------------------------
+# /proc/mounts, blkid, fincore, statx
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    fstype: str
+    options: tuple[str, ...]
+
+    @property
+    def dax(self) -> bool:
+        """ext4/xfs show `dax=always` (or plain `dax` on older kernels); `dax=inode/never` is not it."""
+        return any(o in ("dax", "dax=always") for o in self.options)
+
+
+def _unescape_mount_field(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \040, \011, \012, \134.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_proc_mounts(text: str) -> tuple[Mount, ...]:
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        source, target, fstype, options = (_unescape_mount_field(f) for f in fields[:4])
+        mounts.append(Mount(source, target, fstype, tuple(options.split(","))))
+    return tuple(mounts)
+
+
+@dataclass(frozen=True)
+class Blkid:
+    type: str | None
+    uuid: str | None
+    label: str | None
+    usage: str | None
+
+
+def parse_blkid_export(text: str) -> Blkid | None:
+    """`blkid -p -o export DEV`; None when it found nothing (empty output, exit status 2)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    if not values.get("TYPE") and not values.get("PTTYPE"):
+        return None
+    return Blkid(
+        type=values.get("TYPE") or values.get("PTTYPE"),
+        uuid=values.get("UUID"),
+        label=values.get("LABEL"),
+        usage=values.get("USAGE"),
+    )
+
+
+def parse_fincore(text: str) -> dict[str, int]:
+    """Page-cache pages per file from `fincore --json -o PAGES,FILE` or `fincore -n -o PAGES,FILE`."""
+    stripped = text.strip()
+    if not stripped:
+        return {}
+    if stripped.startswith("{"):
+        try:
+            rows = json.loads(stripped).get("fincore", [])
+        except ValueError as e:
+            raise GuestError(f"cannot parse fincore output: {e}: {stripped[:200]!r}") from e
+        return {str(r["file"]): int(r["pages"]) for r in rows}
+    out: dict[str, int] = {}
+    for line in stripped.splitlines():
+        pages, _, name = line.strip().partition(" ")
+        if pages.isdigit() and name.strip():
+            out[name.strip()] = int(pages)
+    return out
+
+
+@dataclass(frozen=True)
+class Statx:
+    mask: int
+    blksize: int
+    attributes: int
+    nlink: int
+    uid: int
+    gid: int
+    mode: int
+    ino: int
+    size: int
+    blocks: int
+    attributes_mask: int
+
+    @property
+    def dax(self) -> bool:
+        return bool(self.attributes & STATX_ATTR_DAX)
+
+
+# struct statx (linux/stat.h), little-endian x86_64: mask u32, blksize u32, attributes u64,
+# nlink u32, uid u32, gid u32, mode u16, pad u16, ino u64, size u64, blocks u64, attributes_mask u64
+_STATX_HEAD = struct.Struct("<IIQIIIH2xQQQQ")
+
+
+def parse_statx(raw: bytes) -> Statx:
+    if len(raw) < _STATX_HEAD.size:
+        raise GuestError(f"statx buffer too short: {len(raw)} bytes")
+    return Statx(*_STATX_HEAD.unpack_from(raw))
+
+
+# --------------------------------------------------------------------------------------------
+# sysfs topology and the whole fact set
+
+
+@dataclass(frozen=True)
+class Mapping:
+    dimm: str  # "nmem0"
+    offset: int
+    length: int
+    position: int
+
+
+def parse_mapping(text: str) -> Mapping | None:
+    """/sys/bus/nd/devices/regionN/mappingK: "nmem0,0,536739840,0" (dimm,offset,length,position)."""
+    parts = text.strip().split(",")
+    if len(parts) != 4 or not parts[0]:
+        return None
+    offset, length, position = (_int(p) for p in parts[1:])
+    if offset is None or length is None or position is None:
+        return None
+    return Mapping(parts[0], offset, length, position)
+
+
+@dataclass(frozen=True)
+class Region:
+    dev: str
+    sysfs_path: str  # realpath: .../ACPI0012:00/ndbus0/region0 or .../0000:00:05.0/virtio3/ndbus1/region1
+    size_bytes: int
+    read_only: bool
+    mappings: tuple[Mapping, ...]
+    namespaces: tuple[NdNamespace, ...]
+
+    @property
+    def active_namespace(self) -> NdNamespace | None:
+        active = [ns for ns in self.namespaces if ns.active]
+        return max(active, key=lambda ns: ns.size_bytes) if active else None
+
+    @property
+    def pci_address(self) -> str | None:
+        """ "0000:00:05.0" for a region of a virtio-pmem device, None for an NFIT region."""
+        m = re.search(r"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])/virtio\d+/ndbus\d+/", self.sysfs_path)
+        return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    name: str  # "pmem0"
+    sysfs_path: str
+    size_bytes: int
+    read_only: bool
+    dax: bool  # /sys/block/X/queue/dax
+    fs: Blkid | None
+
+    @property
+    def region(self) -> str | None:
+        m = re.search(r"/(region\d+)/", self.sysfs_path)
+        return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class GuestFacts:
+    modules: frozenset[str]
+    ndctl_error: str | None  # stderr when ndctl failed (missing, ...)
+    regions: dict[str, Region]
+    dimms: dict[str, NdDimm]  # handle from sysfs nfit/handle, else from ndctl
+    blockdevs: dict[str, BlockDevice]
+    mounts: tuple[Mount, ...]
+    fstab: str
+
+    def mounts_of(self, device: str) -> tuple[Mount, ...]:
+        return tuple(m for m in self.mounts if m.source == device)
+
+    def mount_at(self, target: str) -> Mount | None:
+        wanted = target.rstrip("/") or "/"
+        found = [m for m in self.mounts if m.target == wanted]
+        return found[-1] if found else None  # the last one is the visible one
+
+
+def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) -> Region:
+    mappings = tuple(m for m in (parse_mapping(t or "") for t in raw.get("mappings") or []) if m)
+    listed = nd.get(name)
+    return Region(
+        dev=name,
+        sysfs_path=str(raw.get("path") or ""),
+        size_bytes=_int(raw.get("size")) or (listed.size_bytes if listed else 0),
+        read_only=raw.get("read_only") == "1",
+        mappings=mappings,
+        namespaces=listed.namespaces if listed else (),
+    )
+
+
+def _blockdev(name: str, raw: dict[str, Any]) -> BlockDevice:
+    blkid = raw.get("blkid") or {}
+    return BlockDevice(
+        name=name,
+        sysfs_path=str(raw.get("path") or ""),
+        size_bytes=(_int(raw.get("size_sectors")) or 0) * SECTOR_BYTES,
+        read_only=raw.get("ro") == "1",
+        dax=raw.get("dax") == "1",
+        fs=parse_blkid_export(blkid.get("stdout", "")) if blkid.get("rc") == 0 else None,
+    )
+
+
+def parse_guest_facts(text: str) -> GuestFacts:
+    """The JSON printed by guest/collect_facts.py."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise GuestError(f"the guest's fact collector printed no JSON: {e}: {text[:200]!r}") from e
+    ndctl_run = raw.get("ndctl") or {}
+    ndctl_ok = ndctl_run.get("rc") == 0
+    listed = parse_ndctl_list(ndctl_run.get("stdout", "")) if ndctl_ok else NdctlList()
+    nd_regions = {r.dev: r for r in listed.regions}
+    dimms = {d.dev: d for d in listed.dimms}
+    for name, nmem in (raw.get("nmems") or {}).items():
+        handle = _int(nmem.get("handle"))
+        dimms[name] = NdDimm(name, handle if handle is not None else dimms.get(name, NdDimm(name, None)).handle)
+    return GuestFacts(
+        modules=frozenset(raw.get("modules") or ()),
+        ndctl_error=None if ndctl_ok else (ndctl_run.get("stderr") or f"exit {ndctl_run.get('rc')}").strip(),
+        regions={n: _region_from_sysfs(n, r, nd_regions) for n, r in (raw.get("regions") or {}).items()},
+        dimms=dimms,
+        blockdevs={n: _blockdev(n, b) for n, b in (raw.get("blockdevs") or {}).items()},
+        mounts=parse_proc_mounts(raw.get("mounts") or ""),
+        fstab=raw.get("fstab") or "",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# which guest region is which spec region
+
+
+def nfit_handle(region: RegionPlan) -> int:
+    """QEMU numbers NFIT device handles from the DIMM slot: handle = slot + 1."""
+    if region.dimm_slot is None:
+        raise GuestError(f"region {region.name}: nvdimm without a dimm slot in the plan")
+    return region.dimm_slot + 1
+
+
+def pci_address(region: RegionPlan) -> str:
+    if region.pci_slot is None:
+        raise GuestError(f"region {region.name}: virtio-pmem without a PCI slot in the plan")
+    return f"0000:00:{region.pci_slot:02x}.0"
+
+
+def expected_region_bytes(region: RegionPlan) -> int:
+    """What the guest's region should measure: the backing size minus the label area."""
+    return region.backing_bytes - (region.label_bytes or 0)
+
+
+def locate(facts: GuestFacts, region: RegionPlan) -> Region:
+    """The guest region of a spec region, by NFIT handle (nvdimm) or PCI address (virtio-pmem).
+
+    Never by enumeration order; the size is cross-checked.
+    """
+    if region.model == "nvdimm":
+        found = _by_handle(facts, nfit_handle(region))
+        where = f"NFIT handle {nfit_handle(region):#x} (dimm slot {region.dimm_slot})"
+    else:
+        found = [r for r in facts.regions.values() if r.pci_address == pci_address(region)]
+        where = f"virtio-pmem PCI address {pci_address(region)}"
+    if not found:
+        seen = ", ".join(sorted(facts.regions)) or "none"
+        raise GuestError(
+            f"region {region.name}: no guest region at {where} (guest regions: {seen}); "
+            "is the device attached and are the nfit/virtio_pmem modules loaded?"
+        )
+    if len(found) > 1:
+        raise GuestError(f"region {region.name}: several guest regions at {where}: {[r.dev for r in found]}")
+    guest = found[0]
+    expected = expected_region_bytes(region)
+    if guest.size_bytes != expected:
+        raise GuestError(
+            f"region {region.name}: guest {guest.dev} at {where} measures {guest.size_bytes} bytes, "
+            f"expected {expected}; the device is not the one the plan describes"
+        )
+    return guest
+
+
+def _by_handle(facts: GuestFacts, handle: int) -> list[Region]:
+    nmems = {d.dev for d in facts.dimms.values() if d.handle == handle}
+    return [r for r in facts.regions.values() if nmems & {m.dimm for m in r.mappings}]
+
+
+def dimm_of(guest: Region) -> str | None:
+    """The nmem behind a (non-interleaved) NFIT region: `ndctl init-labels` takes it."""
+    return guest.mappings[0].dimm if len(guest.mappings) == 1 else None
+
+
+def blockdev_of(facts: GuestFacts, guest: Region) -> BlockDevice | None:
+    """The region's block device: the active namespace's, else the one under the region in sysfs."""
+    ns = guest.active_namespace
+    if ns is not None and ns.blockdev and ns.blockdev in facts.blockdevs:
+        return facts.blockdevs[ns.blockdev]
+    under = [b for b in facts.blockdevs.values() if b.region == guest.dev]
+    return max(under, key=lambda b: b.size_bytes) if under else None

@@ -1,0 +1,283 @@
+"""Facts -> the commands still needed. Pure: no SSH, no clock, no randomness.
+
+`plan_commands` looks at one region and returns the commands of its next phase only
+(modules, then namespace, then filesystem and mount); `fstab_command` does the fstab for all
+regions at once. nvmprov.agent.apply re-reads the facts after each phase until nothing is left,
+so a second run on a finished guest runs no mutating command at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from nvmprov.agent.facts import GuestFacts, Mount, Region, blockdev_of, dimm_of, locate
+from nvmprov.errors import GuestError
+from nvmprov.plan import RegionPlan
+from nvmprov.ssh import render_command
+
+Phase = Literal["modules", "namespace", "filesystem", "mount", "fstab"]
+
+NAMESPACE_TIMEOUT_S = 300.0  # create-namespace writes the page map; slow under TCG for big regions
+MKFS_TIMEOUT_S = 600.0
+FSTAB_TAG = "# nvmprov: region "
+FSTAB_OPTIONS = "dax,nofail"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One mutating command for the guest, run as root. `template` has %s for quoted args."""
+
+    template: str
+    args: tuple[str, ...] = ()
+    phase: Phase = "namespace"
+    region: str | None = None
+    stdin: bytes | None = None
+    timeout_s: float = 120.0
+
+    def render(self) -> str:
+        return render_command(self.template, *self.args)
+
+
+def needed_modules(region: RegionPlan) -> tuple[str, ...]:
+    # fsdax needs no dax_pmem (that is device-dax); nd_pmem gives /dev/pmemN for both models.
+    return ("nfit", "nd_pmem") if region.model == "nvdimm" else ("virtio_pmem", "nd_pmem")
+
+
+def plan_commands(facts: GuestFacts, region: RegionPlan, *, reformat: bool) -> list[Command]:
+    """The next commands this region needs, given the facts; [] when it is done."""
+    missing = [m for m in needed_modules(region) if m not in facts.modules]
+    if missing:
+        return [Command("modprobe -a" + " %s" * len(missing), tuple(missing), phase="modules", region=region.name)]
+    guest = locate(facts, region)
+    if region.model == "nvdimm" and not region.readonly:
+        namespace = _namespace_commands(facts, region, guest, reformat=reformat)
+        if namespace:
+            return namespace
+    return _filesystem_commands(facts, region, guest, reformat=reformat)
+
+
+# --------------------------------------------------------------------------------------------
+# namespace
+
+
+def _namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *, reformat: bool) -> list[Command]:
+    if facts.ndctl_error is not None:
+        raise GuestError(f"`ndctl list` failed in the guest ({facts.ndctl_error}); install ndctl in the image")
+    ns = guest.active_namespace
+    if ns is not None and ns.mode == "fsdax":
+        return []
+    if ns is not None:
+        _refuse_to_destroy(facts, region, guest, ns.mode, reformat=reformat)
+    if ns is not None and (region.label_bytes is None or ns.mode != "raw" or ns.uuid is not None):
+        # A label-less raw namespace (or, with --reformat, any other mode): reconfigure in place.
+        return [_cmd("ndctl create-namespace -f -e %s -m fsdax", ns.dev, region=region, timeout_s=NAMESPACE_TIMEOUT_S)]
+    if ns is not None:
+        # Labelled DIMM whose label area is blank: the kernel shows it raw and label-less, and
+        # create-namespace fails ("... is misaligned") until the labels are initialised.
+        nmem = dimm_of(guest)
+        if nmem is None:
+            raise GuestError(f"region {region.name}: {guest.dev} spans several DIMMs; cannot init its labels")
+        return [
+            _cmd("ndctl disable-region %s", guest.dev, region=region),
+            _cmd("ndctl init-labels -f %s", nmem, region=region),
+            _cmd("ndctl enable-region %s", guest.dev, region=region),
+            _cmd("ndctl create-namespace -r %s -m fsdax", guest.dev, region=region, timeout_s=NAMESPACE_TIMEOUT_S),
+        ]
+    # Labels initialised but no namespace yet (only the idle seed): create one.
+    return [_cmd("ndctl create-namespace -r %s -m fsdax", guest.dev, region=region, timeout_s=NAMESPACE_TIMEOUT_S)]
+
+
+def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, mode: str, *, reformat: bool) -> None:
+    """Converting a namespace rewrites its start: never over a filesystem or a non-raw mode unless told."""
+    if reformat:
+        return
+    dev = blockdev_of(facts, guest)
+    if dev is not None and dev.fs is not None:
+        raise GuestError(
+            f"region {region.name}: {guest.dev} is a {mode} namespace holding a {dev.fs.type} filesystem "
+            f"(/dev/{dev.name}); making it fsdax would destroy it. Pass --reformat to do so anyway"
+        )
+    if mode != "raw":
+        raise GuestError(
+            f"region {region.name}: {guest.dev} is already a {mode} namespace, not fsdax; "
+            "pass --reformat to reconfigure it (its contents are lost)"
+        )
+
+
+def _cmd(
+    template: str, *args: str, region: RegionPlan, phase: Phase = "namespace", timeout_s: float = 120.0
+) -> Command:
+    return Command(template, tuple(args), phase=phase, region=region.name, timeout_s=timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# filesystem and mount
+
+
+def _filesystem_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *, reformat: bool) -> list[Command]:
+    if region.filesystem == "none" or region.mount is None:
+        return []
+    dev = blockdev_of(facts, guest)
+    if dev is None:
+        raise GuestError(f"region {region.name}: {guest.dev} has no block device (/dev/pmemN)")
+    device = f"/dev/{dev.name}"
+    mounts = facts.mounts_of(device)
+    at_target = facts.mount_at(region.mount)
+    if region.readonly:
+        return _readonly_mount(region, dev.fs.type if dev.fs else None, device, mounts)
+    make_fs = dev.fs is None or reformat
+    if not make_fs and dev.fs is not None and dev.fs.type != region.filesystem:
+        raise GuestError(
+            f"region {region.name}: /dev/{dev.name} holds a {dev.fs.type} filesystem, the spec asks for "
+            f"{region.filesystem}; pass --reformat to replace it (its contents are lost)"
+        )
+    commands: list[Command] = []
+    if make_fs:
+        commands += [_cmd("umount %s", m.target, region=region, phase="filesystem") for m in mounts]
+        commands.append(_mkfs(region, device))
+        mounts = ()
+        if at_target is not None and at_target.source == device:
+            at_target = None  # unmounted just above
+    commands += _mount(region, device, mounts, at_target)
+    return commands
+
+
+def _mkfs(region: RegionPlan, device: str) -> Command:
+    label = fs_label(region.name, region.filesystem)
+    if region.filesystem == "ext4":
+        # 4 KiB blocks: below 512 MiB mke2fs picks 1 KiB, and ext4 DAX needs block size == page size.
+        return _cmd(
+            "mkfs.ext4 -q -F -b 4096 -L %s %s",
+            label,
+            device,
+            region=region,
+            phase="filesystem",
+            timeout_s=MKFS_TIMEOUT_S,
+        )
+    # reflink=0: xfs refuses to mount -o dax with reflink on.
+    return _cmd(
+        "mkfs.xfs -q -f -m reflink=0 -L %s %s",
+        label,
+        device,
+        region=region,
+        phase="filesystem",
+        timeout_s=MKFS_TIMEOUT_S,
+    )
+
+
+def fs_label(name: str, filesystem: str) -> str:
+    """Filesystem label from the region name; ext4 takes 16 bytes, xfs 12."""
+    return name[: 16 if filesystem == "ext4" else 12]
+
+
+def _mount(region: RegionPlan, device: str, mounts: tuple[Mount, ...], at_target: Mount | None) -> list[Command]:
+    assert region.mount is not None
+    target = region.mount
+    for m in mounts:
+        if m.target == target and m.dax:
+            return []
+        if m.target == target:
+            raise GuestError(
+                f"region {region.name}: {device} is mounted on {target} without dax ({','.join(m.options)}); "
+                f"unmount it (umount {target}) and run again"
+            )
+        raise GuestError(f"region {region.name}: {device} is already mounted on {m.target}, the spec says {target}")
+    if at_target is not None:
+        raise GuestError(f"region {region.name}: {target} already has {at_target.source} mounted on it")
+    return [
+        _cmd("mkdir -p %s", target, region=region, phase="mount"),
+        _cmd("mount -t %s -o dax %s %s", region.filesystem, device, target, region=region, phase="mount"),
+    ]
+
+
+def _readonly_mount(region: RegionPlan, fs_type: str | None, device: str, mounts: tuple[Mount, ...]) -> list[Command]:
+    """A read-only region is never written: mount what is there (ro), or leave it alone."""
+    assert region.mount is not None
+    if fs_type != region.filesystem or any(m.target == region.mount for m in mounts):
+        return []
+    return [
+        _cmd("mkdir -p %s", region.mount, region=region, phase="mount"),
+        _cmd("mount -t %s -o ro,dax %s %s", region.filesystem, device, region.mount, region=region, phase="mount"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# fstab
+
+
+@dataclass(frozen=True)
+class FstabEntry:
+    region: str
+    uuid: str
+    mount: str
+    fstype: str
+    options: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"{FSTAB_TAG}{self.region} (managed by nvmprov; this line and the next are rewritten)",
+            f"UUID={self.uuid} {_fstab_escape(self.mount)} {self.fstype} {self.options} 0 0",
+        ]
+
+
+def _fstab_escape(path: str) -> str:
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
+
+
+def fstab_entries(facts: GuestFacts, regions: tuple[RegionPlan, ...]) -> list[FstabEntry]:
+    """One entry per mounted region whose filesystem has a UUID."""
+    entries = []
+    for region in regions:
+        if region.filesystem == "none" or region.mount is None:
+            continue
+        dev = blockdev_of(facts, locate(facts, region))
+        if dev is None or dev.fs is None or dev.fs.uuid is None or dev.fs.type != region.filesystem:
+            continue
+        options = FSTAB_OPTIONS + (",ro" if region.readonly else "")
+        entries.append(FstabEntry(region.name, dev.fs.uuid, region.mount, region.filesystem, options))
+    return entries
+
+
+def rewrite_fstab(text: str, entries: list[FstabEntry]) -> str:
+    """Drop our old lines for these regions, keep everything else, append the entries."""
+    ours = {e.region for e in entries}
+    mounts = {e.mount for e in entries}
+    kept: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(re.escape(FSTAB_TAG) + r"(\S+)", lines[i])
+        if m and m.group(1) in ours:
+            i += 2  # the tag and the entry under it
+            continue
+        fields = lines[i].split()
+        if fields and not fields[0].startswith("#") and len(fields) >= 2 and _unescape(fields[1]) in mounts:
+            raise GuestError(
+                f"/etc/fstab already mounts something on {_unescape(fields[1])} (line {lines[i]!r}) that "
+                "nvmprov did not write; remove that line and run again"
+            )
+        kept.append(lines[i])
+        i += 1
+    for e in entries:
+        kept += e.lines()
+    return "\n".join(kept) + "\n"
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def fstab_command(facts: GuestFacts, regions: tuple[RegionPlan, ...]) -> Command | None:
+    entries = fstab_entries(facts, regions)
+    if not entries:
+        return None
+    new = rewrite_fstab(facts.fstab, entries)
+    if new.rstrip("\n") == facts.fstab.rstrip("\n"):
+        return None
+    return Command(
+        "cat > /etc/fstab.nvmprov-new && chmod 644 /etc/fstab.nvmprov-new && mv -f /etc/fstab.nvmprov-new /etc/fstab",
+        phase="fstab",
+        stdin=new.encode(),
+    )

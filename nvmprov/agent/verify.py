@@ -1,0 +1,203 @@
+"""Prove each region works: DAX active, execute-in-place, data written durably.
+
+Per mounted region: a probe (statx STATX_ATTR_DAX, a program run from the DAX mount with 0
+page-cache pages against > 0 for the same program on the root disk), then 16 MiB of random
+data behind a unique marker, fsynced, with its sha256. The power-cycle half (persisted, the
+marker in the host backing volume) belongs to the caller.
+
+Regions with `filesystem: none` are never written: nvmprov hands the raw fsdax namespace to the
+user and cannot tell their data from free space, so xip_ok/data_ok stay None (not checked) and
+dax says whether the block device supports DAX. Read-only regions are never written either.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from nvmprov.agent.converge import RegionState, Runner, run_program
+from nvmprov.agent.facts import parse_fincore, parse_statx
+from nvmprov.errors import GuestError, VerifyError
+from nvmprov.plan import Plan, RegionPlan
+
+PAYLOAD_BYTES = 16 * 1024 * 1024
+PAYLOAD_NAME = ".nvmprov-payload"
+XIP_PROGRAM = "/usr/bin/true"
+# On the guest's root disk, so that copy of the program lands in the page cache; the probe makes
+# a private mkdtemp directory there.
+SCRATCH_DIR = "/var/tmp"  # noqa: S108
+PROBE_TIMEOUT_S = 120.0
+PAYLOAD_TIMEOUT_S = 300.0
+CHECK_TIMEOUT_S = 300.0
+_MARKER_OK = re.compile(rb"[A-Za-z0-9:._-]{8,200}")
+
+
+@dataclass
+class RegionReport:
+    """One region in the report (`--json` regions[]); the caller fills backing_path and persisted."""
+
+    name: str
+    model: str
+    size_bytes: int
+    usable_bytes: int | None
+    backing_path: str | None
+    guest_device: str | None
+    namespace_mode: str | None
+    filesystem: str | None
+    mountpoint: str | None
+    dax: bool | None
+    xip_ok: bool | None  # None: not checked (filesystem none, not mounted)
+    data_ok: bool | None  # None: not checked (filesystem none, read-only)
+    persisted: bool | None = None  # None: no power cycle ran
+    payload_path: str | None = None  # for the power-cycle re-check
+    payload_sha256: str | None = None
+    marker: str | None = None  # ASCII; starts the payload file, so the host can find it
+    marker_offset: int | None = None  # where the caller found the marker in the backing volume
+
+
+@dataclass(frozen=True)
+class DaxProbe:
+    exec_rc_dax: int
+    exec_rc_root: int
+    pages_dax: int | None  # page-cache pages of the copy on the DAX mount
+    pages_root: int | None  # ... and of the copy on the root disk
+    statx_dax: bool  # STATX_ATTR_DAX on the copy on the DAX mount
+    statx_dax_root: bool  # ... on the root-disk copy (must be False)
+    error: str | None = None
+
+    @property
+    def xip_ok(self) -> bool:
+        return (
+            self.error is None
+            and self.exec_rc_dax == 0
+            and self.exec_rc_root == 0
+            and self.pages_dax == 0
+            and (self.pages_root or 0) > 0
+        )
+
+
+def parse_probe(text: str) -> DaxProbe:
+    """The JSON printed by guest/probe_dax.py."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise GuestError(f"the DAX probe printed no JSON: {e}: {text[:200]!r}") from e
+    copies = raw.get("copies", {})
+    fincore = raw.get("fincore", {})
+    pages = parse_fincore(fincore.get("stdout", "")) if fincore.get("rc") == 0 else {}
+    statx = {kind: parse_statx(bytes.fromhex(v["raw"])) for kind, v in raw.get("statx", {}).items() if "raw" in v}
+    errors = [f"fincore: {fincore.get('stderr', '').strip()}"] if fincore.get("rc") != 0 else []
+    errors += [f"statx {k}: {v['error']}" for k, v in raw.get("statx", {}).items() if "error" in v]
+    return DaxProbe(
+        exec_rc_dax=int(raw.get("exec", {}).get("dax", -1)),
+        exec_rc_root=int(raw.get("exec", {}).get("root", -1)),
+        pages_dax=pages.get(copies.get("dax", "")),
+        pages_root=pages.get(copies.get("root", "")),
+        statx_dax=bool(statx.get("dax") and statx["dax"].dax),
+        statx_dax_root=bool(statx.get("root") and statx["root"].dax),
+        error="; ".join(errors) or None,
+    )
+
+
+def probe_dax(session: Runner, region: RegionPlan, mountpoint: str) -> DaxProbe:
+    result = run_program(session, "probe_dax.py", mountpoint, SCRATCH_DIR, XIP_PROGRAM, timeout_s=PROBE_TIMEOUT_S)
+    return parse_probe(result.stdout)
+
+
+def new_marker(guest: str, region: str) -> bytes:
+    """Unique per guest, region and run; ASCII so it survives argv and JSON."""
+    return f"NVMPROV-MARKER:{guest}:{region}:{uuid.uuid4().hex}".encode()
+
+
+@dataclass(frozen=True)
+class Payload:
+    path: str
+    sha256: str  # of what was written
+    sha256_read: str  # of what was read back after fsync
+
+    @property
+    def ok(self) -> bool:
+        return self.sha256 == self.sha256_read
+
+
+def payload_path(region: RegionPlan) -> str:
+    if region.mount is None:
+        raise GuestError(f"region {region.name} has no mount point to write a payload to")
+    return region.mount.rstrip("/") + "/" + PAYLOAD_NAME
+
+
+def _write(session: Runner, region: RegionPlan, marker: bytes) -> Payload:
+    if not _MARKER_OK.fullmatch(marker):
+        raise GuestError(f"marker must be 8-200 ASCII letters, digits or :._- ; got {marker[:40]!r}")
+    path = payload_path(region)
+    out = run_program(
+        session, "write_payload.py", path, marker.decode(), PAYLOAD_BYTES, timeout_s=PAYLOAD_TIMEOUT_S
+    ).stdout
+    try:
+        raw = json.loads(out)
+        return Payload(str(raw["path"]), str(raw["sha256"]), str(raw["sha256_read"]))
+    except (ValueError, KeyError) as e:
+        raise GuestError(f"the payload writer printed no usable JSON: {e}: {out[:200]!r}") from e
+
+
+def write_payload(session: Runner, region: RegionPlan, marker: bytes) -> tuple[str, str]:
+    """Write marker + 16 MiB random to the region's mount, fsync, sync; return (path, sha256)."""
+    payload = _write(session, region, marker)
+    if not payload.ok:
+        raise VerifyError(f"region {region.name}: {payload.path} read back differs from what was written")
+    return payload.path, payload.sha256
+
+
+def check_payload(session: Runner, path: str, sha256: str) -> bool:
+    """True when the file exists in the guest and its sha256 is `sha256`."""
+    result = session.run("sha256sum -- %s", path, sudo=True, check=False, timeout_s=CHECK_TIMEOUT_S)
+    return result.rc == 0 and result.stdout.split()[:1] == [sha256]
+
+
+def sync(session: Runner) -> None:
+    """Flush the guest's filesystems (for virtio-pmem the driver turns this into a host flush)."""
+    session.run("sync", sudo=True)
+
+
+def verify(session: Runner, plan: Plan, states: list[RegionState]) -> list[RegionReport]:
+    by_name = {s.name: s for s in states}
+    reports = [_verify_region(session, plan.name, region, by_name[region.name]) for region in plan.regions]
+    sync(session)
+    return reports
+
+
+def _verify_region(session: Runner, guest: str, region: RegionPlan, state: RegionState) -> RegionReport:
+    report = RegionReport(
+        name=region.name,
+        model=region.model,
+        size_bytes=region.size_bytes,
+        usable_bytes=state.usable_bytes,
+        backing_path=None,
+        guest_device=state.guest_device,
+        namespace_mode=state.namespace_mode,
+        filesystem=state.filesystem if region.filesystem != "none" else "none",
+        mountpoint=state.mountpoint,
+        dax=None,
+        xip_ok=None,
+        data_ok=None,
+    )
+    if region.filesystem == "none":
+        report.dax = state.device_dax and (region.model == "virtio-pmem" or state.namespace_mode == "fsdax")
+        return report
+    if state.mountpoint is None:
+        report.dax = report.xip_ok = report.data_ok = False
+        return report
+    if region.readonly:
+        # The probe copies a program onto the mount; a read-only mount cannot take it.
+        report.dax = state.mount_dax
+        return report
+    probe = probe_dax(session, region, state.mountpoint)
+    report.dax = state.mount_dax and probe.statx_dax and not probe.statx_dax_root
+    report.xip_ok = probe.xip_ok
+    marker = new_marker(guest, region.name)
+    payload = _write(session, region, marker)
+    report.data_ok = payload.ok
+    report.payload_path, report.payload_sha256, report.marker = payload.path, payload.sha256, marker.decode()
+    return report

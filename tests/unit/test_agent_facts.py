@@ -1,0 +1,303 @@
+"""Parsers of guest command output: tables of output -> fact, plus the guest programs run locally."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvmprov.agent import facts as F
+from nvmprov.agent.converge import guest_program
+from nvmprov.agent.guest import probe_dax
+from nvmprov.errors import GuestError
+from nvmprov.plan import RegionPlan
+
+FIXTURES = Path(__file__).parent / "fixtures" / "agent"
+MiB = 1024 * 1024
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+# --- ndctl list -----------------------------------------------------------------------------------
+
+
+def test_ndctl_prints_nothing_when_there_is_nothing() -> None:
+    assert F.parse_ndctl_list("") == F.NdctlList()
+    assert F.parse_ndctl_list("\n  \n") == F.NdctlList()
+
+
+def test_ndctl_lone_object_is_one_namespace() -> None:
+    listed = F.parse_ndctl_list(fixture("ndctl-lone-namespace.json"))
+    assert listed.namespaces == (
+        F.NdNamespace(
+            dev="namespace0.0",
+            mode="fsdax",
+            size_bytes=1054867456,
+            blockdev="pmem0",
+            uuid="6a7b2ca5-5cf6-4c53-8a43-a9e3b6c1a1f1",
+            enabled=True,
+        ),
+    )
+    assert listed.regions == () and listed.dimms == ()
+
+
+def test_ndctl_array_of_one_equals_lone_object() -> None:
+    lone = fixture("ndctl-lone-namespace.json")
+    assert F.parse_ndctl_list(f"[{lone}]") == F.parse_ndctl_list(lone)
+
+
+def test_ndctl_several_top_level_bus_objects() -> None:
+    listed = F.parse_ndctl_list(fixture("ndctl-buses.json"))
+    assert [(n.dev, n.mode, n.size_bytes, n.blockdev) for n in listed.all_namespaces()] == [
+        ("namespace9.0", "raw", 33554432, "pmem9"),
+        ("namespace0.0", "fsdax", 8589934592, "pmem0"),
+    ]
+
+
+def test_ndctl_dimms_and_regions_with_nested_namespaces() -> None:
+    listed = F.parse_ndctl_list(fixture("ndctl-dimms-regions.json"))
+    assert {d.dev: d.handle for d in listed.dimms} == {"nmem0": 1, "nmem1": 2}
+    regions = {r.dev: r for r in listed.regions}
+    assert regions["region1"].size_bytes == 536739840
+    assert [n.dev for n in regions["region0"].namespaces] == ["namespace0.0", "namespace0.1"]
+    seed = regions["region0"].namespaces[1]
+    assert seed.size_bytes == 0 and not seed.enabled and not seed.active
+    assert regions["region0"].namespaces[0].active
+
+
+def test_ndctl_garbage_is_a_guest_error() -> None:
+    with pytest.raises(GuestError, match="cannot parse `ndctl list`"):
+        F.parse_ndctl_list("{not json")
+
+
+# --- /proc/mounts, blkid, fincore, statx --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "source", "fstype", "dax"),
+    [
+        ("/mnt/data", "/dev/pmem0", "ext4", True),
+        ("/mnt/with space", "/dev/pmem1", "xfs", True),
+        ("/mnt/inode", "/dev/pmem2", "ext4", False),  # dax=inode is per file, not the whole mount
+        ("/mnt/plain", "/dev/pmem3", "ext4", False),
+    ],
+)
+def test_proc_mounts(target: str, source: str, fstype: str, dax: bool) -> None:
+    mounts = {m.target: m for m in F.parse_proc_mounts(fixture("proc-mounts.txt"))}
+    assert (mounts[target].source, mounts[target].fstype, mounts[target].dax) == (source, fstype, dax)
+
+
+def test_proc_mounts_old_plain_dax_option() -> None:
+    (m,) = F.parse_proc_mounts("/dev/pmem0 /mnt/x ext4 rw,dax 0 0\n")
+    assert m.dax
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("blkid-ext4.txt", F.Blkid("ext4", "0b1e4d6e-3a55-4f1c-9d0e-2f6f5b9e3c11", "data", "filesystem")),
+        ("blkid-xfs.txt", F.Blkid("xfs", "4c2f0f0a-8a4c-4a7e-9d55-0c3e2f7e1b22", "fast", "filesystem")),
+    ],
+)
+def test_blkid_export(name: str, expected: F.Blkid) -> None:
+    assert F.parse_blkid_export(fixture(name)) == expected
+
+
+def test_blkid_nothing_found() -> None:
+    assert F.parse_blkid_export("") is None
+    assert F.parse_blkid_export("DEVNAME=/dev/pmem0\n") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '{"fincore": [{"pages": 0, "file": "/mnt/d/true"}, {"pages": 9, "file": "/var/tmp/x/true"}]}',
+            {"/mnt/d/true": 0, "/var/tmp/x/true": 9},
+        ),
+        ('{"fincore": [{"pages": "37", "file": "/bin/ls"}]}', {"/bin/ls": 37}),  # older util-linux: strings
+        ("    0 /mnt/d/true\n   37 /bin/ls\n", {"/mnt/d/true": 0, "/bin/ls": 37}),
+        ("", {}),
+    ],
+)
+def test_fincore(text: str, expected: dict[str, int]) -> None:
+    assert F.parse_fincore(text) == expected
+
+
+def test_fincore_real_output_of_this_host(tmp_path: Path) -> None:
+    copy = tmp_path / "true"
+    copy.write_bytes(Path("/usr/bin/true").read_bytes())
+    out = subprocess.run(["fincore", "--json", "-o", "PAGES,FILE", str(copy)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert F.parse_fincore(out.stdout)[str(copy)] > 0  # freshly written: in the page cache
+
+
+def test_statx_parser_against_the_kernel(tmp_path: Path) -> None:
+    """The guest's ctypes statx, run here on a real file, read back by the host parser."""
+    target = tmp_path / "f"
+    target.write_bytes(b"x" * 12345)
+    target.chmod(0o640)
+    raw = probe_dax.statx(str(target))
+    st = F.parse_statx(bytes.fromhex(raw["raw"]))
+    ref = os.stat(target)
+    assert (st.ino, st.size, st.mode, st.nlink, st.uid, st.gid) == (
+        ref.st_ino,
+        12345,
+        ref.st_mode,
+        1,
+        ref.st_uid,
+        ref.st_gid,
+    )
+    assert st.blksize == ref.st_blksize
+    assert not st.dax  # this host has no DAX filesystem
+
+
+def test_statx_dax_bit_and_short_buffer() -> None:
+    raw = bytearray(256)
+    raw[8:16] = (F.STATX_ATTR_DAX | 0x10).to_bytes(8, "little")
+    assert F.parse_statx(bytes(raw)).dax
+    raw[8:16] = (0x10).to_bytes(8, "little")
+    assert not F.parse_statx(bytes(raw)).dax
+    with pytest.raises(GuestError, match="too short"):
+        F.parse_statx(b"\0" * 20)
+
+
+def test_statx_missing_file_reports_error(tmp_path: Path) -> None:
+    assert probe_dax.statx(str(tmp_path / "missing")) == {"error": os.strerror(2)}
+
+
+# --- sysfs and the whole fact set ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nmem0,0,536739840,0", F.Mapping("nmem0", 0, 536739840, 0)),
+        ("nmem3,4096,1073741824,1\n", F.Mapping("nmem3", 4096, 1073741824, 1)),
+        ("", None),
+        ("nmem0,x,1,0", None),
+    ],
+)
+def test_mapping(text: str, expected: F.Mapping | None) -> None:
+    assert F.parse_mapping(text) == expected
+
+
+def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
+    """The real collector on this host (no NVDIMMs): valid JSON with the host's own mounts."""
+    proc = subprocess.run([sys.executable, "-"], input=guest_program("collect_facts.py"), capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    facts = F.parse_guest_facts(proc.stdout.decode())
+    assert any(m.target == "/" for m in facts.mounts)
+    assert facts.regions == {}
+    raw = json.loads(proc.stdout)
+    assert set(raw) == {"modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab"}
+
+
+def test_guest_facts_garbage() -> None:
+    with pytest.raises(GuestError, match="printed no JSON"):
+        F.parse_guest_facts("Traceback (most recent call last):")
+
+
+def _region_plan(**kw: object) -> RegionPlan:
+    base: dict[str, object] = dict(
+        name="data",
+        model="nvdimm",
+        size_bytes=512 * MiB,
+        backing_bytes=512 * MiB,
+        label_bytes=None,
+        readonly=False,
+        host_pmem=False,
+        allocation="full",
+        filesystem="ext4",
+        mount="/mnt/data",
+        volume="g-pmem-data.raw",
+        alias="ua-pmem-data",
+        dimm_slot=0,
+        pci_slot=None,
+        expected_usable_bytes=500 * MiB,
+    )
+    base.update(kw)
+    return RegionPlan(**base)  # type: ignore[arg-type]
+
+
+def _facts(regions: dict[str, F.Region], dimms: dict[str, int | None]) -> F.GuestFacts:
+    return F.GuestFacts(
+        modules=frozenset(),
+        ndctl_error=None,
+        regions=regions,
+        dimms={n: F.NdDimm(n, h) for n, h in dimms.items()},
+        blockdevs={},
+        mounts=(),
+        fstab="",
+    )
+
+
+def _nfit_region(dev: str, nmem: str, size: int) -> F.Region:
+    return F.Region(
+        dev,
+        f"/sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/{dev}",
+        size,
+        False,
+        (F.Mapping(nmem, 0, size, 0),),
+        (),
+    )
+
+
+def test_locate_by_nfit_handle_not_by_order() -> None:
+    # region0 sits on the DIMM in slot 1 (handle 2), region1 on slot 0 (handle 1).
+    facts = _facts(
+        {
+            "region0": _nfit_region("region0", "nmem1", 512 * MiB),
+            "region1": _nfit_region("region1", "nmem0", 512 * MiB),
+        },
+        {"nmem0": 1, "nmem1": 2},
+    )
+    assert F.locate(facts, _region_plan(dimm_slot=0)).dev == "region1"
+    assert F.locate(facts, _region_plan(dimm_slot=1)).dev == "region0"
+
+
+def test_locate_checks_the_size_minus_label() -> None:
+    facts = _facts({"region0": _nfit_region("region0", "nmem0", 512 * MiB - 128 * 1024)}, {"nmem0": 1})
+    assert F.locate(facts, _region_plan(label_bytes=128 * 1024)).dev == "region0"
+    with pytest.raises(GuestError, match="measures 536739840 bytes, expected 536870912"):
+        F.locate(facts, _region_plan())
+
+
+def test_locate_missing_region_names_what_is_there() -> None:
+    facts = _facts({"region0": _nfit_region("region0", "nmem0", 512 * MiB)}, {"nmem0": 1})
+    with pytest.raises(GuestError, match=r"no guest region at NFIT handle 0x4 \(dimm slot 3\).*region0"):
+        F.locate(facts, _region_plan(dimm_slot=3))
+
+
+def test_locate_virtio_pmem_by_pci_address() -> None:
+    virtio = F.Region(
+        "region1", "/sys/devices/pci0000:00/0000:00:0c.0/virtio5/ndbus1/region1", 256 * MiB, False, (), ()
+    )
+    other = F.Region("region2", "/sys/devices/pci0000:00/0000:00:0b.0/virtio4/ndbus2/region2", 256 * MiB, False, (), ())
+    facts = _facts(
+        {"region1": virtio, "region2": other, "region0": _nfit_region("region0", "nmem0", 512 * MiB)}, {"nmem0": 1}
+    )
+    plan = _region_plan(
+        model="virtio-pmem", dimm_slot=None, pci_slot=0x0C, size_bytes=256 * MiB, backing_bytes=256 * MiB
+    )
+    assert virtio.pci_address == "0000:00:0c.0"
+    assert F.locate(facts, plan).dev == "region1"
+    assert facts.regions["region0"].pci_address is None
+
+
+def test_blockdev_region_from_sysfs_path() -> None:
+    dev = F.BlockDevice(
+        "pmem0",
+        "/sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/region0/pfn0.1/block/pmem0",
+        0,
+        False,
+        True,
+        None,
+    )
+    assert dev.region == "region0"

@@ -1,0 +1,683 @@
+"""Facts -> commands, and apply() against a simulated guest kernel.
+
+FakeGuest answers the real fact collector's command with JSON in the collector's format (ndctl
+list text included) and changes its state on the commands a real guest would accept; it refuses
+what the real kernel refuses (create-namespace on blank labels, init-labels on an active region,
+mkfs on a mounted device). Every command apply() runs is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+
+import pytest
+
+from nvmprov.agent import apply, steps
+from nvmprov.agent.converge import gather, guest_program
+from nvmprov.agent.facts import parse_guest_facts
+from nvmprov.errors import GuestError, RemoteCommandError
+from nvmprov.plan import Filesystem, Model, Plan, RegionPlan
+from nvmprov.ssh import Result
+
+MiB = 1024 * 1024
+KiB = 1024
+COLLECTOR = guest_program("collect_facts.py")
+LABEL = 128 * KiB
+
+
+def fsdax_bytes(region_bytes: int) -> int:
+    # Roughly what the kernel leaves after the page map (64 B per 4 KiB page) and 16 MiB alignment.
+    aligned = region_bytes // (16 * MiB) * (16 * MiB)
+    return aligned - aligned // 64
+
+
+@dataclass
+class FakeNs:
+    dev: str
+    mode: str
+    size: int
+    blockdev: str | None
+    uuid: str | None = None
+    enabled: bool = True
+
+
+@dataclass
+class FakeRegion:
+    dev: str
+    size: int
+    nmem: str | None = None  # nvdimm
+    pci: str | None = None  # virtio-pmem, "0000:00:05.0"
+    labelled: bool = False
+    labels_initialised: bool = False
+    enabled: bool = True
+    namespaces: list[FakeNs] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        if self.pci:
+            return f"/sys/devices/pci0000:00/{self.pci}/virtio3/ndbus1/{self.dev}"
+        return f"/sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/{self.dev}"
+
+
+class FakeGuest:
+    def __init__(self) -> None:
+        self.modules = {"libvirt_dummy", "nfit", "nd_pmem", "virtio_pmem", "libnvdimm"}
+        self.nmems: dict[str, int] = {}
+        self.regions: dict[str, FakeRegion] = {}
+        self.fs: dict[str, tuple[str, str, str]] = {}  # blockdev -> (type, uuid, label)
+        self.mounts: list[tuple[str, str, str, str]] = []  # source, target, fstype, options
+        self.dirs: set[str] = {"/", "/mnt"}
+        self.fstab = "# /etc/fstab: static file system information.\nUUID=abcd / ext4 errors=remount-ro 0 1\n"
+        self.commands: list[str] = []
+        self.gathers = 0
+        self._uuids = 0
+
+    # --- building the guest
+    def add_nvdimm(self, slot: int, size: int, label: int | None = None, region: str | None = None) -> FakeRegion:
+        nmem = f"nmem{len(self.nmems)}"
+        self.nmems[nmem] = slot + 1
+        dev = region or f"region{len(self.regions)}"
+        n = dev.removeprefix("region")
+        r = FakeRegion(dev, size - (label or 0), nmem=nmem, labelled=label is not None)
+        r.namespaces.append(FakeNs(f"namespace{n}.0", "raw", r.size, f"pmem{n}"))
+        self.regions[dev] = r
+        return r
+
+    def add_virtio(self, pci_slot: int, size: int) -> FakeRegion:
+        dev = f"region{len(self.regions)}"
+        n = dev.removeprefix("region")
+        r = FakeRegion(dev, size, pci=f"0000:00:{pci_slot:02x}.0")
+        r.namespaces.append(FakeNs(f"namespace{n}.0", "raw", size, f"pmem{n}"))
+        self.regions[dev] = r
+        return r
+
+    # --- what the collector would print
+    def _visible(self, r: FakeRegion) -> bool:
+        need = "virtio_pmem" if r.pci else "nfit"
+        return need in self.modules and "nd_pmem" in self.modules
+
+    def facts_json(self) -> str:
+        regions = [r for r in self.regions.values() if self._visible(r)]
+        ndctl = {
+            "dimms": [{"dev": n, "id": f"8680-5{h}341200", "handle": h, "phys_id": 0} for n, h in self.nmems.items()],
+            "regions": [
+                {
+                    "dev": r.dev,
+                    "size": r.size,
+                    "align": 16777216,
+                    "available_size": 0,
+                    "type": "pmem",
+                    **({} if r.enabled else {"state": "disabled"}),
+                    "namespaces": [
+                        {
+                            "dev": ns.dev,
+                            "mode": ns.mode,
+                            "size": ns.size,
+                            "sector_size": 512,
+                            **({"uuid": ns.uuid} if ns.uuid else {}),
+                            **({"blockdev": ns.blockdev} if ns.blockdev and ns.enabled else {}),
+                            **({} if ns.enabled and r.enabled else {"state": "disabled"}),
+                        }
+                        for ns in r.namespaces
+                    ],
+                }
+                for r in regions
+            ],
+        }
+        blockdevs = {}
+        for r in regions:
+            for ns in r.namespaces:
+                if not (ns.blockdev and ns.enabled and r.enabled and ns.size):
+                    continue
+                parent = "pfn0.1" if ns.mode == "fsdax" else ns.dev
+                fs = self.fs.get(ns.blockdev)
+                blkid = (
+                    {
+                        "rc": 0,
+                        "stdout": f"DEVNAME=/dev/{ns.blockdev}\nLABEL={fs[2]}\nUUID={fs[1]}\nTYPE={fs[0]}\n",
+                        "stderr": "",
+                    }
+                    if fs
+                    else {"rc": 2, "stdout": "", "stderr": ""}
+                )
+                blockdevs[ns.blockdev] = {
+                    "path": f"{r.path}/{parent}/block/{ns.blockdev}",
+                    "size_sectors": str(ns.size // 512),
+                    "ro": "0",
+                    "dax": "1" if ns.mode == "fsdax" or r.pci else "0",
+                    "blkid": blkid,
+                }
+        return json.dumps(
+            {
+                "modules": sorted(self.modules & {"libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "virtio_pmem"}),
+                "ndctl": {"rc": 0, "stdout": json.dumps(ndctl, indent=2) if regions else "", "stderr": ""},
+                "regions": {
+                    r.dev: {
+                        "path": r.path,
+                        "size": str(r.size),
+                        "read_only": "0",
+                        "mappings": [f"{r.nmem},0,{r.size},0"] if r.nmem else [],
+                    }
+                    for r in regions
+                },
+                "nmems": {
+                    n: {"path": f"/sys/devices/.../{n}", "handle": f"{h:#x}"}
+                    for n, h in self.nmems.items()
+                    if "nfit" in self.modules
+                },
+                "blockdevs": blockdevs,
+                "mounts": "/dev/vda1 / ext4 rw,relatime 0 0\n"
+                + "".join(f"{s} {t.replace(' ', chr(92) + '040')} {f} {o} 0 0\n" for s, t, f, o in self.mounts),
+                "fstab": self.fstab,
+            }
+        )
+
+    # --- the Runner protocol
+    def run(
+        self,
+        cmd: str,
+        *args: object,
+        sudo: bool = False,
+        check: bool = True,
+        timeout_s: float = 300,
+        stdin: bytes | None = None,
+    ) -> Result:
+        command = cmd % tuple(shlex.quote(str(a)) for a in args) if args else cmd
+        assert sudo, f"agent commands must run as root: {command}"
+        if command == "python3 -" and stdin == COLLECTOR:
+            self.gathers += 1
+            return Result(0, self.facts_json(), "", command)
+        self.commands.append(command)
+        rc, err = self._mutate(command, stdin)
+        if check and rc != 0:
+            raise RemoteCommandError(command, rc, err)
+        return Result(rc, "", err, command)
+
+    def _ns(self, dev: str) -> tuple[FakeRegion, FakeNs]:
+        for r in self.regions.values():
+            for ns in r.namespaces:
+                if ns.dev == dev:
+                    return r, ns
+        raise AssertionError(dev)
+
+    def _new_uuid(self) -> str:
+        self._uuids += 1
+        return f"00000000-0000-4000-8000-{self._uuids:012d}"
+
+    def _mutate(self, command: str, stdin: bytes | None) -> tuple[int, str]:  # noqa: C901 - a dispatcher
+        argv = shlex.split(command.split(" && ")[0])
+        match argv:
+            case ["modprobe", "-a", *mods]:
+                self.modules |= set(mods)
+            case ["ndctl", "create-namespace", "-f", "-e", dev, "-m", "fsdax"]:
+                r, ns = self._ns(dev)
+                if r.labelled and not r.labels_initialised:
+                    return (
+                        1,
+                        f"failed to reconfigure namespace: align setting is 0x1000000 size {r.size:#x} is misaligned",
+                    )
+                ns.mode, ns.size, ns.uuid = "fsdax", fsdax_bytes(r.size), self._new_uuid()
+                self.fs.pop(ns.blockdev or "", None)
+            case ["ndctl", "disable-region", dev]:
+                self.regions[dev].enabled = False
+            case ["ndctl", "init-labels", "-f", nmem]:
+                r = next(r for r in self.regions.values() if r.nmem == nmem)
+                if r.enabled:
+                    return 1, f"{nmem} is active, skipping...\nerror initializing 0 nmems"
+                n = r.dev.removeprefix("region")
+                r.labels_initialised = True
+                r.namespaces = [
+                    FakeNs(f"namespace{n}.0", "raw", 0, None, "00000000-0000-0000-0000-000000000000", enabled=False)
+                ]
+            case ["ndctl", "enable-region", dev]:
+                self.regions[dev].enabled = True
+            case ["ndctl", "create-namespace", "-r", dev, "-m", "fsdax"]:
+                r = self.regions[dev]
+                if r.labelled and not r.labels_initialised:
+                    return 1, f"failed to create namespace: align setting is 0x1000000 size {r.size:#x} is misaligned"
+                n = dev.removeprefix("region")
+                r.namespaces = [FakeNs(f"namespace{n}.0", "fsdax", fsdax_bytes(r.size), f"pmem{n}", self._new_uuid())]
+            case ["mkfs.ext4" | "mkfs.xfs" as mkfs, *opts, "-L", label, device]:
+                assert ("-b" in opts and "4096" in opts) if mkfs == "mkfs.ext4" else ("reflink=0" in opts)
+                if any(m[0] == device for m in self.mounts):
+                    return 1, f"{device} contains a mounted filesystem"
+                self.fs[device.removeprefix("/dev/")] = (mkfs.removeprefix("mkfs."), self._new_uuid(), label)
+            case ["mkdir", "-p", path]:
+                self.dirs.add(path)
+            case ["mount", "-t", fstype, "-o", options, device, target]:
+                fs = self.fs.get(device.removeprefix("/dev/"))
+                if fs is None or fs[0] != fstype or target not in self.dirs:
+                    return 32, f"mount: {target}: wrong fs type, bad option, bad superblock on {device}"
+                shown = ",".join(["ro" if "ro" in options.split(",") else "rw", "relatime", "dax=always"])
+                self.mounts.append((device, target, fstype, shown))
+            case ["umount", target]:
+                self.mounts = [m for m in self.mounts if m[1] != target]
+            case ["cat", ">", "/etc/fstab.nvmprov-new"]:  # ... && chmod && mv into place
+                assert stdin is not None and "/etc/fstab" in command
+                self.fstab = stdin.decode()
+            case _:
+                raise AssertionError(f"the fake guest does not know: {command}")
+        return 0, ""
+
+
+def region(
+    name: str = "data",
+    *,
+    model: Model = "nvdimm",
+    slot: int | None = 0,
+    pci: int | None = None,
+    size: int = 512 * MiB,
+    label: int | None = None,
+    fs: Filesystem = "ext4",
+    mount: str | None = "/mnt/data",
+    readonly: bool = False,
+) -> RegionPlan:
+    return RegionPlan(
+        name=name,
+        model=model,
+        size_bytes=size,
+        backing_bytes=size,
+        label_bytes=label,
+        readonly=readonly,
+        host_pmem=False,
+        allocation="full",
+        filesystem=fs,
+        mount=mount,
+        volume=f"g-{name}.raw",
+        alias=f"ua-pmem-{name}",
+        dimm_slot=slot if model == "nvdimm" else None,
+        pci_slot=pci,
+        expected_usable_bytes=size,
+    )
+
+
+def plan_of(*regions: RegionPlan) -> Plan:
+    return Plan(
+        name="g",
+        spec_digest="0" * 64,
+        connect="qemu:///system",
+        pool="nvmprov",
+        machine="q35",
+        accel="tcg",
+        accel_notice=None,
+        cpu_model="qemu64",
+        vcpus=1,
+        memory_bytes=1024 * MiB,
+        max_memory_bytes=8192 * MiB,
+        memory_slots=8,
+        numa_cells=1,
+        boot="direct",
+        image="builtin",
+        disk_bytes=8192 * MiB,
+        overlay_volume="g-root.qcow2",
+        seed_volume="g-seed.iso",
+        kernel_volume=None,
+        initrd_volume=None,
+        base_volume=None,
+        kernel_cmdline=None,
+        mac="52:54:00:00:00:01",
+        network_mode="user",
+        network_outbound=False,
+        network_name=None,
+        ssh_user="nvmprov",
+        boot_timeout_s=600,
+        ssh_timeout_s=600,
+        regions=regions,
+    )
+
+
+def first_phase(guest: FakeGuest, r: RegionPlan, reformat: bool = False) -> list[str]:
+    return [c.render() for c in steps.plan_commands(gather(guest), r, reformat=reformat)]
+
+
+# --- facts -> commands (one phase), as a table -----------------------------------------------------------
+
+
+def _labelless() -> FakeGuest:
+    g = FakeGuest()
+    g.add_nvdimm(0, 512 * MiB)
+    return g
+
+
+def _labelled_blank() -> FakeGuest:
+    g = FakeGuest()
+    g.add_nvdimm(0, 512 * MiB, label=LABEL)
+    return g
+
+
+def _labelled_initialised() -> FakeGuest:
+    g = _labelled_blank()
+    r = g.regions["region0"]
+    r.labels_initialised = True
+    r.namespaces = [FakeNs("namespace0.0", "raw", 0, None, "0" * 8, enabled=False)]
+    return g
+
+
+def _no_modules() -> FakeGuest:
+    g = _labelless()
+    g.modules -= {"nfit", "nd_pmem"}
+    return g
+
+
+def _fsdax_blank() -> FakeGuest:
+    g = _labelless()
+    g.regions["region0"].namespaces[0] = FakeNs("namespace0.0", "fsdax", fsdax_bytes(512 * MiB), "pmem0", "u1")
+    return g
+
+
+def _fsdax_ext4() -> FakeGuest:
+    g = _fsdax_blank()
+    g.fs["pmem0"] = ("ext4", "uuid-1", "data")
+    return g
+
+
+def _fsdax_ext4_mounted() -> FakeGuest:
+    g = _fsdax_ext4()
+    g.dirs.add("/mnt/data")
+    g.mounts.append(("/dev/pmem0", "/mnt/data", "ext4", "rw,relatime,dax=always"))
+    return g
+
+
+def _virtio() -> FakeGuest:
+    g = FakeGuest()
+    g.add_nvdimm(0, 512 * MiB)
+    g.add_virtio(0x0C, 256 * MiB)
+    return g
+
+
+VIRTIO = region("v", model="virtio-pmem", pci=0x0C, size=256 * MiB, mount="/mnt/v")
+
+PHASE_TABLE = [
+    ("modules missing", _no_modules, region(), ["modprobe -a nfit nd_pmem"]),
+    ("label-less raw", _labelless, region(), ["ndctl create-namespace -f -e namespace0.0 -m fsdax"]),
+    (
+        "labelled, blank labels",
+        _labelled_blank,
+        region(label=LABEL),
+        [
+            "ndctl disable-region region0",
+            "ndctl init-labels -f nmem0",
+            "ndctl enable-region region0",
+            "ndctl create-namespace -r region0 -m fsdax",
+        ],
+    ),
+    (
+        "labelled, labels but only the seed",
+        _labelled_initialised,
+        region(label=LABEL),
+        ["ndctl create-namespace -r region0 -m fsdax"],
+    ),
+    (
+        "fsdax, no filesystem",
+        _fsdax_blank,
+        region(),
+        [
+            "mkfs.ext4 -q -F -b 4096 -L data /dev/pmem0",
+            "mkdir -p /mnt/data",
+            "mount -t ext4 -o dax /dev/pmem0 /mnt/data",
+        ],
+    ),
+    (
+        "fsdax, xfs wanted",
+        _fsdax_blank,
+        region(fs="xfs"),
+        [
+            "mkfs.xfs -q -f -m reflink=0 -L data /dev/pmem0",
+            "mkdir -p /mnt/data",
+            "mount -t xfs -o dax /dev/pmem0 /mnt/data",
+        ],
+    ),
+    (
+        "ext4 present, not mounted",
+        _fsdax_ext4,
+        region(),
+        ["mkdir -p /mnt/data", "mount -t ext4 -o dax /dev/pmem0 /mnt/data"],
+    ),
+    ("mounted with dax", _fsdax_ext4_mounted, region(), []),
+    ("reformat a mounted one", _fsdax_ext4_mounted, region(), "reformat"),
+    (
+        "filesystem none: namespace only",
+        _labelless,
+        region(fs="none", mount=None),
+        ["ndctl create-namespace -f -e namespace0.0 -m fsdax"],
+    ),
+    ("filesystem none, fsdax: nothing", _fsdax_blank, region(fs="none", mount=None), []),
+    ("read-only raw: never written", _labelless, region(readonly=True), []),
+    (
+        "virtio-pmem: no namespace ops",
+        _virtio,
+        VIRTIO,
+        ["mkfs.ext4 -q -F -b 4096 -L v /dev/pmem1", "mkdir -p /mnt/v", "mount -t ext4 -o dax /dev/pmem1 /mnt/v"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "plan_region", "expected"), PHASE_TABLE, ids=[c[0] for c in PHASE_TABLE])
+def test_facts_to_next_commands(case: str, make: object, plan_region: RegionPlan, expected: list[str] | str) -> None:
+    guest = make()  # type: ignore[operator]
+    if expected == "reformat":
+        assert first_phase(guest, plan_region, reformat=True) == [
+            "umount /mnt/data",
+            "mkfs.ext4 -q -F -b 4096 -L data /dev/pmem0",
+            "mkdir -p /mnt/data",
+            "mount -t ext4 -o dax /dev/pmem0 /mnt/data",
+        ]
+    else:
+        assert first_phase(guest, plan_region) == expected
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+
+def test_other_filesystem_needs_reformat() -> None:
+    g = _fsdax_ext4()
+    with pytest.raises(GuestError, match=r"holds a ext4 filesystem, the spec asks for xfs; pass --reformat"):
+        steps.plan_commands(gather(g), region(fs="xfs"), reformat=False)
+
+
+def test_raw_namespace_with_a_filesystem_is_not_converted_without_reformat() -> None:
+    g = _labelless()
+    g.fs["pmem0"] = ("ext4", "old", "old")
+    with pytest.raises(GuestError, match="making it fsdax would destroy it. Pass --reformat"):
+        steps.plan_commands(gather(g), region(), reformat=False)
+    assert first_phase(g, region(), reformat=True) == ["ndctl create-namespace -f -e namespace0.0 -m fsdax"]
+
+
+def test_devdax_namespace_is_not_reconfigured_without_reformat() -> None:
+    g = _labelless()
+    g.regions["region0"].namespaces[0] = FakeNs("namespace0.0", "devdax", 500 * MiB, None, "u")
+    with pytest.raises(GuestError, match="already a devdax namespace"):
+        steps.plan_commands(gather(g), region(), reformat=False)
+
+
+def test_mounted_elsewhere_is_an_error() -> None:
+    g = _fsdax_ext4()
+    g.mounts.append(("/dev/pmem0", "/srv/other", "ext4", "rw,dax=always"))
+    with pytest.raises(GuestError, match="already mounted on /srv/other, the spec says /mnt/data"):
+        steps.plan_commands(gather(g), region(), reformat=False)
+
+
+def test_mounted_without_dax_is_an_error() -> None:
+    g = _fsdax_ext4()
+    g.mounts.append(("/dev/pmem0", "/mnt/data", "ext4", "rw,relatime"))
+    with pytest.raises(GuestError, match="mounted on /mnt/data without dax"):
+        steps.plan_commands(gather(g), region(), reformat=False)
+
+
+def test_mountpoint_taken_by_another_device() -> None:
+    g = _fsdax_ext4()
+    g.mounts.append(("/dev/vdb1", "/mnt/data", "ext4", "rw"))
+    with pytest.raises(GuestError, match="/mnt/data already has /dev/vdb1 mounted"):
+        steps.plan_commands(gather(g), region(), reformat=False)
+
+
+def test_ndctl_missing_says_install_it() -> None:
+    raw = json.loads(_labelless().facts_json())
+    raw["ndctl"] = {"rc": 127, "stdout": "", "stderr": "[Errno 2] No such file or directory: 'ndctl'"}
+    with pytest.raises(GuestError, match="install ndctl"):
+        steps.plan_commands(parse_guest_facts(json.dumps(raw)), region(), reformat=False)
+
+
+# --- fstab ---------------------------------------------------------------------------------------------
+
+
+def test_fstab_keeps_user_lines_and_replaces_ours() -> None:
+    e1 = steps.FstabEntry("data", "u-1", "/mnt/data", "ext4", "dax,nofail")
+    original = "# comment\nUUID=abcd / ext4 defaults 0 1\n"
+    once = steps.rewrite_fstab(original, [e1])
+    assert once == original + (
+        "# nvmprov: region data (managed by nvmprov; this line and the next are rewritten)\n"
+        "UUID=u-1 /mnt/data ext4 dax,nofail 0 0\n"
+    )
+    assert steps.rewrite_fstab(once, [e1]) == once  # idempotent
+    e2 = steps.FstabEntry("data", "u-2", "/mnt/data", "ext4", "dax,nofail")
+    twice = steps.rewrite_fstab(once, [e2])
+    assert twice.count("/mnt/data") == 1 and "UUID=u-2" in twice and "u-1" not in twice
+
+
+def test_fstab_escapes_spaces_and_refuses_foreign_line_for_our_mount() -> None:
+    e = steps.FstabEntry("d", "u", "/mnt/a b", "xfs", "dax,nofail")
+    assert "UUID=u /mnt/a\\040b xfs dax,nofail 0 0" in steps.rewrite_fstab("", [e])
+    with pytest.raises(GuestError, match="already mounts something on /mnt/a b"):
+        steps.rewrite_fstab("/dev/sdb1 /mnt/a\\040b ext4 defaults 0 2\n", [e])
+
+
+def test_fstab_leaves_other_nvmprov_regions_alone() -> None:
+    other = steps.FstabEntry("other", "u-9", "/mnt/other", "ext4", "dax,nofail")
+    mine = steps.FstabEntry("data", "u-1", "/mnt/data", "ext4", "dax,nofail")
+    text = steps.rewrite_fstab("", [other])
+    assert steps.rewrite_fstab(text, [mine]).count("UUID=u-9") == 1
+
+
+# --- apply() end to end on the fake guest ------------------------------------------------------------------
+
+MUTATING_PREFIXES = ("modprobe", "ndctl", "mkfs", "mkdir", "mount", "umount", "cat ")
+
+
+def test_apply_labelless_ext4_then_nothing_the_second_time() -> None:
+    g = _no_modules()
+    plan = plan_of(region())
+    states = apply(g, plan)
+    assert g.commands[:-1] == [
+        "modprobe -a nfit nd_pmem",
+        "ndctl create-namespace -f -e namespace0.0 -m fsdax",
+        "mkfs.ext4 -q -F -b 4096 -L data /dev/pmem0",
+        "mkdir -p /mnt/data",
+        "mount -t ext4 -o dax /dev/pmem0 /mnt/data",
+    ]
+    assert g.commands[-1].startswith("cat > /etc/fstab.nvmprov-new")
+    assert "UUID=00000000-0000-4000-8000-000000000002 /mnt/data ext4 dax,nofail 0 0" in g.fstab
+    assert g.fstab.startswith("# /etc/fstab: static file system information.\nUUID=abcd / ext4")
+    (s,) = states
+    assert (s.guest_region, s.namespace, s.namespace_mode, s.guest_device) == (
+        "region0",
+        "namespace0.0",
+        "fsdax",
+        "/dev/pmem0",
+    )
+    assert (s.filesystem, s.mountpoint, s.mount_dax, s.usable_bytes) == (
+        "ext4",
+        "/mnt/data",
+        True,
+        fsdax_bytes(512 * MiB),
+    )
+    assert len(s.commands_run) == 6  # its own five and the guest-wide fstab rewrite
+
+    before, gathers = list(g.commands), g.gathers
+    again = apply(g, plan)
+    assert g.commands == before  # zero mutating commands
+    assert g.gathers == gathers + 1  # one round trip
+    assert [dataclass_without_commands(x) for x in again] == [dataclass_without_commands(x) for x in states]
+
+
+def dataclass_without_commands(state: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    d = asdict(state)  # type: ignore[call-overload]
+    d.pop("commands_run")
+    return d
+
+
+def test_apply_mixed_guest_maps_by_handle_and_pci_not_order() -> None:
+    g = FakeGuest()
+    # The guest enumerates the slot-1 DIMM first: region0 is the labelled one in slot 1.
+    g.add_nvdimm(1, 512 * MiB, label=LABEL, region="region0")
+    g.add_nvdimm(0, 1024 * MiB, region="region1")
+    g.add_virtio(0x0C, 256 * MiB)
+    plan = plan_of(
+        region("fast", slot=0, size=1024 * MiB, mount="/mnt/fast"),
+        region("labelled", slot=1, label=LABEL, fs="xfs", mount="/mnt/labelled"),
+        region("v", model="virtio-pmem", pci=0x0C, size=256 * MiB, mount="/mnt/v"),
+    )
+    states = {s.name: s for s in apply(g, plan)}
+    assert (states["fast"].guest_region, states["fast"].guest_device) == ("region1", "/dev/pmem1")
+    assert (states["labelled"].guest_region, states["labelled"].filesystem) == ("region0", "xfs")
+    assert (states["v"].guest_device, states["v"].namespace_mode) == ("/dev/pmem2", "raw")
+    assert all(s.mount_dax for s in states.values())
+    assert "ndctl init-labels -f nmem0" in g.commands
+    assert not any("namespace2" in c or "region2" in c for c in g.commands)  # virtio-pmem: no namespace ops
+    assert g.fstab.count("# nvmprov: region") == 3
+    n = len(g.commands)
+    apply(g, plan)
+    assert len(g.commands) == n
+
+
+def test_apply_reformat_replaces_once_and_settles() -> None:
+    g = _fsdax_ext4_mounted()
+    plan = plan_of(region(fs="xfs"))
+    with pytest.raises(GuestError, match="--reformat"):
+        apply(g, plan)
+    assert g.commands == []
+    (s,) = apply(g, plan, reformat=True)
+    assert s.filesystem == "xfs" and s.mount_dax
+    assert sum(c.startswith("mkfs") for c in g.commands) == 1
+    assert g.commands[0] == "umount /mnt/data"
+    n = len(g.commands)
+    apply(g, plan)
+    assert len(g.commands) == n
+    assert g.fstab.count("/mnt/data") == 1 and "xfs" in g.fstab
+
+
+def test_apply_filesystem_none_and_readonly() -> None:
+    g = FakeGuest()
+    g.add_nvdimm(0, 512 * MiB)
+    g.add_nvdimm(1, 512 * MiB)
+    plan = plan_of(region("raw", slot=0, fs="none", mount=None), region("ro", slot=1, readonly=True, mount="/mnt/ro"))
+    states = {s.name: s for s in apply(g, plan)}
+    assert g.commands == ["ndctl create-namespace -f -e namespace0.0 -m fsdax"]
+    assert states["raw"].namespace_mode == "fsdax" and states["raw"].mountpoint is None
+    assert states["ro"].namespace_mode == "raw" and states["ro"].mountpoint is None
+
+
+def test_apply_that_cannot_settle_says_so() -> None:
+    class Stubborn(FakeGuest):
+        def _mutate(self, command: str, stdin: bytes | None) -> tuple[int, str]:
+            return 0, ""  # claims success, changes nothing
+
+    g = Stubborn()
+    g.add_nvdimm(0, 512 * MiB)
+    with pytest.raises(GuestError, match="did not settle after 6 rounds; still wanted: ndctl create-namespace"):
+        apply(g, plan_of(region()))
+
+
+def test_apply_failing_command_raises_with_its_stderr() -> None:
+    g = _labelled_blank()
+    # The plan forgot the label: the agent tries the label-less path and the kernel refuses.
+    wrong = region()  # label_bytes None, but the guest region is 128 KiB smaller
+    with pytest.raises(GuestError, match="measures 536739840 bytes, expected 536870912"):
+        apply(g, plan_of(wrong))
+    g2 = _labelled_blank()
+    r = region(label=LABEL)
+    g2.regions["region0"].labelled = True
+    with pytest.raises(RemoteCommandError, match="misaligned"):
+        g2.run("ndctl create-namespace -f -e %s -m fsdax", "namespace0.0", sudo=True)
+    assert apply(g2, plan_of(r))[0].namespace_mode == "fsdax"
+
+
+def test_every_agent_command_is_a_known_mutation() -> None:
+    g = FakeGuest()
+    g.add_nvdimm(0, 512 * MiB, label=LABEL)
+    apply(g, plan_of(region(label=LABEL, fs="xfs")))
+    assert g.commands and all(c.startswith(MUTATING_PREFIXES) for c in g.commands)

@@ -1,0 +1,168 @@
+"""verify(): the real guest programs run on this host through a local runner.
+
+This host has no DAX filesystem, so it is the negative control: the XIP and statx checks must
+come out False here, while the payload checks must pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_agent_steps import plan_of, region
+
+from nvmprov.agent import RegionState, check_payload, verify, write_payload
+from nvmprov.agent.verify import PAYLOAD_BYTES, parse_probe, probe_dax
+from nvmprov.errors import GuestError
+from nvmprov.ssh import Result, render_command
+
+
+class LocalRunner:
+    """Runs the agent's commands in a local shell (as this user; `sudo` is not needed here)."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(
+        self,
+        cmd: str,
+        *args: object,
+        sudo: bool = False,
+        check: bool = True,
+        timeout_s: float = 300,
+        stdin: bytes | None = None,
+    ) -> Result:
+        command = render_command(cmd, *args)
+        self.commands.append(command)
+        p = subprocess.run(["sh", "-c", command], input=stdin or b"", capture_output=True, timeout=timeout_s)
+        result = Result(p.returncode, p.stdout.decode(), p.stderr.decode(), command)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{command}: {p.stderr.decode()}")
+        return result
+
+
+def state(
+    name: str,
+    mountpoint: str | None,
+    *,
+    mount_dax: bool = False,
+    fs: str | None = "ext4",
+    device_dax: bool = False,
+    mode: str | None = "fsdax",
+) -> RegionState:
+    return RegionState(
+        name=name,
+        model="nvdimm",
+        guest_region="region0",
+        namespace="namespace0.0",
+        namespace_mode=mode,
+        guest_device="/dev/pmem0",
+        usable_bytes=500_000_000,
+        device_dax=device_dax,
+        filesystem=fs,
+        fs_uuid="u",
+        mountpoint=mountpoint,
+        mount_dax=mount_dax,
+    )
+
+
+def test_verify_without_dax_fails_dax_and_xip_but_writes_data(tmp_path: Path) -> None:
+    runner = LocalRunner()
+    plan = plan_of(region(mount=str(tmp_path)))
+    (report,) = verify(runner, plan, [state("data", str(tmp_path))])
+    assert report.dax is False
+    assert report.xip_ok is False  # the copy on a non-DAX filesystem sits in the page cache
+    assert report.data_ok is True
+    assert report.persisted is None and report.backing_path is None
+    assert report.marker is not None and report.marker.startswith("NVMPROV-MARKER:g:data:")
+    payload = Path(report.payload_path or "")
+    data = payload.read_bytes()
+    assert payload.parent == tmp_path
+    assert data.startswith(report.marker.encode()) and len(data) == PAYLOAD_BYTES + len(report.marker)
+    assert hashlib.sha256(data).hexdigest() == report.payload_sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == [payload.name]  # the probe cleaned up
+    assert runner.commands[-1] == "sync"
+
+
+def test_probe_here_shows_pages_for_both_copies(tmp_path: Path) -> None:
+    probe = probe_dax(LocalRunner(), region(mount=str(tmp_path)), str(tmp_path))
+    assert (probe.exec_rc_dax, probe.exec_rc_root) == (0, 0)
+    assert probe.pages_dax and probe.pages_dax > 0 and probe.pages_root and probe.pages_root > 0
+    assert not probe.statx_dax and not probe.statx_dax_root and probe.error is None
+    assert not probe.xip_ok
+
+
+def test_payload_roundtrip_and_check(tmp_path: Path) -> None:
+    runner = LocalRunner()
+    r = region(mount=str(tmp_path))
+    path, sha = write_payload(runner, r, b"NVMPROV-MARKER:test:1234")
+    assert check_payload(runner, path, sha)
+    assert not check_payload(runner, path, "0" * 64)
+    with open(path, "r+b") as f:  # one flipped byte
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    assert not check_payload(runner, path, sha)
+    assert not check_payload(runner, str(tmp_path / "missing"), sha)
+
+
+@pytest.mark.parametrize("marker", [b"short", b"has space in it", b"quote'injection;rm -rf", b"\x00\x01nul-bytes"])
+def test_marker_must_be_plain_ascii(tmp_path: Path, marker: bytes) -> None:
+    with pytest.raises(GuestError, match="marker must be"):
+        write_payload(LocalRunner(), region(mount=str(tmp_path)), marker)
+
+
+def test_filesystem_none_and_readonly_write_nothing(tmp_path: Path) -> None:
+    runner = LocalRunner()
+    plan = plan_of(region("raw", fs="none", mount=None), region("ro", slot=1, readonly=True, mount=str(tmp_path)))
+    raw, ro = verify(
+        runner, plan, [state("raw", None, fs=None, device_dax=True), state("ro", str(tmp_path), mount_dax=True)]
+    )
+    assert (raw.dax, raw.xip_ok, raw.data_ok, raw.filesystem) == (True, None, None, "none")
+    assert (ro.dax, ro.xip_ok, ro.data_ok) == (True, None, None)
+    assert runner.commands == ["sync"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unmounted_region_fails_its_checks() -> None:
+    (report,) = verify(LocalRunner(), plan_of(region()), [state("data", None)])
+    assert (report.dax, report.xip_ok, report.data_ok) == (False, False, False)
+
+
+def _probe_output(pages_dax: int, pages_root: int, attr_dax: int, attr_root: int, rc: int = 0) -> str:
+    def raw(attrs: int) -> dict[str, str]:
+        buf = bytearray(256)
+        buf[8:16] = attrs.to_bytes(8, "little")
+        return {"raw": buf.hex()}
+
+    copies = {"dax": "/mnt/d/.nvmprov-xip-x/true", "root": "/var/tmp/.nvmprov-xip-y/true"}
+    fincore = {"fincore": [{"pages": pages_dax, "file": copies["dax"]}, {"pages": pages_root, "file": copies["root"]}]}
+    return json.dumps(
+        {
+            "copies": copies,
+            "exec": {"dax": rc, "root": 0},
+            "fincore": {"rc": 0, "stdout": json.dumps(fincore), "stderr": ""},
+            "statx": {"dax": raw(attr_dax), "root": raw(attr_root)},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("pages_dax", "pages_root", "rc", "xip_ok"),
+    [(0, 37, 0, True), (9, 37, 0, False), (0, 0, 0, False), (0, 37, 126, False)],
+)
+def test_parse_probe_xip_rule(pages_dax: int, pages_root: int, rc: int, xip_ok: bool) -> None:
+    probe = parse_probe(_probe_output(pages_dax, pages_root, 0x00200000, 0, rc))
+    assert probe.xip_ok is xip_ok
+    assert probe.statx_dax and not probe.statx_dax_root
+
+
+def test_parse_probe_fincore_failure_is_not_ok() -> None:
+    raw = json.loads(_probe_output(0, 37, 0x00200000, 0))
+    raw["fincore"] = {"rc": 1, "stdout": "", "stderr": "fincore: failed to open: x"}
+    probe = parse_probe(json.dumps(raw))
+    assert not probe.xip_ok and "fincore: failed to open" in (probe.error or "")

@@ -216,9 +216,9 @@ def _regex_checker(pattern: re.Pattern[str], what: str, hint: str) -> Callable[[
 
 
 def _check_user(value: str) -> str:
-    _regex_checker(_USER_RE, "ssh.user", "use a Linux user name: a-z, 0-9, '_' or '-', up to 32")(value)
+    _regex_checker(_USER_RE, "user", "use a Linux user name: a-z, 0-9, '_' or '-', up to 32")(value)
     if value == "root":
-        raise ValueError("ssh.user 'root' is not allowed; nvmprov makes its own login user with sudo, e.g. nvmprov")
+        raise ValueError("user 'root' is not allowed; nvmprov makes its own login user with sudo, e.g. nvmprov")
     return value
 
 
@@ -570,8 +570,9 @@ def _convert_mapping(node: yaml.MappingNode, path: Path_, display: str, pos: _Po
 
 
 def _compose(text: str, filename: str) -> yaml.Node | None:
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)   # the reader checks characters already here
         return loader.get_single_node()
     except _YamlProblem as p:
         raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1) from None
@@ -586,7 +587,8 @@ def _compose(text: str, filename: str) -> yaml.Node | None:
         raise SpecError(f"character {_show_char(chr(e.character))} is not allowed in YAML; remove it",
                         file=filename, line=line, col=col) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _line_col(text: str, offset: int) -> tuple[int, int]:
@@ -712,7 +714,8 @@ def _validate(raw: dict[str, Any], pos: _Positions, filename: str) -> GuestSpec:
         return GuestSpec.model_validate(raw)
     except ValidationError as e:
         problems = [_problem(err, pos) for err in e.errors()]
-        problems.sort(key=lambda p: (p[1].line, p[1].col) if p[1] else (1 << 30, 0))
+        # first in file order; at one position an unknown key explains more than a missing one
+        problems.sort(key=lambda p: (p[1].line, p[1].col, "missing" in p[0]) if p[1] else (1 << 30, 0, True))
         message, at, field_path = problems[0]
         raise _fail(message, at, filename, field_path) from None
 
@@ -745,7 +748,12 @@ def _problem(err: Any, pos: _Positions) -> tuple[str, _Pos | None, str]:
         at, rest = _lookup(pos.values, loc[:-1])
         return f"missing required key {loc[-1]!r}; add it", at, _display(at, (*rest, loc[-1]))
     at, rest = _lookup(pos.values, loc)
-    return _message(err, cause), at, _display(at, rest)
+    message = _message(err, cause)
+    # "memory: memory 128MiB is too small" reads better as "memory: 128MiB is too small"
+    key = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
+    if key and message.startswith(key + " "):
+        message = message[len(key) + 1:]
+    return message, at, _display(at, rest)
 
 
 def _message(err: Any, cause: object) -> str:
@@ -795,7 +803,7 @@ def _keys_of(loc: Path_) -> list[str]:
             return []
         model = ann
     keys = [f.alias or n for n, f in model.model_fields.items()]
-    return keys + ["version"] if not loc else keys
+    return [*keys, "version", "guests", "defaults"] if not loc else keys
 
 
 def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:

@@ -138,7 +138,9 @@ def _metadata_element(md: Metadata) -> ET.Element:
     regions = _sub(root, _m("regions"))
     for r in md.regions:
         attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None}
-        _sub(regions, _m("region"), **attrs)
+        region = _sub(regions, _m("region"), **attrs)
+        for note in r.notes:
+            _sub(region, _m("note"), note)
     volumes = _sub(root, _m("volumes"))
     for name, kind in md.volumes:
         _sub(volumes, _m("volume"), name=name, kind=kind)
@@ -164,6 +166,7 @@ def _region_from(el: ET.Element) -> RegionPlan:
             values[name] = text == "true"
         elif name in values:
             values[name] = text
+    values["notes"] = tuple(n.text or "" for n in el.iterfind(_m("note")))
     return RegionPlan(**values)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,216 @@
+"""nvmprov.image: the recipe, its digest, the host's apt sources, sizes (no build here: the
+build itself is proven by tests/e2e/test_image_boot.py)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import libvirt
+import pytest
+
+from nvmprov import image, storage
+
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+DEBIAN_SOURCES = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+
+Enabled: no
+Types: deb
+URIs: http://mirror.example/debian
+Suites: bookworm
+Components: main
+"""
+
+NODESOURCE = """\
+Types: deb
+URIs: https://deb.nodesource.com/node_20.x
+Suites: nodistro
+Components: main
+"""
+
+
+def test_recipe_has_the_packages_the_guest_needs():
+    pkgs = image.packages()
+    for needed in (
+        "linux-image-amd64",
+        "systemd-sysv",
+        "dbus",
+        "openssh-server",
+        "cloud-init",
+        "ndctl",
+        "xfsprogs",
+        "ifupdown",
+        "isc-dhcp-client",
+        "sudo",
+        "qemu-guest-agent",
+        "python3",
+    ):
+        assert needed in pkgs
+    assert all(p and " " not in p and "#" not in p for p in pkgs)
+
+
+def test_customize_hook_keeps_interfaces_d_and_removes_host_keys():
+    hook = (image.RECIPE_DIR / "customize.sh").read_text()
+    assert "source /etc/network/interfaces.d/*" in hook
+    assert 'rm -f "$root"/etc/ssh/ssh_host_*' in hook
+    assert "/dev/vda / ext4" in hook
+
+
+def test_cloud_init_skips_datasource_probing():
+    import yaml
+
+    cfg = yaml.safe_load((image.RECIPE_DIR / "files/etc/cloud/cloud.cfg.d/90-nvmprov.cfg").read_text())
+    assert cfg["datasource_list"] == ["NoCloud", "None"]
+    assert "ssh" in cfg["cloud_init_modules"] and "users-groups" in cfg["cloud_init_modules"]
+    assert "set-passwords" in cfg["cloud_config_modules"]  # applies ssh_pwauth: false
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    copy = tmp_path / "recipe"
+    shutil.copytree(image.RECIPE_DIR, copy)
+    return copy
+
+
+def test_digest_is_stable_and_follows_content(recipe):
+    first = image.recipe_digest(recipe)
+    assert first == image.recipe_digest(recipe) == image.recipe_digest()
+    (recipe / "packages.txt").write_text((recipe / "packages.txt").read_text() + "htop\n")
+    assert image.recipe_digest(recipe) != first
+
+
+def test_digest_follows_new_files_and_exec_bit(recipe):
+    first = image.recipe_digest(recipe)
+    (recipe / "files" / "etc" / "motd").write_text("hi\n")
+    second = image.recipe_digest(recipe)
+    assert second != first
+    (recipe / "customize.sh").chmod(0o644)
+    assert image.recipe_digest(recipe) != second
+
+
+def test_volume_names_carry_the_digest():
+    base, kernel, initrd = image.builtin_volume_names()
+    digest = image.recipe_digest()[:12]
+    assert base == f"nvmprov-debian12-{digest}.qcow2"
+    assert kernel == f"nvmprov-debian12-{digest}-vmlinuz"
+    assert initrd == f"nvmprov-debian12-{digest}-initrd.img"
+
+
+def test_host_sources_keep_enabled_debian_suite_only():
+    src = image.host_sources([("debian.sources", DEBIAN_SOURCES), ("nodesource.sources", NODESOURCE)])
+    assert src.one_line == ()
+    assert len(src.deb822) == 2
+    main, security = src.deb822
+    assert "Suites: bookworm bookworm-updates" in main
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in main
+    assert "snapshot" not in main  # comments dropped
+    assert "Types: deb\n" in security + "\n"  # deb-src dropped
+    assert "Suites: bookworm-security" in security
+    assert not any("trixie" in s or "mirror.example" in s or "nodesource" in s for s in src.deb822)
+
+
+def test_host_sources_one_line_format_and_ignored_files():
+    listing = """\
+# deb http://deb.debian.org/debian bookworm main
+deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb-src http://deb.debian.org/debian bookworm main
+deb http://security.debian.org/debian-security bookworm-security main
+deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main
+deb http://deb.debian.org/debian bullseye main
+"""
+    src = image.host_sources(
+        [
+            ("sources.list", listing),
+            ("google.list.disabled-by-farm", "deb http://x/debian bookworm main\n"),
+            ("other.sources.save", DEBIAN_SOURCES),
+        ]
+    )
+    assert src.deb822 == ()
+    assert src.one_line == (
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+        "http://deb.debian.org/debian bookworm main",
+        "deb http://security.debian.org/debian-security bookworm-security main",
+    )
+
+
+def test_no_sources_is_falsy():
+    assert not image.host_sources([("n.sources", NODESOURCE)])
+    assert image.host_sources([("d.sources", DEBIAN_SOURCES)])
+
+
+def test_write_sources_files(tmp_path):
+    src = image.host_sources(
+        [("debian.sources", DEBIAN_SOURCES), ("sources.list", "deb http://h/debian bookworm main\n")]
+    )
+    args = image._write_sources(src, tmp_path)
+    assert [a.rsplit("/", 1)[1] for a in args] == ["debian.sources", "debian.list"]
+    assert (tmp_path / "debian.list").read_text() == "deb http://h/debian bookworm main\n"
+    assert (tmp_path / "debian.sources").read_text().count("Types: deb") == 2
+
+
+@pytest.mark.parametrize(
+    ("used", "size"),
+    [(0, 2 * GiB), (900 * MiB, 2 * GiB), (1200 * MiB, 2 * GiB), (2 * GiB, 3 * GiB), (2 * GiB + 1, 3 * GiB + 64 * MiB)],
+)
+def test_rootfs_size(used, size):
+    got = image.rootfs_size_bytes(used)
+    assert got == size
+    assert got % (64 * MiB) == 0
+    assert got >= used + used // 4 + 512 * MiB
+
+
+def test_is_built_needs_all_three_volumes():
+    conn = libvirt.open("test:///default")
+    name = f"img-{uuid.uuid4().hex[:8]}"
+    pool = storage.ensure_pool(conn, name, f"/nonexistent/{name}")
+    try:
+        assert not image.is_built(pool)
+        base, kernel, initrd = image.builtin_volume_names()
+        storage.create_backing(pool, base, MiB, allocation="sparse")
+        storage.create_backing(pool, kernel, MiB, allocation="sparse")
+        assert not image.is_built(pool)
+        storage.create_backing(pool, initrd, MiB, allocation="sparse")
+        assert image.is_built(pool)
+    finally:
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+        pool.undefine()
+        conn.close()
+
+
+def test_remove_tree_refuses_with_mounts_inside(tmp_path, monkeypatch):
+    target = tmp_path / "build"
+    (target / "root" / "proc").mkdir(parents=True)
+    monkeypatch.setattr(image, "_mounts_under", lambda p: [str(p / "root" / "proc")])
+    with pytest.raises(image.HostError, match="still has mounts"):
+        image._remove_tree(target)
+    assert target.exists()
+
+
+def test_mounts_under_reads_proc_mounts(tmp_path):
+    assert image._mounts_under(tmp_path) == []
+    under_root = image._mounts_under(image.Path("/"))
+    assert "/proc" in under_root  # a real mount point below /
+    assert "/" not in under_root  # the directory itself is not "under" itself

@@ -1,0 +1,126 @@
+"""Pure pieces of the host side: acceleration facts, boot watching, port choice, locks, rollback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nvmprov import boot, host, state
+from nvmprov.errors import GuestError, LockedError
+from nvmprov.progress import Quiet
+from nvmprov.rollback import Rollback
+
+CAPS = """<capabilities><host><cpu><arch>x86_64</arch><model>kvm64</model>{features}</cpu></host>
+<guest><os_type>hvm</os_type><arch name='x86_64'><domain type='qemu'/>{kvm}</arch></guest></capabilities>"""
+
+
+@pytest.mark.parametrize(
+    ("features", "kvm", "expected"),
+    [
+        ("<feature name='hypervisor'/>", "<domain type='kvm'/>", (True, False)),  # paravirtual /dev/kvm: here
+        ("<feature name='vmx'/>", "<domain type='kvm'/>", (True, True)),
+        ("<feature name='svm'/>", "", (False, True)),
+        ("", "", (False, False)),
+    ],
+)
+def test_kvm_facts_reads_domain_types_and_cpu_flags(features: str, kvm: str, expected: tuple[bool, bool]) -> None:
+    assert host.kvm_facts(CAPS.format(features=features, kvm=kvm)) == expected
+
+
+def test_kvm_facts_ignores_other_arches() -> None:
+    caps = CAPS.format(features="<feature name='vmx'/>", kvm="").replace(
+        "</capabilities>", "<guest><arch name='aarch64'><domain type='kvm'/></arch></guest></capabilities>"
+    )
+    assert host.kvm_facts(caps) == (False, True)
+
+
+def test_panic_detected_in_console_tail(tmp_path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("Booting\n[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+    with pytest.raises(GuestError, match="panicked") as info:
+        boot.check_boot("g", str(log), active=True)
+    assert "Unable to mount root fs" in str(info.value)
+
+
+def test_dead_domain_reported_with_tail(tmp_path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("line one\nline two\n")
+    with pytest.raises(GuestError, match="stopped while booting") as info:
+        boot.check_boot("g", str(log), active=False)
+    assert "line two" in str(info.value)
+
+
+def test_healthy_boot_passes(tmp_path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("Linux version 6.1\n")
+    boot.check_boot("g", str(log), active=True)
+    boot.check_boot("g", str(tmp_path / "missing.log"), active=True)
+
+
+def test_free_port_skips_claimed_and_listening_ports() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        candidates = [taken, taken + 1 if taken < 65535 else taken - 1]
+        claimed = {candidates[1]}
+        with pytest.raises(Exception, match="no free SSH port"):
+            boot.free_port(claimed, candidates)
+    port = boot.free_port(set(), [taken])
+    assert port == taken
+
+
+def test_lock_fails_fast_naming_the_holder(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys, time
+            from nvmprov import state
+            with state.lock("demo"):
+                print("held", flush=True)
+                time.sleep(30)
+        """)],
+        stdout=subprocess.PIPE, text=True, env={"NVMPROV_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"pid {holder.pid}"), state.lock("demo"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with state.lock("demo"):  # released when the holder died
+        pass
+    assert oct((tmp_path / "locks").stat().st_mode & 0o777) == "0o700"
+
+
+def test_guest_files_are_private(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    files = state.guest_files("demo")
+    state.write_private(files.client_key, b"secret")
+    assert files.client_key.stat().st_mode & 0o777 == 0o600
+    assert files.dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_rollback_undoes_in_reverse_and_survives_failures() -> None:
+    done: list[str] = []
+    undo = Rollback(Quiet())
+    undo.add("a", lambda: done.append("a"))
+    undo.add("broken", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    undo.add("c", lambda: done.append("c"))
+    problems = undo.run()
+    assert done == ["c", "a"]
+    assert problems == ["broken: boom"]
+    assert undo.run() == []  # nothing left to undo
+
+
+def test_committed_rollback_undoes_nothing() -> None:
+    done: list[str] = []
+    undo = Rollback(Quiet())
+    undo.add("a", lambda: done.append("a"))
+    undo.commit()
+    assert undo.run() == [] and done == []

@@ -1,0 +1,74 @@
+"""The report: JSON schema fields, ok/exit semantics, JUnit structure, the text table."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+from nvmprov.agent import RegionReport
+from nvmprov.report import GuestReport, Report, SshInfo, failed_checks, render_json, render_junit, render_text
+
+
+def region(**over) -> RegionReport:
+    base = dict(
+        name="data", model="nvdimm", size_bytes=1 << 30, usable_bytes=1054867456,
+        backing_path="/var/lib/nvmprov/pool/demo-pmem-data.raw", guest_device="/dev/pmem0",
+        namespace_mode="fsdax", filesystem="ext4", mountpoint="/mnt/data", dax=True, xip_ok=True,
+        data_ok=True, persisted=True,
+    )
+    base.update(over)
+    return RegionReport(**base)
+
+
+def guest(*regions: RegionReport, name: str = "demo") -> GuestReport:
+    g = GuestReport(name=name, accel="tcg", regions=list(regions), timings_s={"ssh": 50.0},
+                    ssh=SshInfo("127.0.0.1", 40022, "nvmprov", "/k", "/kh"))
+    g.settle()
+    return g
+
+
+def test_json_has_the_documented_schema() -> None:
+    data = json.loads(render_json(Report([guest(region())])))
+    assert data["schema_version"] == 1 and data["ok"] is True
+    g = data["guests"][0]
+    assert set(g) == {"name", "ok", "error", "accel", "ssh", "regions", "timings_s"}
+    assert set(g["ssh"]) == {"host", "port", "user", "identity_file", "known_hosts"}
+    documented = {"name", "model", "size_bytes", "usable_bytes", "backing_path", "guest_device", "namespace_mode",
+                  "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted"}
+    assert documented <= set(g["regions"][0])
+
+
+def test_any_false_check_fails_the_guest_but_none_does_not() -> None:
+    assert guest(region(persisted=None)).ok is True
+    bad = guest(region(persisted=False))
+    assert bad.ok is False
+    assert failed_checks(bad.regions[0]) == ["persisted"]
+    assert Report([guest(region()), bad]).ok is False
+    assert Report([]).ok is False  # nothing created is not success
+
+
+def test_error_fails_the_guest() -> None:
+    g = GuestReport(name="demo")
+    g.fail("ssh", "timed out")
+    g.settle()
+    data = json.loads(render_json(Report([g])))
+    assert data["ok"] is False
+    assert data["guests"][0]["error"] == {"phase": "ssh", "message": "timed out"}
+
+
+def test_junit_one_case_per_check_with_failures_and_skips() -> None:
+    xml = render_junit(Report([guest(region(persisted=None), region(name="b", dax=False))]))
+    root = ET.fromstring(xml)
+    suite = root.find("testsuite")
+    assert suite is not None and suite.get("tests") == "8"
+    assert suite.get("failures") == "1" and suite.get("skipped") == "1"
+    failed = [c for c in root.iter("testcase") if c.find("failure") is not None]
+    assert [(c.get("classname"), c.get("name")) for c in failed] == [("nvmprov.demo.b", "dax")]
+
+
+def test_text_table_shows_each_region_and_verdict() -> None:
+    text = render_text(Report([guest(region(), region(name="logs", persisted=False))]))
+    assert "guest demo: FAILED" in text
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(("data ", "logs "))]
+    assert len(lines) == 2 and lines[1].rstrip().endswith("NO")
+    assert "ssh -i /k" in text and text.rstrip().endswith("FAILED")

@@ -46,10 +46,16 @@ class Metadata:
     regions: tuple[RegionPlan, ...] = ()
     volumes: tuple[tuple[str, str], ...] = ()   # (volume name, kind), in order of creation
     spec_path: str | None = None
+    pool: str = "nvmprov"
+    spec_json: str | None = None   # the full spec, so any command can rebuild the plan
+    complete: bool = False         # create finished; False means a run was cut short (see workflow)
 
     @classmethod
-    def from_plan(cls, plan: Plan, *, ssh_port: int, spec_path: str | None = None) -> Metadata:
-        return cls(__version__, plan.spec_digest, ssh_port, plan.ssh_user, plan.regions, (), spec_path)
+    def from_plan(
+        cls, plan: Plan, *, ssh_port: int, spec_path: str | None = None, spec_json: str | None = None
+    ) -> Metadata:
+        return cls(__version__, plan.spec_digest, ssh_port, plan.ssh_user, plan.regions, (), spec_path,
+                   plan.pool, spec_json)
 
     def with_volume(self, name: str, kind: str) -> Metadata:
         if kind not in VOLUME_KINDS:
@@ -131,9 +137,11 @@ def _attr(value: object) -> str:
 
 def _metadata_element(md: Metadata) -> ET.Element:
     root = ET.Element(_m("guest"), version=md.version)
-    spec = _sub(root, _m("spec"), digest=md.spec_digest)
+    spec = _sub(root, _m("spec"), md.spec_json, digest=md.spec_digest)
     if md.spec_path is not None:
         spec.set("path", md.spec_path)
+    _sub(root, _m("pool"), name=md.pool)
+    _sub(root, _m("state"), complete=_attr(md.complete))
     _sub(root, _m("ssh"), port=str(md.ssh_port), user=md.ssh_user)
     regions = _sub(root, _m("regions"))
     for r in md.regions:
@@ -148,8 +156,13 @@ def _metadata_element(md: Metadata) -> ET.Element:
 
 
 def metadata_xml(md: Metadata) -> str:
-    """The inner element alone, as virDomainSetMetadata wants it."""
-    return ET.tostring(_metadata_element(md), encoding="unicode")
+    """The inner element alone, without a namespace, as virDomainSetMetadata wants it: libvirt
+    puts every element of it into the namespace it is given (declaring it twice fails)."""
+    root = _metadata_element(md)
+    prefix = f"{{{METADATA_NS}}}"
+    for el in root.iter():
+        el.tag = el.tag.removeprefix(prefix)
+    return ET.tostring(root, encoding="unicode")
 
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
@@ -187,7 +200,15 @@ def parse_metadata(domain_xml: str) -> Metadata | None:
         regions=tuple(_region_from(r) for r in el.iterfind(f"{_m('regions')}/{_m('region')}")),
         volumes=tuple((v.get("name", ""), v.get("kind", "")) for v in el.iterfind(f"{_m('volumes')}/{_m('volume')}")),
         spec_path=spec.get("path"),
+        pool=_child_attr(el, "pool", "name", "nvmprov"),
+        spec_json=(spec.text or "").strip() or None,
+        complete=_child_attr(el, "state", "complete", "false") == "true",
     )
+
+
+def _child_attr(el: ET.Element, tag: str, attr: str, default: str) -> str:
+    child = el.find(_m(tag))
+    return default if child is None else child.get(attr, default)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def _call(what: str, fn: Callable[[], object]) -> object:
 
 
 def define(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
-    return _call("defining the domain", lambda: conn.defineXML(xml))  # type: ignore[return-value]
+    return _call("defining the domain", lambda: conn.defineXML(xml))
 
 
 def start(dom: libvirt.virDomain) -> None:

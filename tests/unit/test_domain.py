@@ -182,14 +182,16 @@ def test_metadata_round_trip() -> None:
     assert back == md
     assert back is not None and back.regions == p.regions and p.region("lab").notes
     assert back.volumes == (("demo-pmem-lab.raw", "backing"), ("demo-root.qcow2", "overlay"))
-    assert domain.parse_metadata(domain.metadata_xml(md)) == md
     with pytest.raises(ValueError):
         md.with_volume("x", "kernel")
 
 
-def test_metadata_inner_element_is_in_our_namespace() -> None:
+def test_metadata_inner_element_has_no_namespace_of_its_own() -> None:
+    # virDomainSetMetadata puts the element into the namespace it is given; declaring it in the
+    # element too fails with "failed to create a new XML namespace" (seen on libvirt 9.0).
     el = ET.fromstring(domain.metadata_xml(domain.Metadata.from_plan(the_plan(), ssh_port=1)))
-    assert el.tag == "{https://nvmprov.dev/xmlns/domain/1}guest"
+    assert all(not e.tag.startswith("{") for e in el.iter())
+    assert el.tag == "guest"
 
 
 def test_render_embeds_plan_metadata_without_volumes() -> None:

@@ -58,3 +58,18 @@ def test_the_driver_rejects_what_it_should(conn: libvirt.virConnect) -> None:
     for bad in (no_numa, small_max):
         with pytest.raises(libvirt.libvirtError):
             conn.defineXML(bad)
+
+
+def test_set_metadata_round_trips_through_libvirt(conn: libvirt.virConnect) -> None:
+    """What the workflow records as volumes are made comes back identical from libvirt."""
+    g = GUESTS[0]
+    dom = conn.defineXML(_xml(g, False))
+    try:
+        md = domain.parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert md is not None
+        md = md.with_volume(f"{g.name}-root.qcow2", "overlay")
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domain.metadata_xml(md), domain.METADATA_PREFIX,
+                        domain.METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        assert domain.parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == md
+    finally:
+        dom.undefine()

@@ -1,0 +1,313 @@
+"""Command line: parse arguments, call one function per subcommand, map errors to exit codes.
+
+Only this module prints errors or exits. Heavy imports (libvirt, paramiko) happen inside the
+commands that need them, so `--help`, `validate` and `render` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from . import __version__
+from .errors import Interrupted, NvmprovError, SpecError, UsageError
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line naming the problem and the fix (`--help`)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _add_guest_selector(p: argparse.ArgumentParser, *, many: bool = True) -> None:
+    p.add_argument("names", nargs="*" if many else None, metavar="NAME", help="guest (domain) name")
+    p.add_argument("-f", "--file", help="act on every guest of this spec file")
+    p.add_argument("--connect", help="libvirt URI (default: the spec's, else LIBVIRT_DEFAULT_URI, else qemu:///system)")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML to FILE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nvmprov",
+        description="Provision KVM/QEMU guests with virtual NVDIMMs and prove, from inside, that DAX works and persists.",
+    )
+    parser.add_argument("--version", action="version", version=f"nvmprov {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("validate", help="check a spec file; exit 0 or 2")
+    p.add_argument("file")
+
+    p = sub.add_parser("render", help="print the libvirt domain XML a spec produces (no libvirt needed)")
+    p.add_argument("file")
+    p.add_argument("--guest", help="which guest of a fleet file")
+
+    p = sub.add_parser("create", help="create, boot, set up and verify the guests of a spec file")
+    p.add_argument("file")
+    p.add_argument("--guest", help="only this guest of a fleet file")
+    p.add_argument("--until", choices=["define", "start", "ssh"], help="stop after this phase")
+    p.add_argument("--no-power-cycle", action="store_true", help="skip the power-cycle persistence proof")
+    p.add_argument("--reformat", action="store_true", help="reformat regions that already hold a filesystem")
+    p.add_argument("--keep-on-failure", action="store_true", help="keep what a failed run made, for debugging")
+    p.add_argument("--connect", help="libvirt URI, overrides the spec's `connect`")
+    p.add_argument("--log-file", help="also write progress lines to this file")
+    _add_output(p)
+
+    p = sub.add_parser("verify", help="re-run the in-guest checks on a managed guest")
+    _add_guest_selector(p)
+    p.add_argument("--power-cycle", action="store_true", help="also cut the power and prove the data survived")
+    _add_output(p)
+
+    p = sub.add_parser("start", help="start a managed guest (and hot-plug its virtio-pmem regions)")
+    _add_guest_selector(p)
+
+    p = sub.add_parser("stop", help="ACPI shutdown; hard stop after the timeout")
+    _add_guest_selector(p)
+    p.add_argument("--force", action="store_true", help="cut the power at once")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="ACPI shutdown grace period (default 120)")
+
+    p = sub.add_parser("destroy", help="stop and undefine; remove overlay and seed (backing volumes kept)")
+    _add_guest_selector(p)
+    p.add_argument("--purge", action="store_true", help="also delete the backing volumes (the region data)")
+    p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
+
+    p = sub.add_parser("list", help="managed guests")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--connect")
+
+    p = sub.add_parser("ssh", help="SSH into a managed guest with its pinned host key")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run instead of a shell")
+    p.add_argument("--connect")
+
+    p = sub.add_parser("console", help="print the guest's serial log")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--connect")
+
+    p = sub.add_parser("image", help="the built-in guest image")
+    isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    isub.required = True
+    b = isub.add_parser("build", help="build the Debian 12 guest image with mmdebstrap")
+    b.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
+    b.add_argument("--pool", default="nvmprov")
+    b.add_argument("--connect", default=None)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from . import spec
+
+    loaded = spec.load(args.file)
+    names = ", ".join(g.name for g in loaded.guests)
+    print(f"{args.file}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from . import domain, plan, spec
+
+    loaded = spec.load(args.file)
+    guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
+    if len(guests) > 1:
+        raise UsageError(f"{args.file} holds {len(guests)} guests; pick one with --guest NAME "
+                         f"({', '.join(g.name for g in guests)})")
+    g = guests[0]
+    from .image import builtin_volume_names
+
+    facts = plan.HostFacts(builtin_volumes=builtin_volume_names())
+    the_plan = plan.build(g, facts)
+    ctx = domain.RenderContext(
+        uuid="00000000-0000-4000-8000-000000000000", ssh_port=0, pool_dir=facts.pool_dir,
+        console_log=f"/var/log/libvirt/qemu/{g.name}-nvmprov-serial.log",
+    )
+    sys.stdout.write(domain.render(the_plan, ctx))
+    return EXIT_OK
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from . import spec
+    from .workflow import CreateOptions, create
+
+    loaded = spec.load(args.file)
+    guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
+    opts = CreateOptions(
+        until=args.until or "all", power_cycle=not args.no_power_cycle, reformat=args.reformat,
+        keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
+    )
+    from .progress import Progress
+    from .report import Report
+
+    log = open(args.log_file, "a") if args.log_file else None  # noqa: SIM115 - closed below
+    try:
+        report = Report()
+        for g in guests:
+            progress = Progress(prefix=f"{g.name}: " if len(guests) > 1 else "", log=log)
+            report.guests.append(create(g, opts, progress))
+    finally:
+        if log:
+            log.close()
+    return _emit(report, args)
+
+
+def _emit(report: object, args: argparse.Namespace) -> int:
+    from .report import Report, render_json, render_junit, render_text
+
+    assert isinstance(report, Report)
+    if getattr(args, "junit", None):
+        with open(args.junit, "w") as fh:
+            fh.write(render_junit(report))
+    if getattr(args, "json", False):
+        sys.stdout.write(render_json(report) + "\n")
+    else:
+        sys.stdout.write(render_text(report))
+    if report.ok:
+        return EXIT_OK
+    errors = [g.error for g in report.guests if g.error]
+    return EXIT_GUEST if errors else EXIT_VERIFY
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import guests
+
+    return _emit(guests.verify(_names(args), connect=args.connect, power_cycle=args.power_cycle), args)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from . import guests
+
+    guests.start(_names(args), connect=args.connect)
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from . import guests
+
+    guests.stop(_names(args), connect=args.connect, force=args.force, timeout_s=args.timeout_s)
+    return EXIT_OK
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from . import guests
+
+    names = _names(args)
+    if args.purge and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("--purge deletes the backing volumes (region data); add --yes to confirm")
+        answer = input(f"delete the backing volumes of {', '.join(names)}? this destroys their data [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing destroyed")
+            return EXIT_OK
+    guests.destroy(names, connect=args.connect, purge=args.purge)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import guests
+
+    sys.stdout.write(guests.list_text(connect=args.connect, fmt=args.format))
+    return EXIT_OK
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    from . import guests
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    argv = guests.ssh_argv(args.name, connect=args.connect, command=cmd)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # noqa: S606 - argument list, no shell
+    return EXIT_OK  # not reached
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from . import guests
+
+    sys.stdout.write(guests.console_text(args.name, connect=args.connect))
+    return EXIT_OK
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from . import image, storage, virt
+    from .progress import Progress
+    from .workflow import effective_uri, pool_dir_for
+
+    conn = virt.connect(effective_uri(virt.DEFAULT_URI, args.connect))
+    try:
+        storage.ensure_pool(conn, args.pool, pool_dir_for(args.pool))
+        names = image.build(conn, args.pool, force=args.force, progress=Progress().line)
+    finally:
+        conn.close()
+    print("built-in image volumes: " + ", ".join(names))
+    return EXIT_OK
+
+
+def _names(args: argparse.Namespace) -> list[str]:
+    names = list(args.names or [])
+    if args.file:
+        from . import spec
+
+        names += [g.name for g in spec.load(args.file).guests]
+    if not names:
+        raise UsageError("name at least one guest, or give -f FILE")
+    return names
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": cmd_validate, "render": cmd_render, "create": cmd_create, "verify": cmd_verify,
+    "start": cmd_start, "stop": cmd_stop, "destroy": cmd_destroy, "list": cmd_list, "ssh": cmd_ssh,
+    "console": cmd_console, "image": cmd_image,
+}
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; what this run made was rolled back")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM takes the same path as Ctrl-C so the rollback runs.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return COMMANDS[args.command](args)
+    except NvmprovError as exc:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, SpecError):
+            sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse
+        else:
+            _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted; what this run made was rolled back")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def _error(message: str) -> None:
+    red = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+    first, *rest = message.splitlines() or [""]
+    line = f"nvmprov: error: {first}"
+    sys.stderr.write((f"\x1b[31m{line}\x1b[0m" if red else line) + "\n")
+    for extra in rest:
+        sys.stderr.write(f"  {extra}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

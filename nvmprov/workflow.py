@@ -1,0 +1,521 @@
+"""`nvmprov create` and the guest life cycle: one straight line of stages, side effects at the edges.
+
+spec -> host facts -> plan -> define (metadata first) -> volumes (each recorded) -> start -> SSH
+-> agent.apply -> agent.verify -> power-cycle proof -> report. Any failure or signal rolls back
+exactly what this run made (unless --keep-on-failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+from . import boot, domain, host, image, seed, ssh, state, storage, virt
+from . import plan as planmod
+from .errors import GuestError, HostError, UsageError, VirtError
+from .progress import Progress
+from .report import GuestReport, SshInfo
+from .rollback import Rollback
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from .plan import Plan
+    from .spec import GuestSpec
+
+Until = Literal["define", "start", "ssh", "all"]
+DEFAULT_POOL_DIR = "/var/lib/nvmprov/pool"
+POWER_OFF_TIMEOUT_S = 30
+HOSTFWD_ERRORS = ("host forwarding rule", "Could not set up host forwarding")
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    until: Until = "all"
+    power_cycle: bool = True
+    reformat: bool = False
+    keep_on_failure: bool = False
+    connect: str | None = None  # --connect overrides the spec
+    spec_path: str | None = None
+
+
+def effective_uri(spec_uri: str, flag: str | None) -> str:
+    """--connect beats the spec's `connect`, which beats LIBVIRT_DEFAULT_URI (only used when the
+    spec kept the default)."""
+    if flag:
+        return flag
+    env = os.environ.get("LIBVIRT_DEFAULT_URI")
+    if env and spec_uri == virt.DEFAULT_URI:
+        return env
+    return spec_uri
+
+
+def pool_dir_for(pool_name: str) -> str:
+    return DEFAULT_POOL_DIR if pool_name == "nvmprov" else f"/var/lib/nvmprov/pools/{pool_name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# create
+
+
+def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestReport:
+    """Create (or, when it exists with the same spec, re-verify) one guest. Never raises for guest
+    failures: the report carries the error; NvmprovError subclasses for spec/host problems pass."""
+    report = GuestReport(name=spec.name)
+    with state.lock(spec.name):
+        conn = virt.connect(effective_uri(spec.connect, opts.connect))
+        try:
+            _create_locked(conn, spec, opts, progress, report)
+        finally:
+            report.timings_s = dict(progress.timings_s)
+            conn.close()
+    return report
+
+
+def _create_locked(
+    conn: libvirt.virConnect, spec: GuestSpec, opts: CreateOptions, progress: Progress, report: GuestReport
+) -> None:
+    with progress.phase("host"):
+        pool = storage.ensure_pool(conn, spec.pool, pool_dir_for(spec.pool))
+        facts = host.facts(conn, storage.pool_path(pool))
+        if spec.image == "builtin":
+            if not image.is_built(pool):
+                progress.line("built-in guest image missing: building it (about 2-4 minutes)")
+                image.build(conn, spec.pool, progress=progress.line)
+            facts = replace(facts, builtin_volumes=image.builtin_volume_names())
+        the_plan = planmod.build(spec, facts)
+    report.accel = the_plan.accel
+    if the_plan.accel_notice:
+        progress.line(the_plan.accel_notice)
+    for region in the_plan.regions:
+        for note in region.notes:
+            progress.line(f"region {region.name}: {note}")
+
+    files = state.guest_files(spec.name)
+    existing = virt.lookup(conn, spec.name)
+    if existing is not None:
+        md = domain.parse_metadata(virt.xml_desc(existing, inactive=True))
+        if md is not None and not md.complete:
+            # A run that was killed (SIGKILL, power loss) left this: its metadata names what it made.
+            progress.line(f"guest {spec.name}: an earlier create did not finish; removing what it left")
+            remove_leftovers(conn, existing, md, progress)
+        else:
+            _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
+            return
+
+    undo = Rollback(progress)
+    try:
+        build = _build_guest(conn, pool, the_plan, spec, files, opts, progress, undo, report)
+        if opts.until not in ("define", "start"):
+            _prove(conn, build.dom, the_plan, files, opts, progress, report, power_cycle=opts.power_cycle)
+        build.md = replace(build.md, complete=True)
+        _record(build.dom, build.md)
+        undo.commit()
+    except BaseException as exc:
+        if opts.keep_on_failure:
+            progress.line("keeping what was made (--keep-on-failure); `nvmprov destroy --purge` removes it")
+        else:
+            problems = undo.run()
+            if problems:
+                report.notes.append("rollback left: " + "; ".join(problems))
+        if isinstance(exc, GuestError):
+            report.fail(_phase_of(progress), str(exc))
+            return
+        raise
+    report.settle()
+
+
+def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domain.Metadata, progress: Progress) -> None:
+    """Undo an unfinished create: every volume its metadata says it made, then the domain."""
+    virt.power_off(dom)
+    pool = storage.pool_of(conn, md.pool)
+    for name, _kind in reversed(md.volumes):
+        if storage.delete(pool, name):
+            progress.line(f"removed leftover volume {name}")
+    virt.undefine(dom)
+    progress.line(f"removed leftover domain {dom.name()}")
+
+
+def _phase_of(progress: Progress) -> str:
+    return next(reversed(progress.timings_s), "create") if progress.timings_s else "create"
+
+
+@dataclass
+class _Build:
+    """What a create run has made so far: the domain and the metadata recorded on it."""
+
+    dom: libvirt.virDomain
+    md: domain.Metadata
+
+
+def _build_guest(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    the_plan: Plan,
+    spec: GuestSpec,
+    files: state.GuestFiles,
+    opts: CreateOptions,
+    progress: Progress,
+    undo: Rollback,
+    report: GuestReport,
+) -> _Build:
+    pool_dir = storage.pool_path(pool)
+    with progress.phase("keys"):
+        client, host_key = _make_keys(files)
+        spec_json = spec.model_dump_json(by_alias=True)
+        state.write_private(files.spec_json, spec_json)
+
+    with progress.phase("define"):
+        _check_backing_volumes(conn, pool, the_plan)
+        md = domain.Metadata.from_plan(the_plan, ssh_port=0, spec_path=opts.spec_path, spec_json=spec_json)
+        dom, md = _define_with_port(conn, the_plan, md, pool_dir)
+        undo.add(f"domain {the_plan.name}", lambda: _undefine_quietly(conn, the_plan.name))
+        report.ssh = _ssh_info(the_plan, md.ssh_port, files)
+    build = _Build(dom, md)
+
+    with progress.phase("volumes"):
+        build.md = _make_volumes(pool, build.dom, the_plan, build.md, client, host_key, progress, undo)
+    if opts.until == "define":
+        return build
+
+    with progress.phase("start", _prealloc_hint(the_plan)):
+        build.dom, build.md = _start_with_port_retry(conn, build, the_plan, pool_dir, report, files)
+        undo.add(f"running guest {the_plan.name}", lambda: _power_off_quietly(conn, the_plan.name))
+        _hotplug_virtio_pmem(build.dom, the_plan, pool_dir)
+    return build
+
+
+def _power_off_quietly(conn: libvirt.virConnect, name: str) -> None:
+    dom = virt.lookup(conn, name)
+    if dom is not None:
+        virt.power_off(dom)
+
+
+def _prealloc_hint(the_plan: Plan) -> str:
+    big = sum(r.backing_bytes for r in the_plan.nvdimm_regions if not r.host_pmem)
+    if big >= 2 * 1024**3:
+        return (
+            f"libvirt preallocates {big / 1024**3:.0f} GiB of nvdimm backing (QEMU prealloc); "
+            "under TCG this takes several seconds per GiB"
+        )
+    return ""
+
+
+def _make_keys(files: state.GuestFiles) -> tuple[seed.KeyPair, seed.KeyPair]:
+    client = seed.generate_keypair()
+    host_key = seed.generate_keypair()
+    state.write_private(files.client_key, client.private_openssh)
+    state.write_private(files.client_key_pub, client.public_openssh + "\n")
+    state.write_private(files.host_key_pub, host_key.public_openssh + "\n")
+    return client, host_key
+
+
+def _ssh_info(the_plan: Plan, port: int, files: state.GuestFiles) -> SshInfo:
+    return SshInfo(
+        host="127.0.0.1", port=port, user=the_plan.ssh_user,
+        identity_file=str(files.client_key), known_hosts=str(files.known_hosts),
+    )
+
+
+def _write_known_hosts(files: state.GuestFiles, port: int) -> None:
+    key = files.host_key_pub.read_text().split()
+    state.write_private(files.known_hosts, f"[127.0.0.1]:{port} {key[0]} {key[1]}\n")
+
+
+def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePool, the_plan: Plan) -> None:
+    """Refuse before changing anything when a backing volume is in another domain's hands."""
+    pool_dir = storage.pool_path(pool)
+    for region in the_plan.regions:
+        path = f"{pool_dir}/{region.volume}"
+        users = virt.domains_using_path(conn, path, exclude=the_plan.name)
+        if users:
+            raise HostError(
+                f"backing volume {region.volume} of region {region.name} is used by domain(s) "
+                f"{', '.join(users)}; give the region another name or detach it there first"
+            )
+
+
+def _used_ports(conn: libvirt.virConnect) -> set[int]:
+    ports = set()
+    for dom in virt.all_domains(conn):
+        md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+        if md is not None and md.ssh_port:
+            ports.add(md.ssh_port)
+    return ports
+
+
+def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str) -> str:
+    ctx = domain.RenderContext(
+        uuid=dom_uuid, ssh_port=md.ssh_port, pool_dir=pool_dir,
+        console_log=boot.console_log_path(the_plan.name),
+    )
+    return domain.render(the_plan, ctx, metadata=md)
+
+
+def _define_with_port(
+    conn: libvirt.virConnect,
+    the_plan: Plan,
+    md: domain.Metadata,
+    pool_dir: str,
+    *,
+    avoid: frozenset[int] = frozenset(),
+    dom_uuid: str | None = None,
+) -> tuple[libvirt.virDomain, domain.Metadata]:
+    # The host lock spans choice and define, so a concurrent create sees the port in our metadata.
+    # A random UUID: a fixed one would let define silently replace another domain.
+    with state.host_lock("ssh-ports"):
+        md = replace(md, ssh_port=boot.free_port(_used_ports(conn) | set(avoid)))
+        dom = virt.define(conn, _render(the_plan, md, pool_dir, dom_uuid or str(uuid.uuid4())))
+    return dom, md
+
+
+def _record(dom: libvirt.virDomain, md: domain.Metadata) -> None:
+    virt.set_metadata(dom, domain.metadata_xml(md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
+
+
+def _make_volumes(
+    pool: libvirt.virStoragePool,
+    dom: libvirt.virDomain,
+    the_plan: Plan,
+    md: domain.Metadata,
+    client: seed.KeyPair,
+    host_key: seed.KeyPair,
+    progress: Progress,
+    undo: Rollback,
+) -> domain.Metadata:
+    """Each volume this run creates is recorded in the domain's metadata right after it exists,
+    so a killed run leaves nothing untraceable."""
+
+    def made(name: str, kind: str) -> None:
+        nonlocal md
+        undo.add(f"volume {name}", lambda: _delete_volume(pool, name))
+        md = md.with_volume(name, kind)
+        _record(dom, md)
+
+    for region in the_plan.regions:
+        existed = storage.volume_exists(pool, region.volume)
+        storage.create_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation)
+        if existed:
+            progress.line(f"region {region.name}: reusing existing backing volume {region.volume} (same size)")
+        else:
+            made(region.volume, "backing")
+            progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")
+
+    if the_plan.base_volume is not None:
+        storage.create_overlay(pool, the_plan.overlay_volume, the_plan.base_volume, the_plan.disk_bytes)
+        made(the_plan.overlay_volume, "overlay")
+    elif the_plan.image != "builtin":
+        storage.create_overlay_for_path(pool, the_plan.overlay_volume, the_plan.image, the_plan.disk_bytes)
+        made(the_plan.overlay_volume, "overlay")
+
+    cfg = seed.SeedConfig(
+        hostname=the_plan.name, user=the_plan.ssh_user, client_public_key=client.public_openssh,
+        host_private_key=host_key.private_openssh.decode(), host_public_key=host_key.public_openssh,
+        outbound=the_plan.network_outbound, instance_id=f"{the_plan.name}-{uuid.uuid4().hex[:12]}",
+        mac=the_plan.mac,
+    )
+    iso = seed.build_iso(seed.user_data(cfg), seed.meta_data(cfg), seed.network_config(cfg))
+    storage.upload(pool, the_plan.seed_volume, iso)
+    made(the_plan.seed_volume, "seed")
+    return md
+
+
+def _delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
+    storage.delete(pool, name)
+
+
+def _undefine_quietly(conn: libvirt.virConnect, name: str) -> None:
+    dom = virt.lookup(conn, name)
+    if dom is not None:
+        virt.power_off(dom)
+        virt.undefine(dom)
+
+
+def _start_with_port_retry(
+    conn: libvirt.virConnect,
+    build: _Build,
+    the_plan: Plan,
+    pool_dir: str,
+    report: GuestReport,
+    files: state.GuestFiles,
+    attempts: int = 3,
+) -> tuple[libvirt.virDomain, domain.Metadata]:
+    """Start; when QEMU cannot bind the SSH forward (someone took the port since), pick another."""
+    dom, md = build.dom, build.md
+    tried: set[int] = set()
+    for attempt in range(attempts):
+        try:
+            virt.start(dom)
+            _write_known_hosts(files, md.ssh_port)
+            return dom, md
+        except VirtError as exc:
+            if attempt == attempts - 1 or not any(m in str(exc) for m in HOSTFWD_ERRORS):
+                raise
+            tried.add(md.ssh_port)
+            dom, md = _define_with_port(conn, the_plan, md, pool_dir, avoid=frozenset(tried), dom_uuid=dom.UUIDString())
+            report.ssh = _ssh_info(the_plan, md.ssh_port, files)
+    raise AssertionError("unreachable")
+
+
+def _hotplug_virtio_pmem(dom: libvirt.virDomain, the_plan: Plan, pool_dir: str) -> None:
+    """libvirt 9.0 cannot start a domain with virtio-pmem in its config: attach them live, every start."""
+    for region in the_plan.virtio_pmem_regions:
+        virt.attach(dom, domain.region_device_xml(region, pool_dir), live=True, config=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# SSH, agent, verification, power cycle
+
+
+def open_session(
+    dom: libvirt.virDomain, the_plan: Plan, files: state.GuestFiles, port: int, deadline_s: float, progress: Progress
+) -> ssh.Session:
+    name = the_plan.name
+    log_path = boot.console_log_path(name)
+
+    def abort_check() -> None:
+        boot.check_boot(name, log_path, active=virt.is_active(dom))
+
+    target = ssh.SshTarget(
+        host="127.0.0.1", port=port, user=the_plan.ssh_user, client_key_path=str(files.client_key),
+        host_public_key=files.host_key_pub.read_text().strip(),
+    )
+    try:
+        return ssh.connect(target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check)
+    except GuestError as exc:
+        tail = boot.read_tail(log_path, max_lines=15)
+        boot.copy_log(log_path, files.console_copy)
+        if tail and "console lines" not in str(exc):
+            raise GuestError(f"{exc}\nlast console lines:\n{tail}") from None
+        raise
+
+
+def _prove(
+    conn: libvirt.virConnect,
+    dom: libvirt.virDomain,
+    the_plan: Plan,
+    files: state.GuestFiles,
+    opts: CreateOptions,
+    progress: Progress,
+    report: GuestReport,
+    *,
+    power_cycle: bool,
+) -> None:
+    assert report.ssh is not None
+    port = report.ssh.port
+    with progress.phase("ssh", f"waiting for SSH on 127.0.0.1:{port} (TCG boot takes about a minute)"):
+        session = open_session(dom, the_plan, files, port, the_plan.boot_timeout_s, progress)
+    if opts.until == "ssh":
+        session.close()
+        return
+    try:
+        with progress.phase("agent"):
+            states = agent.apply(session, the_plan, reformat=opts.reformat)
+        with progress.phase("verify"):
+            regions = agent.verify(session, the_plan, states)
+    finally:
+        session.close()
+    pool_dir = storage.pool_path(storage.pool_of(conn, the_plan.pool))
+    for r in regions:
+        r.backing_path = f"{pool_dir}/{the_plan.region(r.name).volume}"
+    report.regions = regions
+    if power_cycle:
+        with progress.phase("power-cycle"):
+            power_cycle_proof(conn, dom, the_plan, files, port, regions, progress, reformat=opts.reformat)
+
+
+def power_cycle_proof(
+    conn: libvirt.virConnect,
+    dom: libvirt.virDomain,
+    the_plan: Plan,
+    files: state.GuestFiles,
+    port: int,
+    regions: list[agent.RegionReport],
+    progress: Progress,
+    *,
+    reformat: bool = False,
+) -> None:
+    """Cut the power after the guest synced, boot again, re-check each payload's sha256 in the guest
+    and find each region's marker in its host backing volume (read through libvirt)."""
+    progress.line("cutting the guest's power (virDomainDestroy, no clean shutdown)")
+    virt.power_off(dom)
+    virt.start(dom)
+    pool_dir = os.path.dirname(regions[0].backing_path) if regions and regions[0].backing_path else ""
+    _hotplug_virtio_pmem(dom, the_plan, pool_dir)
+    session = open_session(dom, the_plan, files, port, the_plan.boot_timeout_s, progress)
+    try:
+        agent.apply(session, the_plan, reformat=False)
+        for r in regions:
+            if r.payload_path is None or r.payload_sha256 is None:
+                continue
+            r.persisted = agent.check_payload(session, r.payload_path, r.payload_sha256)
+    finally:
+        session.close()
+    pool = storage.pool_of(conn, the_plan.pool)
+    for r in regions:
+        if r.persisted and r.marker is not None:
+            offset = storage.find_marker(storage.volume(pool, the_plan.region(r.name).volume), r.marker.encode())
+            r.persisted = offset is not None
+            r.marker_offset = offset
+
+
+# ---------------------------------------------------------------------------------------------
+# re-running create on an existing guest
+
+
+def _reverify_existing(
+    conn: libvirt.virConnect,
+    dom: libvirt.virDomain,
+    spec: GuestSpec,
+    the_plan: Plan,
+    files: state.GuestFiles,
+    opts: CreateOptions,
+    progress: Progress,
+    report: GuestReport,
+) -> None:
+    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+    if md is None:
+        raise HostError(
+            f"a domain named {spec.name!r} already exists and was not made by nvmprov; "
+            "pick another name, or use `nvmprov attach` to add regions to it"
+        )
+    if md.spec_digest != the_plan.spec_digest:
+        raise UsageError(
+            f"guest {spec.name!r} exists with a different spec (changed: {', '.join(_changed_fields(spec, files))}); "
+            f"`nvmprov destroy {spec.name}` first, or keep the old spec"
+        )
+    progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
+    report.ssh = _ssh_info(the_plan, md.ssh_port, files)
+    if not virt.is_active(dom):
+        start_guest(conn, dom, the_plan, progress)
+    if opts.until in ("define", "start"):
+        report.settle()
+        return
+    _prove(conn, dom, the_plan, files, opts, progress, report, power_cycle=False)
+    report.settle()
+
+
+def _changed_fields(spec: GuestSpec, files: state.GuestFiles) -> list[str]:
+    from .spec import GuestSpec as Model
+
+    try:
+        old = Model.model_validate(json.loads(files.spec_json.read_text()))
+    except (OSError, ValueError):
+        return ["(the previous spec is not recorded on this machine)"]
+    return spec.diff(old) or ["(digest differs)"]
+
+
+def start_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan, progress: Progress) -> None:
+    with progress.phase("start"):
+        virt.start(dom)
+        pool = storage.pool_of(conn, the_plan.pool)
+        _hotplug_virtio_pmem(dom, the_plan, storage.pool_path(pool))
+
+
+# Imported late: the agent pulls in paramiko, which `render`/`validate` never need.
+from . import agent  # noqa: E402
+
+__all__ = ["CreateOptions", "create", "effective_uri", "open_session", "power_cycle_proof", "start_guest"]

@@ -41,7 +41,9 @@ def _add_output(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nvmprov",
-        description="Provision KVM/QEMU guests with virtual NVDIMMs and prove, from inside, that DAX works and persists.",
+        description=(
+            "Provision KVM/QEMU guests with virtual NVDIMMs and prove, from inside, that DAX works and persists."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"nvmprov {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

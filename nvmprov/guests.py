@@ -84,7 +84,8 @@ def stop(names: list[str], *, connect: str | None, force: bool, timeout_s: float
     with _connection(connect) as conn:
         for name in names:
             with state.lock(name):
-                stop_one(managed(conn, name).dom, force=force, timeout_s=timeout_s, progress=Progress(prefix=f"{name}: "))
+                progress = Progress(prefix=f"{name}: ")
+                stop_one(managed(conn, name).dom, force=force, timeout_s=timeout_s, progress=progress)
 
 
 def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress: Progress) -> None:
@@ -181,7 +182,8 @@ def verify(names: list[str], *, connect: str | None, power_cycle: bool) -> Repor
                 m = managed(conn, name)
                 files = state.guest_files(name)
                 g.accel = m.plan.accel
-                g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
+                g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key),
+                                str(files.known_hosts))
                 try:
                     if not virt.is_active(m.dom):
                         start_guest(conn, m.dom, m.plan, progress)

@@ -22,6 +22,10 @@ import paramiko
 from nvmprov.errors import GuestError, GuestTimeout, RemoteCommandError
 
 log = logging.getLogger(__name__)
+# paramiko logs every failed banner exchange with a traceback at ERROR; without a handler Python
+# prints that on stderr, and while a guest boots those failures are expected. An application that
+# configures logging still receives them through propagation.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 Progress = Callable[[str], None]
 

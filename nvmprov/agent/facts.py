@@ -308,10 +308,14 @@ class Region:
         return max(active, key=lambda ns: ns.size_bytes) if active else None
 
     @property
-    def pci_address(self) -> str | None:
-        """ "0000:00:05.0" for a region of a virtio-pmem device, None for an NFIT region."""
-        m = re.search(r"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])/virtio\d+/ndbus\d+/", self.sysfs_path)
-        return m.group(1) if m else None
+    def pci_path(self) -> tuple[str, ...]:
+        """PCI addresses from the root bus down to a virtio-pmem device; () for an NFIT region.
+
+        ("0000:00:10.0", "0000:01:00.0") for a device behind the root port in slot 0x10.
+        """
+        if "/virtio" not in self.sysfs_path:
+            return ()
+        return tuple(re.findall(r"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])(?=/)", self.sysfs_path))
 
 
 @dataclass(frozen=True)
@@ -338,6 +342,10 @@ class GuestFacts:
     blockdevs: dict[str, BlockDevice]
     mounts: tuple[Mount, ...]
     fstab: str
+    kernel_log: tuple[str, ...] = ()  # nvdimm-related dmesg lines, for error messages
+
+    def kernel_lines(self, *words: str) -> tuple[str, ...]:
+        return tuple(line for line in self.kernel_log if any(w in line for w in words))
 
     def mounts_of(self, device: str) -> tuple[Mount, ...]:
         return tuple(m for m in self.mounts if m.source == device)
@@ -395,6 +403,7 @@ def parse_guest_facts(text: str) -> GuestFacts:
         blockdevs={n: _blockdev(n, b) for n, b in (raw.get("blockdevs") or {}).items()},
         mounts=parse_proc_mounts(raw.get("mounts") or ""),
         fstab=raw.get("fstab") or "",
+        kernel_log=tuple(raw.get("kernel_log") or ()),
     )
 
 
@@ -410,6 +419,7 @@ def nfit_handle(region: RegionPlan) -> int:
 
 
 def pci_address(region: RegionPlan) -> str:
+    """The address on pcie.0 of the region's device, or of the root port it is plugged into."""
     if region.pci_slot is None:
         raise GuestError(f"region {region.name}: virtio-pmem without a PCI slot in the plan")
     return f"0000:00:{region.pci_slot:02x}.0"
@@ -429,8 +439,9 @@ def locate(facts: GuestFacts, region: RegionPlan) -> Region:
         found = _by_handle(facts, nfit_handle(region))
         where = f"NFIT handle {nfit_handle(region):#x} (dimm slot {region.dimm_slot})"
     else:
-        found = [r for r in facts.regions.values() if r.pci_address == pci_address(region)]
-        where = f"virtio-pmem PCI address {pci_address(region)}"
+        # The first address under the root bus: the device itself, or the root port it sits behind.
+        found = [r for r in facts.regions.values() if r.pci_path[:1] == (pci_address(region),)]
+        where = f"virtio-pmem PCI slot {pci_address(region)}"
     if not found:
         seen = ", ".join(sorted(facts.regions)) or "none"
         raise GuestError(

@@ -121,7 +121,7 @@ def _filesystem_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *
         return []
     dev = blockdev_of(facts, guest)
     if dev is None:
-        raise GuestError(f"region {region.name}: {guest.dev} has no block device (/dev/pmemN)")
+        raise GuestError(no_blockdev_message(facts, region, guest))
     device = f"/dev/{dev.name}"
     mounts = facts.mounts_of(device)
     at_target = facts.mount_at(region.mount)
@@ -142,6 +142,22 @@ def _filesystem_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *
             at_target = None  # unmounted just above
     commands += _mount(region, device, mounts, at_target)
     return commands
+
+
+def no_blockdev_message(facts: GuestFacts, region: RegionPlan, guest: Region) -> str:
+    disabled = [ns.dev for ns in guest.namespaces if not ns.enabled]
+    why = facts.kernel_lines(*disabled, guest.dev) if disabled else ()
+    text = f"region {region.name}: guest {guest.dev} has no block device (/dev/pmemN)"
+    if disabled:
+        text += f"; the kernel left {', '.join(disabled)} disabled"
+    if why:
+        text += ": " + " | ".join(line.strip() for line in why[-3:])
+    if any("misaligned" in line for line in why):
+        text += (
+            ". The device's guest-physical start is not 2 MiB aligned; this happens when a device follows an"
+            " nvdimm whose label area leaves its mapped size off a 2 MiB multiple"
+        )
+    return text
 
 
 def _mkfs(region: RegionPlan, device: str) -> Command:

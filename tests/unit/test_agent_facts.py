@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -275,20 +276,34 @@ def test_locate_missing_region_names_what_is_there() -> None:
         F.locate(facts, _region_plan(dimm_slot=3))
 
 
-def test_locate_virtio_pmem_by_pci_address() -> None:
-    virtio = F.Region(
-        "region1", "/sys/devices/pci0000:00/0000:00:0c.0/virtio5/ndbus1/region1", 256 * MiB, False, (), ()
+def test_locate_virtio_pmem_by_pci_slot_of_its_root_port() -> None:
+    behind_port = F.Region(
+        "region1", "/sys/devices/pci0000:00/0000:00:10.0/0000:01:00.0/virtio5/ndbus1/region1", 256 * MiB, False, (), ()
     )
-    other = F.Region("region2", "/sys/devices/pci0000:00/0000:00:0b.0/virtio4/ndbus2/region2", 256 * MiB, False, (), ())
+    other = F.Region(
+        "region2", "/sys/devices/pci0000:00/0000:00:11.0/0000:02:00.0/virtio6/ndbus2/region2", 256 * MiB, False, (), ()
+    )
+    direct = F.Region(
+        "region3", "/sys/devices/pci0000:00/0000:00:0c.0/virtio4/ndbus3/region3", 256 * MiB, False, (), ()
+    )
     facts = _facts(
-        {"region1": virtio, "region2": other, "region0": _nfit_region("region0", "nmem0", 512 * MiB)}, {"nmem0": 1}
+        {
+            "region1": behind_port,
+            "region2": other,
+            "region3": direct,
+            "region0": _nfit_region("region0", "nmem0", 512 * MiB),
+        },
+        {"nmem0": 1},
     )
     plan = _region_plan(
-        model="virtio-pmem", dimm_slot=None, pci_slot=0x0C, size_bytes=256 * MiB, backing_bytes=256 * MiB
+        model="virtio-pmem", dimm_slot=None, pci_slot=0x10, size_bytes=256 * MiB, backing_bytes=256 * MiB
     )
-    assert virtio.pci_address == "0000:00:0c.0"
+    assert behind_port.pci_path == ("0000:00:10.0", "0000:01:00.0")
     assert F.locate(facts, plan).dev == "region1"
-    assert facts.regions["region0"].pci_address is None
+    assert F.locate(facts, replace(plan, pci_slot=0x0C)).dev == "region3"
+    assert facts.regions["region0"].pci_path == ()
+    with pytest.raises(GuestError, match="no guest region at virtio-pmem PCI slot 0000:00:12.0"):
+        F.locate(facts, replace(plan, pci_slot=0x12))
 
 
 def test_blockdev_region_from_sysfs_path() -> None:

@@ -57,7 +57,7 @@ class FakeRegion:
     @property
     def path(self) -> str:
         if self.pci:
-            return f"/sys/devices/pci0000:00/{self.pci}/virtio3/ndbus1/{self.dev}"
+            return f"/sys/devices/pci0000:00/{self.pci}/0000:01:00.0/virtio3/ndbus1/{self.dev}"
         return f"/sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/{self.dev}"
 
 

@@ -9,11 +9,15 @@ Values are raw text; the host parses them, so this stays dumb and old-python fri
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
 MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "virtio_pmem")
 ND = "/sys/bus/nd/devices/"
+KERNEL_LOG_LINES = 40
+# Why a namespace did not come up is only in the kernel log ("... misaligned, unable to map").
+KERNEL_LOG_PATTERN = re.compile(r"nd_pmem|nd_pfn|nd_region|nd_btt|virtio_pmem|libnvdimm|nfit|misaligned")
 
 
 def read(path):
@@ -76,6 +80,12 @@ def blockdevs():
     return out
 
 
+def kernel_log():
+    out = run(["dmesg"])
+    lines = [line for line in out["stdout"].splitlines() if KERNEL_LOG_PATTERN.search(line)]
+    return lines[-KERNEL_LOG_LINES:]
+
+
 def main():
     facts = {
         "modules": modules(),
@@ -85,6 +95,7 @@ def main():
         "blockdevs": blockdevs(),
         "mounts": read("/proc/self/mounts") or "",
         "fstab": read("/etc/fstab") or "",
+        "kernel_log": kernel_log(),
     }
     json.dump(facts, sys.stdout)
 

@@ -27,19 +27,41 @@ command -v dpkg-query >/dev/null || die "this script supports Debian (dpkg/apt) 
 install_packages() {
     local missing=() p
     for p in "${packages[@]}"; do
-        # "install ok installed" only when the package is fully installed
-        if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
-            missing+=("$p")
-        fi
+        installed "$p" || missing+=("$p")
     done
     if [ "${#missing[@]}" -eq 0 ]; then
         step "packages: all ${#packages[@]} present"
         return
     fi
     step "packages: installing ${missing[*]}"
+    local had_network_config=yes
+    installed libvirt-daemon-config-network || had_network_config=no
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq </dev/null
     apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+    if [ "$had_network_config" = no ]; then
+        quiet_default_network
+    fi
+}
+
+installed() {
+    # "install ok installed" only when the package is fully installed
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+quiet_default_network() {
+    # libvirt-daemon-system pulls in libvirt-daemon-config-network, which defines libvirt's NAT
+    # network `default` with autostart. nvmprov never uses it and must never start it; we only
+    # touch it when it was installed just now (it is ours then, nothing else relies on it).
+    local link=/etc/libvirt/qemu/networks/autostart/default.xml
+    if [ -e "$link" ] || [ -L "$link" ]; then
+        rm -f "$link"
+        step "network: autostart of libvirt's 'default' NAT network turned off (nvmprov uses QEMU user networking)"
+    fi
+    if virsh -c "$libvirt_uri" net-info default 2>/dev/null | grep -qE '^Active:[[:space:]]+yes'; then
+        virsh -c "$libvirt_uri" net-destroy default >/dev/null
+        step "network: stopped libvirt's 'default' NAT network that the package install started"
+    fi
 }
 
 setup_venv() {

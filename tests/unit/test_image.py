@@ -214,3 +214,23 @@ def test_mounts_under_reads_proc_mounts(tmp_path):
     under_root = image._mounts_under(image.Path("/"))
     assert "/proc" in under_root  # a real mount point below /
     assert "/" not in under_root  # the directory itself is not "under" itself
+
+
+def test_failing_tool_raises_with_command_status_and_stderr_tail():
+    lines = []
+    script = "for i in $(seq 1 40); do echo line$i >&2; done; echo 'I: phase one' >&2; exit 3"
+    with pytest.raises(image.HostError) as exc:
+        image._run(["sh", "-c", script], progress=lines.append, label="tool", stream=True)
+    msg = str(exc.value)
+    assert "tool failed (exit 3): sh -c" in msg
+    assert "line40" in msg and "I: phase one" in msg
+    assert "line1\n" not in msg  # only the tail
+    assert lines and lines[0].startswith("image: tool: phase one (")
+
+
+def test_no_debian_sources_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(image, "_require_tools", lambda: None)
+    monkeypatch.setattr(image, "_read_host_sources", lambda: [("n.sources", NODESOURCE)])
+    with pytest.raises(image.HostError, match="no enabled Debian 'bookworm' entry"):
+        image.build_local(tmp_path, lambda s: None)
+    assert list(tmp_path.iterdir()) == []  # nothing started

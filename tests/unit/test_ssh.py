@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -357,3 +358,30 @@ def test_abort_check_stops_the_wait_early(sshd: Sshd) -> None:
         ssh.connect(sshd.target(port=_free_port()), deadline_s=30, abort_check=abort_check)
     assert time.monotonic() - start < 3
     assert len(calls) == 2
+
+
+def test_dropped_banners_print_nothing_on_stderr(sshd: Sshd) -> None:
+    """paramiko logs each failed banner with a traceback; a boot wait must not spray them on a terminal.
+
+    In a child process: pytest's own log capture would hide the problem here.
+    """
+    port = _free_port()
+    stop = threading.Event()
+    dropper = _reset_server(port, stop)
+    script = (
+        "import sys\n"
+        "from nvmprov import ssh\n"
+        "from nvmprov.errors import GuestTimeout\n"
+        f"t = ssh.SshTarget('127.0.0.1', {port}, 'u', {str(sshd.client_key)!r}, {sshd.host_public_key!r})\n"
+        "try:\n"
+        "    ssh.connect(t, deadline_s=1.5)\n"
+        "except GuestTimeout as e:\n"
+        "    print(e)\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    finally:
+        stop.set()
+        dropper.join()
+    assert "not ready after" in proc.stdout
+    assert proc.stderr == ""

@@ -197,7 +197,7 @@ def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
     assert any(m.target == "/" for m in facts.mounts)
     assert facts.regions == {}
     raw = json.loads(proc.stdout)
-    assert set(raw) == {"modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab"}
+    assert set(raw) == {"modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab", "kernel_log"}
 
 
 def test_guest_facts_garbage() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_agent_steps import region
+from .test_agent_steps import region
 
 from nvmprov.agent import describe, steps
 from nvmprov.agent.facts import GuestFacts, locate, parse_guest_facts

@@ -1,0 +1,161 @@
+"""`nvmprov create` end to end on a real guest under TCG, and the life cycle around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from .conftest import PREFIX, Created, destroy_quietly, example, nvmprov, write_spec
+
+pytestmark = pytest.mark.e2e
+
+REGION_FIELDS = {
+    "name", "model", "size_bytes", "usable_bytes", "backing_path", "guest_device", "namespace_mode",
+    "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted",
+}
+
+
+def test_create_mixed_proves_every_region(mixed_guest: Created) -> None:
+    assert mixed_guest.proc.returncode == 0, mixed_guest.proc.stderr[-6000:]
+    report = mixed_guest.report
+    assert report["schema_version"] == 1
+    assert report["ok"] is True
+    g = mixed_guest.guest
+    assert g["name"] == mixed_guest.name and g["ok"] is True and g["error"] is None
+    assert g["accel"] == "tcg"  # this machine's /dev/kvm has no vmx: auto must pick TCG
+    assert g["ssh"]["host"] == "127.0.0.1"
+    spec = example("mixed.yaml", mixed_guest.name)
+    assert [r["name"] for r in g["regions"]] == [r["name"] for r in spec["pmem"]]
+    for region, wanted in zip(g["regions"], spec["pmem"], strict=True):
+        assert set(region) >= REGION_FIELDS, region
+        assert region["model"] == wanted.get("model", "nvdimm")
+        assert region["filesystem"] == wanted.get("filesystem", "ext4")
+        assert region["mountpoint"] == wanted.get("mount", f"/mnt/{wanted['name']}")
+        assert region["dax"] is True, region
+        assert region["xip_ok"] is True, region
+        assert region["data_ok"] is True, region
+        assert region["persisted"] is True, region
+        assert 0 < region["usable_bytes"] <= region["size_bytes"], region
+        assert region["guest_device"].startswith("/dev/pmem"), region
+        if region["model"] == "nvdimm":
+            assert region["namespace_mode"] == "fsdax"
+        assert os.path.exists(region["backing_path"])
+        st = os.stat(region["backing_path"])
+        assert st.st_mode & 0o077 == 0, "backing volumes must not be readable by others"
+        assert st.st_size >= region["size_bytes"]
+    assert "power-cycle" in g["timings_s"]
+
+
+def test_junit_report_has_no_failures(mixed_guest: Created) -> None:
+    junit = mixed_guest.spec_path.parent / f"{mixed_guest.name}.junit.xml"
+    root = ET.parse(junit).getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == 4 * len(mixed_guest.guest["regions"])
+    assert not root.findall(".//failure")
+
+
+def test_guest_sees_dax_mounts_over_ssh(mixed_guest: Created) -> None:
+    proc = nvmprov("ssh", mixed_guest.name, "--", "cat", "/proc/mounts")
+    assert proc.returncode == 0, proc.stderr
+    for region in mixed_guest.guest["regions"]:
+        line = next(ln for ln in proc.stdout.splitlines() if f" {region['mountpoint']} " in ln)
+        assert "dax" in line, line
+
+
+def test_list_shows_the_guest_with_ssh_coordinates(mixed_guest: Created) -> None:
+    proc = nvmprov("list", "--format", "json", check=True)
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    row = rows[mixed_guest.name]
+    assert row["state"] == "running"
+    assert row["ssh"]["port"] == mixed_guest.guest["ssh"]["port"]
+
+
+def test_console_shows_the_boot(mixed_guest: Created) -> None:
+    proc = nvmprov("console", mixed_guest.name, check=True)
+    assert "Linux version" in proc.stdout
+
+
+def test_rerun_same_spec_reverifies_without_power_cycle(mixed_guest: Created) -> None:
+    proc = nvmprov("create", str(mixed_guest.spec_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    g = json.loads(proc.stdout)["guests"][0]
+    assert g["ok"] is True
+    assert "power-cycle" not in g["timings_s"]
+    assert all(r["persisted"] is None for r in g["regions"])
+    assert all(r["dax"] and r["data_ok"] for r in g["regions"])
+
+
+def test_rerun_changed_spec_exits_2_listing_fields(mixed_guest: Created) -> None:
+    spec = example("mixed.yaml", mixed_guest.name)
+    spec["memory"] = "1536MiB"
+    path = write_spec(mixed_guest.spec_path.parent, f"{mixed_guest.name}-changed", spec)
+    proc = nvmprov("create", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert "memory" in proc.stderr
+
+
+def test_stop_start_verify_keeps_data(mixed_guest: Created) -> None:
+    nvmprov("stop", mixed_guest.name, "--timeout-s", "90", check=True)
+    rows = {r["name"]: r for r in json.loads(nvmprov("list", "--format", "json", check=True).stdout)}
+    assert rows[mixed_guest.name]["state"] == "shut off"
+    nvmprov("start", mixed_guest.name, check=True)
+    proc = nvmprov("verify", mixed_guest.name, "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    g = json.loads(proc.stdout)["guests"][0]
+    assert all(r["dax"] and r["data_ok"] and r["xip_ok"] for r in g["regions"]), g
+
+
+def test_negative_control_private_mapping_loses_data(e2e_tmp) -> None:
+    """Without access='shared' QEMU maps the backing file privately: the proof must fail."""
+    name = f"{PREFIX}private"
+    destroy_quietly(name)
+    spec = example("guest.yaml", name)
+    spec["pmem"] = [{"name": "data", "size": "512MiB", "filesystem": "ext4"}]
+    path = write_spec(e2e_tmp, name, spec)
+    try:
+        nvmprov("create", str(path), "--until", "define", check=True)
+        xml = __import__("subprocess").run(
+            ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", name], capture_output=True, text=True, check=True
+        ).stdout
+        broken, count = re.subn(r"(<memory model='nvdimm') access='shared'", r"\1", xml)
+        assert count == 1, "the rendered XML must carry access='shared' on the nvdimm"
+        xml_path = e2e_tmp / f"{name}.xml"
+        xml_path.write_text(broken)
+        __import__("subprocess").run(["virsh", "-c", "qemu:///system", "define", str(xml_path)], check=True,
+                                     capture_output=True)
+        proc = nvmprov("verify", name, "--power-cycle", "--json")
+        assert proc.returncode == 1, proc.stderr[-4000:]
+        g = json.loads(proc.stdout)["guests"][0]
+        assert g["ok"] is False
+        region = g["regions"][0]
+        assert region["data_ok"] is True  # written fine...
+        assert region["persisted"] is False  # ...but never reached the backing file
+    finally:
+        destroy_quietly(name)
+    proc = nvmprov("list", "--format", "json", check=True)
+    assert name not in {r["name"] for r in json.loads(proc.stdout)}
+
+
+def test_destroy_keeps_backing_unless_purge(e2e_tmp) -> None:
+    name = f"{PREFIX}destroy"
+    destroy_quietly(name)
+    spec = example("guest.yaml", name)
+    spec["pmem"] = [{"name": "keep", "size": "64MiB", "filesystem": "none"}]
+    path = write_spec(e2e_tmp, name, spec)
+    nvmprov("create", str(path), "--until", "define", check=True)
+    backing = f"/var/lib/nvmprov/pool/{name}-pmem-keep.raw"
+    assert os.path.exists(backing)
+    nvmprov("destroy", name, check=True)
+    assert os.path.exists(backing), "destroy without --purge must keep region data"
+    assert not os.path.exists(f"/var/lib/nvmprov/pool/{name}-root.qcow2")
+    # Re-creating reuses the kept volume (same size), then --purge removes it.
+    nvmprov("create", str(path), "--until", "define", check=True)
+    proc = nvmprov("destroy", name, "--purge")
+    assert proc.returncode == 2 and "--yes" in proc.stderr  # no TTY: purge needs --yes
+    assert os.path.exists(backing)
+    nvmprov("destroy", name, "--purge", "--yes", check=True)
+    assert not os.path.exists(backing)

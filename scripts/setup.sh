@@ -16,6 +16,8 @@ packages=(
     qemu-system-x86 qemu-utils ovmf
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv
     mmdebstrap e2fsprogs xfsprogs openssh-client make
+    libxml2-utils   # xmllint, which virt-xml-validate runs (the golden XML tests)
+    openssh-server  # sshd for the SSH session tests (a throwaway one on loopback) and qemu+ssh tests
 )
 
 step() { printf 'setup: %s\n' "$*"; }

@@ -226,13 +226,14 @@ def _regions(spec: GuestSpec) -> list[RegionPlan]:
 def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port: int | None = None) -> RegionPlan:
     """The plan of one region; `port` is the index among the guest's virtio-pmem regions."""
     backing = backing_bytes_for(r.size_bytes)
-    usable = expected_usable_bytes(r.model, backing, r.label_bytes, readonly=r.readonly)
+    label = label_bytes_for(r.label_bytes)
+    usable = expected_usable_bytes(r.model, backing, label, readonly=r.readonly)
     return RegionPlan(
         name=r.name,
         model=r.model,
         size_bytes=r.size_bytes,
         backing_bytes=backing,
-        label_bytes=r.label_bytes,
+        label_bytes=label,
         readonly=r.readonly,
         host_pmem=r.host_pmem,
         allocation=r.allocation,
@@ -244,16 +245,30 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         pci_slot=FIRST_PORT_PCI_SLOT + port if port is not None else None,
         pci_bus=port + 1 if port is not None else None,
         expected_usable_bytes=usable,
-        notes=_notes(r, backing, usable),
+        notes=_notes(r, backing, label, usable),
     )
 
 
-def _notes(r: RegionSpec, backing: int, usable: int) -> tuple[str, ...]:
+def label_bytes_for(asked: int | None) -> int | None:
+    """The label area, rounded up to 2 MiB.
+
+    QEMU maps size - label into the guest and places the next memory device right after it, so
+    a label that is not a 2 MiB multiple leaves every later region (a hot-plugged virtio-pmem too)
+    misaligned, and the guest kernel refuses it ("misaligned, unable to map"; measured here with
+    128 KiB). A 2 MiB label gives the same usable bytes (the namespace is aligned to 16 MiB anyway).
+    """
+    return None if asked is None else round_up(asked, DIMM_ALIGN_BYTES)
+
+
+def _notes(r: RegionSpec, backing: int, label: int | None, usable: int) -> tuple[str, ...]:
     notes = []
     if backing != r.size_bytes:
         notes.append(f"size {format_size(r.size_bytes)} rounded up to {format_size(backing)} "
                      "(memory devices come in whole 2MiB blocks)")
-    if r.label_bytes:
-        notes.append(f"the {format_size(r.label_bytes)} label comes out of the region and the namespace is "
+    if r.label_bytes and label != r.label_bytes:
+        notes.append(f"label {format_size(r.label_bytes)} rounded up to {format_size(label or 0)} so the "
+                     "regions after it stay 2MiB aligned (the guest refuses misaligned pmem)")
+    if label:
+        notes.append(f"the {format_size(label)} label comes out of the region and the namespace is "
                      f"aligned down to 16MiB: about {usable} bytes usable")
     return tuple(notes)

@@ -31,7 +31,7 @@ Progress = Callable[[str], None]
 
 BACKOFF_FIRST_S = 0.25
 BACKOFF_CAP_S = 5.0
-ATTEMPT_TIMEOUT_CAP_S = 30.0  # one TCP connect + banner + auth; TCG guests answer slowly
+ATTEMPT_TIMEOUT_CAP_S = 12.0  # one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs
 READ_CHUNK_BYTES = 65536
 

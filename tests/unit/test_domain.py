@@ -69,7 +69,7 @@ def test_nvdimm_addresses_sizes_and_label() -> None:
     assert lab.get("model") == "nvdimm"
     assert lab.find("source/path").text == "/var/lib/nvmprov/pool/demo-pmem-lab.raw"  # type: ignore[union-attr]
     assert lab.find("target/size").text == str(512 * 1024)  # type: ignore[union-attr]
-    assert lab.find("target/label/size").text == "128"  # type: ignore[union-attr]
+    assert lab.find("target/label/size").text == str(2 * 1024)  # 128 KiB asked, rounded to 2 MiB  # type: ignore[union-attr]
     assert lab.find("target/node").text == "0"  # type: ignore[union-attr]
     assert [(m.find("address").get("type"), m.find("address").get("slot")) for m in mems.values()] == [  # type: ignore[union-attr]
         ("dimm", "0"), ("dimm", "1"), ("dimm", "2")]

@@ -31,7 +31,8 @@ Progress = Callable[[str], None]
 
 BACKOFF_FIRST_S = 0.25
 BACKOFF_CAP_S = 5.0
-ATTEMPT_TIMEOUT_CAP_S = 12.0  # one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
+# one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
+ATTEMPT_TIMEOUT_CAP_S = 12.0
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs
 READ_CHUNK_BYTES = 65536
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from .test_agent_steps import region
 
 from nvmprov.agent import describe, steps
 from nvmprov.agent.facts import GuestFacts, locate, parse_guest_facts
 from nvmprov.agent.verify import parse_probe
 from nvmprov.errors import GuestError
+
+from .test_agent_steps import region
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agent"
 MiB = 1024 * 1024

@@ -12,12 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from .test_agent_steps import plan_of, region
 
 from nvmprov.agent import RegionState, check_payload, verify, write_payload
 from nvmprov.agent.verify import PAYLOAD_BYTES, parse_probe, probe_dax
 from nvmprov.errors import GuestError
 from nvmprov.ssh import Result, render_command
+
+from .test_agent_steps import plan_of, region
 
 
 class LocalRunner:

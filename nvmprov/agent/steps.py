@@ -64,7 +64,11 @@ def plan_commands(facts: GuestFacts, region: RegionPlan, *, reformat: bool) -> l
 
 def _namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *, reformat: bool) -> list[Command]:
     if facts.ndctl_error is not None:
-        raise GuestError(f"`ndctl list` failed in the guest ({facts.ndctl_error}); install ndctl in the image")
+        raise GuestError(
+            f"`ndctl list` failed in the guest ({facts.ndctl_error}): the image lacks ndctl; set "
+            "`network: {mode: user, outbound: true}` so cloud-init installs it, or bake ndctl into the image "
+            "(the built-in image has it)"
+        )
     ns = guest.active_namespace
     if ns is not None and ns.mode == "fsdax":
         return []

@@ -43,7 +43,7 @@ def _connection(connect: str | None) -> Iterator[libvirt.virConnect]:
 
 
 def managed(conn: libvirt.virConnect, name: str) -> Managed:
-    dom = virt.require(conn, name)
+    dom = virt.require(conn, state.check_name(name))
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov (no nvmprov metadata); nothing done")

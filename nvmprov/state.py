@@ -9,11 +9,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LockedError
+from .errors import LockedError, UsageError
 
 
 def state_root() -> Path:
@@ -67,7 +68,23 @@ class GuestFiles:
         return self.dir / "console.log"
 
 
+# The spec's guest-name rule, checked again where a name becomes a path: names typed on the command
+# line (start, destroy, ssh, ...) reach here without passing through the spec.
+_GUEST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def check_name(name: str) -> str:
+    """NAME when it is a valid nvmprov guest name, else UsageError (before any file is touched)."""
+    if not _GUEST_NAME.fullmatch(name):
+        raise UsageError(
+            f"{name!r} is not an nvmprov guest name; names are 1-63 lowercase letters, digits and '-' "
+            "(`nvmprov list` shows the guests)"
+        )
+    return name
+
+
 def guest_files(name: str, *, create: bool = True) -> GuestFiles:
+    check_name(name)
     root = state_root() / "guests"
     path = root / name
     if create:
@@ -92,6 +109,8 @@ def write_private(path: Path, data: bytes | str) -> None:
 @contextlib.contextmanager
 def lock(name: str, *, what: str = "guest") -> Iterator[None]:
     """Hold the lock for one guest name, failing at once (naming the holder) when it is taken."""
+    if what == "guest":
+        check_name(name)
     locks = _private_dir(state_root() / "locks")
     path = locks / f"{what}-{name}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

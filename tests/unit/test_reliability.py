@@ -1,0 +1,119 @@
+"""Reliability pieces that need no libvirt: names at the path boundary, the fault-test hooks.
+
+The faults themselves (signals, locks, full pools, panics) run against real libvirt in
+tests/e2e/test_faults.py; docs/reliability.md maps each case to its test.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from nvmprov import plan, spec, state, testhooks
+from nvmprov.errors import Interrupted, UsageError
+from nvmprov.progress import Progress
+
+HOSTILE_NAMES = ["../x", "a/b", "x/../../etc/passwd", ".hidden", "-rf", "", "A", "a b", "a\x00b", "ａ",
+                 "dеmo", "a" * 64, "x;rm -rf /", "<x>&"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_lock_refuses_names_that_are_not_guest_names(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    with pytest.raises(UsageError, match="is not an nvmprov guest name") as info, state.lock(name):
+        pass
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "state").exists(), "a refused name must not create any file"
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_guest_files_refuse_names_that_are_not_guest_names(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    with pytest.raises(UsageError):
+        state.guest_files(name)
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("name", ["a", "demo", "e2e-rel-x1", "9" * 63])
+def test_valid_guest_names_pass_the_path_check(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    with state.lock(name):
+        assert state.guest_files(name).dir == tmp_path / "guests" / name
+
+
+def test_path_check_agrees_with_the_spec_rule() -> None:
+    # Every name the spec accepts must reach its state files, every path-like one must not.
+    for name in ("a", "a-1", "0x", "z" * 63):
+        spec.loads(f"name: {name}\npmem: [{{name: d, size: 64MiB}}]\n")
+        assert state.check_name(name) == name
+
+
+def _alarm_raises_interrupted(after_s: float) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, after_s)
+
+
+def test_pause_hook_waits_at_its_phase_until_a_signal(monkeypatch) -> None:
+    monkeypatch.setenv(testhooks.PAUSE_ENV, "volumes")
+    lines: list[str] = []
+    old = signal.getsignal(signal.SIGALRM)
+    try:
+        _alarm_raises_interrupted(0.3)
+        began = time.monotonic()
+        with pytest.raises(Interrupted):
+            testhooks.pause_at("volumes", lines.append)
+        assert time.monotonic() - began < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert lines and lines[0].startswith(f"{testhooks.PAUSED_LINE} volumes (pid ")
+
+
+def test_pause_hook_is_inert_elsewhere(monkeypatch) -> None:
+    lines: list[str] = []
+    monkeypatch.delenv(testhooks.PAUSE_ENV, raising=False)
+    testhooks.pause_at("volumes", lines.append)
+    monkeypatch.setenv(testhooks.PAUSE_ENV, "start")
+    testhooks.pause_at("volumes", lines.append)
+    assert lines == []
+
+
+def test_progress_phase_pauses_before_its_body_runs(monkeypatch) -> None:
+    monkeypatch.setenv(testhooks.PAUSE_ENV, "define")
+    out = io.StringIO()
+    ran: list[str] = []
+    old = signal.getsignal(signal.SIGALRM)
+    try:
+        _alarm_raises_interrupted(0.3)
+        with pytest.raises(Interrupted), Progress(out).phase("define"):
+            ran.append("body")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert ran == [], "the phase's side effects must not have started when the test signals"
+    assert f"{testhooks.PAUSED_LINE} define" in out.getvalue()
+
+
+def _direct_plan() -> plan.Plan:
+    g = spec.loads("name: demo\npmem: [{name: d, size: 64MiB}]\n").guests[0]
+    facts = plan.HostFacts(builtin_volumes=("base.qcow2", "vmlinuz", "initrd.img"))
+    return plan.build(g, facts)
+
+
+def test_kernel_cmdline_hook_appends_only_when_asked(monkeypatch) -> None:
+    the_plan = _direct_plan()
+    assert the_plan.kernel_cmdline
+    monkeypatch.delenv(testhooks.CMDLINE_ENV, raising=False)
+    assert testhooks.kernel_cmdline(the_plan) is the_plan
+    monkeypatch.setenv(testhooks.CMDLINE_ENV, "rdinit=/nonexistent")
+    assert testhooks.kernel_cmdline(the_plan).kernel_cmdline == f"{the_plan.kernel_cmdline} rdinit=/nonexistent"
+    firmware_boot = replace(the_plan, kernel_cmdline=None)
+    assert testhooks.kernel_cmdline(firmware_boot) is firmware_boot

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
+from . import testhooks
+
 
 class Progress:
     def __init__(self, stream: IO[str] | None = None, *, prefix: str = "", log: IO[str] | None = None) -> None:
@@ -46,6 +48,7 @@ class Progress:
         """Time a phase; its duration lands in timings_s[name]."""
         began = time.monotonic()
         self.line(f"{name}: {detail}" if detail else f"{name} ...")
+        testhooks.pause_at(name, self.line)  # inert unless a fault test set NVMPROV_TEST_PAUSE_AT
         stop = threading.Event()
         spinner = None
         if self._tty:

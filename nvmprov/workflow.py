@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, seed, ssh, state, storage, virt
+from . import boot, domain, host, image, seed, ssh, state, storage, testhooks, virt
 from . import plan as planmod
 from .errors import GuestError, HostError, UsageError, VirtError
 from .progress import Progress
@@ -163,6 +164,8 @@ def _build_guest(
     report: GuestReport,
 ) -> _Build:
     pool_dir = storage.pool_path(pool)
+    # Registered first so it runs last: a failed create leaves no keys or spec copy behind either.
+    undo.add(f"state files {files.dir}", lambda: shutil.rmtree(files.dir, ignore_errors=True))
     with progress.phase("keys"):
         client, host_key = _make_keys(files)
         spec_json = spec.model_dump_json(by_alias=True)
@@ -252,7 +255,7 @@ def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str) -
         uuid=dom_uuid, ssh_port=md.ssh_port, pool_dir=pool_dir,
         console_log=boot.console_log_path(the_plan.name),
     )
-    return domain.render(the_plan, ctx, metadata=md)
+    return domain.render(testhooks.kernel_cmdline(the_plan), ctx, metadata=md)
 
 
 def _define_with_port(
@@ -489,9 +492,12 @@ def _reverify_existing(
         )
     progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
     report.ssh = _ssh_info(the_plan, md.ssh_port, files)
+    if opts.until == "define":  # the guest is defined: nothing to do, and starting it would be a change
+        report.settle()
+        return
     if not virt.is_active(dom):
         start_guest(conn, dom, the_plan, progress)
-    if opts.until in ("define", "start"):
+    if opts.until == "start":
         report.settle()
         return
     _prove(conn, dom, the_plan, files, opts, progress, report, power_cycle=False)

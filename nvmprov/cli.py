@@ -16,6 +16,7 @@ from types import FrameType
 
 from . import __version__
 from .errors import Interrupted, NvmprovError, SpecError, UsageError
+from .state import check_name
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -231,7 +232,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     from . import guests
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    argv = guests.ssh_argv(args.name, connect=args.connect, command=cmd)
+    argv = guests.ssh_argv(check_name(args.name), connect=args.connect, command=cmd)
     sys.stdout.flush()
     os.execvp(argv[0], argv)  # noqa: S606 - argument list, no shell
     return EXIT_OK  # not reached
@@ -240,7 +241,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 def cmd_console(args: argparse.Namespace) -> int:
     from . import guests
 
-    sys.stdout.write(guests.console_text(args.name, connect=args.connect))
+    sys.stdout.write(guests.console_text(check_name(args.name), connect=args.connect))
     return EXIT_OK
 
 
@@ -267,7 +268,7 @@ def _names(args: argparse.Namespace) -> list[str]:
         names += [g.name for g in spec.load(args.file).guests]
     if not names:
         raise UsageError("name at least one guest, or give -f FILE")
-    return names
+    return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

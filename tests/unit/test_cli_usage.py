@@ -1,0 +1,88 @@
+"""Bad command lines get usage errors: exit 2, one line naming the problem, never a traceback.
+
+In-process through cli.main (fast, every subcommand), plus a few through a real child process to
+prove the line a user sees. None of these reach libvirt: argparse or the name check stops them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvmprov import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _subcommands() -> list[str]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001 - argparse has no public way
+    return sorted(sub.choices)  # type: ignore[arg-type]
+
+
+def test_every_subcommand_is_covered_below() -> None:
+    # A new subcommand must get its bad-argument cases here.
+    assert set(_subcommands()) == set(cli.COMMANDS) == {name for name, _ in BAD_BY_COMMAND}
+
+
+BAD_BY_COMMAND = [
+    ("validate", [[], ["a.yaml", "b.yaml"], ["--bogus", "a.yaml"]]),
+    ("render", [[], ["a.yaml", "--guest"], ["a.yaml", "--bogus"]]),
+    ("create", [[], ["a.yaml", "--until", "boot"], ["a.yaml", "--until"], ["a.yaml", "--bogus"],
+                ["a.yaml", "--log-file"]]),
+    ("verify", [["--bogus"], ["x", "--power-cycle=yes"], ["-f"]]),
+    ("start", [["--bogus"], ["-f"]]),
+    ("stop", [["x", "--timeout-s", "soon"], ["x", "--timeout-s"], ["--force=1", "x"]]),
+    ("destroy", [["x", "--purge=yes"], ["--bogus", "x"]]),
+    ("list", [["--format", "yaml"], ["extra"]]),
+    ("ssh", [[]]),
+    ("console", [[], ["a", "b"]]),
+    ("image", [[], ["bake"], ["build", "--bogus"]]),
+]
+CASES = [pytest.param([cmd, *args], id=f"{cmd}:{' '.join(args) or '(none)'}")
+         for cmd, bad in BAD_BY_COMMAND for args in bad]
+TOP = [pytest.param(a, id=" ".join(a) or "(none)") for a in ([], ["bogus"], ["--bogus"], ["--debug"])]
+
+
+@pytest.mark.parametrize("argv", CASES + TOP)
+def test_bad_arguments_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("nvmprov") and "error:" in err, err
+    assert "see `nvmprov" in err and "--help`" in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["start"], ["stop"], ["destroy"], ["verify"],  # no guest named
+    ["start", "../x"], ["stop", "a/b"], ["destroy", "x/../../etc", "--purge", "--yes"], ["verify", ".x"],
+    ["ssh", "../x"], ["console", "A"], ["ssh", "x" * 64],
+    ["destroy", "demo", "--purge"],  # no TTY and no --yes: refuse before connecting
+    ["create", "/nonexistent/guest.yaml"], ["validate", "/nonexistent/guest.yaml"],
+    ["render", "/nonexistent/guest.yaml"],
+], ids=lambda a: " ".join(a))
+def test_bad_values_exit_2_before_touching_anything(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu+unix:///system?socket=/nonexistent")  # must not be reached
+    monkeypatch.setattr(sys, "stdin", open("/dev/null"))  # noqa: SIM115 - closed by pytest's monkeypatch undo
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "state" / "guests").exists()
+
+
+@pytest.mark.parametrize("argv", [["create", "--until", "soon", "x.yaml"], ["stop", "../x"], []],
+                         ids=["choice", "name", "none"])
+def test_a_real_process_prints_one_line_and_exits_2(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "nvmprov", *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,1 @@
+"""The nvmprov benchmark (bench/run.py); never run by CI."""

@@ -1,0 +1,363 @@
+"""nvmprov benchmark: where `create` spends its time, against a hand-written virsh baseline; start-up
+cost per nvdimm region size; guests created in parallel; CLI latency.
+
+    .venv/bin/python bench/run.py [--quick] [--runs N] [--out bench/results/latest.json]
+                                  [--only phases,regions,count,latency]
+
+Progress goes to stderr, the tables (Markdown) to stdout, everything measured to --out as JSON.
+It is a benchmark, not a test: it never runs in CI and fails only when a run itself fails.
+Guests are named bench-*; every domain and volume it makes is removed, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from any directory: import bench.* and nvmprov.*
+
+from bench import baseline, stats  # noqa: E402
+
+GiB = 1024**3
+EXPERIMENTS = ("phases", "regions", "count", "latency")
+DEFAULT_REGION_SIZES_GIB = (1, 4, 8, 16)
+DEFAULT_COUNTS = (1, 2, 4)
+LATENCY_RUNS = 10
+DISK_MARGIN_BYTES = 4 * GiB    # left free beyond a region's own size before a region-size run
+CREATE_TIMEOUT_S = 1800.0      # one `nvmprov create`; four at once on 2 cores under TCG take ~15 min
+POOL_DIR = "/var/lib/nvmprov/pool"
+
+SPEC = """\
+version: 1
+name: {name}
+memory: 1GiB
+vcpus: 1
+pmem:
+  - name: data
+    size: {size_gib}GiB
+    filesystem: ext4
+    mount: /mnt/data
+"""
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def nvmprov_bin() -> str:
+    venv = ROOT / ".venv" / "bin" / "nvmprov"
+    found = str(venv) if venv.exists() else shutil.which("nvmprov")
+    if not found:
+        sys.exit("bench: no nvmprov command: run scripts/setup.sh (makes .venv) or `pip install -e .`")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine and its load
+
+
+def load() -> dict[str, Any]:
+    """Load averages and the domains of others running now: every result carries them."""
+    one, five, fifteen = (float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
+    names = baseline.virsh("list", "--name", check=False).split()
+    return {"loadavg": [one, five, fifteen], "other_domains": sorted(n for n in names if not n.startswith("bench-"))}
+
+
+def machine() -> dict[str, Any]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"], check=False).returncode != 0
+    return {
+        "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+        "libvirt": first_line(["virsh", "--version"]), "qemu": first_line(["qemu-system-x86_64", "--version"]),
+        "accel": "tcg (no vmx/svm)" if "vmx" not in Path("/proc/cpuinfo").read_text() else "kvm possible",
+        "nvmprov_commit": commit + ("+dirty" if dirty else ""),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def preflight(nvmprov: str) -> tuple[str, str, str]:
+    """libvirtd answers and the built-in image exists (built now if not: not part of any timing)."""
+    from nvmprov import image
+
+    try:
+        baseline.virsh("uri")
+    except baseline.BenchError as e:
+        sys.exit(f"bench: libvirt at {baseline.URI} does not answer ({e}); start `virtlogd -d; libvirtd -d`")
+    names = image.builtin_volume_names()
+    if baseline.virsh("vol-path", "--pool", "nvmprov", names[0], check=False).strip() == "":
+        log("built-in image missing: building it first (not timed)")
+        subprocess.run([nvmprov, "image", "build"], check=True)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# nvmprov runs
+
+
+class Runner:
+    def __init__(self, nvmprov: str, workdir: Path) -> None:
+        self.nvmprov = nvmprov
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def spec(self, name: str, size_gib: int = 1) -> Path:
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(SPEC.format(name=name, size_gib=size_gib))
+        return path
+
+    def popen(self, name: str, size_gib: int, extra: Sequence[str]) -> tuple[subprocess.Popen[bytes], float]:
+        err = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+        argv = [self.nvmprov, "create", str(self.spec(name, size_gib)), "--json", *extra]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err), time.monotonic()
+
+    def finish(self, name: str, proc: subprocess.Popen[bytes], began: float) -> dict[str, Any]:
+        out, _ = proc.communicate(timeout=CREATE_TIMEOUT_S)
+        wall = round(time.monotonic() - began, 2)
+        try:
+            guest = json.loads(out)["guests"][0]
+        except (ValueError, KeyError, IndexError):
+            tail = (self.workdir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise baseline.BenchError(f"nvmprov create {name}: exit {proc.returncode}, no report: {tail}") from None
+        if not guest["ok"]:
+            raise baseline.BenchError(f"nvmprov create {name} failed: {guest.get('error')}")
+        return {"wall_s": wall, "timings_s": guest["timings_s"]}
+
+    def create(self, name: str, size_gib: int = 1, extra: Sequence[str] = ()) -> dict[str, Any]:
+        try:
+            proc, began = self.popen(name, size_gib, extra)
+            return self.finish(name, proc, began)
+        finally:
+            self.destroy(name)
+
+    def destroy(self, name: str) -> None:
+        subprocess.run([self.nvmprov, "destroy", name, "--purge", "--yes"], capture_output=True, check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments
+
+
+def phases(r: Runner, image_names: tuple[str, str, str], runs: int) -> dict[str, Any]:
+    """nvmprov and the baseline alternately (which goes first swaps every run, so drift in the
+    machine's load hits both alike)."""
+    nvm_runs, base_runs, raw = [], [], []
+    for i in range(runs):
+        def nvm(i: int = i) -> None:
+            log(f"phases run {i + 1}/{runs}: nvmprov create bench-n{i}")
+            res = r.create(f"bench-n{i}")
+            nvm_runs.append(stats.nvmprov_phases(res["timings_s"], res["wall_s"]))
+            raw.append({"who": "nvmprov", "run": i, **res, "load": load()})
+
+        def base(i: int = i) -> None:
+            log(f"phases run {i + 1}/{runs}: baseline bench-b{i}")
+            g = baseline.BaselineGuest(f"bench-b{i}", *image_names)
+            res = baseline.measure(g)
+            base_runs.append(res)
+            raw.append({"who": "baseline", "run": i, "phases_s": res, "load": load()})
+
+        order: list[Callable[[], None]] = [nvm, base] if i % 2 == 0 else [base, nvm]
+        for step in order:
+            step()
+    n_sum, b_sum = stats.summarize_runs(nvm_runs), stats.summarize_runs(base_runs)
+    total = stats.ratio(n_sum["total"].median, b_sum["total"].median)
+    return {
+        "nvmprov": {k: v.as_dict() for k, v in n_sum.items()},
+        "baseline": {k: v.as_dict() for k, v in b_sum.items()},
+        "ratio_total": None if total is None else round(total, 3),
+        "runs": raw,
+        "table": stats.phase_table(n_sum, b_sum),
+        "verdict": stats.verdict(total),
+    }
+
+
+def regions(r: Runner, image_names: tuple[str, str, str], sizes_gib: Sequence[int]) -> dict[str, Any]:
+    """Start-up cost (define + start until QEMU runs) per nvdimm size: nvmprov (2 MiB-aligned
+    mapping) against the same hand-written XML without <alignsize> (libvirt's default)."""
+    rows: list[dict[str, Any]] = []
+    for size in sizes_gib:
+        free = shutil.disk_usage(POOL_DIR).free
+        if free < size * GiB + DISK_MARGIN_BYTES:
+            log(f"regions: {size} GiB skipped, only {free / GiB:.1f} GiB free in {POOL_DIR}")
+            rows.append({"size_gib": size, "skipped": f"{free / GiB:.1f} GiB free"})
+            continue
+        log(f"regions: {size} GiB nvmprov create --until start")
+        res = r.create(f"bench-r{size}", size, ["--until", "start"])
+        log(f"regions: {size} GiB hand-written XML without alignsize, virsh create --paused")
+        g = baseline.BaselineGuest(f"bench-u{size}", *image_names, region_bytes=size * GiB, align=False)
+        unaligned = baseline.start_only(g)
+        rows.append({
+            "size_gib": size, "nvmprov_start_s": res["timings_s"].get("start"),
+            "nvmprov_define_to_running_s": round(sum(res["timings_s"].values()), 2),
+            "unaligned_start_s": unaligned, "load": load(),
+        })
+    table_rows = [
+        [str(x["size_gib"]),
+         f"{x['nvmprov_start_s']:.1f}", f"{stats.per_gib(x['nvmprov_start_s'], x['size_gib'] * GiB):.2f}",
+         f"{x['unaligned_start_s']:.1f}", f"{stats.per_gib(x['unaligned_start_s'], x['size_gib'] * GiB):.2f}",
+         f"{x['load']['loadavg'][0]:.2f}"]
+        for x in rows if "skipped" not in x
+    ]
+    table = stats.render_table(
+        ["GiB", "nvmprov start s", "s/GiB", "no alignsize s", "s/GiB", "load"], table_rows)
+    return {"rows": rows, "table": table}
+
+
+def count(r: Runner, ns: Sequence[int]) -> dict[str, Any]:
+    """N full creates at once (N processes; `create --parallel` is not there yet): total wall
+    against N x the single-guest time."""
+    rows: list[dict[str, Any]] = []
+    single = None
+    for n in ns:
+        names = [f"bench-c{n}-{i}" for i in range(n)]
+        log(f"count: {n} guest(s) at once: {', '.join(names)}")
+        before = load()
+        began = time.monotonic()
+        procs = []
+        try:
+            for name in names:
+                procs.append((name, *r.popen(name, 1, [])))
+            results = [r.finish(name, proc, t0) for name, proc, t0 in procs]
+            wall = round(time.monotonic() - began, 2)
+        finally:
+            for _, proc, _ in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=120)
+            for name in names:
+                r.destroy(name)
+        if n == 1 or single is None:
+            single = results[0]["wall_s"] if n == 1 else None
+        rows.append({
+            "n": n, "wall_s": wall, "per_guest_wall_s": [x["wall_s"] for x in results],
+            "per_guest_timings_s": [x["timings_s"] for x in results],
+            "n_times_single_s": None if single is None else round(n * single, 2),
+            "ratio": None if single is None else round(wall / (n * single), 3), "load_before": before,
+        })
+    table = stats.render_table(
+        ["guests", "wall s", "N x single s", "wall / (N x single)", "slowest guest s"],
+        [[str(x["n"]), f"{x['wall_s']:.1f}", "-" if x["n_times_single_s"] is None else f"{x['n_times_single_s']:.1f}",
+          stats.fmt_ratio(x["ratio"]), f"{max(x['per_guest_wall_s']):.1f}"] for x in rows],
+    )
+    return {"rows": rows, "table": table}
+
+
+def latency(nvmprov: str, runs: int = LATENCY_RUNS) -> dict[str, Any]:
+    """Whole processes, as a user starts them (one warm-up run first: page cache, .pyc)."""
+    commands = {"nvmprov --help": [nvmprov, "--help"],
+                "nvmprov render examples/guest.yaml": [nvmprov, "render", str(ROOT / "examples" / "guest.yaml")]}
+    out: dict[str, Any] = {}
+    for label, argv in commands.items():
+        subprocess.run(argv, capture_output=True, check=True)
+        times = []
+        for _ in range(runs):
+            began = time.monotonic()
+            subprocess.run(argv, capture_output=True, check=True)
+            times.append(time.monotonic() - began)
+        out[label] = stats.summarize(times).as_dict()
+    table = stats.render_table(
+        ["command", "median s", "min s", "max s", "target"],
+        [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['max']:.3f}", "< 0.3 s"] for k, v in out.items()],
+    )
+    return {"commands": out, "table": table, "load": load()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one run per measurement (default runs: 3)")
+    p.add_argument("--runs", type=int, help="runs of nvmprov and of the baseline (default 3, --quick 1)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"), help="JSON results file")
+    p.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--region-sizes", default=",".join(map(str, DEFAULT_REGION_SIZES_GIB)), help="GiB, comma list")
+    p.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)), help="guests at once, comma list")
+    args = p.parse_args(argv)
+    args.only = [x for x in args.only.split(",") if x]
+    bad = [x for x in args.only if x not in EXPERIMENTS]
+    if bad:
+        p.error(f"--only: unknown experiment(s) {', '.join(bad)}; pick from {', '.join(EXPERIMENTS)}")
+    args.runs = args.runs or (1 if args.quick else 3)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    try:
+        args.region_sizes = [int(x) for x in args.region_sizes.split(",") if x]
+        args.counts = [int(x) for x in args.counts.split(",") if x]
+    except ValueError:
+        p.error("--region-sizes and --counts take whole numbers separated by commas, e.g. 1,4,8")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    nvmprov = nvmprov_bin()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"machine": machine(), "load_at_start": load(), "runs": args.runs}
+    runner = Runner(nvmprov, out_path.parent / "work")
+    image_names = preflight(nvmprov) if set(args.only) - {"latency"} else ("", "", "")
+    experiments: dict[str, Callable[[], dict[str, Any]]] = {
+        "latency": lambda: latency(nvmprov),
+        "phases": lambda: phases(runner, image_names, args.runs),
+        "regions": lambda: regions(runner, image_names, args.region_sizes),
+        "count": lambda: count(runner, args.counts),
+    }
+    status = 0
+    for name in EXPERIMENTS:
+        if name not in args.only:
+            continue
+        began = time.monotonic()
+        try:
+            result[name] = experiments[name]()
+        except (baseline.BenchError, subprocess.SubprocessError) as e:
+            log(f"{name}: FAILED: {e}")
+            result[name] = {"error": str(e)}
+            status = 1
+        result[name]["took_s"] = round(time.monotonic() - began, 1)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")  # after each: a long run keeps what it got
+    result["load_at_end"] = load()
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(render_report(result))
+    log(f"results in {out_path}")
+    return status
+
+
+def render_report(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"# nvmprov benchmark {m['when']} (commit {m['nvmprov_commit']})", "",
+             f"{m['cpus']} CPUs, {m['accel']}, {m['libvirt']} libvirt, {m['qemu']}; "
+             f"load at start {result['load_at_start']['loadavg']}, "
+             f"other guests {result['load_at_start']['other_domains']}",
+             ""]
+    titles = {"phases": f"## create, per phase ({result['runs']} run(s): median (min-max))",
+              "regions": "## nvdimm region size: start-up", "count": "## guests created at once",
+              "latency": "## CLI latency"}
+    for name in EXPERIMENTS:
+        if name in result:
+            lines += [titles[name], ""]
+            lines.append(result[name].get("table") or f"FAILED: {result[name].get('error')}")
+            if name == "phases" and "verdict" in result[name]:
+                lines.append(result[name]["verdict"])
+            lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

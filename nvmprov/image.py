@@ -19,10 +19,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import libvirt
+from nvmprov import state
 
-from nvmprov import state, storage
+# libvirt (and storage, which needs it) only where a pool is touched: `nvmprov render` reads
+# builtin_volume_names() from here and must start fast (tests/unit/test_bench_cli_imports.py).
+if TYPE_CHECKING:
+    import libvirt
 from nvmprov.errors import HostError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "templates" / "image"
@@ -77,6 +81,8 @@ def packages(recipe_dir: Path = RECIPE_DIR) -> list[str]:
 
 
 def is_built(pool: libvirt.virStoragePool) -> bool:
+    from nvmprov import storage
+
     return all(storage.volume_exists(pool, name) for name in builtin_volume_names())
 
 
@@ -343,6 +349,8 @@ def _shq(s: str) -> str:
 
 
 def _refuse_if_in_use(conn: libvirt.virConnect, pool: libvirt.virStoragePool, names: Iterable[str]) -> None:
+    from nvmprov import storage
+
     for name in names:
         vol = storage.lookup(pool, name)
         if vol is None:
@@ -359,6 +367,8 @@ def _upload_all(
     pool: libvirt.virStoragePool, image: LocalImage, names: tuple[str, str, str], progress: Progress
 ) -> None:
     """Kernel and initrd first, the qcow2 last; on failure, remove what this run uploaded."""
+    from nvmprov import storage
+
     base, kernel, initrd = names
     done: list[str] = []
     try:
@@ -379,13 +389,15 @@ def _upload_all(
 
 def build(
     conn: libvirt.virConnect,
-    pool_name: str = storage.DEFAULT_POOL,
+    pool_name: str = "nvmprov",  # storage.DEFAULT_POOL
     *,
     force: bool = False,
     progress: Progress = lambda s: None,
 ) -> tuple[str, str, str]:
     """Build the built-in image unless the pool already holds it (or FORCE), and return its
     (base qcow2, kernel, initrd) volume names. The pool must exist (storage.ensure_pool)."""
+    from nvmprov import storage
+
     names = builtin_volume_names()
     pool = storage.pool_of(conn, pool_name)
     with state.host_lock("image-build"):  # a second build waits, then finds the image made

@@ -1,0 +1,49 @@
+"""CLI latency guard: `nvmprov --help`, `validate` and `render` must not import the heavy libraries
+(libvirt, paramiko, cryptography, pycdlib, rich) -- they cost 0.05-0.1 s each at start-up and
+those commands need none of them. Checked in a fresh interpreter, as a user starts the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("libvirt", "libvirtmod", "paramiko", "cryptography", "pycdlib", "rich")
+
+PROBE = """
+import json, sys
+from nvmprov import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})), file=sys.stderr)
+"""
+
+
+def heavy_modules_after(*argv: str) -> list[str]:
+    code = PROBE.format(heavy=set(HEAVY))
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    return list(json.loads(last))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"],
+    ["render", "examples/guest.yaml"],
+    ["render", "examples/mixed.yaml"],
+    ["validate", "examples/fleet.yaml"],
+])
+def test_fast_commands_import_no_heavy_library(argv: list[str]) -> None:
+    assert heavy_modules_after(*argv) == []
+
+
+def test_the_probe_sees_a_heavy_import_when_there_is_one() -> None:
+    # The guard must be able to fail: `list` talks to libvirt, so libvirt is imported (and the
+    # command may then fail for want of a daemon; the import is what counts here).
+    assert "libvirt" in heavy_modules_after("list", "--connect", "test:///default")

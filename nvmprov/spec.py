@@ -35,6 +35,8 @@ from .sizes import GiB, KiB, MiB, TiB, backing_bytes_for, expected_usable_bytes,
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
 MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
 MAX_YAML_NODES = 20_000            # with aliases refused this only bounds absurd files
+MAX_YAML_DEPTH = 32                # a fleet file nests 5 levels; Python's recursion limit is far deeper
+MAX_SIZE_DIGITS = 20               # 16TiB has 14 digits in bytes; Python refuses ints of 4300+ digits
 MIN_MEMORY_BYTES = 256 * MiB       # the Debian guest with cloud-init does not boot in less
 MIN_DISK_BYTES = 1 * GiB
 MIN_REGION_BYTES = 16 * MiB        # one fsdax namespace alignment: less leaves nothing usable
@@ -86,6 +88,9 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False)
     if m is None:
         raise ValueError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 512MiB")
     unit = m["unit"].lower()
+    if len(m["int"].lstrip("0")) > MAX_SIZE_DIGITS:
+        raise ValueError(f"{what} {text[:12]!r}... ({len(m['int'])} digits) is larger than "
+                         f"{format_size(MAX_SIZE_BYTES)}; check the unit")
     number = Fraction(int(m["int"]))
     if m["frac"]:
         number += Fraction(int(m["frac"]), 10 ** len(m["frac"]))
@@ -515,6 +520,7 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.node_count = 0
+        self.depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
@@ -527,7 +533,15 @@ class _Loader(yaml.SafeLoader):
         self.node_count += 1
         if self.node_count > MAX_YAML_NODES:
             raise _YamlProblem(f"more than {MAX_YAML_NODES} YAML values; a guest file is far smaller", mark)
-        return super().compose_node(parent, index)
+        # PyYAML composes recursively: "[[[[..." thousands deep was a RecursionError traceback.
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _YamlProblem(f"YAML nested more than {MAX_YAML_DEPTH} levels deep; a guest file needs a few",
+                                   mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _pos(mark: yaml.Mark, display: str) -> _Pos:

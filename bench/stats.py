@@ -87,12 +87,12 @@ def per_gib(seconds: float, size_bytes: int) -> float:
     return seconds / (size_bytes / 1024**3)
 
 
-def fmt_summary(s: Summary | None) -> str:
+def fmt_summary(s: Summary | None, digits: int = 1) -> str:
     if s is None:
         return "-"
     if s.n == 1:
-        return f"{s.median:.1f}"
-    return f"{s.median:.1f} ({s.low:.1f}-{s.high:.1f})"
+        return f"{s.median:.{digits}f}"
+    return f"{s.median:.{digits}f} ({s.low:.{digits}f}-{s.high:.{digits}f})"
 
 
 def fmt_ratio(r: float | None) -> str:

@@ -121,3 +121,9 @@ def test_baseline_guest_script_runs_the_agents_commands() -> None:
     for needle in ("ndctl create-namespace -f -e namespace0.0 -m fsdax", "mkfs.ext4 -q -F -b 4096 /dev/pmem0",
                    "mount -o dax /dev/pmem0 /mnt/data", "printf %s BASELINE-abc", "sync"):
         assert needle in script
+
+
+def test_fmt_summary_single_run_and_digits() -> None:
+    assert stats.fmt_summary(stats.summarize([0.391])) == "0.4"
+    assert stats.fmt_summary(stats.summarize([0.391, 0.5, 5.234]), 2) == "0.50 (0.39-5.23)"
+    assert stats.fmt_summary(None) == "-"

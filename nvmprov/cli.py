@@ -284,8 +284,9 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM takes the same path as Ctrl-C so the rollback runs.
+    # SIGTERM (and SIGHUP: the terminal went away) take the same path as Ctrl-C so the rollback runs.
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGHUP, _raise_interrupted)
     try:
         return COMMANDS[args.command](args)
     except NvmprovError as exc:

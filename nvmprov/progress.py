@@ -32,13 +32,17 @@ class Progress:
     def line(self, message: str) -> None:
         text = f"[{self.elapsed_s():6.1f}s] {self.prefix}{message}"
         with self._lock:
-            if self._tty and self._status is not None:
-                self.stream.write("\r\x1b[2K")
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            # Progress is best effort: a reader that went away (closed pipe, dead terminal) once
+            # raised BrokenPipeError out of a rollback and left the guest's volumes behind.
+            with contextlib.suppress(OSError, ValueError):
+                if self._tty and self._status is not None:
+                    self.stream.write("\r\x1b[2K")
+                self.stream.write(text + "\n")
+                self.stream.flush()
             if self.log is not None:
-                self.log.write(text + "\n")
-                self.log.flush()
+                with contextlib.suppress(OSError, ValueError):
+                    self.log.write(text + "\n")
+                    self.log.flush()
 
     def __call__(self, message: str) -> None:
         self.line(message)

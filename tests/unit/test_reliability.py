@@ -117,3 +117,52 @@ def test_kernel_cmdline_hook_appends_only_when_asked(monkeypatch) -> None:
     assert testhooks.kernel_cmdline(the_plan).kernel_cmdline == f"{the_plan.kernel_cmdline} rdinit=/nonexistent"
     firmware_boot = replace(the_plan, kernel_cmdline=None)
     assert testhooks.kernel_cmdline(firmware_boot) is firmware_boot
+
+
+class _GoneReader(io.StringIO):
+    """stderr whose reader went away: every write is EPIPE."""
+
+    def write(self, _text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_progress_to_a_gone_reader_does_not_raise() -> None:
+    progress = Progress(_GoneReader(), log=_GoneReader())
+    progress.line("still fine")
+    with progress.phase("define"):
+        pass
+    assert "define" in progress.timings_s
+
+
+def test_rollback_finishes_when_stderr_is_a_broken_pipe() -> None:
+    # Found by the agent-phase fault test: the first "rolled back" line raised EPIPE and the
+    # volumes and domain were left behind.
+    from nvmprov.rollback import Rollback
+
+    done: list[str] = []
+    undo = Rollback(Progress(_GoneReader()))
+    for what in ("domain", "volume a", "volume b", "running guest"):
+        undo.add(what, lambda what=what: done.append(what))
+    assert undo.run() == []
+    assert done == ["running guest", "volume b", "volume a", "domain"]
+
+
+def test_sighup_rolls_back_like_sigterm(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import signal, sys, time\n"
+            "from nvmprov import cli\n"
+            "from nvmprov.errors import Interrupted\n"
+            "cli.COMMANDS['list'] = lambda a: (print('ready', flush=True), time.sleep(30), 0)[2]\n"
+            "sys.exit(cli.main(['list']))\n"
+        )],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGHUP)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "interrupted by SIGHUP; what this run made was rolled back" in err

@@ -36,7 +36,7 @@ def kvm_facts(capabilities_xml: str, arch: str = "x86_64") -> tuple[bool, bool]:
 
 def facts(conn: libvirt.virConnect, pool_dir: str) -> HostFacts:
     caps = conn.getCapabilities()
-    arch_el = ET.fromstring(caps).find("./host/cpu/arch")  # noqa: S314
+    arch_el = ET.fromstring(caps).find("./host/cpu/arch")  # noqa: S314 - libvirt's own XML
     arch = arch_el.text if arch_el is not None and arch_el.text else "x86_64"
     offers_kvm, has_ext = kvm_facts(caps, arch)
     libvirt_version = conn.getLibVersion()

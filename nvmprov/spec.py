@@ -60,7 +60,7 @@ _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]{0,500}")
 _IMAGE_SUFFIXES = (".qcow2", ".img", ".raw")
 
-# Mounting over these would hide or break the guest's own system.
+# Mounting over these would hide or break the guest's own system (S108: a denylist, no temp files).
 _SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
                  "/run", "/sbin", "/sys", "/usr")
 _SYSTEM_DIRS = frozenset(("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var",  # noqa: S108

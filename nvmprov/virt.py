@@ -167,7 +167,7 @@ class Memory:
 
 
 def memory_layout(domain_xml: str) -> Memory:
-    root = ET.fromstring(domain_xml)  # noqa: S314
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
     def size(el: ET.Element | None) -> int:
         if el is None or not el.text:
             return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from nvmprov.errors import StorageError
 DEFAULT_POOL = "nvmprov"
 DEFAULT_POOL_PATH = "/var/lib/nvmprov/pool"
 CHUNK_BYTES = 4 * 1024 * 1024  # stream chunk: big enough for throughput, small enough for memory
+REFRESH_DEADLINE_S = 120.0      # a parallel create's 16 GiB fallocate or image upload can take this long
+REFRESH_RETRY_S = 0.25
 
 # The pool directory lets QEMU (running as libvirt-qemu) reach files it was chowned, and lists
 # nothing; volumes holding guest data or keys are 0600 (libvirt's DAC driver chowns them to the
@@ -124,9 +127,24 @@ def pool_path(pool: libvirt.virStoragePool) -> str:
     return path
 
 
+def refresh(pool: libvirt.virStoragePool, *, deadline_s: float = REFRESH_DEADLINE_S) -> None:
+    """Rescan the pool. libvirt refuses while another client's volume is being built or uploaded
+    ("has asynchronous jobs running"): parallel creates hit that, so wait for it to pass."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as e:
+            busy = "asynchronous jobs running" in (e.get_error_message() or "")
+            if not busy or time.monotonic() > deadline:
+                raise _err(f"refreshing storage pool {pool.name()!r}", e) from None
+        time.sleep(REFRESH_RETRY_S)
+
+
 def pool_free_bytes(pool: libvirt.virStoragePool) -> int:
+    refresh(pool)
     try:
-        pool.refresh(0)
         free = int(pool.info()[3])
     except libvirt.libvirtError as e:
         raise _err(f"reading free space of storage pool {pool.name()!r}", e) from None
@@ -365,7 +383,7 @@ def upload(
     vol = _create(pool, _volume_xml(name, size, allocation=0, fmt="raw", mode=mode), f"volume {name!r}")
     try:
         _send(vol, size, chunks)
-        pool.refresh(0)
+        refresh(pool)
     except BaseException:
         delete(pool, name)
         raise

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 POOL_DIR = Path("/var/lib/nvmprov/pool")
 STATE_DIR = Path("/var/lib/nvmprov/state/guests")
 NO_LIBVIRTD = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
-PAUSE_WAIT_S = 240  # the agent phase needs a TCG boot first
+PAUSE_WAIT_S = 480  # the agent phase needs a TCG boot first: 2-4 min on a busy 2-core host
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -224,6 +224,12 @@ def test_backing_volume_used_by_another_domain_is_refused(tmp_path: Path, foreig
 # signals and locks: a real create paused at a phase by NVMPROV_TEST_PAUSE_AT
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored and Python keeps an ignored SIGINT, so
+    # when this suite runs in the background the child would shrug Ctrl-C off: restore it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PausedCreate:
     """`nvmprov create` in the background, paused at PHASE; stderr collected by a thread."""
 
@@ -232,6 +238,7 @@ class PausedCreate:
             [sys.executable, "-m", "nvmprov", "create", str(spec_path), "--json", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
             env={**os.environ, testhooks.PAUSE_ENV: phase},
+            preexec_fn=_default_sigint,  # noqa: PLW1509 - a single-threaded signal reset only
         )
         self.lines: list[str] = []
         self.paused = threading.Event()

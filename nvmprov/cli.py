@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from . import __version__
-from .errors import Interrupted, NvmprovError, SpecError, UsageError
+from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
 from .state import check_name
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -37,6 +37,21 @@ def _add_guest_selector(p: argparse.ArgumentParser, *, many: bool = True) -> Non
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML to FILE")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", type=_positive_int, metavar="N",
+                   help="guests at a time for a fleet (default: one per CPU core, at most the number of guests)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-on-failure", action="store_true", help="keep what a failed run made, for debugging")
     p.add_argument("--connect", help="libvirt URI, overrides the spec's `connect`")
     p.add_argument("--log-file", help="also write progress lines to this file")
+    _add_parallel(p)
     _add_output(p)
 
     p = sub.add_parser("verify", help="re-run the in-guest checks on a managed guest")
     _add_guest_selector(p)
     p.add_argument("--power-cycle", action="store_true", help="also cut the power and prove the data survived")
+    _add_parallel(p)
     _add_output(p)
 
     p = sub.add_parser("start", help="start a managed guest (and hot-plug its virtio-pmem regions)")
@@ -158,6 +175,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .report import Report
 
     log = open(args.log_file, "a") if args.log_file else None  # noqa: SIM115 - closed below
+    if len(guests) > 1:
+        try:
+            return _create_fleet(guests, opts, args, log)
+        finally:
+            if log:
+                log.close()
     try:
         report = Report()
         for g in guests:
@@ -167,6 +190,26 @@ def cmd_create(args: argparse.Namespace) -> int:
         if log:
             log.close()
     return _emit(report, args)
+
+
+def _create_fleet(guests: list, opts: object, args: argparse.Namespace, log: object) -> int:
+    from . import fleet
+
+    parallel = args.parallel or fleet.default_parallel(len(guests))
+    result = fleet.create(guests, opts, parallel=parallel, stream=sys.stderr, log=log)  # type: ignore[arg-type]
+    return _emit_fleet(result, args)
+
+
+def _emit_fleet(result: object, args: argparse.Namespace) -> int:
+    from . import fleet
+
+    assert isinstance(result, fleet.FleetResult)
+    _emit(result.report, args)
+    if not getattr(args, "json", False):
+        sys.stdout.write("\n" + fleet.summary(result))
+    if result.interrupted:
+        _error(f"{result.interrupted}; what this run made was rolled back")
+    return result.exit_code()
 
 
 def _emit(report: object, args: argparse.Namespace) -> int:
@@ -189,7 +232,14 @@ def _emit(report: object, args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from . import guests
 
-    return _emit(guests.verify(_names(args), connect=args.connect, power_cycle=args.power_cycle), args)
+    names = _names(args)
+    if len(names) > 1:
+        from . import fleet
+
+        parallel = args.parallel or fleet.default_parallel(len(names))
+        return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
+                                        parallel=parallel, stream=sys.stderr), args)
+    return _emit(guests.verify(names, connect=args.connect, power_cycle=args.power_cycle), args)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -217,6 +267,13 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing destroyed")
             return EXIT_OK
+    if args.file:  # a fleet: guests already gone are skipped, one failure does not stop the rest
+        from . import fleet
+
+        failures = fleet.destroy(names, connect=args.connect, purge=args.purge, stream=sys.stderr)
+        if failures:
+            raise HostError(f"{len(failures)} of {len(names)} guests not destroyed: " + "; ".join(failures))
+        return EXIT_OK
     guests.destroy(names, connect=args.connect, purge=args.purge)
     return EXIT_OK
 

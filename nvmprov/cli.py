@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
 
     p = sub.add_parser("list", help="managed guests")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--format", choices=["table", "json", "ansible"], default="table",
+                   help="ansible: an inventory (JSON, Ansible's YAML layout) to save and pass to ansible -i")
     p.add_argument("--connect")
 
     p = sub.add_parser("ssh", help="SSH into a managed guest with its pinned host key")
@@ -124,7 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
     b.add_argument("--pool", default="nvmprov")
     b.add_argument("--connect", default=None)
+    _add_admin_parsers(sub)
     return parser
+
+
+def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """attach, detach (issue 5)."""
+    p = sub.add_parser("attach", help="add a pmem region to any libvirt domain (live and/or config)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--size", required=True, help="region size, e.g. 512MiB")
+    p.add_argument("--name", dest="region", help="region name (default: hpN)")
+    p.add_argument("--model", choices=["nvdimm", "virtio-pmem"], default="nvdimm")
+    p.add_argument("--label", help="nvdimm label area, e.g. 128KiB")
+    p.add_argument("--filesystem", choices=["ext4", "xfs", "none"], help="managed guests: default ext4")
+    p.add_argument("--mount", help="managed guests: default /mnt/REGION")
+    p.add_argument("--allocation", choices=["full", "sparse"], default="full")
+    p.add_argument("--live", action="store_true", help="attach to the running domain")
+    p.add_argument("--config", action="store_true", help="attach to the persistent config (next start)")
+    p.add_argument("--connect")
+    _add_output(p)
+
+    p = sub.add_parser("detach", help="remove a pmem region from a domain (backing volume kept)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("region", metavar="REGION")
+    p.add_argument("--live", action="store_true", help="from the running domain (virtio-pmem only)")
+    p.add_argument("--config", action="store_true", help="from the persistent config (gone at next start)")
+    p.add_argument("--purge", action="store_true", help="also delete the backing volume")
+    p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
+    p.add_argument("--connect")
+    p.add_argument("--json", action="store_true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,10 +357,80 @@ def _names(args: argparse.Namespace) -> list[str]:
     return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)
 
 
+# ---------------------------------------------------------------------------------------------
+# attach, detach (issue 5)
+
+
+def _domain_arg(name: str) -> str:
+    if not name or len(name) > 200 or any(not c.isprintable() or c == "/" for c in name):
+        raise UsageError(f"{name!r} is not a libvirt domain name; `virsh list --all` shows them")
+    return name
+
+
+def _admin_conn(connect: str | None):  # type: ignore[no-untyped-def]
+    from . import virt
+    from .workflow import effective_uri
+
+    return virt.connect(effective_uri(virt.DEFAULT_URI, connect))
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from . import attach, spec
+    from .progress import Progress
+
+    name = _domain_arg(args.domain)
+    try:
+        size = spec.parse_size(args.size, what="--size")
+        label = spec.parse_size(args.label, what="--label") if args.label else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    request = attach.AttachRequest(
+        region=args.region or "", size_bytes=size, model=args.model, label_bytes=label,
+        filesystem=args.filesystem, mount=args.mount, allocation=args.allocation, live=args.live, config=args.config,
+    )
+    conn = _admin_conn(args.connect)
+    try:
+        if not request.region:
+            request = attach.with_default_name(conn, name, request)
+        report = attach.attach(conn, name, request, Progress())
+    finally:
+        conn.close()
+    return _emit(report, args)
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    import json
+
+    from . import attach
+    from .progress import Progress
+
+    name = _domain_arg(args.domain)
+    if args.purge and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("--purge deletes the backing volume (the region's data); add --yes to confirm")
+        if input(f"delete the backing volume of {args.region}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing detached")
+            return EXIT_OK
+    conn = _admin_conn(args.connect)
+    try:
+        result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=args.purge,
+                               progress=Progress())
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+    else:
+        print(f"{result.domain}: {result.region} detached ({', '.join(result.detached)})"
+              + (f"; deleted volume {result.volume}" if result.volume_deleted else ""))
+        for note in result.notes:
+            print(f"  note: {note}")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate, "render": cmd_render, "create": cmd_create, "verify": cmd_verify,
     "start": cmd_start, "stop": cmd_stop, "destroy": cmd_destroy, "list": cmd_list, "ssh": cmd_ssh,
-    "console": cmd_console, "image": cmd_image,
+    "console": cmd_console, "image": cmd_image, "attach": cmd_attach, "detach": cmd_detach,
 }
 
 

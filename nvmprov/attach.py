@@ -1,0 +1,646 @@
+"""`nvmprov attach` and `nvmprov detach`: persistent memory into (and out of) any libvirt domain.
+
+First a pure check of what the domain can take (attach_problems / detach_problems); when it cannot,
+nothing is changed and the message says what must change. On a domain nvmprov manages the region
+joins the recorded spec (so start/verify know it) and the in-guest agent formats and verifies it.
+
+Measured on libvirt 9.0 + QEMU 7.2 (GUIDE.md): live nvdimm needs a domain started with an nvdimm
+("nvdimm is not enabled: missing 'nvdimm' in '-M'"); virtio-pmem hot-plugs into a free PCIe root
+port but a domain with virtio-pmem in its config cannot start; QEMU cannot hot-unplug nvdimms.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from . import domxml
+from .errors import GuestError, HostError, UsageError, VirtError
+from .plan import FIRST_PORT_PCI_SLOT, Filesystem, Model, RegionPlan, label_bytes_for
+from .report import GuestReport, Report, SshInfo
+from .sizes import DIMM_ALIGN_BYTES, KiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from .domain import Metadata
+    from .plan import Plan
+    from .progress import Progress
+
+SUGGESTED_HEADROOM_BYTES = 8 * 1024**3  # what nvmprov gives its own guests (hotplug.headroom)
+SUGGESTED_SLOTS = 4
+
+
+@dataclass(frozen=True)
+class AttachRequest:
+    region: str
+    size_bytes: int
+    model: Model = "nvdimm"
+    label_bytes: int | None = None
+    filesystem: Filesystem | None = None   # None: ext4 on managed guests, nothing on others
+    mount: str | None = None
+    allocation: str = "full"
+    live: bool = False                     # resolved targets (see targets())
+    config: bool = False
+    virtio_pmem_in_config: bool = False    # HostFacts.virtio_pmem_in_config (libvirt >= 9.5)
+
+    @property
+    def backing_bytes(self) -> int:
+        return backing_bytes_for(self.size_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure: where the device goes, what stands in the way
+
+
+def targets(*, live: bool, config: bool, model: Model, running: bool) -> tuple[bool, bool]:
+    """(live, config) for the flags given; neither flag: what lasts and works on this domain.
+
+    virtio-pmem never goes into the config by default (libvirt 9.0 cannot start such a domain);
+    nvmprov's own guests re-plug it from their metadata on every start instead.
+    """
+    if live or config:
+        return live, config
+    if model == "virtio-pmem":
+        return running, False
+    return running, True
+
+
+def _kib(n: int) -> int:
+    return n // KiB
+
+
+def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> list[str]:
+    """What keeps REQUEST from working on this domain, each with the change that fixes it.
+
+    DOMAIN_XML is the live XML when `running` (for request.live) or the persistent one. Empty: go.
+    """
+    d = domxml.parse(domain_xml)
+    name = d.name
+    problems: list[str] = []
+    if request.live and not running:
+        problems.append(f"domain {name} is not running: --live needs a running domain; drop --live to add the "
+                        "region to its config (it appears at the next start)")
+    problems += _memory_problems(d, request)
+    if request.model == "nvdimm" and request.live and running and not d.has_nvdimm:
+        problems.append(
+            f"domain {name} was started without an nvdimm, so QEMU has nvdimm support off (\"nvdimm is not enabled: "
+            "missing 'nvdimm' in '-M'\") and cannot take one live: use --model virtio-pmem (hot-plugs into the "
+            f"running domain), or attach the nvdimm with --config and power-cycle {name} (virsh destroy + start)"
+        )
+    if request.model == "virtio-pmem":
+        problems += _virtio_pmem_problems(d, request)
+    if request.model != "nvdimm" and request.label_bytes is not None:
+        problems.append("--label is for nvdimm only; drop it or use --model nvdimm")
+    if d.device(f"ua-pmem-{request.region}") is not None:
+        problems.append(f"domain {name} already has a region named {request.region} (alias ua-pmem-{request.region}); "
+                        "choose another --name")
+    return problems
+
+
+def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+    name = d.name
+    problems = []
+    after = "; power the domain off and start it again for it to take effect" if request.live else ""
+    if not d.acpi:
+        problems.append(f"domain {name} has no ACPI and QEMU refuses memory hotplug without it: add <acpi/> under "
+                        f"<features> (virsh edit {name}){after}")
+    need_max = round_up(d.ram_bytes + d.device_bytes + request.backing_bytes + SUGGESTED_HEADROOM_BYTES,
+                        DIMM_ALIGN_BYTES)
+    if d.max_memory_bytes == 0:
+        problems.append(
+            f"domain {name} has no <maxMemory>, which memory devices need: add "
+            f"<maxMemory slots='{len(d.devices) + SUGGESTED_SLOTS}' unit='KiB'>{_kib(need_max)}</maxMemory> "
+            f"(RAM + regions + {format_size(SUGGESTED_HEADROOM_BYTES)} headroom) with virsh edit {name}{after}"
+        )
+    else:
+        if d.free_slots < 1:
+            problems.append(f"all {d.slots} memory slots of domain {name} are taken: raise <maxMemory slots=...> to "
+                            f"{d.slots + SUGGESTED_SLOTS} (virsh edit {name}){after}, or detach a region")
+        if d.headroom_bytes < request.backing_bytes:
+            problems.append(
+                f"domain {name}'s maxMemory ({d.max_memory_bytes} bytes) leaves {d.headroom_bytes} bytes beside RAM "
+                f"and its regions, the region needs {request.backing_bytes}: raise <maxMemory> to at least "
+                f"{_kib(d.ram_bytes + d.device_bytes + request.backing_bytes)} KiB (virsh edit {name}){after}, "
+                "or ask for a smaller --size"
+            )
+    if d.numa_cells == 0:
+        problems.append(f"domain {name} has no NUMA cell and memory devices need one to land in: add "
+                        f"<numa><cell id='0' cpus='0-N' memory='{_kib(d.ram_bytes)}' unit='KiB'/></numa> under <cpu> "
+                        f"(virsh edit {name}){after}")
+    return problems
+
+
+def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+    problems = []
+    if request.config and not request.virtio_pmem_in_config:
+        problems.append(
+            f"this libvirt cannot start a domain with virtio-pmem in its config (\"virtio-pmem memory device info is "
+            f"not handled yet\"), so --config would leave {d.name} unbootable: attach it --live (it lasts until the "
+            "domain stops), or use --model nvdimm --config"
+        )
+    if d.q35 and not d.free_root_ports:
+        problems.append(
+            f"domain {d.name} has no free hot-pluggable pcie-root-port and pcie.0 itself does not support hotplug: "
+            f"add <controller type='pci' model='pcie-root-port'/> (virsh edit {d.name}), power it off and start it "
+            "again; nvmprov's own guests carry spare ports (hotplug.slots)"
+        )
+    return problems
+
+
+def volume_name(domain_name: str, region: str) -> str:
+    """nvmprov's backing-volume name; a foreign domain's name is folded into nvmprov's alphabet."""
+    safe = re.sub(r"[^a-z0-9-]+", "-", domain_name.lower()).strip("-") or "domain"
+    return f"{safe}-pmem-{region}.raw"
+
+
+def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
+    """The region of a domain nvmprov did not make: the first free DIMM slot or root port."""
+    label = label_bytes_for(request.label_bytes)
+    dimm_slot = d.free_dimm_slot() if request.model == "nvdimm" else None
+    port = d.free_root_ports[0] if request.model == "virtio-pmem" and d.free_root_ports else None
+    return RegionPlan(
+        name=request.region, model=request.model, size_bytes=request.size_bytes, backing_bytes=request.backing_bytes,
+        label_bytes=label, readonly=False, host_pmem=False, allocation=request.allocation,  # type: ignore[arg-type]
+        filesystem="none", mount=None, volume=volume, alias=f"ua-pmem-{request.region}",
+        dimm_slot=dimm_slot if request.model == "nvdimm" else None,
+        pci_slot=(port.slot if port and port.slot is not None else FIRST_PORT_PCI_SLOT) if port else None,
+        pci_bus=port.index if port else None,
+        expected_usable_bytes=expected_usable_bytes(request.model, request.backing_bytes, label),
+    )
+
+
+def placement_problems(d: domxml.DomainFacts, region: RegionPlan) -> list[str]:
+    """A managed guest's plan puts the region at a fixed slot/port: is it free in the domain?"""
+    if region.model == "nvdimm" and any(x.dimm_slot == region.dimm_slot for x in d.devices):
+        return [f"DIMM slot {region.dimm_slot} that the recorded spec gives region {region.name} is taken in domain "
+                f"{d.name} (a device nvmprov did not record); detach that device first"]
+    if region.model == "virtio-pmem" and d.q35 and region.pci_bus not in {p.index for p in d.free_root_ports}:
+        return [f"root port {region.pci_bus} that the recorded spec gives region {region.name} is not a free "
+                f"hot-pluggable pcie-root-port in domain {d.name}; every spare port is used (hotplug.slots)"]
+    return []
+
+
+def managed_spec_json(spec_json: str, region: dict[str, object], backing_bytes: int) -> str:
+    """The recorded spec with the region appended and the hotplug reserve it used taken off, so the
+    rebuilt plan keeps the domain's slot count and maxMemory."""
+    data = json.loads(spec_json)
+    data["pmem"].append(region)
+    hp = data.setdefault("hotplug", {})
+    hp["slots"] = max(int(hp.get("slots", SUGGESTED_SLOTS)) - 1, 0)
+    from .spec import parse_size
+
+    headroom = parse_size(hp.get("headroom", "8GiB"), allow_zero=True)
+    hp["headroom"] = format_size(max(headroom - backing_bytes, 0))
+    return json.dumps(data, separators=(",", ":"))
+
+
+def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
+    """The region as a spec entry (YAML keys), validated by the spec's own rules (UsageError)."""
+    from pydantic import ValidationError
+
+    from .spec import RegionSpec
+
+    raw: dict[str, object] = {"name": request.region, "size": format_size(request.size_bytes),
+                              "model": request.model, "allocation": request.allocation,
+                              "filesystem": request.filesystem or ("ext4" if managed else "none")}
+    if request.label_bytes is not None:
+        raw["label"] = format_size(request.label_bytes)
+    if request.mount is not None:
+        raw["mount"] = request.mount
+    try:
+        return RegionSpec.model_validate(raw).model_dump(mode="json", by_alias=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "region"
+        msg = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
+        raise UsageError(f"--{where}: {msg}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# detach, pure
+
+
+def detach_problems(domain_xml: str, region: str, *, live: bool, running: bool) -> list[str]:
+    d = domxml.parse(domain_xml)
+    dev = d.device(f"ua-pmem-{region}")
+    if dev is None:
+        where = "running domain" if live else "config of domain"
+        return [f"the {where} {d.name} has no region {region} (alias ua-pmem-{region}); "
+                f"`nvmprov show {d.name}` lists its regions"]
+    if live and not running:
+        return [f"domain {d.name} is not running: drop --live (detach --config removes {region} from its config)"]
+    if live and dev.model == "nvdimm":
+        return [nvdimm_unplug_problem(d.name, region)]
+    return []
+
+
+def nvdimm_unplug_problem(domain_name: str, region: str) -> str:
+    return (f"QEMU cannot hot-unplug an nvdimm (\"nvdimm device hot unplug is not supported yet\"): "
+            f"`nvmprov detach {domain_name} {region} --config` drops {region} from the config; it leaves the guest "
+            "at the next power-off and start")
+
+
+def detach_device(dom: libvirt.virDomain, device_xml: str, *, live: bool, config: bool) -> None:
+    import libvirt
+
+    flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
+    try:
+        dom.detachDeviceFlags(device_xml, flags)
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"detaching a device from {dom.name()}: {exc.get_error_message()}") from None
+
+
+
+def _a(model: str) -> str:
+    return f"an {model}" if model == "nvdimm" else f"a {model}"
+
+
+def refuse(what: str, problems: list[str]) -> UsageError:
+    return UsageError(f"{what}; nothing was changed:\n" + "\n".join(f"- {p}" for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# attach: side effects
+
+
+def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress: Progress) -> Report:
+    """Attach one region to domain NAME; `request.live/config` as the user gave them (both False:
+    the default for this domain, see targets())."""
+    from . import domain, state, virt
+
+    dom = virt.require(conn, name)
+    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+    if md is None:
+        return _attach_foreign(conn, dom, request, progress)
+    with state.lock(state.check_name(name)):
+        return _attach_managed(conn, dom, md, request, progress)
+
+
+def _resolve(dom: libvirt.virDomain, request: AttachRequest, conn: libvirt.virConnect) -> tuple[AttachRequest, bool]:
+    from . import host, virt
+
+    running = virt.is_active(dom)
+    live, config = targets(live=request.live, config=request.config, model=request.model, running=running)
+    in_config = host.facts(conn, "").virtio_pmem_in_config
+    return replace(request, live=live, config=config, virtio_pmem_in_config=in_config), running
+
+
+def _problems(dom: libvirt.virDomain, request: AttachRequest, running: bool) -> list[str]:
+    """Checked against each XML the request changes (live and/or persistent)."""
+    from . import virt
+
+    problems: list[str] = []
+    if request.live or running:
+        problems += attach_problems(virt.xml_desc(dom), replace(request, config=False), running)
+    if request.config or not request.live:
+        more = attach_problems(virt.xml_desc(dom, inactive=True), replace(request, live=False), False)
+        problems += [p for p in more if p not in problems]
+    return problems
+
+
+def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStoragePool, str]:
+    from . import storage
+    from .workflow import pool_dir_for
+
+    pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name))
+    return pool, storage.pool_path(pool)
+
+
+def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None:
+    from . import virt
+
+    users = virt.domains_using_path(conn, path)
+    if users:
+        raise HostError(f"backing volume {volume} is used by domain(s) {', '.join(users)}; choose another --name "
+                        "or detach it there first")
+
+
+def _make_backing(pool: libvirt.virStoragePool, region: RegionPlan, progress: Progress) -> bool:
+    """Create the region's volume (create's rules: full allocation, 0600, never overwritten); True
+    when this run made it."""
+    from . import storage
+
+    existed = storage.volume_exists(pool, region.volume)
+    storage.create_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation)
+    verb = "reusing existing" if existed else "created"
+    progress.line(f"region {region.name}: {verb} backing volume {region.volume} ({region.backing_bytes} bytes)")
+    return not existed
+
+
+def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, pool_dir: str, made: bool, *,
+          live: bool, config: bool, progress: Progress) -> None:
+    """Attach the device; a failure removes the volume this run made."""
+    from . import domain, storage, virt
+
+    if not (live or config):
+        return
+    try:
+        with progress.phase("attach", f"{region.model} {region.name} ({'live' if live else ''}"
+                                      f"{'+' if live and config else ''}{'config' if config else ''})"):
+            virt.attach(dom, domain.region_device_xml(region, pool_dir), live=live, config=config)
+    except BaseException:
+        if made:
+            storage.delete(pool, region.volume)
+            progress.line(f"rolled back: volume {region.volume}")
+        raise
+
+
+def _where(live: bool, config: bool) -> str:
+    return "+".join(w for w, on in (("live", live), ("config", config)) if on) or "recorded"
+
+
+def _attach_foreign(conn: libvirt.virConnect, dom: libvirt.virDomain, request: AttachRequest,
+                    progress: Progress) -> Report:
+    from . import virt
+
+    name = dom.name()
+    if request.filesystem not in (None, "none") or request.mount:
+        raise UsageError(f"--filesystem/--mount need a guest nvmprov manages (it logs in with its own key); {name} "
+                         "is not one: attach without them and format the device inside the guest")
+    region_spec(request, managed=False)  # the spec's rules for name, size and label
+    request, running = _resolve(dom, request, conn)
+    problems = _problems(dom, request, running)
+    if problems:
+        raise refuse(f"domain {name} cannot take {_a(request.model)} region this way", problems)
+    pool, pool_dir = _pool(conn, "nvmprov")
+    volume = volume_name(name, request.region)
+    _check_volume_free(conn, f"{pool_dir}/{volume}", volume)
+    facts = domxml.parse(virt.xml_desc(dom, inactive=not request.live))
+    region = foreign_region_plan(facts, request, volume)
+    made = _make_backing(pool, region, progress)
+    _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
+    g = GuestReport(name=name, timings_s=dict(progress.timings_s))
+    g.regions.append({
+        "name": region.name, "model": region.model, "size_bytes": region.size_bytes,
+        "usable_bytes": region.expected_usable_bytes, "backing_path": f"{pool_dir}/{volume}",
+        "alias": region.alias, "attached": _where(request.live, request.config), "guest_device": None,
+    })
+    if request.live and not request.config:
+        g.notes.append(f"attached live only: the region leaves {name} when it stops; attach it again after a start")
+    if request.config and not request.live:
+        g.notes.append(f"in the config only: the region appears after {name} is powered off and started")
+    g.notes.append(f"{name} is not managed by nvmprov: format the device inside the guest (no agent ran)")
+    g.settle()
+    return Report(guests=[g])
+
+
+def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest) -> tuple[Plan, str]:
+    from pydantic import ValidationError
+
+    from .guests import plan_from_metadata
+
+    if md.spec_json is None:
+        raise HostError("the nvmprov metadata of this domain holds no spec; recreate it with this nvmprov")
+    entry = region_spec(request, managed=True)
+    spec_json = managed_spec_json(md.spec_json, entry, request.backing_bytes)
+    try:
+        return plan_from_metadata(conn, replace(md, spec_json=spec_json)), spec_json
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
+        raise UsageError(f"region {request.region}: {msg}") from None
+
+
+def _attach_managed(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata, request: AttachRequest,
+                    progress: Progress) -> Report:
+    from . import domain, state, virt
+
+    name = dom.name()
+    if any(r.name == request.region for r in md.regions):
+        raise UsageError(f"guest {name} already has a region named {request.region}; choose another --name")
+    asked_config = request.config
+    request, running = _resolve(dom, request, conn)
+    notes = []
+    if request.model == "virtio-pmem":
+        # Recorded in nvmprov's metadata instead: `nvmprov start` hot-plugs it after every start.
+        request = replace(request, config=False)
+        if asked_config:
+            notes.append("virtio-pmem is kept in nvmprov's metadata, not the libvirt config: nvmprov start "
+                         "hot-plugs it after every start")
+    new_plan, spec_json = _managed_plan(conn, md, request)
+    region = new_plan.region(request.region)
+    problems = _problems(dom, request, running)
+    for xml in {virt.xml_desc(dom), virt.xml_desc(dom, inactive=True)}:
+        problems += [p for p in placement_problems(domxml.parse(xml), region) if p not in problems]
+    if problems:
+        raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", problems)
+    pool, pool_dir = _pool(conn, md.pool)
+    _check_volume_free(conn, f"{pool_dir}/{region.volume}", region.volume)
+    made = _make_backing(pool, region, progress)
+    _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
+    new_md = replace(md, spec_json=spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
+    if made:
+        new_md = new_md.with_volume(region.volume, "backing")
+    virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
+    files = state.guest_files(name)
+    state.write_private(files.spec_json, spec_json)
+    progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
+    g = GuestReport(name=name, accel=new_plan.accel, notes=notes,
+                    ssh=SshInfo("127.0.0.1", md.ssh_port, md.ssh_user, str(files.client_key), str(files.known_hosts)))
+    if running:
+        _run_agent(conn, dom, new_plan, region, files, md.ssh_port, progress, g, pool_dir)
+    else:
+        g.notes.append(f"{name} is not running: `nvmprov start {name}` then `nvmprov verify {name}` formats and "
+                       "checks the region")
+    g.timings_s = dict(progress.timings_s)
+    g.settle()
+    return Report(guests=[g])
+
+
+def _run_agent(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan, region: RegionPlan,
+               files: object, port: int, progress: Progress, g: GuestReport, pool_dir: str) -> None:
+    """converge + verify on the new region only (the others stay as they are)."""
+    from . import agent
+    from .workflow import open_session
+
+    only = replace(the_plan, regions=(region,))
+    try:
+        with progress.phase("ssh"):
+            session = open_session(dom, the_plan, files, port, the_plan.ssh_timeout_s, progress)  # type: ignore[arg-type]
+        try:
+            with progress.phase("agent"):
+                states = agent.apply(session, only)
+            with progress.phase("verify"):
+                g.regions = agent.verify(session, only, states)
+        finally:
+            session.close()
+    except GuestError as exc:
+        g.fail("agent", f"{exc} (the region stays attached and recorded; `nvmprov verify {the_plan.name}` retries)")
+        return
+    for r in g.regions:
+        r.backing_path = f"{pool_dir}/{region.volume}"
+
+
+# ---------------------------------------------------------------------------------------------
+# detach: side effects
+
+DETACH_DEADLINE_S = 30.0   # the guest must release a virtio-pmem device (PCIe hot-unplug handshake)
+DETACH_POLL_S = 0.5
+
+
+def _device_xml(domain_xml: str, alias: str) -> str | None:
+    import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
+
+    root = ET.fromstring(domain_xml)  # noqa: S314
+    for el in root.findall("./devices/memory"):
+        a = el.find("alias")
+        if a is not None and a.get("name") == alias:
+            return ET.tostring(el, encoding="unicode")
+    return None
+
+
+def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
+    import time
+
+    from . import virt
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if _device_xml(virt.xml_desc(dom), alias) is None:
+            return True
+        time.sleep(DETACH_POLL_S)
+    return _device_xml(virt.xml_desc(dom), alias) is None
+
+
+def managed_spec_without(spec_json: str, region: RegionPlan) -> str:
+    """The recorded spec without REGION, its slot and headroom given back to the hotplug reserve."""
+    from .spec import parse_size
+
+    data = json.loads(spec_json)
+    data["pmem"] = [r for r in data["pmem"] if r["name"] != region.name]
+    hp = data.setdefault("hotplug", {})
+    hp["slots"] = int(hp.get("slots", SUGGESTED_SLOTS)) + 1
+    hp["headroom"] = format_size(parse_size(hp.get("headroom", "8GiB"), allow_zero=True) + region.backing_bytes)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _last_of_model(md: Metadata, region: RegionPlan) -> bool:
+    same = [r.name for r in md.regions if r.model == region.model]
+    return bool(same) and same[-1] == region.name
+
+
+@dataclass
+class DetachResult:
+    domain: str
+    region: str
+    detached: list[str]          # "live", "config", "metadata"
+    volume: str | None
+    volume_deleted: bool
+    notes: list[str]
+
+
+def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: bool,
+           progress: Progress) -> DetachResult:
+    from . import domain, state, virt
+
+    dom = virt.require(conn, name)
+    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+    if md is None:
+        return _detach(conn, dom, None, region, live=live, config=config, purge=purge, progress=progress)
+    with state.lock(state.check_name(name)):
+        return _detach(conn, dom, md, region, live=live, config=config, purge=purge, progress=progress)
+
+
+def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
+            config: bool, purge: bool, progress: Progress) -> DetachResult:
+    from . import domain, virt
+
+    name, alias = dom.name(), f"ua-pmem-{region}"
+    running = virt.is_active(dom)
+    live_xml, config_xml = virt.xml_desc(dom), virt.xml_desc(dom, inactive=True)
+    recorded = next((r for r in md.regions if r.name == region), None) if md else None
+    if md is not None and recorded is None:
+        raise UsageError(f"guest {name} has no region {region} ({', '.join(r.name for r in md.regions) or 'none'})")
+    if recorded is not None and md is not None and not _last_of_model(md, recorded):
+        raise refuse(f"cannot detach {region} from {name}", [
+            f"nvmprov places {recorded.model} regions by their order in the guest's spec; removing {region} would "
+            f"move the later ones: detach the later {recorded.model} regions first (or destroy and re-create)"])
+    if not (live or config):
+        live = running and _device_xml(live_xml, alias) is not None
+        config = _device_xml(config_xml, alias) is not None
+    managed_virtio = recorded is not None and recorded.model == "virtio-pmem"
+    problems = []
+    anywhere = domxml.parse(live_xml).device(alias) or domxml.parse(config_xml).device(alias)
+    if live and ((anywhere and anywhere.model == "nvdimm") or (recorded and recorded.model == "nvdimm")):
+        problems.append(nvdimm_unplug_problem(name, region))
+    elif live:
+        problems += detach_problems(live_xml, region, live=True, running=running)
+    if config and not managed_virtio:
+        problems += detach_problems(config_xml, region, live=False, running=running)
+    if not (live or config) and recorded is None:
+        problems.append(f"domain {name} has no region {region} (alias {alias}); `nvmprov show {name}` lists them")
+    if problems:
+        raise refuse(f"cannot detach {region} from {name}", problems)
+
+    path = _path_of(live_xml if live else config_xml, alias) or ""
+    done: list[str] = []
+    notes: list[str] = []
+    if live:
+        with progress.phase("detach", f"{region} from the running domain"):
+            detach_device(dom, _device_xml(live_xml, alias) or "", live=True, config=False)
+            if not _wait_gone(dom, alias, DETACH_DEADLINE_S):
+                raise VirtError(f"the guest of {name} did not release {region} within {DETACH_DEADLINE_S:.0f}s "
+                                "(PCIe hot-unplug needs the guest's cooperation); nothing else was changed")
+        done.append("live")
+    if config and not managed_virtio:
+        detach_device(dom, _device_xml(config_xml, alias) or "", live=False, config=True)
+        done.append("config")
+        if running and not live:
+            notes.append(f"{region} stays in the running guest until {name} is powered off")
+    if recorded is not None and md is not None:
+        spec_json = managed_spec_without(md.spec_json or "{}", recorded)
+        new_plan = _plan_for(conn, md, spec_json)
+        new_md = replace(md, spec_json=spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
+        virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
+        done.append("metadata")
+    volume = recorded.volume if recorded else (path.rsplit("/", 1)[-1] or None)
+    deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes)
+    progress.line(f"{region}: detached ({', '.join(done)})")
+    return DetachResult(name, region, done, volume, deleted, notes)
+
+
+def _plan_for(conn: libvirt.virConnect, md: Metadata, spec_json: str) -> Plan:
+    from .guests import plan_from_metadata
+
+    return plan_from_metadata(conn, replace(md, spec_json=spec_json))
+
+
+def _path_of(domain_xml: str, alias: str) -> str | None:
+    d = domxml.parse(domain_xml).device(alias)
+    return d.path if d else None
+
+
+def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: bool,
+                 notes: list[str]) -> bool:
+    from . import storage, virt
+
+    if volume is None:
+        return False
+    if not purge:
+        notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
+                     "deletes it once no domain uses it")
+        return False
+    users = virt.domains_using_path(conn, path) if path else []
+    if users:
+        notes.append(f"kept {volume}: still used by {', '.join(users)} (until powered off); `nvmprov prune` "
+                     "removes it later")
+        return False
+    pool = storage.pool_of(conn, pool_name)
+    if path and not path.startswith(storage.pool_path(pool) + "/"):
+        notes.append(f"kept {path}: it is not in nvmprov's pool {pool_name}")
+        return False
+    return storage.delete(pool, volume)
+
+
+def with_default_name(conn: libvirt.virConnect, name: str, request: AttachRequest) -> AttachRequest:
+    """--name not given: hp0, hp1, ... the first not used by the domain."""
+    from . import virt
+
+    d = domxml.parse(virt.xml_desc(virt.require(conn, name), inactive=True))
+    live = domxml.parse(virt.xml_desc(virt.require(conn, name)))
+    taken = {x.alias for x in (*d.devices, *live.devices)}
+    n = next(i for i in range(1000) if f"ua-pmem-hp{i}" not in taken)
+    return replace(request, region=f"hp{n}")

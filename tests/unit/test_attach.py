@@ -1,0 +1,190 @@
+"""attach/detach decisions on domain XML, without libvirt: what a domain can take, and the fix."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from nvmprov import attach, domain, domxml, plan, spec
+from nvmprov.errors import UsageError
+from nvmprov.sizes import GiB, MiB
+
+FACTS = plan.HostFacts(builtin_volumes=("base.qcow2", "vmlinuz", "initrd.img"))
+CTX = domain.RenderContext(uuid="6f1d9c62-7d2a-4a4b-9a3e-0000000000aa", ssh_port=2222, pool_dir="/p")
+GUEST = """\
+name: g
+hotplug: {slots: 2, headroom: 1GiB}
+pmem:
+  - {name: nv, size: 256MiB}
+  - {name: vp, size: 64MiB, model: virtio-pmem}
+"""
+
+# A domain as virt-install makes it: no maxMemory, no NUMA, no root port to spare.
+FOREIGN = """\
+<domain type='qemu'>
+  <name>plain</name>
+  <memory unit='KiB'>1048576</memory>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>
+  <features><acpi/><apic/></features>
+  <devices>
+    <disk type='file' device='disk'><source file='/x.qcow2'/><target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></disk>
+    <controller type='pci' index='1' model='pcie-root-port'><address type='pci' bus='0x00' slot='0x02'/></controller>
+  </devices>
+</domain>
+"""
+
+
+def managed_xml(text: str = GUEST) -> str:
+    """As the running guest's live XML: its virtio-pmem hot-plugged into its own root port."""
+    return domain.render(plan.build(spec.loads(text).guests[0], FACTS), replace(CTX, include_virtio_pmem=True))
+
+
+def req(**kw: object) -> attach.AttachRequest:
+    base = {"region": "new", "size_bytes": 512 * MiB, "model": "nvdimm", "live": True, "config": False}
+    return attach.AttachRequest(**{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("live", "config", "model", "running", "want"), [
+    (False, False, "nvdimm", True, (True, True)),
+    (False, False, "nvdimm", False, (False, True)),
+    (False, False, "virtio-pmem", True, (True, False)),
+    (False, False, "virtio-pmem", False, (False, False)),
+    (True, False, "nvdimm", True, (True, False)),
+    (False, True, "virtio-pmem", True, (False, True)),
+])
+def test_targets_default_to_what_works(live: bool, config: bool, model: str, running: bool,
+                                       want: tuple[bool, bool]) -> None:
+    assert attach.targets(live=live, config=config, model=model, running=running) == want  # type: ignore[arg-type]
+
+
+def test_managed_guest_takes_nvdimm_live_and_virtio_pmem_live() -> None:
+    xml = managed_xml()
+    assert attach.attach_problems(xml, req(), running=True) == []
+    assert attach.attach_problems(xml, req(model="virtio-pmem"), running=True) == []
+
+
+@pytest.mark.parametrize(("edit", "request_kw", "running", "expect"), [
+    # nvdimm live into a QEMU started without one: the measured refusal, with both ways out.
+    (lambda x: x.replace('<memory model="nvdimm"', '<memory model="dimm"'), {}, True,
+     ["missing 'nvdimm' in '-M'", "--model virtio-pmem", "--config"]),
+    (lambda x: x, {"live": True}, False, ["not running", "drop --live"]),
+    (lambda x: x.replace("<acpi />", ""), {}, True, ["no ACPI", "<acpi/>"]),
+    (lambda x: x.replace("<numa>", "<numx>").replace("</numa>", "</numx>"), {}, True, ["no NUMA cell", "<cell"]),
+    (lambda x: x, {"size_bytes": 2 * GiB}, True, ["raise <maxMemory> to at least", "smaller --size"]),
+    (lambda x: x.replace("slots=\"4\"", "slots=\"2\""), {}, True, ["memory slots", "are taken"]),
+    (lambda x: x, {"model": "virtio-pmem", "config": True, "live": False}, True,
+     ["virtio-pmem memory device info is not handled yet", "--live"]),
+    (lambda x: x, {"region": "nv"}, True, ["already has a region named nv"]),
+    (lambda x: x, {"model": "virtio-pmem", "label_bytes": 128 * 1024}, True, ["--label is for nvdimm only"]),
+])
+def test_problem_names_the_fix(edit, request_kw, running, expect) -> None:  # type: ignore[no-untyped-def]
+    xml = edit(managed_xml())
+    problems = attach.attach_problems(xml, req(**request_kw), running=running)
+    text = "\n".join(problems)
+    for fragment in expect:
+        assert fragment in text, (fragment, problems)
+
+
+def test_every_spare_root_port_used_refuses_virtio_pmem() -> None:
+    xml = managed_xml(GUEST.replace("slots: 2", "slots: 0"))   # no spare ports at all
+    problems = attach.attach_problems(xml, req(model="virtio-pmem", size_bytes=64 * MiB), running=True)
+    assert any("no free hot-pluggable pcie-root-port" in p for p in problems), problems
+
+
+def test_foreign_domain_gets_the_full_list_of_changes() -> None:
+    problems = attach.attach_problems(FOREIGN, req(model="virtio-pmem"), running=True)
+    text = "\n".join(problems)
+    assert "no <maxMemory>" in text and "<maxMemory slots='4' unit='KiB'>" in text
+    assert "no NUMA cell" in text
+    assert "no free hot-pluggable pcie-root-port" in text   # its only port holds the disk
+    assert "power the domain off and start it again" in text
+
+
+def test_no_max_memory_suggestion_covers_ram_region_and_headroom() -> None:
+    (problem,) = [p for p in attach.attach_problems(FOREIGN, req(), running=False) if "maxMemory" in p]
+    kib = int(problem.split("unit='KiB'>")[1].split("<")[0])
+    assert kib * 1024 == 1 * GiB + 512 * MiB + attach.SUGGESTED_HEADROOM_BYTES
+
+
+def test_parse_counts_every_memory_device_against_slots_and_max_memory() -> None:
+    d = domxml.parse(managed_xml())
+    assert d.slots == 4 and len(d.devices) == 2 and d.free_slots == 2
+    assert d.ram_bytes == 1 * GiB
+    assert d.device_bytes == 256 * MiB + 64 * MiB
+    assert d.headroom_bytes == 1 * GiB
+    assert {p.alias for p in d.free_root_ports} == {"ua-port-spare0", "ua-port-spare1"}
+    assert d.free_dimm_slot() == 1
+
+
+def test_parse_live_address_base() -> None:
+    live = managed_xml().replace("<address type=\"dimm\" slot=\"0\" />",
+                                 "<address type='dimm' slot='0' base='0x100000000'/>")
+    dev = domxml.parse(live).device("ua-pmem-nv")
+    assert dev is not None
+    assert dev.base == 0x100000000 and dev.dimm_slot == 0 and dev.shared
+
+
+def test_foreign_region_plan_takes_free_slot_and_port() -> None:
+    d = domxml.parse(managed_xml())
+    r = attach.foreign_region_plan(d, req(model="virtio-pmem", size_bytes=100 * MiB), "x-pmem-new.raw")
+    assert (r.pci_bus, r.pci_slot) == (2, 0x11)   # spare0: after the guest's own virtio-pmem port
+    assert r.backing_bytes == 100 * MiB and r.alias == "ua-pmem-new" and r.dimm_slot is None
+    n = attach.foreign_region_plan(d, req(label_bytes=128 * 1024), "x-pmem-new.raw")
+    assert n.dimm_slot == 1 and n.label_bytes == 2 * MiB and n.pci_bus is None
+    assert 'access="shared"' in domain.region_device_xml(n, "/p")
+
+
+def test_volume_name_folds_foreign_names() -> None:
+    assert attach.volume_name("Web_Server.01", "data") == "web-server-01-pmem-data.raw"
+    assert attach.volume_name("demo", "x") == "demo-pmem-x.raw"
+
+
+def test_recorded_spec_keeps_domain_slots_and_max_memory() -> None:
+    g = spec.loads(GUEST).guests[0]
+    before = plan.build(g, FACTS)
+    entry = attach.region_spec(req(region="more", size_bytes=128 * MiB), managed=True)
+    assert entry["filesystem"] == "ext4" and entry["mount"] == "/mnt/more"
+    after_json = attach.managed_spec_json(g.model_dump_json(by_alias=True), entry, 128 * MiB)
+    after = plan.build(spec.GuestSpec.model_validate(json.loads(after_json)), FACTS)
+    assert after.memory_slots == before.memory_slots
+    assert after.max_memory_bytes == before.max_memory_bytes
+    new = after.region("more")
+    assert new.dimm_slot == 1 and new.volume == "g-pmem-more.raw"
+    # and detaching it gives the reserve back: the same plan as before
+    back = attach.managed_spec_without(after_json, new)
+    assert plan.build(spec.GuestSpec.model_validate(json.loads(back)), FACTS).spec_digest == before.spec_digest
+
+
+def test_recorded_virtio_pmem_lands_on_the_first_spare_port() -> None:
+    g = spec.loads(GUEST).guests[0]
+    entry = attach.region_spec(req(region="v2", model="virtio-pmem", size_bytes=64 * MiB), managed=True)
+    after = plan.build(spec.GuestSpec.model_validate(json.loads(
+        attach.managed_spec_json(g.model_dump_json(by_alias=True), entry, 64 * MiB))), FACTS)
+    d = domxml.parse(managed_xml())
+    assert attach.placement_problems(d, after.region("v2")) == []
+    assert after.region("v2").pci_bus == d.free_root_ports[0].index
+
+
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"region": "Bad_Name"}, "--name"),
+    ({"size_bytes": 1 * MiB}, "too small"),
+    ({"filesystem": "xfs", "size_bytes": 64 * MiB}, "xfs needs at least 300MiB"),
+    ({"mount": "/etc"}, "--mount"),
+])
+def test_region_rules_are_the_spec_rules(kw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment.replace("-", r"\-")):
+        attach.region_spec(req(**kw), managed=True)
+
+
+def test_detach_refuses_live_nvdimm_and_unknown_regions() -> None:
+    xml = managed_xml()
+    (p,) = attach.detach_problems(xml, "nv", live=True, running=True)
+    assert "nvdimm device hot unplug is not supported yet" in p and "detach g nv --config" in p
+    assert attach.detach_problems(xml, "nv", live=False, running=True) == []
+    (p,) = attach.detach_problems(xml, "nope", live=False, running=False)
+    assert "no region nope" in p
+    (p,) = attach.detach_problems(xml, "nv", live=True, running=False)
+    assert "not running" in p

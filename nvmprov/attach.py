@@ -580,7 +580,7 @@ def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | Non
     notes: list[str] = []
     if live:
         with progress.phase("detach", f"{region} from the running domain"):
-            detach_device(dom, _device_xml(live_xml, alias) or "", live=True, config=False)
+            _unplug_live(dom, _device_xml(live_xml, alias) or "", region, managed=recorded is not None)
             if not _wait_gone(dom, alias, DETACH_DEADLINE_S):
                 raise VirtError(f"the guest of {name} did not release {region} within {DETACH_DEADLINE_S:.0f}s "
                                 "(PCIe hot-unplug needs the guest's cooperation); nothing else was changed")
@@ -600,6 +600,20 @@ def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | Non
     deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes)
     progress.line(f"{region}: detached ({', '.join(done)})")
     return DetachResult(name, region, done, volume, deleted, notes)
+
+
+def _unplug_live(dom: libvirt.virDomain, device_xml: str, region: str, *, managed: bool) -> None:
+    try:
+        detach_device(dom, device_xml, live=True, config=False)
+    except VirtError as exc:
+        if "cannot be unplugged" not in str(exc):
+            raise
+        # QEMU 7.2: "virtio based memory devices cannot be unplugged" (measured here).
+        later = (f"`nvmprov detach {dom.name()} {region} --config` drops it from nvmprov's record, so the next "
+                 "start does not plug it again" if managed else "it was attached live only, so it goes when the "
+                 "domain stops")
+        raise VirtError(f"QEMU refuses to hot-unplug virtio-pmem ({exc}); {region} stays in the running guest: "
+                        f"{later}") from None
 
 
 def _plan_for(conn: libvirt.virConnect, md: Metadata, spec_json: str) -> Plan:

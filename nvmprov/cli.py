@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     """attach, detach (issue 5)."""
     p = sub.add_parser("attach", help="add a pmem region to any libvirt domain (live and/or config)")
     p.add_argument("domain", metavar="DOMAIN")
@@ -152,6 +152,23 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--config", action="store_true", help="from the persistent config (gone at next start)")
     p.add_argument("--purge", action="store_true", help="also delete the backing volume")
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
+    p.add_argument("--connect")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="a guest's memory map: RAM, regions with guest physical ranges, hotplug room")
+    p.add_argument("domain", metavar="NAME")
+    p.add_argument("--connect")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("doctor", help="is this host ready? each failed check prints its fix (exit 0 or 3)")
+    p.add_argument("-f", "--file", help="also check pool space against this spec's regions")
+    p.add_argument("--connect")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("prune", help="delete nvmprov volumes no domain uses (lists them first)")
+    p.add_argument("--only", metavar="GLOB", help="only volumes whose name matches, e.g. 'demo-*'")
+    p.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    p.add_argument("--yes", action="store_true", help="delete without asking (needed without a terminal)")
     p.add_argument("--connect")
     p.add_argument("--json", action="store_true")
 
@@ -367,7 +384,7 @@ def _domain_arg(name: str) -> str:
     return name
 
 
-def _admin_conn(connect: str | None):  # type: ignore[no-untyped-def]
+def _admin_conn(connect: str | None):
     from . import virt
     from .workflow import effective_uri
 
@@ -427,10 +444,79 @@ def cmd_detach(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from . import show
+    from .progress import Progress
+
+    conn = _admin_conn(args.connect)
+    try:
+        mm = show.show(conn, _domain_arg(args.domain), Progress())
+    finally:
+        conn.close()
+    sys.stdout.write(json.dumps(mm.to_dict(), indent=2) + "\n" if args.json else show.render_text(mm))
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from . import doctor, virt
+    from .workflow import effective_uri
+
+    checks = doctor.run(effective_uri(virt.DEFAULT_URI, args.connect), spec_path=args.file)
+    failed = any(c.status == "fail" for c in checks)
+    if args.json:
+        print(json.dumps({"ok": not failed, "checks": doctor.as_dicts(checks)}, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.status.upper():<4}  {c.name}: {c.detail}")
+            if c.fix and c.status != "ok":
+                print(f"      fix: {c.fix}")
+        print("doctor: " + ("FAILED (see the fixes above)" if failed else "ready"))
+    return EXIT_HOST if failed else EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import json
+
+    from . import doctor, storage
+
+    conn = _admin_conn(args.connect)
+    try:
+        pool = storage.pool_of(conn, storage.DEFAULT_POOL)
+        found = doctor.leftovers(conn, pool, only=args.only)
+        if not args.json:
+            for v in found:
+                print(f"unused: {v.path} ({doctor.human(v.allocation_bytes)} on disk)")
+        if not found or args.dry_run:
+            if args.json:
+                print(json.dumps({"unused": doctor.as_dicts(found), "deleted": []}, indent=2))
+            elif not found:
+                print("no unused nvmprov volumes")
+            return EXIT_OK
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise UsageError(f"{len(found)} unused volume(s) listed above; add --yes to delete them")
+            if input(f"delete these {len(found)} volume(s) and their data? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return EXIT_OK
+        deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found])
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps({"unused": doctor.as_dicts(found), "deleted": deleted}, indent=2))
+    else:
+        print(f"deleted {len(deleted)} volume(s)" + (f": {', '.join(deleted)}" if deleted else ""))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate, "render": cmd_render, "create": cmd_create, "verify": cmd_verify,
     "start": cmd_start, "stop": cmd_stop, "destroy": cmd_destroy, "list": cmd_list, "ssh": cmd_ssh,
     "console": cmd_console, "image": cmd_image, "attach": cmd_attach, "detach": cmd_detach,
+    "show": cmd_show, "doctor": cmd_doctor, "prune": cmd_prune,
 }
 
 

@@ -1,0 +1,246 @@
+"""`nvmprov doctor` (is this host ready, and what to do where it is not) and `nvmprov prune`
+(leftover volumes no domain uses).
+
+Each check is a small function returning a Check; the verdicts on host facts are pure
+(accel_check, nvdimm_check, leftover_names) and table-tested.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess  # noqa: S404  (qemu-system-x86_64 -device help, a fixed argument list)
+import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import libvirt
+
+Status = Literal["ok", "warn", "fail"]
+QEMU_HELP_TIMEOUT_S = 30.0
+
+# Names nvmprov gives its volumes (plan.py, image.py); prune touches nothing else.
+_OURS = (
+    re.compile(r"[a-z0-9][a-z0-9-]*-pmem-[a-z0-9][a-z0-9-]*\.raw"),
+    re.compile(r"[a-z0-9][a-z0-9-]*-root\.qcow2"),
+    re.compile(r"[a-z0-9][a-z0-9-]*-seed\.iso"),
+    re.compile(r"nvmprov-debian12-[0-9a-f]{12}(\.qcow2|-vmlinuz|-initrd\.img)"),
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class Leftover:
+    name: str
+    path: str
+    allocation_bytes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# pure verdicts
+
+
+def accel_check(offers_kvm: bool, has_virt_ext: bool) -> Check:
+    if offers_kvm and has_virt_ext:
+        return Check("acceleration", "ok", "kvm: libvirt offers it and the CPU has vmx/svm")
+    if offers_kvm:
+        return Check("acceleration", "warn",
+                     "/dev/kvm is offered but the CPU has no vmx/svm (a paravirtual KVM, where guests hang in "
+                     "firmware): TCG software emulation will be used (boot to SSH takes about a minute)",
+                     "nothing to do with accel: auto; for kvm, run on a host with nested virtualisation (vmx/svm)")
+    return Check("acceleration", "warn", "libvirt offers no kvm here: TCG software emulation will be used",
+                 "load kvm_intel/kvm_amd (and give the user /dev/kvm) for kvm; accel: auto works as is")
+
+
+def nvdimm_check(device_help: str | None) -> Check:
+    """From `qemu-system-x86_64 -device help`; None when it could not be run (remote host)."""
+    if device_help is None:
+        return Check("qemu pmem devices", "warn", "could not ask QEMU (remote host or no emulator binary here)",
+                     "create checks it when it starts a guest")
+    have = [d for d in ("nvdimm", "virtio-pmem-pci") if re.search(rf'name "{d}"', device_help)]
+    if "nvdimm" not in have:
+        return Check("qemu pmem devices", "fail", "this QEMU has no nvdimm device",
+                     "install a QEMU built with nvdimm support (Debian: qemu-system-x86 >= 1:5)")
+    return Check("qemu pmem devices", "ok", "QEMU offers " + " and ".join(have))
+
+
+def is_nvmprov_volume(name: str) -> bool:
+    return any(p.fullmatch(name) for p in _OURS)
+
+
+def leftover_names(volumes: Iterable[str], referenced: set[str], keep: Iterable[str] = (),
+                   only: str | None = None) -> list[str]:
+    """nvmprov-named volumes that nothing references (by name), minus KEEP, optionally matching ONLY."""
+    keep_set = set(keep)
+    return sorted(v for v in volumes if is_nvmprov_volume(v) and v not in referenced and v not in keep_set
+                  and (only is None or fnmatch(v, only)))
+
+
+def space_check(pool_name: str, free_bytes: int, need_bytes: int, what: str) -> Check:
+    if need_bytes <= free_bytes:
+        return Check("pool space", "ok", f"pool {pool_name}: {human(free_bytes)} free, {what} need "
+                     f"{human(need_bytes)} fully allocated")
+    return Check("pool space", "fail", f"pool {pool_name}: {free_bytes} bytes free, {what} need {need_bytes} bytes",
+                 "free space in the pool, ask for smaller regions, or use allocation: sparse")
+
+
+# ---------------------------------------------------------------------------------------------
+# side effects
+
+
+def human(n: int) -> str:
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _version(n: int) -> str:
+    return f"{n // 1_000_000}.{n // 1000 % 1000}.{n % 1000}"
+
+
+def _emulator(conn: libvirt.virConnect) -> str | None:
+    try:
+        caps = conn.getDomainCapabilities(None, "x86_64", "q35", "qemu", 0)
+    except Exception:  # noqa: BLE001 - any failure means we cannot name the emulator
+        return None
+    return ET.fromstring(caps).findtext("path")  # noqa: S314
+
+
+def _device_help(conn: libvirt.virConnect) -> str | None:
+    from .storage import _is_local
+
+    emulator = _emulator(conn) if _is_local(conn) else None
+    binary = emulator or shutil.which("qemu-system-x86_64")
+    if not _is_local(conn) or binary is None:
+        return None
+    try:
+        proc = subprocess.run([binary, "-device", "help"], capture_output=True, text=True,  # noqa: S603
+                              timeout=QEMU_HELP_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout + proc.stderr
+
+
+def run(uri: str, *, spec_path: str | None = None) -> list[Check]:
+    """Every check against the hypervisor at URI; stops early only when libvirt is unreachable."""
+    from . import host, virt
+    from .errors import HostError
+
+    try:
+        conn = virt.connect(uri)
+    except HostError as exc:
+        return [Check("libvirt", "fail", str(exc).split(";")[0],
+                      "start the daemons (virtlogd -d; libvirtd -d) or run scripts/setup.sh; check --connect")]
+    try:
+        checks = [Check("libvirt", "ok", f"{uri}: libvirt {_version(conn.getLibVersion())}, "
+                        f"QEMU {_version(conn.getVersion())}")]
+        checks.append(nvdimm_check(_device_help(conn)))
+        checks.append(accel_check(*host.kvm_facts(conn.getCapabilities())))
+        checks += _pool_checks(conn, spec_path)
+        return checks
+    finally:
+        conn.close()
+
+
+def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]:
+    from . import image, storage
+    from .errors import StorageError
+
+    try:
+        pool = storage.pool_of(conn, storage.DEFAULT_POOL)
+    except StorageError as exc:
+        return [Check("pool", "fail", str(exc).split(";")[0],
+                      "`nvmprov image build` makes the pool and the image (a first create does too)")]
+    checks = [Check("pool", "ok", f"pool {pool.name()} at {storage.pool_path(pool)}")]
+    free = storage.pool_free_bytes(pool)
+    if spec_path is not None:
+        need, what = _spec_need(spec_path)
+        checks.append(space_check(pool.name(), free, need, what))
+    else:
+        checks.append(Check("pool space", "ok", f"pool {pool.name()}: {human(free)} free "
+                            "(-f FILE checks it against a spec)"))
+    names = image.builtin_volume_names()
+    if image.is_built(pool):
+        checks.append(Check("built-in image", "ok", f"{names[0]} and its kernel/initrd are in the pool"))
+    else:
+        checks.append(Check("built-in image", "fail", f"{names[0]} is not in pool {pool.name()}",
+                            "`nvmprov image build` (2-4 minutes; create also builds it on first use)"))
+    left = leftovers(conn, pool)
+    if left:
+        total = sum(v.allocation_bytes for v in left)
+        shown = ", ".join(v.name for v in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        checks.append(Check("leftover volumes", "warn", f"{len(left)} volume(s) no domain uses, "
+                            f"{human(total)} on disk: {shown}",
+                            "`nvmprov prune` lists them and removes them after confirmation"))
+    else:
+        checks.append(Check("leftover volumes", "ok", "every nvmprov volume in the pool is in use"))
+    return checks
+
+
+def _spec_need(spec_path: str) -> tuple[int, str]:
+    from . import spec
+    from .sizes import backing_bytes_for
+
+    loaded = spec.load(spec_path)
+    need = sum(backing_bytes_for(r.size_bytes) for g in loaded.guests for r in g.pmem if r.allocation == "full")
+    return need, f"the regions of {spec_path}"
+
+
+def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[str]:
+    """Volume names some domain (live or persistent XML) or some volume's backing chain references."""
+    import libvirt
+
+    from . import storage, virt
+
+    paths: set[str] = set()
+    for dom in virt.all_domains(conn):
+        for inactive in (False, True):
+            try:
+                paths |= virt._referenced_paths(virt.xml_desc(dom, inactive=inactive))
+            except Exception:  # noqa: BLE001, S112 - a domain that vanished while we looked
+                continue
+    storage.refresh(pool)
+    for vol in pool.listAllVolumes(0):
+        try:
+            backing = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")  # noqa: S314
+        except libvirt.libvirtError:
+            continue
+        if backing:
+            paths.add(backing)
+    return {p.rsplit("/", 1)[-1] for p in paths}
+
+
+def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
+    from . import image
+
+    vols = {v.name(): v for v in pool.listAllVolumes(0)}
+    names = leftover_names(vols, _referenced(conn, pool), keep=image.builtin_volume_names(), only=only)
+    return [Leftover(n, vols[n].path(), int(vols[n].info()[2])) for n in names]
+
+
+def prune(conn: libvirt.virConnect, pool_name: str, names: list[str]) -> list[str]:
+    """Delete NAMES after checking again that nothing references them (a create may have begun)."""
+    from . import storage
+
+    pool = storage.pool_of(conn, pool_name)
+    still = {v.name for v in leftovers(conn, pool)}
+    deleted = []
+    for name in names:
+        if name in still and storage.delete(pool, name):
+            deleted.append(name)
+    return deleted
+
+
+def as_dicts(items: Iterable[Check | Leftover]) -> list[dict[str, object]]:
+    return [asdict(i) for i in items]

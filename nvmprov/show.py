@@ -1,0 +1,246 @@
+"""`nvmprov show NAME`: a guest's memory map as a person wants it.
+
+RAM and every region with its guest physical address range (from inside the guest when nvmprov can
+log in: /proc/iomem and /sys/bus/nd/devices/regionN; else from libvirt's live XML where it has a
+base address), model, size and usable bytes, free slots, hotplug headroom and SSH coordinates.
+Building the map is pure (build_map, parse_probe); only show() talks to libvirt and the guest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import domxml
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from .domain import Metadata
+    from .progress import Progress
+
+PROBE_DEADLINE_S = 20.0     # show must not hang on a guest that is still booting
+PROBE_TIMEOUT_S = 30.0
+
+# Run as root in the guest: top-level System RAM ranges, each nd region with its physical range,
+# its sysfs path (PCI address of a virtio-pmem device), its NFIT handle (nvdimm) and block devices.
+PROBE_SCRIPT = r"""
+grep -E '^[0-9a-f]+-[0-9a-f]+ : System RAM$' /proc/iomem | sed 's/^/ram /'
+for r in /sys/bus/nd/devices/region*; do
+  [ -e "$r" ] || continue
+  h=-
+  m=$(cut -d, -f1 "$r/mapping0" 2>/dev/null)
+  [ -n "$m" ] && h=$(cat "/sys/bus/nd/devices/$m/nfit/handle" 2>/dev/null || echo -)
+  b=$(ls -d "$r"/*/block/* 2>/dev/null | sed 's#.*/##' | tr '\n' ',')
+  echo "region $(basename "$r") $(cat "$r/resource") $(cat "$r/size") $h $(readlink -f "$r") ${b:--}"
+done
+"""
+
+
+@dataclass(frozen=True)
+class GuestRegion:
+    dev: str            # region0
+    start: int
+    size_bytes: int
+    nfit_handle: int | None
+    sysfs: str
+    blockdevs: tuple[str, ...]
+
+    def pci_slot(self) -> int | None:
+        """Slot on pcie.0 of the device or of its root port (first hop under pci0000:00)."""
+        m = re.search(r"/pci0000:00/0000:00:([0-9a-f]{2})\.", self.sysfs)
+        return int(m.group(1), 16) if m else None
+
+
+@dataclass(frozen=True)
+class Probe:
+    ram: tuple[tuple[int, int], ...]          # inclusive (start, end)
+    regions: tuple[GuestRegion, ...]
+
+
+def parse_probe(text: str) -> Probe:
+    ram, regions = [], []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts[:1] == ["ram"] and len(parts) >= 2:
+            lo, hi = parts[1].split("-")
+            ram.append((int(lo, 16), int(hi, 16)))
+        elif parts[:1] == ["region"] and len(parts) >= 7:
+            _, dev, start, size, handle, sysfs, blocks = parts[:7]
+            regions.append(GuestRegion(
+                dev=dev, start=int(start, 0), size_bytes=int(size),
+                nfit_handle=None if handle == "-" else int(handle, 0), sysfs=sysfs,
+                blockdevs=tuple(b for b in blocks.split(",") if b and b != "-"),
+            ))
+    return Probe(tuple(ram), tuple(regions))
+
+
+@dataclass
+class RegionView:
+    name: str
+    model: str
+    size_bytes: int
+    usable_bytes: int | None
+    where: str                       # "live", "config", "live+config", "recorded" (hot-plugged at start)
+    backing_path: str | None
+    guest_start: int | None = None   # guest physical address range, inclusive end
+    guest_end: int | None = None
+    guest_region: str | None = None  # region0
+    guest_device: str | None = None  # /dev/pmem0
+
+
+@dataclass
+class MemoryMap:
+    name: str
+    state: str                       # running / shut off
+    managed: bool
+    ram_bytes: int
+    ram_ranges: list[tuple[int, int]] = field(default_factory=list)
+    regions: list[RegionView] = field(default_factory=list)
+    max_memory_bytes: int = 0
+    slots: int = 0
+    free_slots: int = 0
+    headroom_bytes: int = 0
+    free_root_ports: int = 0
+    addresses_from: str = "libvirt"  # "guest" when the ranges were read inside the guest
+    ssh: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _region_name(alias: str | None) -> str:
+    return alias.removeprefix("ua-pmem-") if alias else "-"
+
+
+def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | None) -> MemoryMap:
+    """The map from libvirt alone: the live XML when running, the persistent one otherwise."""
+    now = domxml.parse(live_xml if running else config_xml)
+    cfg = domxml.parse(config_xml)
+    views: dict[str, RegionView] = {}
+    live_aliases = {d.alias for d in now.devices} if running else set()
+    cfg_aliases = {d.alias for d in cfg.devices}
+    for dev in (*now.devices, *(d for d in cfg.devices if d.alias not in live_aliases)):
+        name = _region_name(dev.alias)
+        where = "+".join(w for w, on in (("live", dev.alias in live_aliases), ("config", dev.alias in cfg_aliases))
+                         if on)
+        view = RegionView(name, dev.model, dev.size_bytes, None, where, dev.path)
+        if dev.base is not None and running and dev.alias in live_aliases:
+            view.guest_start = dev.base
+            view.guest_end = dev.base + dev.size_bytes - (dev.label_bytes or 0) - 1
+        views[name] = view
+    for r in md.regions if md else ():
+        view = views.get(r.name) or RegionView(r.name, r.model, r.backing_bytes, None, "recorded", None)
+        view.usable_bytes = r.expected_usable_bytes
+        views[r.name] = view
+    return MemoryMap(
+        name=now.name, state="running" if running else "shut off", managed=md is not None,
+        ram_bytes=now.ram_bytes, regions=list(views.values()), max_memory_bytes=now.max_memory_bytes,
+        slots=now.slots, free_slots=now.free_slots, headroom_bytes=now.headroom_bytes,
+        free_root_ports=len(now.free_root_ports),
+    )
+
+
+def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
+    """Put the guest's own view (ranges, devices) on the regions nvmprov recorded."""
+    mm.ram_ranges = list(probe.ram)
+    mm.addresses_from = "guest"
+    for view in mm.regions:
+        r = next((x for x in md.regions if x.name == view.name), None)
+        if r is None:
+            continue
+        if r.model == "nvdimm":
+            found = [g for g in probe.regions if g.nfit_handle == (r.dimm_slot or 0) + 1]
+        else:
+            found = [g for g in probe.regions if g.nfit_handle is None and g.pci_slot() == r.pci_slot]
+        if len(found) == 1:
+            g = found[0]
+            view.guest_start, view.guest_end = g.start, g.start + g.size_bytes - 1
+            view.guest_region = g.dev
+            view.guest_device = f"/dev/{g.blockdevs[0]}" if g.blockdevs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % (size // 1024 or 1) == 0:
+            return f"{n / size:.2f} {unit}".replace(".00 ", " ")
+    return f"{n} B"
+
+
+def _range(start: int | None, end: int | None) -> str:
+    return "-" if start is None or end is None else f"0x{start:011x}-0x{end:011x}"
+
+
+def render_text(mm: MemoryMap) -> str:
+    lines = [f"{mm.name}: {mm.state}" + ("" if mm.managed else " (not managed by nvmprov)")]
+    ram = ", ".join(_range(a, b) for a, b in mm.ram_ranges) or "-"
+    lines.append(f"  RAM          {_size(mm.ram_bytes):>10}  {ram}")
+    headers = ("region", "model", "size", "usable", "guest physical range", "device", "attached", "backing")
+    rows = [(v.name, v.model, _size(v.size_bytes), _size(v.usable_bytes), _range(v.guest_start, v.guest_end),
+             v.guest_device or v.guest_region or "-", v.where, v.backing_path or "-") for v in mm.regions]
+    if rows:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    else:
+        lines.append("  no pmem regions")
+    lines.append(f"  hotplug: {mm.free_slots} of {mm.slots} memory slots free, {_size(mm.headroom_bytes)} headroom "
+                 f"under maxMemory {_size(mm.max_memory_bytes)}, {mm.free_root_ports} free PCIe root ports")
+    lines.append(f"  addresses from: {mm.addresses_from}")
+    if mm.ssh:
+        s = mm.ssh
+        lines.append(f"  ssh: ssh -i {s['identity_file']} -o UserKnownHostsFile={s['known_hosts']} -p {s['port']} "
+                     f"{s['user']}@{s['host']}   (or: nvmprov ssh {mm.name})")
+    lines += [f"  note: {n}" for n in mm.notes]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# side effects
+
+
+def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
+    from . import domain, state, virt
+    from .errors import GuestError, NvmprovError
+
+    dom = virt.require(conn, name)
+    config_xml = virt.xml_desc(dom, inactive=True)
+    running = virt.is_active(dom)
+    md = domain.parse_metadata(config_xml)
+    mm = build_map(virt.xml_desc(dom), config_xml, running=running, md=md)
+    if md is None:
+        if running:
+            mm.notes.append("nvmprov cannot log in to a domain it did not create: guest addresses are what "
+                            "libvirt reports")
+        return mm
+    files = state.guest_files(state.check_name(name), create=False)
+    mm.ssh = {"host": "127.0.0.1", "port": md.ssh_port, "user": md.ssh_user,
+              "identity_file": str(files.client_key), "known_hosts": str(files.known_hosts)}
+    if not running:
+        return mm
+    try:
+        merge_probe(mm, _probe(conn, dom, md, files, progress), md)
+    except (GuestError, NvmprovError) as exc:
+        mm.notes.append(f"could not read the map inside the guest ({exc}); addresses are what libvirt reports")
+    return mm
+
+
+def _probe(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata, files: Any, progress: Progress) -> Probe:
+    from .guests import plan_from_metadata
+    from .workflow import open_session
+
+    the_plan = plan_from_metadata(conn, md)
+    session = open_session(dom, the_plan, files, md.ssh_port, PROBE_DEADLINE_S, progress)
+    try:
+        out = session.run("sh -s", sudo=True, stdin=PROBE_SCRIPT.encode(), timeout_s=PROBE_TIMEOUT_S).stdout
+    finally:
+        session.close()
+    return parse_probe(out)

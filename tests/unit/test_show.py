@@ -1,0 +1,58 @@
+"""show: the memory map from libvirt XML and from the guest's own /proc/iomem + nd sysfs (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from nvmprov import domain, plan, show, spec
+from nvmprov.sizes import GiB, MiB
+
+FACTS = plan.HostFacts(builtin_volumes=("base.qcow2", "vmlinuz", "initrd.img"))
+CTX = domain.RenderContext(uuid="6f1d9c62-7d2a-4a4b-9a3e-0000000000aa", ssh_port=2222, pool_dir="/p")
+GUEST = spec.loads("""\
+name: g
+pmem:
+  - {name: nv, size: 256MiB}
+  - {name: vp, size: 128MiB, model: virtio-pmem}
+""").guests[0]
+PLAN = plan.build(GUEST, FACTS)
+MD = domain.Metadata.from_plan(PLAN, ssh_port=2222)
+
+# Measured in a guest here (sudo; the nd region resource is root-only), trimmed.
+PROBE = """\
+ram 00001000-0009fbff
+ram 00100000-3ffdbfff
+region region0 0x140000000 268435456 0x1 /sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/region0 pmem0,
+region region1 0x108000000 134217728 - /sys/devices/pci0000:00/0000:00:10.0/0000:01:00.0/virtio3/ndbus1/region1 pmem1,
+"""
+
+
+def test_parse_probe() -> None:
+    p = show.parse_probe(PROBE)
+    assert p.ram == ((0x1000, 0x9FBFF), (0x100000, 0x3FFDBFFF))
+    nv, vp = p.regions
+    assert (nv.start, nv.size_bytes, nv.nfit_handle, nv.blockdevs) == (0x140000000, 256 * MiB, 1, ("pmem0",))
+    assert vp.nfit_handle is None and vp.pci_slot() == 0x10
+
+
+def test_map_from_libvirt_then_guest() -> None:
+    config = domain.render(PLAN, CTX, metadata=MD)
+    live = domain.render(PLAN, replace(CTX, include_virtio_pmem=True), metadata=MD)
+    mm = show.build_map(live, config, running=True, md=MD)
+    by = {v.name: v for v in mm.regions}
+    assert by["nv"].where == "live+config" and by["vp"].where == "live"
+    assert by["nv"].usable_bytes == PLAN.region("nv").expected_usable_bytes
+    assert mm.ram_bytes == 1 * GiB and mm.slots == 6 and mm.free_slots == 4
+    assert mm.headroom_bytes == 8 * GiB and mm.free_root_ports == 4
+    show.merge_probe(mm, show.parse_probe(PROBE), MD)
+    assert (by["nv"].guest_start, by["nv"].guest_end) == (0x140000000, 0x140000000 + 256 * MiB - 1)
+    assert by["vp"].guest_device == "/dev/pmem1" and by["vp"].guest_region == "region1"
+    text = show.render_text(mm)
+    assert "0x00140000000-0x0014fffffff" in text and "4 of 6 memory slots free" in text
+    assert "addresses from: guest" in text
+
+
+def test_stopped_guest_lists_virtio_pmem_as_recorded() -> None:
+    config = domain.render(PLAN, CTX, metadata=MD)
+    mm = show.build_map(config, config, running=False, md=MD)
+    assert {v.name: v.where for v in mm.regions} == {"nv": "config", "vp": "recorded"}

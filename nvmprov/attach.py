@@ -484,7 +484,7 @@ DETACH_POLL_S = 0.5
 def _device_xml(domain_xml: str, alias: str) -> str | None:
     import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
 
-    root = ET.fromstring(domain_xml)  # noqa: S314
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
     for el in root.findall("./devices/memory"):
         a = el.find("alias")
         if a is not None and a.get("name") == alias:

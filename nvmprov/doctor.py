@@ -7,6 +7,7 @@ Each check is a small function returning a Check; the verdicts on host facts are
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess  # noqa: S404  (qemu-system-x86_64 -device help, a fixed argument list)
@@ -114,7 +115,7 @@ def _emulator(conn: libvirt.virConnect) -> str | None:
         caps = conn.getDomainCapabilities(None, "x86_64", "q35", "qemu", 0)
     except Exception:  # noqa: BLE001 - any failure means we cannot name the emulator
         return None
-    return ET.fromstring(caps).findtext("path")  # noqa: S314
+    return ET.fromstring(caps).findtext("path")  # noqa: S314 - libvirt's own XML
 
 
 def _device_help(conn: libvirt.virConnect) -> str | None:
@@ -125,7 +126,7 @@ def _device_help(conn: libvirt.virConnect) -> str | None:
     if not _is_local(conn) or binary is None:
         return None
     try:
-        proc = subprocess.run([binary, "-device", "help"], capture_output=True, text=True,  # noqa: S603
+        proc = subprocess.run([binary, "-device", "help"], capture_output=True, text=True,  # noqa: S603 - fixed argv, no shell
                               timeout=QEMU_HELP_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -197,27 +198,36 @@ def _spec_need(spec_path: str) -> tuple[int, str]:
     return need, f"the regions of {spec_path}"
 
 
-def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[str]:
-    """Volume names some domain (live or persistent XML) or some volume's backing chain references."""
+def _domain_paths(dom: libvirt.virDomain) -> set[str]:
+    from . import virt
+    from .errors import VirtError
+
+    paths: set[str] = set()
+    for inactive in (False, True):
+        # A domain that went away while we looked references nothing any more.
+        with contextlib.suppress(VirtError):
+            paths |= virt._referenced_paths(virt.xml_desc(dom, inactive=inactive))
+    return paths
+
+
+def _backing_path(vol: libvirt.virStorageVol) -> str | None:
     import libvirt
 
+    try:
+        return ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")  # noqa: S314 - libvirt's own XML
+    except libvirt.libvirtError:
+        return None  # deleted while we looked
+
+
+def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[str]:
+    """Volume names some domain (live or persistent XML) or some volume's backing chain references."""
     from . import storage, virt
 
     paths: set[str] = set()
     for dom in virt.all_domains(conn):
-        for inactive in (False, True):
-            try:
-                paths |= virt._referenced_paths(virt.xml_desc(dom, inactive=inactive))
-            except Exception:  # noqa: BLE001, S112 - a domain that vanished while we looked
-                continue
+        paths |= _domain_paths(dom)
     storage.refresh(pool)
-    for vol in pool.listAllVolumes(0):
-        try:
-            backing = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")  # noqa: S314
-        except libvirt.libvirtError:
-            continue
-        if backing:
-            paths.add(backing)
+    paths |= {p for p in map(_backing_path, pool.listAllVolumes(0)) if p}
     return {p.rsplit("/", 1)[-1] for p in paths}
 
 

@@ -13,8 +13,13 @@ LOG_DIR = "/var/log/libvirt/qemu"
 SSH_PORT_RANGE = range(40022, 40922)
 
 
-def console_log_path(name: str) -> str:
-    """Where virtlogd keeps the guest's serial output (on the hypervisor)."""
+def console_log_path(name: str, uri: str | None = None) -> str:
+    """Where virtlogd keeps the guest's serial output (on the hypervisor; a session's in the user's
+    own directory, as its virtlogd runs as the user)."""
+    from . import remote, session
+
+    if uri is not None and remote.is_session(uri):
+        return session.console_log_path(name)
     return f"{LOG_DIR}/{name}-nvmprov-serial.log"
 
 
@@ -36,7 +41,15 @@ def panic_in(log_text: str) -> bool:
 
 def check_boot(name: str, log_path: str, *, active: bool) -> None:
     """Raise at once when the serial log shows a panic or the domain is no longer running."""
-    tail = read_tail(log_path, max_lines=200)
+    check_boot_text(name, read_tail(log_path, max_lines=200), active=active)
+
+
+def tail_lines(text: str, max_lines: int) -> str:
+    return "\n".join(text.replace("\r", "").splitlines()[-max_lines:])
+
+
+def check_boot_text(name: str, tail: str, *, active: bool) -> None:
+    """check_boot on a log tail read elsewhere (a remote hypervisor's log, read over its SSH)."""
     if panic_in(tail):
         raise GuestError(
             f"guest {name} panicked while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])

@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if the recipe did not change")
     b.add_argument("--pool", default="nvmprov")
     b.add_argument("--connect", default=None)
+    b = isub.add_parser("import", help="copy a root-built image into a pool (qemu:///session: no root needed)")
+    b.add_argument("dir", metavar="DIR", help="directory holding the image files, e.g. /var/lib/nvmprov/pool")
+    b.add_argument("--pool", default="nvmprov")
+    b.add_argument("--connect", default=None)
     _add_admin_parsers(sub)
     return parser
 
@@ -355,8 +359,13 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     conn = virt.connect(effective_uri(virt.DEFAULT_URI, args.connect))
     try:
-        storage.ensure_pool(conn, args.pool, pool_dir_for(args.pool))
-        names = image.build(conn, args.pool, force=args.force, progress=Progress().line)
+        storage.ensure_pool(conn, args.pool, pool_dir_for(args.pool, conn.getURI()))
+        if args.image_command == "import":
+            from .session import import_image
+
+            names = import_image(conn, args.pool, args.dir, Progress().line)
+        else:
+            names = image.build(conn, args.pool, force=args.force, progress=Progress().line)
     finally:
         conn.close()
     print("built-in image volumes: " + ", ".join(names))

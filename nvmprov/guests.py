@@ -158,6 +158,11 @@ def list_guests(conn: libvirt.virConnect) -> list[dict[str, object]]:
 def list_text(*, connect: str | None, fmt: str) -> str:
     with _connection(connect) as conn:
         rows = list_guests(conn)
+        uri = conn.getURI()
+    if fmt == "ansible":
+        from . import inventory
+
+        return inventory.render(rows, uri)
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     if not rows:
@@ -216,8 +221,11 @@ def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: P
 
 
 def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]:
+    from . import remote
+
     with _connection(connect) as conn:
         m = managed(conn, name)
+        proxy = remote.ssh_proxy_options(conn.getURI())  # a remote guest: through the hypervisor's SSH
     files = state.guest_files(name, create=False)
     if not files.client_key.exists():
         raise HostError(f"no client key for {name} in {files.dir}; it was created on another machine")
@@ -227,14 +235,19 @@ def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]
     return [
         ssh_bin, "-i", str(files.client_key), "-o", f"UserKnownHostsFile={files.known_hosts}",
         "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-        "-p", str(m.md.ssh_port), f"{m.md.ssh_user}@127.0.0.1", *command,
+        *proxy, "-p", str(m.md.ssh_port), f"{m.md.ssh_user}@127.0.0.1", *command,
     ]
 
 
 def console_text(name: str, *, connect: str | None) -> str:
+    from . import remote
+
     with _connection(connect) as conn:
         managed(conn, name)
-    path = boot.console_log_path(name)
+        path = boot.console_log_path(name, conn.getURI())
+        hop = remote.hypervisor_for(conn.getURI())
+    if hop is not None:  # the log is on the hypervisor
+        return hop.read_tail(path, max_bytes=16 * 1024 * 1024)
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return fh.read()

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, seed, ssh, state, storage, testhooks, virt
+from . import boot, domain, host, image, remote, seed, session, ssh, state, storage, testhooks, virt
 from . import plan as planmod
 from .errors import GuestError, HostError, UsageError, VirtError
 from .progress import Progress
@@ -54,7 +54,10 @@ def effective_uri(spec_uri: str, flag: str | None) -> str:
     return spec_uri
 
 
-def pool_dir_for(pool_name: str) -> str:
+def pool_dir_for(pool_name: str, uri: str | None = None) -> str:
+    """Where a new pool goes: /var/lib/nvmprov for the system libvirt, XDG dirs for qemu:///session."""
+    if uri is not None and remote.is_session(uri):
+        return session.pool_dir(pool_name)
     return DEFAULT_POOL_DIR if pool_name == "nvmprov" else f"/var/lib/nvmprov/pools/{pool_name}"
 
 
@@ -80,7 +83,7 @@ def _create_locked(
     conn: libvirt.virConnect, spec: GuestSpec, opts: CreateOptions, progress: Progress, report: GuestReport
 ) -> None:
     with progress.phase("host"):
-        pool = storage.ensure_pool(conn, spec.pool, pool_dir_for(spec.pool))
+        pool = storage.ensure_pool(conn, spec.pool, pool_dir_for(spec.pool, conn.getURI()))
         facts = host.facts(conn, storage.pool_path(pool))
         if spec.image == "builtin":
             if not image.is_built(pool):
@@ -250,10 +253,10 @@ def _used_ports(conn: libvirt.virConnect) -> set[int]:
     return ports
 
 
-def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str) -> str:
+def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str, uri: str) -> str:
     ctx = domain.RenderContext(
         uuid=dom_uuid, ssh_port=md.ssh_port, pool_dir=pool_dir,
-        console_log=boot.console_log_path(the_plan.name),
+        console_log=boot.console_log_path(the_plan.name, uri),
     )
     return domain.render(testhooks.kernel_cmdline(the_plan), ctx, metadata=md)
 
@@ -271,7 +274,7 @@ def _define_with_port(
     # A random UUID: a fixed one would let define silently replace another domain.
     with state.host_lock("ssh-ports"):
         md = replace(md, ssh_port=boot.free_port(_used_ports(conn) | set(avoid)))
-        dom = virt.define(conn, _render(the_plan, md, pool_dir, dom_uuid or str(uuid.uuid4())))
+        dom = virt.define(conn, _render(the_plan, md, pool_dir, dom_uuid or str(uuid.uuid4()), conn.getURI()))
     return dom, md
 
 
@@ -377,20 +380,33 @@ def open_session(
     dom: libvirt.virDomain, the_plan: Plan, files: state.GuestFiles, port: int, deadline_s: float, progress: Progress
 ) -> ssh.Session:
     name = the_plan.name
-    log_path = boot.console_log_path(name)
+    uri = dom.connect().getURI()
+    log_path = boot.console_log_path(name, uri)
+    # A remote guest's forward is on the hypervisor's loopback: reach it, and its serial log,
+    # through the hypervisor's SSH (remote.py). None on this machine.
+    hop = remote.hypervisor_for(uri)
+
+    def log_tail(max_lines: int) -> str:
+        if hop is None:
+            return boot.read_tail(log_path, max_lines=max_lines)
+        return boot.tail_lines(hop.read_tail(log_path), max_lines)
 
     def abort_check() -> None:
-        boot.check_boot(name, log_path, active=virt.is_active(dom))
+        boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
 
     target = ssh.SshTarget(
         host="127.0.0.1", port=port, user=the_plan.ssh_user, client_key_path=str(files.client_key),
         host_public_key=files.host_key_pub.read_text().strip(),
+        sock_factory=(lambda: hop.open_channel(port)) if hop is not None else None,
     )
     try:
         return ssh.connect(target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check)
     except GuestError as exc:
-        tail = boot.read_tail(log_path, max_lines=15)
-        boot.copy_log(log_path, files.console_copy)
+        tail = log_tail(15)
+        if hop is None:
+            boot.copy_log(log_path, files.console_copy)
+        else:
+            state.write_private(files.console_copy, log_tail(10_000))
         if tail and "console lines" not in str(exc):
             raise GuestError(f"{exc}\nlast console lines:\n{tail}") from None
         raise

@@ -1,0 +1,154 @@
+"""remote.py's pure part: URI kinds, qemu+ssh parsing, ~/.ssh/config resolution, OpenSSH proxy
+arguments; and the Ansible inventory, read back by the real ansible-inventory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvmprov import inventory, remote
+from nvmprov.errors import UsageError
+
+CONFIG = """
+Host hv
+  HostName 192.0.2.10
+  Port 2222
+  User admin
+  IdentityFile ~/.ssh/hv_key
+  UserKnownHostsFile ~/.ssh/hv_known /etc/ssh/other_known
+Host lax
+  StrictHostKeyChecking no
+"""
+
+
+@pytest.mark.parametrize(("uri", "session"), [
+    ("qemu:///session", True), ("qemu:///session/", True), ("qemu:///system", False),
+    ("qemu+ssh://host/session", False), ("test:///default", False),
+])
+def test_session_uris(uri: str, session: bool) -> None:
+    assert remote.is_session(uri) is session
+
+
+@pytest.mark.parametrize("uri", ["qemu:///system", "qemu:///session", "qemu+unix:///system", "test:///default",
+                                 "qemu+tcp://host/system"])
+def test_non_ssh_uris_have_no_hypervisor(uri: str) -> None:
+    assert remote.parse(uri) is None
+    assert remote.ssh_proxy_options(uri) == []
+
+
+def test_parse_qemu_ssh_uri_with_everything() -> None:
+    hv = remote.parse("qemu+ssh://bob@hv:2200/system?keyfile=/k/id&known_hosts=/k/kh&no_verify=1&command=/bin/myssh")
+    assert hv == remote.HypervisorUri(alias="hv", user="bob", port=2200, keyfile="/k/id", known_hosts="/k/kh",
+                                      no_verify=True, command="/bin/myssh")
+
+
+def test_parse_plain_and_libssh_transports() -> None:
+    assert remote.parse("qemu+ssh://hv/system") == remote.HypervisorUri(alias="hv")
+    assert remote.parse("qemu+libssh2://hv/system") == remote.HypervisorUri(alias="hv")
+
+
+@pytest.mark.parametrize("uri", ["qemu+ssh:///system", "qemu+ssh://hv:notaport/system"])
+def test_bad_ssh_uris_are_usage_errors(uri: str) -> None:
+    with pytest.raises(UsageError, match="qemu\\+ssh://"):
+        remote.parse(uri)
+
+
+def test_resolve_takes_hostname_port_user_keys_and_known_hosts_from_ssh_config() -> None:
+    home = os.path.expanduser("~")  # paramiko expands IdentityFile's ~ itself, from $HOME
+    ep = remote.resolve(remote.HypervisorUri(alias="hv"), CONFIG, local_user="me", home=home)
+    assert ep == remote.Endpoint(
+        alias="hv", hostname="192.0.2.10", port=2222, user="admin", identity_files=(f"{home}/.ssh/hv_key",),
+        known_hosts_files=(f"{home}/.ssh/hv_known", "/etc/ssh/other_known"), verify=True,
+    )
+    assert ep.known_hosts_name == "[192.0.2.10]:2222"
+
+
+def test_the_uri_beats_ssh_config() -> None:
+    hv = remote.HypervisorUri(alias="hv", user="root", port=22, keyfile="/k/id", known_hosts="/k/kh")
+    ep = remote.resolve(hv, CONFIG, local_user="me", home="/home/me")
+    assert (ep.hostname, ep.port, ep.user) == ("192.0.2.10", 22, "root")
+    assert ep.identity_files == ("/k/id",) and ep.known_hosts_files == ("/k/kh",)
+    assert ep.known_hosts_name == "192.0.2.10"
+
+
+def test_unknown_alias_uses_defaults_and_existing_default_keys(tmp_path: Path) -> None:
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "id_rsa").write_text("x")
+    ep = remote.resolve(remote.HypervisorUri(alias="other.example"), CONFIG, local_user="me", home=str(tmp_path))
+    assert (ep.hostname, ep.port, ep.user) == ("other.example", 22, "me")
+    assert ep.identity_files == (str(tmp_path / ".ssh" / "id_rsa"),)
+    assert ep.known_hosts_files == (str(tmp_path / ".ssh" / "known_hosts"),)
+    assert ep.verify is True
+
+
+def test_verification_is_off_only_when_asked() -> None:
+    lax = remote.resolve(remote.HypervisorUri(alias="lax"), CONFIG, local_user="me", home="/h")
+    asked = remote.resolve(remote.HypervisorUri(alias="hv", no_verify=True), CONFIG, local_user="me", home="/h")
+    assert lax.verify is False and asked.verify is False
+
+
+def test_proxy_command_forwards_to_the_hypervisors_loopback() -> None:
+    hv = remote.parse("qemu+ssh://bob@hv:2200/system?keyfile=/k/my key&command=/opt/ssh -F /c")
+    assert hv is not None
+    cmd = remote.proxy_command(hv)
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["/opt/ssh", "-F", "/c"]
+    assert argv[-3:] == ["-W", "%h:%p", "hv"]
+    assert argv[3:5] == ["-l", "bob"] and argv[5:7] == ["-p", "2200"]
+    assert "/k/my key" in argv  # quoted, survives the split
+
+
+def test_plain_proxy_command_leaves_aliases_to_ssh_config() -> None:
+    assert remote.ssh_proxy_options("qemu+ssh://hv/system") == ["-o", "ProxyCommand=ssh -W %h:%p hv"]
+
+
+ROW = {
+    "name": "g1", "state": "running",
+    "ssh": {"host": "127.0.0.1", "port": 40100, "user": "nvmprov", "identity_file": "/s/g1/id_ed25519",
+            "known_hosts": "/s/g1/known_hosts"},
+    "regions": [{"name": "data", "model": "nvdimm", "size_bytes": 536870912}],
+}
+
+
+def test_inventory_host_vars_pin_the_guest_key() -> None:
+    inv = inventory.ansible([ROW], "qemu:///system")
+    host = inv["all"]["children"]["nvmprov"]["hosts"]["g1"]
+    assert host["ansible_host"] == "127.0.0.1" and host["ansible_port"] == 40100
+    assert host["ansible_user"] == "nvmprov"
+    assert host["ansible_ssh_private_key_file"] == "/s/g1/id_ed25519"
+    args = shlex.split(host["ansible_ssh_common_args"])
+    assert "UserKnownHostsFile=/s/g1/known_hosts" in args and "StrictHostKeyChecking=yes" in args
+    assert not any(a.startswith("ProxyCommand") for a in args)
+
+
+def test_inventory_of_a_remote_guest_goes_through_the_hypervisor() -> None:
+    inv = inventory.ansible([ROW], "qemu+ssh://root@hv/system")
+    args = shlex.split(inv["all"]["children"]["nvmprov"]["hosts"]["g1"]["ansible_ssh_common_args"])
+    assert "ProxyCommand=ssh -l root -W %h:%p hv" in args
+
+
+def _ansible_inventory() -> str:
+    found = shutil.which("ansible-inventory") or str(Path(sys.executable).with_name("ansible-inventory"))
+    if not Path(found).exists():
+        pytest.fail("ansible-inventory is missing: pip install -e '.[test]' (ansible-core is a test dependency)")
+    return found
+
+
+def test_real_ansible_inventory_reads_it_as_is(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.json"
+    path.write_text(inventory.render([ROW, {**ROW, "name": "g2"}], "qemu+ssh://hv/system"))
+    proc = subprocess.run([_ansible_inventory(), "-i", str(path), "--list"], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LC_ALL": "C.UTF-8"})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert sorted(data["nvmprov"]["hosts"]) == ["g1", "g2"]
+    g1 = data["_meta"]["hostvars"]["g1"]
+    assert g1["ansible_port"] == 40100
+    assert "ProxyCommand=ssh -W %h:%p hv" in g1["ansible_ssh_common_args"]

@@ -2,7 +2,7 @@
 cost per nvdimm region size; guests created in parallel; CLI latency.
 
     .venv/bin/python bench/run.py [--quick] [--runs N] [--out bench/results/latest.json]
-                                  [--only phases,regions,count,latency]
+                                  [--only phases,regions,count,latency] [--max-load 3]
 
 Progress goes to stderr, the tables (Markdown) to stdout, everything measured to --out as JSON.
 It is a benchmark, not a test: it never runs in CI and fails only when a run itself fails.
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ LATENCY_RUNS = 10
 DISK_MARGIN_BYTES = 4 * GiB    # left free beyond a region's own size before a region-size run
 CREATE_TIMEOUT_S = 1800.0      # one `nvmprov create`; four at once on 2 cores under TCG take ~15 min
 POOL_DIR = "/var/lib/nvmprov/pool"
+QUIET_POLL_S = 30.0
 
 SPEC = """\
 version: 1
@@ -111,10 +113,29 @@ def preflight(nvmprov: str) -> tuple[str, str, str]:
 # nvmprov runs
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (nvmprov rolls back what it made), then wait for it."""
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=300)
+
+
+def wait_for_quiet(max_load: float | None, max_wait_s: float) -> None:
+    """Other engineers' guests boot on this machine too: wait (bounded) until the 1-minute load
+    average is below max_load, so a run does not start in the middle of their burst."""
+    if max_load is None:
+        return
+    deadline = time.monotonic() + max_wait_s
+    while (now := load()["loadavg"][0]) >= max_load and time.monotonic() < deadline:
+        log(f"load {now:.2f} >= {max_load}: waiting (up to {deadline - time.monotonic():.0f} s more)")
+        time.sleep(QUIET_POLL_S)
+
+
 class Runner:
-    def __init__(self, nvmprov: str, workdir: Path) -> None:
+    def __init__(self, nvmprov: str, workdir: Path, quiet: Callable[[], None] = lambda: None) -> None:
         self.nvmprov = nvmprov
         self.workdir = workdir
+        self.quiet = quiet
         workdir.mkdir(parents=True, exist_ok=True)
 
     def spec(self, name: str, size_gib: int = 1) -> Path:
@@ -140,10 +161,13 @@ class Runner:
         return {"wall_s": wall, "timings_s": guest["timings_s"]}
 
     def create(self, name: str, size_gib: int = 1, extra: Sequence[str] = ()) -> dict[str, Any]:
+        proc = None
         try:
             proc, began = self.popen(name, size_gib, extra)
             return self.finish(name, proc, began)
         finally:
+            if proc is not None:
+                stop(proc)
             self.destroy(name)
 
     def destroy(self, name: str) -> None:
@@ -160,12 +184,14 @@ def phases(r: Runner, image_names: tuple[str, str, str], runs: int) -> dict[str,
     nvm_runs, base_runs, raw = [], [], []
     for i in range(runs):
         def nvm(i: int = i) -> None:
+            r.quiet()
             log(f"phases run {i + 1}/{runs}: nvmprov create bench-n{i}")
             res = r.create(f"bench-n{i}")
             nvm_runs.append(stats.nvmprov_phases(res["timings_s"], res["wall_s"]))
             raw.append({"who": "nvmprov", "run": i, **res, "load": load()})
 
         def base(i: int = i) -> None:
+            r.quiet()
             log(f"phases run {i + 1}/{runs}: baseline bench-b{i}")
             g = baseline.BaselineGuest(f"bench-b{i}", *image_names)
             res = baseline.measure(g)
@@ -198,6 +224,7 @@ def regions(r: Runner, image_names: tuple[str, str, str], sizes_gib: Sequence[in
             rows.append({"size_gib": size, "skipped": f"{free / GiB:.1f} GiB free"})
             continue
         try:
+            r.quiet()
             log(f"regions: {size} GiB nvmprov create --until start")
             res = r.create(f"bench-r{size}", size, ["--until", "start"])
             log(f"regions: {size} GiB hand-written XML without alignsize, virsh create --paused")
@@ -231,6 +258,7 @@ def count(r: Runner, ns: Sequence[int], single_s: float | None = None) -> dict[s
     single = single_s
     for n in ns:
         names = [f"bench-c{n}-{i}" for i in range(n)]
+        r.quiet()
         log(f"count: {n} guest(s) at once: {', '.join(names)}")
         before = load()
         began = time.monotonic()
@@ -242,9 +270,7 @@ def count(r: Runner, ns: Sequence[int], single_s: float | None = None) -> dict[s
             wall = round(time.monotonic() - began, 2)
         finally:
             for _, proc, _ in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(timeout=120)
+                stop(proc)
             for name in names:
                 r.destroy(name)
         if n == 1:
@@ -297,6 +323,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, help="runs of nvmprov and of the baseline (default 3, --quick 1)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"), help="JSON results file")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--max-load", type=float, help="before each run wait until the 1-min load is below this")
+    p.add_argument("--max-wait-s", type=float, default=900.0, help="... but at most this long (default 900)")
     p.add_argument("--region-sizes", default=",".join(map(str, DEFAULT_REGION_SIZES_GIB)), help="GiB, comma list")
     p.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)),
                    help="guests at once, comma list (without 1, the phases median is the single time)")
@@ -316,13 +344,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     nvmprov = nvmprov_bin()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": machine(), "load_at_start": load(), "runs": args.runs}
-    runner = Runner(nvmprov, out_path.parent / "work")
+    runner = Runner(nvmprov, out_path.parent / "work", lambda: wait_for_quiet(args.max_load, args.max_wait_s))
+    signal.signal(signal.SIGTERM, _interrupted)  # a killed benchmark still stops its guests
     image_names = preflight(nvmprov) if set(args.only) - {"latency"} else ("", "", "")
     experiments: dict[str, Callable[[], dict[str, Any]]] = {
         "latency": lambda: latency(nvmprov),
@@ -337,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         began = time.monotonic()
         try:
             result[name] = experiments[name]()
+        except KeyboardInterrupt:
+            log(f"{name}: interrupted; its guests were stopped and removed")
+            return 130
         except (baseline.BenchError, subprocess.SubprocessError) as e:
             log(f"{name}: FAILED: {e}")
             result[name] = {"error": str(e)}

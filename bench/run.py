@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from any directory: import benc
 from bench import baseline, stats  # noqa: E402
 
 GiB = 1024**3
-EXPERIMENTS = ("phases", "regions", "count", "latency")
+EXPERIMENTS = ("latency", "regions", "phases", "count")  # run in this order: quick ones first
 DEFAULT_REGION_SIZES_GIB = (1, 4, 8, 16)
 DEFAULT_COUNTS = (1, 2, 4)
 LATENCY_RUNS = 10

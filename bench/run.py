@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)  # a killed benchmark still stops its guests
     image_names = preflight(nvmprov) if set(args.only) - {"latency"} else ("", "", "")
     experiments: dict[str, Callable[[], dict[str, Any]]] = {
-        "latency": lambda: latency(nvmprov),
+        "latency": lambda: (runner.quiet(), latency(nvmprov))[1],
         "phases": lambda: phases(runner, image_names, args.runs),
         "regions": lambda: regions(runner, image_names, args.region_sizes),
         "count": lambda: count(runner, args.counts, _phases_total(result)),

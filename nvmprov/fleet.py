@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .spec import GuestSpec
     from .workflow import CreateOptions
 
+# Lines a rollback prints (rollback.py, workflow.py): a cancel never interrupts an undo in progress.
+ROLLBACK_LINES = ("rolled back", "could not roll back", "keeping what was made")
 POLL_S = 0.2  # how often the main thread looks up from waiting (signals land between looks)
 ROLLBACK_WAIT_S = 600.0  # after a signal: how long the main thread waits for the workers' rollbacks
 
@@ -65,6 +67,8 @@ class CancellableProgress(Progress):
 
     def line(self, message: str) -> None:
         super().line(message)
+        if message.startswith(ROLLBACK_LINES):  # already undoing (its own failure): let it finish
+            self._raised = True
         if self._cancel.is_set() and not self._raised:
             self._raised = True
             raise Interrupted("interrupted; rolling back this guest")

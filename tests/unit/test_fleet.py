@@ -167,3 +167,14 @@ def test_no_signal_handler_left_changed() -> None:
     before = signal.getsignal(signal.SIGINT)
     fleet.run_parallel([("a", Tracker().job("a", work_s=0))], parallel=1, stream=io.StringIO())
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_rollback_already_running_is_not_interrupted() -> None:
+    cancel = threading.Event()
+    out = io.StringIO()
+    p = fleet.CancellableProgress(cancel, out, prefix="x: ")
+    p.line("rolled back: running guest x")  # this guest failed on its own and is undoing
+    cancel.set()
+    p.line("rolled back: volume x-seed.iso")
+    p.line("some later line")  # the undo must run to its end: no Interrupted from here on
+    assert out.getvalue().count("x: ") == 3

@@ -377,7 +377,14 @@ def _names(args: argparse.Namespace) -> list[str]:
     if args.file:
         from . import spec
 
-        names += [g.name for g in spec.load(args.file).guests]
+        loaded = spec.load(args.file).guests
+        names += [g.name for g in loaded]
+        if not args.connect:  # -f FILE acts where the file's guests live (its `connect:`)
+            uris = {g.connect for g in loaded}
+            if len(uris) > 1:
+                raise UsageError(f"the guests of {args.file} use different libvirt URIs ({', '.join(sorted(uris))}); "
+                                 "pick one with --connect")
+            args.connect = uris.pop() if uris != {"qemu:///system"} else None
     if not names:
         raise UsageError("name at least one guest, or give -f FILE")
     return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)

@@ -152,3 +152,35 @@ def test_real_ansible_inventory_reads_it_as_is(tmp_path: Path) -> None:
     g1 = data["_meta"]["hostvars"]["g1"]
     assert g1["ansible_port"] == 40100
     assert "ProxyCommand=ssh -W %h:%p hv" in g1["ansible_ssh_common_args"]
+
+
+# ---------------------------------------------------------------------------------------------
+# qemu:///session: where things go without root
+
+
+def test_session_pool_and_console_under_xdg_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvmprov import boot, session, workflow
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert workflow.pool_dir_for("nvmprov", "qemu:///session") == str(tmp_path / "data/nvmprov/pool")
+    assert workflow.pool_dir_for("other", "qemu:///session") == str(tmp_path / "data/nvmprov/pools/other")
+    assert workflow.pool_dir_for("nvmprov", "qemu:///system") == "/var/lib/nvmprov/pool"
+    assert workflow.pool_dir_for("nvmprov") == "/var/lib/nvmprov/pool"
+    log = boot.console_log_path("g1", "qemu:///session")
+    assert log == str(tmp_path / "state/nvmprov/console/g1-nvmprov-serial.log")
+    assert Path(log).parent.is_dir() and (Path(log).parent.stat().st_mode & 0o077) == 0
+    assert boot.console_log_path("g1", "qemu+ssh://hv/system").startswith("/var/log/libvirt/qemu/")
+    assert session.pool_dir("nvmprov").startswith(str(tmp_path))
+
+
+def test_image_import_names_the_missing_files_before_touching_libvirt(tmp_path: Path) -> None:
+    from nvmprov import image, session
+
+    (tmp_path / image.builtin_volume_names()[1]).write_bytes(b"kernel")
+    with pytest.raises(UsageError) as err:
+        session.import_image(None, "nvmprov", str(tmp_path), lambda _s: None)  # type: ignore[arg-type]
+    message = str(err.value)
+    assert image.builtin_volume_names()[0] in message and image.builtin_volume_names()[2] in message
+    assert image.builtin_volume_names()[1] not in message
+    assert "/var/lib/nvmprov/pool" in message

@@ -596,6 +596,9 @@ def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | Non
         new_md = replace(md, spec_json=spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
         virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
         done.append("metadata")
+        if managed_virtio and running and not live:
+            notes.append(f"{region} stays in the running guest until {name} is powered off; the next start "
+                         "does not plug it")
     volume = recorded.volume if recorded else (path.rsplit("/", 1)[-1] or None)
     deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes)
     progress.line(f"{region}: detached ({', '.join(done)})")
@@ -651,10 +654,13 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
 
 def with_default_name(conn: libvirt.virConnect, name: str, request: AttachRequest) -> AttachRequest:
     """--name not given: hp0, hp1, ... the first not used by the domain."""
-    from . import virt
+    from . import domain, virt
 
-    d = domxml.parse(virt.xml_desc(virt.require(conn, name), inactive=True))
-    live = domxml.parse(virt.xml_desc(virt.require(conn, name)))
-    taken = {x.alias for x in (*d.devices, *live.devices)}
+    dom = virt.require(conn, name)
+    config_xml = virt.xml_desc(dom, inactive=True)
+    d, live = domxml.parse(config_xml), domxml.parse(virt.xml_desc(dom))
+    md = domain.parse_metadata(config_xml)
+    # virtio-pmem regions of a stopped managed guest are only in its metadata
+    taken = {x.alias for x in (*d.devices, *live.devices)} | {r.alias for r in (md.regions if md else ())}
     n = next(i for i in range(1000) if f"ua-pmem-hp{i}" not in taken)
     return replace(request, region=f"hp{n}")

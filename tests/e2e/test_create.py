@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import subprocess
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from .conftest import PREFIX, Created, destroy_quietly, example, nvmprov, write_spec
 
 pytestmark = pytest.mark.e2e
+
+POOL_DIR = Path("/var/lib/nvmprov/pool")
 
 REGION_FIELDS = {
     "name", "model", "size_bytes", "usable_bytes", "backing_path", "guest_device", "namespace_mode",
@@ -29,6 +34,7 @@ def test_create_mixed_proves_every_region(mixed_guest: Created) -> None:
     assert g["accel"] == "tcg"  # this machine's /dev/kvm has no vmx: auto must pick TCG
     assert g["ssh"]["host"] == "127.0.0.1"
     spec = example("mixed.yaml", mixed_guest.name)
+    assert len(spec["pmem"]) == 3 and len(g["regions"]) == 3  # labelled xfs, label-less ext4, virtio-pmem
     assert [r["name"] for r in g["regions"]] == [r["name"] for r in spec["pmem"]]
     for region, wanted in zip(g["regions"], spec["pmem"], strict=True):
         assert set(region) >= REGION_FIELDS, region
@@ -39,6 +45,10 @@ def test_create_mixed_proves_every_region(mixed_guest: Created) -> None:
         assert region["xip_ok"] is True, region
         assert region["data_ok"] is True, region
         assert region["persisted"] is True, region
+        # the evidence behind data_ok/persisted: the payload's checksum and where the host found its marker
+        assert re.fullmatch(r"[0-9a-f]{64}", region["payload_sha256"]), region
+        assert region["marker"].startswith(f"NVMPROV-MARKER:{mixed_guest.name}:{region['name']}:"), region
+        assert isinstance(region["marker_offset"], int) and region["marker_offset"] >= 0, region
         assert 0 < region["usable_bytes"] <= region["size_bytes"], region
         assert region["guest_device"].startswith("/dev/pmem"), region
         if region["model"] == "nvdimm":
@@ -62,8 +72,26 @@ def test_guest_sees_dax_mounts_over_ssh(mixed_guest: Created) -> None:
     proc = nvmprov("ssh", mixed_guest.name, "--", "cat", "/proc/mounts")
     assert proc.returncode == 0, proc.stderr
     for region in mixed_guest.guest["regions"]:
-        line = next(ln for ln in proc.stdout.splitlines() if f" {region['mountpoint']} " in ln)
-        assert "dax" in line, line
+        source, _target, _fstype, options = mount_line(proc.stdout, region["mountpoint"])
+        assert source == region["guest_device"], (source, region)
+        assert "dax=always" in options.split(","), options  # not dax=never / dax=inode
+
+
+def mount_line(mounts: str, target: str) -> tuple[str, str, str, str]:
+    fields = next(ln.split() for ln in mounts.splitlines() if ln.split()[1:2] == [target])
+    return fields[0], fields[1], fields[2], fields[3]
+
+
+def test_fstab_mounts_each_region_by_uuid_with_nofail(mixed_guest: Created) -> None:
+    fstab = nvmprov("ssh", mixed_guest.name, "--", "cat", "/etc/fstab", check=True).stdout
+    blkid = nvmprov("ssh", mixed_guest.name, "--", "sudo", "blkid", "-s", "UUID", "-o", "export",
+                    *[r["guest_device"] for r in mixed_guest.guest["regions"]], check=True).stdout
+    uuids = re.findall(r"^UUID=(\S+)$", blkid, re.M)
+    assert len(uuids) == len(mixed_guest.guest["regions"]), blkid
+    for region, uuid in zip(mixed_guest.guest["regions"], uuids, strict=True):
+        entry = next(ln.split() for ln in fstab.splitlines() if ln.split()[:1] == [f"UUID={uuid}"])
+        assert entry[1] == region["mountpoint"] and entry[2] == region["filesystem"], entry
+        assert {"dax", "nofail"} <= set(entry[3].split(",")), entry
 
 
 def test_list_shows_the_guest_with_ssh_coordinates(mixed_guest: Created) -> None:
@@ -80,13 +108,24 @@ def test_console_shows_the_boot(mixed_guest: Created) -> None:
 
 
 def test_rerun_same_spec_reverifies_without_power_cycle(mixed_guest: Created) -> None:
+    before = domain_and_volumes(mixed_guest.name)
     proc = nvmprov("create", str(mixed_guest.spec_path), "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]
     g = json.loads(proc.stdout)["guests"][0]
     assert g["ok"] is True
     assert "power-cycle" not in g["timings_s"]
+    assert len(g["regions"]) == 3
     assert all(r["persisted"] is None for r in g["regions"])
     assert all(r["dax"] and r["data_ok"] for r in g["regions"])
+    assert domain_and_volumes(mixed_guest.name) == before, "a re-run on a finished guest must change nothing"
+
+
+def domain_and_volumes(name: str) -> tuple[str, list[str]]:
+    """The persistent domain XML and the guest's volumes in the pool (names, sizes, modes)."""
+    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", "--security-info", name],
+                         capture_output=True, text=True, check=True).stdout
+    volumes = sorted(f"{p.name} {p.stat().st_size} {p.stat().st_mode:o}" for p in POOL_DIR.glob(f"{name}-*"))
+    return xml, volumes
 
 
 def test_rerun_changed_spec_exits_2_listing_fields(mixed_guest: Created) -> None:
@@ -99,14 +138,23 @@ def test_rerun_changed_spec_exits_2_listing_fields(mixed_guest: Created) -> None
 
 
 def test_stop_start_verify_keeps_data(mixed_guest: Created) -> None:
-    nvmprov("stop", mixed_guest.name, "--timeout-s", "90", check=True)
+    # A file of the test's own on each region: verify rewrites its payload, so that cannot be the evidence.
+    files = [r["mountpoint"].rstrip("/") + "/e2e-stop-start" for r in mixed_guest.guest["regions"]]
+    script = "set -e; for f in \"$@\"; do head -c 4194304 /dev/urandom > \"$f\"; done; sync; sha256sum -- \"$@\""
+    before = nvmprov("ssh", mixed_guest.name, "--", "sudo", "sh", "-c", shlex.quote(script), "sh", *files,
+                     check=True).stdout
+    assert len(before.splitlines()) == 3, before
+    stop = nvmprov("stop", mixed_guest.name, "--timeout-s", "90", check=True)
+    assert "cutting the power" not in stop.stderr, "the guest must shut down cleanly on ACPI: " + stop.stderr
     rows = {r["name"]: r for r in json.loads(nvmprov("list", "--format", "json", check=True).stdout)}
     assert rows[mixed_guest.name]["state"] == "shut off"
     nvmprov("start", mixed_guest.name, check=True)
-    proc = nvmprov("verify", mixed_guest.name, "--json")
+    proc = nvmprov("verify", mixed_guest.name, "--json")  # waits for SSH and mounts the re-plugged virtio-pmem
     assert proc.returncode == 0, proc.stderr[-4000:]
     g = json.loads(proc.stdout)["guests"][0]
     assert all(r["dax"] and r["data_ok"] and r["xip_ok"] for r in g["regions"]), g
+    after = nvmprov("ssh", mixed_guest.name, "--", "sudo", "sha256sum", "--", *files, check=True).stdout
+    assert after == before
 
 
 def test_negative_control_private_mapping_loses_data(e2e_tmp) -> None:
@@ -159,3 +207,29 @@ def test_destroy_keeps_backing_unless_purge(e2e_tmp) -> None:
     assert os.path.exists(backing)
     nvmprov("destroy", name, "--purge", "--yes", check=True)
     assert not os.path.exists(backing)
+
+
+def test_readme_demo_is_mounted_with_dax_verified_and_proven_persistent(e2e_tmp) -> None:
+    """examples/guest.yaml as the README demo runs it (renamed): one 1 GiB label-less nvdimm, ext4."""
+    name = f"{PREFIX}demo"
+    destroy_quietly(name)
+    path = write_spec(e2e_tmp, name, example("guest.yaml", name))
+    try:
+        proc = nvmprov("create", str(path), "--json")
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        report = json.loads(proc.stdout)
+        assert report["ok"] is True
+        (region,) = report["guests"][0]["regions"]
+        assert region["name"] == "data" and region["model"] == "nvdimm" and region["namespace_mode"] == "fsdax"
+        assert region["size_bytes"] == 1024**3
+        assert region["usable_bytes"] == 1054867456  # measured: the rest of 1 GiB holds the fsdax page map
+        assert region["filesystem"] == "ext4" and region["mountpoint"] == "/mnt/data"
+        assert (region["dax"], region["xip_ok"], region["data_ok"], region["persisted"]) == (True, True, True, True)
+        assert isinstance(region["marker_offset"], int)
+        # the marker really is at that offset of the host backing file
+        with open(region["backing_path"], "rb") as fh:
+            fh.seek(region["marker_offset"])
+            assert fh.read(len(region["marker"])) == region["marker"].encode()
+    finally:
+        destroy_quietly(name)
+    assert not list(POOL_DIR.glob(f"{name}-*"))

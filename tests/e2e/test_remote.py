@@ -151,14 +151,6 @@ def tunnelled_to(hv: Hypervisor, port: int) -> bool:
     return any("direct_tcpip" in line and f"target 127.0.0.1 port {port}" in line for line in log.splitlines())
 
 
-def test_verify_with_power_cycle_through_the_uri(remote_guest: Remote) -> None:
-    proc = remote_guest.hv.run("verify", NAME, "--power-cycle", "--json", "--connect", remote_guest.hv.uri)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (region,) = json.loads(proc.stdout)["guests"][0]["regions"]
-    assert region["persisted"] is True and region["data_ok"] is True, region
-    assert isinstance(region["marker_offset"], int), region  # found in the volume read over qemu+ssh
-
-
 def test_the_marker_is_read_back_from_the_backing_volume_over_qemu_ssh(remote_guest: Remote) -> None:
     region = remote_guest.report["guests"][0]["regions"][0]
     assert region["marker"], region
@@ -216,6 +208,15 @@ def test_an_unknown_hypervisor_host_key_is_refused(hypervisor: Hypervisor) -> No
                          known_hosts_files=(str(hypervisor.dir / "empty_known_hosts"),), verify=True)
     with pytest.raises(HostError, match="host key is not in"):
         remote.Hypervisor(ep).open_channel(hypervisor.port)
+
+
+def test_verify_with_power_cycle_through_the_uri(remote_guest: Remote) -> None:
+    # After the tests that read the create report's marker: verify writes a new payload over it.
+    proc = remote_guest.hv.run("verify", NAME, "--power-cycle", "--json", "--connect", remote_guest.hv.uri)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (region,) = json.loads(proc.stdout)["guests"][0]["regions"]
+    assert region["persisted"] is True and region["data_ok"] is True, region
+    assert isinstance(region["marker_offset"], int), region  # found in the volume read over qemu+ssh
 
 
 def test_destroy_through_the_uri_leaves_nothing(remote_guest: Remote) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import unquote
 
 import yaml
 from pydantic import (
@@ -58,6 +59,15 @@ _PATH_CHARS = re.compile(r"[A-Za-z0-9._/+-]")
 _POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]{0,500}")
+# A spec file is shared: its `connect` must not make libvirt (or nvmprov's own ProxyCommand) run a
+# program of the file's choosing. qemu+ext runs ?command=, the ssh transport runs ?command= as its
+# ssh and ?netcat= on the hypervisor; such URIs are for --connect, which the user types themselves.
+_URI_DRIVERS = ("qemu", "test")          # test:///default: libvirt's in-process test driver
+_URI_TRANSPORTS = ("", "unix", "ssh", "tls", "tcp")
+_URI_PROGRAM_PARAMS = ("command", "netcat")
+_URI_PARAMS = ("socket", "keyfile", "known_hosts", "known_hosts_verify", "no_verify", "no_tty", "pkipath",
+               "sshauth", "mode", "proxy", "tls_priority")
+_CONNECT_ELSEWHERE = "pass such a URI with --connect on the command line instead"
 _IMAGE_SUFFIXES = (".qcow2", ".img", ".raw")
 
 # Mounting over these would hide or break the guest's own system (S108: a denylist, no temp files).
@@ -220,6 +230,38 @@ def _regex_checker(pattern: re.Pattern[str], what: str, hint: str) -> Callable[[
     return check
 
 
+def _check_connect(value: str) -> str:
+    """A libvirt URI a spec file may name: the qemu (or test) driver over a transport that runs no
+    program of the URI's choosing, and no query parameter that names one."""
+    _regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system")(value)
+    scheme, rest = value.split("://", 1)
+    driver, _, transport = scheme.partition("+")
+    if driver not in _URI_DRIVERS:
+        raise ValueError(f"connect {value!r} uses libvirt driver {driver!r}; nvmprov drives QEMU: "
+                         "use qemu:///system, qemu:///session or qemu+ssh://host/system")
+    if transport == "ext":
+        raise ValueError(f"connect {value!r} uses transport 'ext', which runs the program named by command=; "
+                         f"a spec file may not name programs: {_CONNECT_ELSEWHERE}")
+    if transport not in _URI_TRANSPORTS:
+        raise ValueError(f"connect {value!r} uses transport {transport!r}; a spec file may use {driver}:// or "
+                         f"{driver}+unix://, +ssh://, +tls://, +tcp://, or {_CONNECT_ELSEWHERE}")
+    authority = rest.split("/", 1)[0].rpartition("@")
+    if any(part.startswith("-") for part in (authority[0], authority[2])):
+        raise ValueError(f"connect {value!r} has a user or host starting with '-' (it would reach ssh as an "
+                         "option); write the host name, e.g. qemu+ssh://root@host/system")
+    query = rest.partition("?")[2].partition("#")[0]
+    # libvirt splits parameters at '&' or ';', percent-decodes their names and ignores their case
+    for item in re.split(r"[&;]", query) if query else ():
+        param = unquote(item.partition("=")[0]).lower()
+        if param in _URI_PROGRAM_PARAMS:
+            raise ValueError(f"connect {value!r} sets {param}=, which makes libvirt run that program; "
+                             f"a spec file may not name programs: {_CONNECT_ELSEWHERE}")
+        if param not in _URI_PARAMS:
+            raise ValueError(f"connect {value!r} sets {param!r}, which a spec file may not set; "
+                             f"use only {', '.join(_URI_PARAMS)}, or {_CONNECT_ELSEWHERE}")
+    return value
+
+
 def _check_user(value: str) -> str:
     _regex_checker(_USER_RE, "user", "use a Linux user name: a-z, 0-9, '_' or '-', up to 32")(value)
     if value == "root":
@@ -374,9 +416,7 @@ class GuestSpec(BaseModel):
     image: Annotated[str, AfterValidator(_check_image)] = "builtin"
     firmware: Literal["auto", "direct", "bios", "efi"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    connect: Annotated[
-        str, AfterValidator(_regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system"))
-    ] = "qemu:///system"
+    connect: Annotated[str, AfterValidator(_check_connect)] = "qemu:///system"
     pool: PoolName = "nvmprov"
     ssh: SshSpec = Field(default_factory=SshSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)

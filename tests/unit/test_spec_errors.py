@@ -159,6 +159,30 @@ BAD = [
     pytest.param("version: 2\n" + B,
                  'g.yaml:1:10: version: unsupported version 2; this nvmprov reads version: 1',
                  id='version'),
+    pytest.param("name: demo\nconnect: 'qemu+ext:///system?command=/bin/sh'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+ext:///system?command=/bin/sh' uses transport 'ext', which runs the program named by command=; a spec file may not name programs: pass such a URI with --connect on the command line instead",
+                 id='uri_ext'),
+    pytest.param("name: demo\nconnect: 'qemu+ssh://h/system?command=/x'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+ssh://h/system?command=/x' sets command=, which makes libvirt run that program; a spec file may not name programs: pass such a URI with --connect on the command line instead",
+                 id='uri_command'),
+    pytest.param("name: demo\nconnect: 'qemu+ssh://h/system?socket=/s;NetCat=/x'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+ssh://h/system?socket=/s;NetCat=/x' sets netcat=, which makes libvirt run that program; a spec file may not name programs: pass such a URI with --connect on the command line instead",
+                 id='uri_netcat'),
+    pytest.param("name: demo\nconnect: 'qemu+ssh://h/system?%63ommand=/x'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+ssh://h/system?%63ommand=/x' sets command=, which makes libvirt run that program; a spec file may not name programs: pass such a URI with --connect on the command line instead",
+                 id='uri_command_escaped'),
+    pytest.param("name: demo\nconnect: 'qemu+libssh2://h/system'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+libssh2://h/system' uses transport 'libssh2'; a spec file may use qemu:// or qemu+unix://, +ssh://, +tls://, +tcp://, or pass such a URI with --connect on the command line instead",
+                 id='uri_transport'),
+    pytest.param("name: demo\nconnect: 'xen:///system'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'xen:///system' uses libvirt driver 'xen'; nvmprov drives QEMU: use qemu:///system, qemu:///session or qemu+ssh://host/system",
+                 id='uri_driver'),
+    pytest.param("name: demo\nconnect: 'qemu+ssh://-oProxyCommand=x/system'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+ssh://-oProxyCommand=x/system' has a user or host starting with '-' (it would reach ssh as an option); write the host name, e.g. qemu+ssh://root@host/system",
+                 id='uri_dash_host'),
+    pytest.param("name: demo\nconnect: 'qemu+ssh://h/system?name=qemu+ext:///'\n" + TAIL,
+                 "g.yaml:2:10: connect: 'qemu+ssh://h/system?name=qemu+ext:///' sets 'name', which a spec file may not set; use only socket, keyfile, known_hosts, known_hosts_verify, no_verify, no_tty, pkipath, sshauth, mode, proxy, tls_priority, or pass such a URI with --connect on the command line instead",
+                 id='uri_param'),
     pytest.param("name: demo\nssh: {user: root}\n" + TAIL,
                  "g.yaml:2:13: ssh.user: 'root' is not allowed; nvmprov makes its own login user with sudo, e.g. nvmprov",
                  id='root_user'),
@@ -197,3 +221,12 @@ def test_bad_input_gives_one_positioned_error(text: str, expected: str) -> None:
 def test_the_valid_base_is_valid() -> None:
     # guards the table above: each case fails for its own reason, not because the base is broken
     assert spec.loads(B, "g.yaml").guests[0].pmem[0].size_bytes == 512 * 1024**2
+
+
+@pytest.mark.parametrize("uri", [
+    "qemu:///system", "qemu:///session", "test:///default", "qemu+unix:///system?socket=/run/x.sock",
+    "qemu+ssh://root@host:2222/system?keyfile=/k&known_hosts=/kh&no_verify=1", "qemu+tls://host/system",
+    "qemu+tcp://host/system",
+])
+def test_connect_allows_the_uris_a_spec_file_needs(uri: str) -> None:
+    assert spec.loads(f"name: demo\nconnect: '{uri}'\n" + TAIL, "g.yaml").guests[0].connect == uri

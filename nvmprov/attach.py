@@ -317,7 +317,8 @@ def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStorageP
     from . import storage
     from .workflow import pool_dir_for
 
-    pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name))
+    # with the URI: on qemu:///session a missing pool goes under the user's XDG dirs, not /var/lib
+    pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name, conn.getURI()))
     return pool, storage.pool_path(pool)
 
 

@@ -244,3 +244,21 @@ def test_unplugged_problems_only_when_the_request_goes_nowhere() -> None:
     later = req(model="virtio-pmem", live=False, config=False, virtio_pmem_in_config=True)
     assert "or pass --config" in attach.unplugged_problems("d", later)[0]
 
+
+def test_attach_defines_a_missing_pool_where_the_uri_keeps_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from nvmprov import storage
+
+    seen: list[str] = []
+    monkeypatch.setattr(storage, "ensure_pool", lambda _conn, _name, path: seen.append(path) or object())
+    monkeypatch.setattr(storage, "pool_path", lambda _pool: seen[-1])
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+    class Conn:
+        def __init__(self, uri: str) -> None:
+            self.uri = uri
+
+        def getURI(self) -> str:  # noqa: N802 - libvirt's name
+            return self.uri
+
+    assert attach._pool(Conn("qemu:///session"), "nvmprov")[1] == str(tmp_path / "data" / "nvmprov" / "pool")
+    assert attach._pool(Conn("qemu:///system"), "nvmprov")[1] == "/var/lib/nvmprov/pool"

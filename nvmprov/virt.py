@@ -184,10 +184,6 @@ def references(domain_xml: str) -> tuple[set[str], set[tuple[str, str]]]:
     return paths, volumes
 
 
-def _referenced_paths(domain_xml: str) -> set[str]:
-    return references(domain_xml)[0]
-
-
 @dataclass(frozen=True)
 class Memory:
     """Guest physical layout as libvirt reports it."""

@@ -7,7 +7,7 @@ import uuid
 import libvirt
 import pytest
 
-from nvmprov import storage, virt
+from nvmprov import doctor, storage, virt
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
@@ -86,3 +86,12 @@ def test_references_reads_files_and_volume_sources() -> None:
         "<target><size unit='KiB'>1024</size></target></memory></devices>")
     assert virt.references(xml) == ({"/x/n.raw"}, {("p", "v.raw")})
 
+
+def test_prune_does_not_offer_a_volume_a_domain_uses_by_pool_and_name(conn, pool) -> None:
+    vol = storage.create_backing(pool, "other-pmem-data.raw", 16 * MiB, allocation="full")
+    storage.create_backing(pool, "gone-pmem-data.raw", 16 * MiB, allocation="full")
+    dom = conn.defineXML(DOMAIN.format(name="volume-user", pool=pool.name(), volume=vol.name()))
+    try:
+        assert [left.name for left in doctor.leftovers(conn, pool)] == ["gone-pmem-data.raw"]
+    finally:
+        dom.undefine()

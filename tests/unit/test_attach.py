@@ -249,7 +249,12 @@ def test_attach_defines_a_missing_pool_where_the_uri_keeps_it(monkeypatch: pytes
     from nvmprov import storage
 
     seen: list[str] = []
-    monkeypatch.setattr(storage, "ensure_pool", lambda _conn, _name, path: seen.append(path) or object())
+
+    def ensure_pool(_conn: object, _name: str, path: str) -> object:
+        seen.append(path)
+        return object()
+
+    monkeypatch.setattr(storage, "ensure_pool", ensure_pool)
     monkeypatch.setattr(storage, "pool_path", lambda _pool: seen[-1])
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
 

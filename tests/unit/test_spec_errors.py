@@ -289,5 +289,5 @@ def test_pydantic_messages_nvmprov_does_not_word_still_say_what_would_be_right()
 
 
 def test_every_message_in_the_table_says_what_would_be_right() -> None:
-    lacking = [p.id for p in BAD if "; " not in p.values[1]]
+    lacking = [p.id for p in BAD if "; " not in str(p.values[1])]
     assert not lacking, f"messages without the '; what would be right' half: {lacking}"

@@ -68,6 +68,18 @@ def targets(*, live: bool, config: bool, model: Model, running: bool) -> tuple[b
     return running, True
 
 
+def unplugged_problems(domain_name: str, request: AttachRequest) -> list[str]:
+    """A foreign domain where the resolved request goes nowhere (a stopped domain and virtio-pmem,
+    which targets() keeps out of the config): refuse, rather than make a volume no device uses.
+    nvmprov's own guests are different: their metadata records the region and start plugs it."""
+    if request.live or request.config:
+        return []
+    if request.virtio_pmem_in_config:
+        return [f"{domain_name} is not running and virtio-pmem goes live by default: start {domain_name} first, "
+                "or pass --config to add it to the config"]
+    return [f"virtio-pmem attaches live only on this libvirt: start {domain_name} first"]
+
+
 def _kib(n: int) -> int:
     return n // KiB
 
@@ -305,7 +317,8 @@ def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStorageP
     from . import storage
     from .workflow import pool_dir_for
 
-    pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name))
+    # with the URI: on qemu:///session a missing pool goes under the user's XDG dirs, not /var/lib
+    pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name, conn.getURI()))
     return pool, storage.pool_path(pool)
 
 
@@ -362,7 +375,7 @@ def _attach_foreign(conn: libvirt.virConnect, dom: libvirt.virDomain, request: A
                          "is not one: attach without them and format the device inside the guest")
     region_spec(request, managed=False)  # the spec's rules for name, size and label
     request, running = _resolve(dom, request, conn)
-    problems = _problems(dom, request, running)
+    problems = unplugged_problems(name, request) or _problems(dom, request, running)
     if problems:
         raise refuse(f"domain {name} cannot take {_a(request.model)} region this way", problems)
     pool, pool_dir = _pool(conn, "nvmprov")

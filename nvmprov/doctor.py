@@ -198,16 +198,20 @@ def _spec_need(spec_path: str) -> tuple[int, str]:
     return need, f"the regions of {spec_path}"
 
 
-def _domain_paths(dom: libvirt.virDomain) -> set[str]:
+def _domain_refs(dom: libvirt.virDomain) -> tuple[set[str], set[tuple[str, str]]]:
+    """The files and the (pool, volume) sources of a domain's live and persistent XML."""
     from . import virt
     from .errors import VirtError
 
     paths: set[str] = set()
+    volumes: set[tuple[str, str]] = set()
     for inactive in (False, True):
         # A domain that went away while we looked references nothing any more.
         with contextlib.suppress(VirtError):
-            paths |= virt._referenced_paths(virt.xml_desc(dom, inactive=inactive))
-    return paths
+            more_paths, more_volumes = virt.references(virt.xml_desc(dom, inactive=inactive))
+            paths |= more_paths
+            volumes |= more_volumes
+    return paths, volumes
 
 
 def _backing_path(vol: libvirt.virStorageVol) -> str | None:
@@ -224,11 +228,14 @@ def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[s
     from . import storage, virt
 
     paths: set[str] = set()
+    names: set[str] = set()
     for dom in virt.all_domains(conn):
-        paths |= _domain_paths(dom)
+        dom_paths, dom_volumes = _domain_refs(dom)
+        paths |= dom_paths
+        names |= {vol for pool_name, vol in dom_volumes if pool_name == pool.name()}  # <disk type='volume'>
     storage.refresh(pool)
     paths |= {p for p in map(_backing_path, pool.listAllVolumes(0)) if p}
-    return {p.rsplit("/", 1)[-1] for p in paths}
+    return names | {p.rsplit("/", 1)[-1] for p in paths}
 
 
 def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:

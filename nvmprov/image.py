@@ -28,8 +28,10 @@ from nvmprov import state
 if TYPE_CHECKING:
     import libvirt
 from nvmprov.errors import HostError
+from nvmprov.resources import TEMPLATES_ROOT, require
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "templates" / "image"
+RECIPE_DIR = TEMPLATES_ROOT / "image"
+RECIPE_REQUIRED = ("packages.txt", "customize.sh")  # an empty or missing recipe must not digest quietly
 SUITE = "bookworm"  # Debian 12
 NAME_PREFIX = "nvmprov-debian12"
 
@@ -52,12 +54,14 @@ Progress = Callable[[str], None]
 # ---------------------------------------------------------------- the recipe
 
 
-def _recipe_files(recipe_dir: Path = RECIPE_DIR) -> list[Path]:
-    return sorted(p for p in recipe_dir.rglob("*") if p.is_file())
+def _recipe_files(recipe_dir: Path) -> list[Path]:
+    return sorted(p for p in require(recipe_dir, *RECIPE_REQUIRED).rglob("*") if p.is_file())
 
 
-def recipe_digest(recipe_dir: Path = RECIPE_DIR) -> str:
-    """sha256 over the recipe: every file's relative path, executable bit and content."""
+def recipe_digest(recipe_dir: Path | None = None) -> str:
+    """sha256 over the recipe (RECIPE_DIR unless given): every file's relative path, executable
+    bit and content. HostError when the recipe is missing (a non-editable install)."""
+    recipe_dir = recipe_dir or RECIPE_DIR
     h = hashlib.sha256()
     h.update(f"nvmprov-image steps={BUILD_STEPS_VERSION} suite={SUITE}\n".encode())
     for path in _recipe_files(recipe_dir):
@@ -75,8 +79,9 @@ def builtin_volume_names() -> tuple[str, str, str]:
     return f"{prefix}.qcow2", f"{prefix}-vmlinuz", f"{prefix}-initrd.img"
 
 
-def packages(recipe_dir: Path = RECIPE_DIR) -> list[str]:
-    lines = (recipe_dir / "packages.txt").read_text(encoding="utf-8").splitlines()
+def packages(recipe_dir: Path | None = None) -> list[str]:
+    recipe_dir = recipe_dir or RECIPE_DIR
+    lines = (require(recipe_dir, "packages.txt") / "packages.txt").read_text(encoding="utf-8").splitlines()
     return [word for line in lines if (word := line.split("#", 1)[0].strip())]
 
 
@@ -273,7 +278,8 @@ def build_local(build_dir: Path, progress: Progress) -> LocalImage:
             "/etc/apt/sources.list.d/; the image is made from the host's own Debian 12 mirror: add one"
         )
     root = build_dir / "root"
-    hook = f'sh {_shq(str(RECIPE_DIR / "customize.sh"))} "$1" {_shq(str(RECIPE_DIR))}'
+    recipe = require(RECIPE_DIR, *RECIPE_REQUIRED)
+    hook = f'sh {_shq(str(recipe / "customize.sh"))} "$1" {_shq(str(recipe))}'
     t = time.monotonic()
     _run(
         [

@@ -9,14 +9,14 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from nvmprov.errors import UsageError
+from nvmprov.resources import TEMPLATES_ROOT, require
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates" / "cloud-init"
+TEMPLATES_DIR = TEMPLATES_ROOT / "cloud-init"
 
 # The guest's one NIC gets this name (cloud-init renames it by MAC, before networking starts).
 GUEST_NIC_NAME = "eth0"
@@ -73,7 +73,7 @@ def generate_keypair(comment: str = "") -> KeyPair:
 
 
 def _template(name: str) -> dict[str, Any]:
-    data = yaml.safe_load((TEMPLATES_DIR / name).read_text(encoding="utf-8"))
+    data = yaml.safe_load((require(TEMPLATES_DIR, name) / name).read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise UsageError(f"template {TEMPLATES_DIR / name} is not a YAML mapping")
     return data

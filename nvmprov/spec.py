@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import unquote
 
 import yaml
 from pydantic import (
@@ -58,6 +59,15 @@ _PATH_CHARS = re.compile(r"[A-Za-z0-9._/+-]")
 _POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]{0,500}")
+# A spec file is shared: its `connect` must not make libvirt (or nvmprov's own ProxyCommand) run a
+# program of the file's choosing. qemu+ext runs ?command=, the ssh transport runs ?command= as its
+# ssh and ?netcat= on the hypervisor; such URIs are for --connect, which the user types themselves.
+_URI_DRIVERS = ("qemu", "test")          # test:///default: libvirt's in-process test driver
+_URI_TRANSPORTS = ("", "unix", "ssh", "tls", "tcp")
+_URI_PROGRAM_PARAMS = ("command", "netcat")
+_URI_PARAMS = ("socket", "keyfile", "known_hosts", "known_hosts_verify", "no_verify", "no_tty", "pkipath",
+               "sshauth", "mode", "proxy", "tls_priority")
+_CONNECT_ELSEWHERE = "pass such a URI with --connect on the command line instead"
 _IMAGE_SUFFIXES = (".qcow2", ".img", ".raw")
 
 # Mounting over these would hide or break the guest's own system (S108: a denylist, no temp files).
@@ -220,6 +230,38 @@ def _regex_checker(pattern: re.Pattern[str], what: str, hint: str) -> Callable[[
     return check
 
 
+def _check_connect(value: str) -> str:
+    """A libvirt URI a spec file may name: the qemu (or test) driver over a transport that runs no
+    program of the URI's choosing, and no query parameter that names one."""
+    _regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system")(value)
+    scheme, rest = value.split("://", 1)
+    driver, _, transport = scheme.partition("+")
+    if driver not in _URI_DRIVERS:
+        raise ValueError(f"connect {value!r} uses libvirt driver {driver!r}; nvmprov drives QEMU: "
+                         "use qemu:///system, qemu:///session or qemu+ssh://host/system")
+    if transport == "ext":
+        raise ValueError(f"connect {value!r} uses transport 'ext', which runs the program named by command=; "
+                         f"a spec file may not name programs: {_CONNECT_ELSEWHERE}")
+    if transport not in _URI_TRANSPORTS:
+        raise ValueError(f"connect {value!r} uses transport {transport!r}; a spec file may use {driver}:// or "
+                         f"{driver}+unix://, +ssh://, +tls://, +tcp://, or {_CONNECT_ELSEWHERE}")
+    authority = rest.split("/", 1)[0].rpartition("@")
+    if any(part.startswith("-") for part in (authority[0], authority[2])):
+        raise ValueError(f"connect {value!r} has a user or host starting with '-' (it would reach ssh as an "
+                         "option); write the host name, e.g. qemu+ssh://root@host/system")
+    query = rest.partition("?")[2].partition("#")[0]
+    # libvirt splits parameters at '&' or ';', percent-decodes their names and ignores their case
+    for item in re.split(r"[&;]", query) if query else ():
+        param = unquote(item.partition("=")[0]).lower()
+        if param in _URI_PROGRAM_PARAMS:
+            raise ValueError(f"connect {value!r} sets {param}=, which makes libvirt run that program; "
+                             f"a spec file may not name programs: {_CONNECT_ELSEWHERE}")
+        if param not in _URI_PARAMS:
+            raise ValueError(f"connect {value!r} sets {param!r}, which a spec file may not set; "
+                             f"use only {', '.join(_URI_PARAMS)}, or {_CONNECT_ELSEWHERE}")
+    return value
+
+
 def _check_user(value: str) -> str:
     _regex_checker(_USER_RE, "user", "use a Linux user name: a-z, 0-9, '_' or '-', up to 32")(value)
     if value == "root":
@@ -374,9 +416,7 @@ class GuestSpec(BaseModel):
     image: Annotated[str, AfterValidator(_check_image)] = "builtin"
     firmware: Literal["auto", "direct", "bios", "efi"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    connect: Annotated[
-        str, AfterValidator(_regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system"))
-    ] = "qemu:///system"
+    connect: Annotated[str, AfterValidator(_check_connect)] = "qemu:///system"
     pool: PoolName = "nvmprov"
     ssh: SshSpec = Field(default_factory=SshSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
@@ -507,41 +547,58 @@ class _Positions:
 
 
 class _YamlProblem(Exception):
-    def __init__(self, message: str, mark: yaml.Mark) -> None:
+    def __init__(self, message: str, mark: yaml.Mark, field_path: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.mark = mark
+        self.field = field_path
 
 
 class _Loader(yaml.SafeLoader):
     """Composes nodes only (nothing is constructed), refusing anchors and aliases: they are the
-    billion-laughs vector and nothing in a guest file needs them."""
+    billion-laughs vector and nothing in a guest file needs them. Keeps the display path of the
+    node being composed (pmem[0].size), so its refusals name the field like every other error."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.node_count = 0
-        self.depth = 0
+        self.paths: list[str] = []   # display path of each node being composed, outermost first
+
+    def _path_of(self, parent: yaml.Node | None, index: Any, event: yaml.Event) -> str:
+        # PyYAML's composer passes (None, None) for the root, (seq, i) for items, (map, None) for a
+        # key and (map, key_node) for its value.
+        if parent is None or not self.paths:
+            return ""
+        base = self.paths[-1]
+        if isinstance(index, int):
+            return _join(base, index)
+        if isinstance(index, yaml.ScalarNode):
+            return _join(base, index.value)
+        if index is None and isinstance(event, yaml.ScalarEvent):
+            return _join(base, event.value)   # a key: its own name
+        return base
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
         mark: Any = event.start_mark
+        here = self._path_of(parent, index, event)
         if isinstance(event, yaml.AliasEvent):
-            raise _YamlProblem(f"YAML aliases (*{event.anchor}) are not allowed; write the value out", mark)
+            raise _YamlProblem(f"YAML aliases (*{event.anchor}) are not allowed; write the value out", mark, here)
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
-            raise _YamlProblem(f"YAML anchors (&{anchor}) are not allowed; write the value out", mark)
+            raise _YamlProblem(f"YAML anchors (&{anchor}) are not allowed; write the value out", mark, here)
         self.node_count += 1
         if self.node_count > MAX_YAML_NODES:
-            raise _YamlProblem(f"more than {MAX_YAML_NODES} YAML values; a guest file is far smaller", mark)
+            raise _YamlProblem(f"more than {MAX_YAML_NODES} YAML values; a guest file is far smaller", mark, here)
         # PyYAML composes recursively: "[[[[..." thousands deep was a RecursionError traceback.
-        self.depth += 1
+        if len(self.paths) >= MAX_YAML_DEPTH:
+            raise _YamlProblem(f"YAML nested more than {MAX_YAML_DEPTH} levels deep; a guest file needs a few",
+                               mark, here)
+        self.paths.append(here)
         try:
-            if self.depth > MAX_YAML_DEPTH:
-                raise _YamlProblem(f"YAML nested more than {MAX_YAML_DEPTH} levels deep; a guest file needs a few",
-                                   mark)
             return super().compose_node(parent, index)
         finally:
-            self.depth -= 1
+            self.paths.pop()
 
 
 def _pos(mark: yaml.Mark, display: str) -> _Pos:
@@ -563,21 +620,25 @@ def _convert(node: yaml.Node, path: Path_, display: str, pos: _Positions) -> Any
         return [_convert(item, (*path, i), _join(display, i), pos) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_TAGS:
         return yaml.constructor.SafeConstructor().construct_object(node)
-    raise _YamlProblem(f"YAML tag {node.tag} is not allowed; nvmprov reads plain values only", node.start_mark)
+    raise _YamlProblem(f"YAML tag {node.tag} is not allowed; nvmprov reads plain values only", node.start_mark,
+                       display)
 
 
 def _convert_mapping(node: yaml.MappingNode, path: Path_, display: str, pos: _Positions) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key_node, value_node in node.value:
+        written = _join(display, key_node.value) if isinstance(key_node, yaml.ScalarNode) else display
         if key_node.tag == _TAG + "merge":
-            raise _YamlProblem("YAML merge keys (<<) are not allowed; write the keys out", key_node.start_mark)
+            raise _YamlProblem("YAML merge keys (<<) are not allowed; write the keys out", key_node.start_mark,
+                               written)
         if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _TAG + "str"):
-            raise _YamlProblem("keys must be plain names such as memory or pmem", key_node.start_mark)
+            raise _YamlProblem("keys must be plain names such as memory or pmem; quote it if it is one",
+                               key_node.start_mark, written)
         key = key_node.value
         if key in result:
             first = pos.keys[(*path, key)]
             raise _YamlProblem(f"duplicate key {key!r} (first at line {first.line}); keep one",
-                               key_node.start_mark)
+                               key_node.start_mark, written)
         pos.keys[(*path, key)] = _pos(key_node.start_mark, _join(display, key))
         result[key] = _convert(value_node, (*path, key), _join(display, key), pos)
     return result
@@ -589,7 +650,8 @@ def _compose(text: str, filename: str) -> yaml.Node | None:
         loader = _Loader(text)   # the reader checks characters already here
         return loader.get_single_node()
     except _YamlProblem as p:
-        raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1) from None
+        raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1,
+                        field=p.field or None) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         what = "; ".join(s for s in (e.context, e.problem) if s)
@@ -630,8 +692,10 @@ def load(path: str | Path) -> SpecFile:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line, col = _line_col(data[: e.start].decode("utf-8", "replace"), e.start)
-        raise SpecError("is not UTF-8 text; save it as UTF-8", file=name, line=line) from None
+        before = data[: e.start].decode("utf-8")  # the bytes before the first bad one are valid UTF-8
+        line, col = _line_col(before, len(before))
+        raise SpecError(f"is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8", file=name, line=line,
+                        col=col) from None
     return loads(text, filename=name)
 
 
@@ -643,9 +707,12 @@ def loads(text: str, filename: str = "<string>") -> SpecFile:
     try:
         data = _convert(node, (), "", pos)
     except _YamlProblem as p:
-        raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1) from None
+        raise SpecError(p.message, file=filename, line=p.mark.line + 1, col=p.mark.column + 1,
+                        field=p.field or None) from None
     if not isinstance(data, dict):
-        raise SpecError("the top level must be a mapping (name: ..., pmem: ...) or a fleet (guests: [...])",
+        raise SpecError(f"the top level must be a mapping (name: ..., pmem: ...) or a fleet (guests: [...]), "
+                        f"not {_kind(data)}; write keys such as name: demo at the start of lines, "
+                        "or put guests: above a list of guests",
                         file=filename, line=pos.values[()].line, col=pos.values[()].col)
     _check_version(data, pos, filename)
     if "guests" in data:
@@ -675,11 +742,14 @@ def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSp
             hint = _suggest(key, _FLEET_KEYS)
             raise _fail(f"unknown key {key!r} in a fleet file; {hint}", pos.keys[(key,)], filename)
     guests, defaults = data["guests"], data.get("defaults", {})
-    if not isinstance(guests, list) or not guests:
-        raise _fail("guests must be a non-empty list of guests (- name: ...)", pos.values[("guests",)], filename)
+    if not isinstance(guests, list):
+        raise _fail(f"must be a list of guests, not {_kind(guests)}; start each guest with '- ' "
+                    "(- name: a, pmem: [...])", pos.values[("guests",)], filename)
+    if not guests:
+        raise _fail("is empty; give at least one guest (- name: a, pmem: [...])", pos.values[("guests",)], filename)
     if not isinstance(defaults, dict):
-        raise _fail("defaults must be a mapping of guest keys (memory: 1GiB, ...)", pos.values[("defaults",)],
-                    filename)
+        raise _fail(f"must be a mapping of guest keys, not {_kind(defaults)}; write the keys indented below "
+                    "defaults:, e.g. memory: 1GiB", pos.values[("defaults",)], filename)
     if "name" in defaults:
         raise _fail("defaults cannot set name; each guest needs its own", pos.keys[("defaults", "name")], filename)
     result: list[GuestSpec] = []
@@ -786,7 +856,7 @@ def _message(err: Any, cause: object) -> str:
         "list_type": "expected a list (- item)",
     }
     if kind in simple:
-        return f"{simple[kind]}, not {_describe(value)}"
+        return f"{simple[kind]}, not {_describe(value)}; {_type_fix(kind, value, tuple(err['loc']))}"
     if kind == "literal_error":
         return f"{value!r} is not allowed; use {ctx.get('expected')}"
     if kind == "greater_than_equal":
@@ -795,7 +865,52 @@ def _message(err: Any, cause: object) -> str:
         return f"{value!r} is too large; use at most {ctx.get('le')}"
     if kind == "too_short":
         return "is empty; give at least one region (- name: data, size: 512MiB)"
-    return str(err.get("msg", "is not valid"))
+    return f"{err.get('msg', 'is not valid')}; see docs/spec.md for the values it takes"
+
+
+_WHOLE_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
+_BOOL_WORDS = {"true": "true", "yes": "true", "on": "true", "false": "false", "no": "false", "off": "false"}
+
+
+def _type_fix(kind: str, value: object, loc: Path_) -> str:
+    """The "what would be right" half of a type error."""
+    if kind == "int_type":
+        if isinstance(value, str) and _WHOLE_RE.fullmatch(value):
+            return f"write {int(value)} without quotes"
+        if isinstance(value, float) and value.is_integer():
+            return f"write {int(value)}"
+        return "write a whole number without quotes, e.g. 1" if isinstance(value, str) else "write a whole number"
+    if kind == "bool_type":
+        word = _BOOL_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+        return f"write {word} without quotes" if word else "write true or false"
+    if kind == "string_type":
+        if value is None:
+            return "give a value"
+        if isinstance(value, dict | list):
+            return "give a single value"
+        return "put the value in quotes"
+    if kind == "list_type":
+        if isinstance(value, dict):
+            return "start each item with '- ' (- name: ...)"
+        return "write one '- ' item per line (or [a, b])"
+    keys = [k for k in _keys_of(loc) if k not in ("version", "guests", "defaults")][:2]
+    example = ", ".join(f"{k}: ..." for k in keys)
+    return f"write its keys indented below it ({example})" if example else "write its keys indented below it"
+
+
+def _kind(value: object) -> str:
+    """What a YAML value is, without echoing it (it may be long)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "text"
 
 
 def _keys_of(loc: Path_) -> list[str]:

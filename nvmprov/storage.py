@@ -263,12 +263,32 @@ def create_backing(
     return _create(pool, xml, f"backing volume {name!r} ({capacity_bytes} bytes, {allocation})")
 
 
+def loose_mode(volume_xml: str) -> int | None:
+    """The permission bits of a volume's XML when group or others have any; None when private (or
+    libvirt reports no mode: nothing to judge)."""
+    text = _parse(volume_xml).findtext("target/permissions/mode")
+    if not text or not text.strip():
+        return None
+    try:
+        mode = int(text.strip(), 8)
+    except ValueError:
+        return None
+    return mode if mode & 0o077 else None
+
+
 def _reuse_or_refuse(
     pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, want_bytes: int
 ) -> libvirt.virStorageVol:
     have = vol_capacity_bytes(vol)
     fmt = volume_format(vol)
     if have == want_bytes and fmt == "raw":
+        mode = loose_mode(vol.XMLDesc(0))
+        if mode is not None:
+            raise StorageError(
+                f"backing volume {vol.name()!r} already exists at {vol.path()} with mode 0{mode:o}: group or "
+                "others can reach the guest's data, and nvmprov keeps backing volumes private; make it "
+                f"owner-only and retry (chmod 600 {vol.path()} on the hypervisor)"
+            )
         return vol
     raise StorageError(
         f"backing volume {vol.name()!r} already exists in storage pool {pool.name()!r} with {have} bytes "

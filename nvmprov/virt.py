@@ -127,21 +127,50 @@ def all_domains(conn: libvirt.virConnect) -> Iterator[libvirt.virDomain]:
 
 
 def domains_using_path(conn: libvirt.virConnect, path: str, *, exclude: str | None = None) -> list[str]:
-    """Names of domains (running or not) whose config or live XML references `path`."""
+    """Names of domains (running or not) whose config or live XML references `path`: by file or
+    path, or as a storage volume (<source pool='P' volume='V'/>, resolved through the connection)."""
+    target = _volume_of_path(conn, path)
+    resolved: dict[tuple[str, str], str | None] = {}
     users = []
     for dom in all_domains(conn):
         if dom.name() == exclude:
             continue
         for xml in {xml_desc(dom, inactive=True), xml_desc(dom)}:
-            if path in _referenced_paths(xml):
+            paths, volumes = references(xml)
+            if path in paths or any(
+                ref == target or _volume_path(conn, ref, resolved) == path for ref in volumes
+            ):
                 users.append(dom.name())
                 break
     return users
 
 
-def _referenced_paths(domain_xml: str) -> set[str]:
+def _volume_of_path(conn: libvirt.virConnect, path: str) -> tuple[str, str] | None:
+    """(pool, volume) of the volume at `path`, None when libvirt knows no volume there."""
+    try:
+        vol = conn.storageVolLookupByPath(path)
+        return vol.storagePoolLookupByVolume().name(), vol.name()
+    except libvirt.libvirtError:
+        return None
+
+
+def _volume_path(conn: libvirt.virConnect, ref: tuple[str, str], cache: dict[tuple[str, str], str | None]
+                 ) -> str | None:
+    """The path of volume ref[1] in pool ref[0]; None when the pool or volume is gone or inactive."""
+    if ref not in cache:
+        try:
+            cache[ref] = conn.storagePoolLookupByName(ref[0]).storageVolLookupByName(ref[1]).path()
+        except libvirt.libvirtError:
+            cache[ref] = None
+    return cache[ref]
+
+
+def references(domain_xml: str) -> tuple[set[str], set[tuple[str, str]]]:
+    """Files a domain names (source file=/path=, <path>, kernel, initrd) and the (pool, volume)
+    pairs of its volume sources (<disk type='volume'>, anything else sourced from a pool)."""
     root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
     paths = set()
+    volumes = set()
     for el in root.iter():
         if el.tag in ("source", "path") or el.tag.endswith("kernel") or el.tag.endswith("initrd"):
             for attr in ("file", "path"):
@@ -150,7 +179,9 @@ def _referenced_paths(domain_xml: str) -> set[str]:
                     paths.add(value)
             if el.tag == "path" and el.text:
                 paths.add(el.text.strip())
-    return paths
+            if el.tag == "source" and el.get("pool") and el.get("volume"):
+                volumes.add((el.get("pool", ""), el.get("volume", "")))
+    return paths, volumes
 
 
 @dataclass(frozen=True)

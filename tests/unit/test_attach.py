@@ -188,3 +188,82 @@ def test_detach_refuses_live_nvdimm_and_unknown_regions() -> None:
     assert "no region nope" in p
     (p,) = attach.detach_problems(xml, "nv", live=True, running=False)
     assert "not running" in p
+
+
+# A foreign domain that could take virtio-pmem live (ACPI, maxMemory, a NUMA cell, a spare port).
+HOTPLUGGABLE = """\
+<domain type='test'>
+  <name>{name}</name>
+  <memory unit='KiB'>1048576</memory>
+  <maxMemory slots='4' unit='KiB'>16777216</maxMemory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>
+  <features><acpi/><apic/></features>
+  <cpu><numa><cell id='0' cpus='0' memory='1048576' unit='KiB'/></numa></cpu>
+  <devices>
+    <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='pci' index='1' model='pcie-root-port'><address type='pci' bus='0x00' slot='0x10'/></controller>
+  </devices>
+</domain>
+"""
+
+
+def test_stopped_foreign_domain_refuses_virtio_pmem_before_making_anything() -> None:
+    import uuid
+
+    import libvirt
+
+    from nvmprov.progress import Quiet
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open("test:///default")
+    name = f"stopped-{uuid.uuid4().hex[:6]}"
+    dom = conn.defineXML(HOTPLUGGABLE.format(name=name))
+    try:
+        pools_before = sorted(conn.listAllStoragePools(0), key=lambda p: p.name())
+        vols_before = {p.name(): sorted(p.listVolumes()) for p in pools_before if p.isActive()}
+        with pytest.raises(UsageError) as info:
+            attach.attach(conn, name, req(model="virtio-pmem", live=False, config=False), Quiet())
+        assert f"virtio-pmem attaches live only on this libvirt: start {name} first" in str(info.value)
+        assert "nothing was changed" in str(info.value)
+        assert info.value.exit_code == 2
+        pools_after = sorted(conn.listAllStoragePools(0), key=lambda p: p.name())
+        assert [p.name() for p in pools_after] == [p.name() for p in pools_before], "no pool defined"
+        assert {p.name(): sorted(p.listVolumes()) for p in pools_after if p.isActive()} == vols_before
+        assert "<memory model" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        dom.undefine()
+        conn.close()
+
+
+def test_unplugged_problems_only_when_the_request_goes_nowhere() -> None:
+    assert attach.unplugged_problems("d", req(model="virtio-pmem", live=True, config=False)) == []
+    assert attach.unplugged_problems("d", req(model="nvdimm", live=False, config=True)) == []
+    assert attach.unplugged_problems("d", req(model="virtio-pmem", live=False, config=False)) == [
+        "virtio-pmem attaches live only on this libvirt: start d first"]
+    later = req(model="virtio-pmem", live=False, config=False, virtio_pmem_in_config=True)
+    assert "or pass --config" in attach.unplugged_problems("d", later)[0]
+
+
+def test_attach_defines_a_missing_pool_where_the_uri_keeps_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from nvmprov import storage
+
+    seen: list[str] = []
+
+    def ensure_pool(_conn: object, _name: str, path: str) -> object:
+        seen.append(path)
+        return object()
+
+    monkeypatch.setattr(storage, "ensure_pool", ensure_pool)
+    monkeypatch.setattr(storage, "pool_path", lambda _pool: seen[-1])
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+    class Conn:
+        def __init__(self, uri: str) -> None:
+            self.uri = uri
+
+        def getURI(self) -> str:  # noqa: N802 - libvirt's name
+            return self.uri
+
+    assert attach._pool(Conn("qemu:///session"), "nvmprov")[1] == str(tmp_path / "data" / "nvmprov" / "pool")
+    assert attach._pool(Conn("qemu:///system"), "nvmprov")[1] == "/var/lib/nvmprov/pool"

@@ -115,7 +115,8 @@ def test_leading_zeros_are_still_a_size() -> None:
     "name: a\nx: " + "[" * 5000 + "]" * 5000 + "\n" + T,
     "name: !!python/object/apply:os.system ['touch /tmp/nvmprov-pwned']\n" + T,
     "name: ../../etc\n" + T,
-], ids=["deep", "python-tag", "dotdot"])
+    "name: a\nconnect: 'qemu+ext:///system?command=/usr/bin/touch'\n" + T,  # libvirt.open would run it
+], ids=["deep", "python-tag", "dotdot", "uri-command"])
 @pytest.mark.parametrize("command", ["validate", "render", "create"])
 def test_cli_answers_hostile_files_with_exit_2_and_one_line(text: str, command: str, tmp_path: Path) -> None:
     path = tmp_path / "hostile.yaml"

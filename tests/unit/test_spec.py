@@ -205,7 +205,15 @@ def test_not_utf8(tmp_path: Path) -> None:
     f.write_bytes(b"name: demo\nmemory: \xff\n")
     with pytest.raises(SpecError) as info:
         spec.load(f)
-    assert str(info.value) == f"{f}:2: is not UTF-8 text; save it as UTF-8"
+    assert str(info.value) == f"{f}:2:9: is not UTF-8 text (byte 0xff); save it as UTF-8"
+
+
+def test_not_utf8_column_counts_characters_not_bytes(tmp_path: Path) -> None:
+    f = tmp_path / "g.yaml"
+    f.write_bytes("name: démo\nx: éé".encode() + b"\xc3(\n")  # two 2-byte characters before the bad byte
+    with pytest.raises(SpecError) as info:
+        spec.load(f)
+    assert str(info.value) == f"{f}:2:6: is not UTF-8 text (byte 0xc3); save it as UTF-8"
 
 
 def test_huge_file(tmp_path: Path) -> None:
@@ -219,7 +227,7 @@ def test_billion_laughs_is_refused_at_once() -> None:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     lines += [f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
     start = time.monotonic()
-    with pytest.raises(SpecError, match=r"^x.yaml:1:4: YAML anchors \(&a\) are not allowed"):
+    with pytest.raises(SpecError, match=r"^x.yaml:1:4: a: YAML anchors \(&a\) are not allowed"):
         spec.loads("\n".join(lines) + "\n", "x.yaml")
     assert time.monotonic() - start < 1
 

@@ -91,6 +91,27 @@ def test_existing_backing_same_size_is_reused_not_recreated(pool):
     assert len(pool.listAllVolumes(0)) == 1
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_existing_backing_readable_by_others_is_refused_not_reused(pool, mode):
+    xml = storage._volume_xml("data.raw", 32 * MiB, allocation=32 * MiB, fmt="raw", mode=mode)
+    vol = pool.createXML(xml, 0)
+    assert _vol_xml(vol).findtext("target/permissions/mode") == f"0{mode:o}"  # the test driver keeps it
+    with pytest.raises(StorageError) as exc:
+        storage.create_backing(pool, "data.raw", 32 * MiB, allocation="full")
+    msg = str(exc.value)
+    assert f"with mode 0{mode:o}" in msg and f"chmod 600 {vol.path()}" in msg
+    assert storage.volume_exists(pool, "data.raw") and len(pool.listAllVolumes(0)) == 1  # left as it was
+
+
+@pytest.mark.parametrize(("text", "loose"), [
+    ("0600", None), ("0400", None), ("0700", None), ("0644", 0o644), ("0601", 0o601), ("0660", 0o660),
+    ("", None), (None, None), ("bogus", None),
+])
+def test_loose_mode(text, loose):
+    perms = "" if text is None else f"<permissions><mode>{text}</mode></permissions>"
+    assert storage.loose_mode(f"<volume><name>v</name><target>{perms}</target></volume>") == loose
+
+
 def test_existing_backing_other_size_is_refused_with_both_sizes(pool):
     storage.create_backing(pool, "data.raw", 32 * MiB, allocation="full")
     with pytest.raises(StorageError) as exc:

@@ -1,0 +1,97 @@
+"""Who uses a backing volume: file paths and pool/volume sources, on libvirt's test:///default."""
+
+from __future__ import annotations
+
+import uuid
+
+import libvirt
+import pytest
+
+from nvmprov import doctor, storage, virt
+
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+MiB = 1 << 20
+
+DOMAIN = """\
+<domain type='test'>
+  <name>{name}</name>
+  <memory unit='KiB'>262144</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='volume' device='disk'>
+      <source pool='{pool}' volume='{volume}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture
+def conn():
+    c = libvirt.open("test:///default")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def pool(conn):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    p = storage.ensure_pool(conn, name, f"/nonexistent/{name}/pool")
+    yield p
+    for vol in p.listAllVolumes(0):
+        vol.delete(0)
+    p.destroy()
+    p.undefine()
+
+
+def test_a_volume_source_counts_as_using_the_backing_volume(conn, pool) -> None:
+    vol = storage.create_backing(pool, "other-pmem-data.raw", 16 * MiB, allocation="full")
+    dom = conn.defineXML(DOMAIN.format(name="volume-user", pool=pool.name(), volume=vol.name()))
+    try:
+        assert virt.domains_using_path(conn, vol.path()) == ["volume-user"]
+        assert virt.domains_using_path(conn, vol.path(), exclude="volume-user") == []
+        dom.create()  # the live XML too (test driver: no QEMU)
+        assert virt.domains_using_path(conn, vol.path()) == ["volume-user"]
+        dom.destroy()
+    finally:
+        dom.undefine()
+
+
+def test_a_volume_source_of_another_pool_or_volume_does_not(conn, pool) -> None:
+    vol = storage.create_backing(pool, "mine.raw", 16 * MiB, allocation="full")
+    storage.create_backing(pool, "theirs.raw", 16 * MiB, allocation="full")
+    dom = conn.defineXML(DOMAIN.format(name="volume-other", pool=pool.name(), volume="theirs.raw"))
+    try:
+        assert virt.domains_using_path(conn, vol.path()) == []
+    finally:
+        dom.undefine()
+
+
+def test_a_volume_source_libvirt_cannot_resolve_is_skipped_not_an_error(conn, pool) -> None:
+    vol = storage.create_backing(pool, "held.raw", 16 * MiB, allocation="full")
+    held = conn.defineXML(DOMAIN.format(name="volume-held", pool=pool.name(), volume="held.raw"))
+    gone = conn.defineXML(DOMAIN.format(name="volume-gone", pool="no-such-pool", volume="x.raw"))
+    try:
+        assert virt.domains_using_path(conn, vol.path()) == ["volume-held"]
+    finally:
+        held.undefine()
+        gone.undefine()
+
+
+def test_references_reads_files_and_volume_sources() -> None:
+    xml = DOMAIN.format(name="d", pool="p", volume="v.raw").replace(
+        "</devices>", "<memory model='nvdimm'><source><path>/x/n.raw</path></source>"
+        "<target><size unit='KiB'>1024</size></target></memory></devices>")
+    assert virt.references(xml) == ({"/x/n.raw"}, {("p", "v.raw")})
+
+
+def test_prune_does_not_offer_a_volume_a_domain_uses_by_pool_and_name(conn, pool) -> None:
+    vol = storage.create_backing(pool, "other-pmem-data.raw", 16 * MiB, allocation="full")
+    storage.create_backing(pool, "gone-pmem-data.raw", 16 * MiB, allocation="full")
+    dom = conn.defineXML(DOMAIN.format(name="volume-user", pool=pool.name(), volume=vol.name()))
+    try:
+        assert [left.name for left in doctor.leftovers(conn, pool)] == ["gone-pmem-data.raw"]
+    finally:
+        dom.undefine()

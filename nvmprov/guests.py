@@ -214,7 +214,7 @@ def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: P
                 with progress.phase("power-cycle"):
                     power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, g.regions, progress)
         except GuestError as exc:
-            g.fail("verify", str(exc))
+            g.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
         g.timings_s = dict(progress.timings_s)
         g.settle()
     return g

@@ -107,7 +107,10 @@ def _create_locked(
             progress.line(f"guest {spec.name}: an earlier create did not finish; removing what it left")
             remove_leftovers(conn, existing, md, progress)
         else:
-            _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
+            try:
+                _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
+            except GuestError as exc:  # like a new guest: the report carries it (nothing to roll back)
+                report.fail(progress.last_phase("create"), str(exc))
             return
 
     undo = Rollback(progress)
@@ -126,7 +129,7 @@ def _create_locked(
             if problems:
                 report.notes.append("rollback left: " + "; ".join(problems))
         if isinstance(exc, GuestError):
-            report.fail(_phase_of(progress), str(exc))
+            report.fail(progress.last_phase("create"), str(exc))
             return
         raise
     report.settle()
@@ -141,10 +144,6 @@ def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domai
             progress.line(f"removed leftover volume {name}")
     virt.undefine(dom)
     progress.line(f"removed leftover domain {dom.name()}")
-
-
-def _phase_of(progress: Progress) -> str:
-    return next(reversed(progress.timings_s), "create") if progress.timings_s else "create"
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""workflow.create and guests.verify_one on libvirt's in-process test:///default driver.
+
+The driver has no QEMU and no guest: SSH is replaced by a function that fails like a guest that
+never answers, and host.facts by an x86_64 host like this one (the test driver calls itself i686).
+What is real: the domain, its nvmprov metadata, the storage pool, the state directory and locks.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from nvmprov import domain, guests, image, plan, spec, workflow
+from nvmprov.errors import GuestError
+from nvmprov.progress import Progress
+
+URI = "test:///default"
+FACTS = plan.HostFacts(kvm_domain_type=True, cpu_virt_extensions=False)
+
+SPEC_TEXT = """\
+version: 1
+name: {name}
+memory: 1GiB
+vcpus: 1
+pmem:
+  - name: data
+    size: 1GiB
+    filesystem: ext4
+    mount: /mnt/data
+"""
+
+
+def guest_spec(name: str, extra: str = "") -> spec.GuestSpec:
+    return spec.loads(SPEC_TEXT.format(name=name) + extra).guests[0]
+
+
+@pytest.fixture
+def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[libvirt.virConnect]:
+    """One open connection keeps the test driver's state alive for the workflow's own connections."""
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(workflow.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(workflow.image, "is_built", lambda _pool: True)
+
+    def no_build(*_a: object, **_k: object) -> None:
+        raise AssertionError("the image must not be built in a unit test")
+
+    monkeypatch.setattr(workflow.image, "build", no_build)
+    c = libvirt.open(URI)
+    made: list[str] = []
+    c.made = made  # type: ignore[attr-defined]
+    yield c
+    for name in made:
+        try:
+            dom = c.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    c.close()
+
+
+def define_managed(conn: libvirt.virConnect, g: spec.GuestSpec, *, spec_json: str | None = "same") -> None:
+    """A guest as a finished `nvmprov create` leaves it: domain + complete metadata."""
+    facts = replace(FACTS, builtin_volumes=image.builtin_volume_names())
+    the_plan = plan.build(g, facts)
+    recorded = g.model_dump_json(by_alias=True) if spec_json == "same" else spec_json
+    md = replace(domain.Metadata.from_plan(the_plan, ssh_port=2222, spec_json=recorded), complete=True)
+    ctx = domain.RenderContext(uuid=str(uuid.uuid4()), ssh_port=2222, pool_dir="/default-pool")
+    conn.defineXML(domain.render(the_plan, ctx, metadata=md))
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+
+
+def ssh_never_answers(*_a: object, **_k: object) -> None:
+    raise GuestError("no SSH answer on 127.0.0.1:2222 within 600s")
+
+
+def quiet() -> Progress:
+    return Progress(io.StringIO())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1a: a re-run of create on an existing guest reports a guest failure like a new guest does
+
+
+def test_reverify_of_an_existing_guest_reports_the_failed_phase(conn, monkeypatch) -> None:
+    g = guest_spec("wf-reverify")
+    define_managed(conn, g)
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
+    assert report.ok is False
+    assert report.error == {"phase": "ssh", "message": "no SSH answer on 127.0.0.1:2222 within 600s"}
+    assert report.ssh is not None and report.ssh.port == 2222
+
+
+# 1c: verify names the phase that failed, not always "verify"
+
+
+def test_verify_one_reports_ssh_as_the_failed_phase(conn, monkeypatch) -> None:
+    g = guest_spec("wf-verify-phase")
+    define_managed(conn, g)
+    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())  # makes the pool
+    report = guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
+    assert report.error is not None and report.error["phase"] == "ssh", report.error

@@ -13,10 +13,15 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
+from .report import GuestReport, Report
 from .state import check_name
+
+if TYPE_CHECKING:
+    from .progress import Progress
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -222,24 +227,33 @@ def cmd_create(args: argparse.Namespace) -> int:
         keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
     )
     from .progress import Progress
-    from .report import Report
 
     log = open(args.log_file, "a") if args.log_file else None  # noqa: SIM115 - closed below
-    if len(guests) > 1:
-        try:
-            return _create_fleet(guests, opts, args, log)
-        finally:
-            if log:
-                log.close()
     try:
-        report = Report()
-        for g in guests:
-            progress = Progress(prefix=f"{g.name}: " if len(guests) > 1 else "", log=log)
-            report.guests.append(create(g, opts, progress))
+        if len(guests) > 1:
+            return _create_fleet(guests, opts, args, log)
+        g = guests[0]
+        progress = Progress(log=log)
+        report = _reported(g.name, progress, args, lambda: create(g, opts, progress), phase="create")
     finally:
         if log:
             log.close()
-    return _emit(report, args)
+    return _emit(Report(guests=[report]), args)
+
+
+def _reported(name: str, progress: Progress, args: argparse.Namespace, run: Callable[[], GuestReport], *,
+              phase: str) -> GuestReport:
+    """run() -> the guest's report. An error that escapes it (host, lock, signal, ...) still gives
+    CI its --json/--junit report -- the guest failed in the phase it was in -- then goes on to main."""
+    try:
+        return run()
+    except (NvmprovError, KeyboardInterrupt) as exc:
+        if getattr(args, "json", False) or getattr(args, "junit", None):
+            failed = GuestReport(name=name)
+            failed.fail(progress.last_phase(phase), str(exc) or "interrupted by SIGINT")
+            failed.timings_s = dict(progress.timings_s)
+            _emit_machine(Report(guests=[failed]), args)
+        raise
 
 
 def _create_fleet(guests: list, opts: object, args: argparse.Namespace, log: object) -> int:
@@ -262,16 +276,24 @@ def _emit_fleet(result: object, args: argparse.Namespace) -> int:
     return result.exit_code()
 
 
-def _emit(report: object, args: argparse.Namespace) -> int:
-    from .report import Report, render_json, render_junit, render_text
+def _emit_machine(report: Report, args: argparse.Namespace) -> None:
+    """The reports for machines: JSON on stdout (--json), JUnit XML to a file (--junit)."""
+    from .report import render_json, render_junit
 
-    assert isinstance(report, Report)
+    if getattr(args, "json", False):
+        sys.stdout.write(render_json(report) + "\n")
+        sys.stdout.flush()
     if getattr(args, "junit", None):
         with open(args.junit, "w") as fh:
             fh.write(render_junit(report))
-    if getattr(args, "json", False):
-        sys.stdout.write(render_json(report) + "\n")
-    else:
+
+
+def _emit(report: object, args: argparse.Namespace) -> int:
+    from .report import render_text
+
+    assert isinstance(report, Report)
+    _emit_machine(report, args)
+    if not getattr(args, "json", False):
         sys.stdout.write(render_text(report))
     if report.ok:
         return EXIT_OK
@@ -289,7 +311,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         parallel = args.parallel or fleet.default_parallel(len(names))
         return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr), args)
-    return _emit(guests.verify(names, connect=args.connect, power_cycle=args.power_cycle), args)
+    from .progress import Progress
+
+    name, progress = names[0], Progress()
+    report = _reported(name, progress, args, phase="verify", run=lambda: guests.verify_one(
+        name, connect=args.connect, power_cycle=args.power_cycle, progress=progress))
+    return _emit(Report(guests=[report]), args)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -501,8 +501,9 @@ def _reverify_existing(
             "pick another name, or use `nvmprov attach` to add regions to it"
         )
     if md.spec_digest != the_plan.spec_digest:
+        changed = ", ".join(changed_fields(spec, md, files))
         raise UsageError(
-            f"guest {spec.name!r} exists with a different spec (changed: {', '.join(_changed_fields(spec, files))}); "
+            f"guest {spec.name!r} exists with a different spec (changed: {changed}); "
             f"`nvmprov destroy {spec.name}` first, or keep the old spec"
         )
     progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
@@ -519,13 +520,22 @@ def _reverify_existing(
     report.settle()
 
 
-def _changed_fields(spec: GuestSpec, files: state.GuestFiles) -> list[str]:
+def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles | None = None) -> list[str]:
+    """The spec paths that differ from the spec the guest was made with. libvirt's copy (the domain
+    metadata) is the record, so this works from any machine; the local state file is only the
+    fallback for domains whose metadata predates spec_json."""
     from .spec import GuestSpec as Model
 
     try:
-        old = Model.model_validate(json.loads(files.spec_json.read_text()))
+        if md.spec_json is not None:
+            recorded = md.spec_json
+        elif files is not None:
+            recorded = files.spec_json.read_text()
+        else:
+            raise FileNotFoundError
+        old = Model.model_validate(json.loads(recorded))
     except (OSError, ValueError):
-        return ["(the previous spec is not recorded on this machine)"]
+        return ["(the guest's metadata does not hold the spec it was made with)"]
     return spec.diff(old) or ["(digest differs)"]
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from nvmprov import domain, guests, image, plan, spec, workflow
-from nvmprov.errors import GuestError
+from nvmprov import domain, guests, image, plan, spec, state, workflow
+from nvmprov.errors import GuestError, UsageError
 from nvmprov.progress import Progress
 
 URI = "test:///default"
@@ -110,3 +110,25 @@ def test_verify_one_reports_ssh_as_the_failed_phase(conn, monkeypatch) -> None:
     workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())  # makes the pool
     report = guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
     assert report.error is not None and report.error["phase"] == "ssh", report.error
+
+
+# 2: a changed spec names its changed fields from the domain's metadata, not a local file
+
+
+def test_changed_spec_is_diffed_against_the_metadata(conn, tmp_path) -> None:
+    define_managed(conn, guest_spec("wf-changed"))
+    bigger = guest_spec("wf-changed").model_copy(update={"vcpus": 2})
+    assert not state.guest_files("wf-changed", create=False).spec_json.exists()  # made "on another machine"
+    with pytest.raises(UsageError) as info:
+        workflow.create(bigger, workflow.CreateOptions(connect=URI), quiet())
+    assert "(changed: vcpus)" in str(info.value), info.value
+    assert "not recorded" not in str(info.value)
+
+
+def test_changed_fields_without_any_recorded_spec_says_so(tmp_path) -> None:
+    g = guest_spec("wf-old")
+    md = domain.Metadata.from_plan(plan.build(g, FACTS), ssh_port=2222)  # an old nvmprov: no spec_json
+    files = state.GuestFiles(tmp_path / "nothing-here")
+    assert workflow.changed_fields(g, md, files) == ["(the guest's metadata does not hold the spec it was made with)"]
+    md = replace(md, spec_json=g.model_copy(update={"memory_bytes": 2 * 1024**3}).model_dump_json(by_alias=True))
+    assert workflow.changed_fields(g, md, files) == ["memory"]

@@ -83,14 +83,17 @@ def _create_locked(
     conn: libvirt.virConnect, spec: GuestSpec, opts: CreateOptions, progress: Progress, report: GuestReport
 ) -> None:
     with progress.phase("host"):
-        pool = storage.ensure_pool(conn, spec.pool, pool_dir_for(spec.pool, conn.getURI()))
-        facts = host.facts(conn, storage.pool_path(pool))
+        # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
+        # here, before the pool is made or the image built (minutes). It needs no pool, only names.
+        pool_dir = pool_dir_for(spec.pool, conn.getURI())
+        facts = host.facts(conn, pool_dir)
         if spec.image == "builtin":
-            if not image.is_built(pool):
-                progress.line("built-in guest image missing: building it (about 2-4 minutes)")
-                image.build(conn, spec.pool, progress=progress.line)
             facts = replace(facts, builtin_volumes=image.builtin_volume_names())
         the_plan = planmod.build(spec, facts)
+        pool = storage.ensure_pool(conn, spec.pool, pool_dir)
+        if spec.image == "builtin" and not image.is_built(pool):
+            progress.line("built-in guest image missing: building it (about 2-4 minutes)")
+            image.build(conn, spec.pool, progress=progress.line)
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)

@@ -17,7 +17,7 @@ import libvirt
 import pytest
 
 from nvmprov import domain, guests, image, plan, spec, state, workflow
-from nvmprov.errors import GuestError, UsageError
+from nvmprov.errors import GuestError, HostError, UsageError
 from nvmprov.progress import Progress
 
 URI = "test:///default"
@@ -132,3 +132,19 @@ def test_changed_fields_without_any_recorded_spec_says_so(tmp_path) -> None:
     assert workflow.changed_fields(g, md, files) == ["(the guest's metadata does not hold the spec it was made with)"]
     md = replace(md, spec_json=g.model_copy(update={"memory_bytes": 2 * 1024**3}).model_dump_json(by_alias=True))
     assert workflow.changed_fields(g, md, files) == ["memory"]
+
+
+# 3: accel: kvm on a host where it cannot work fails before anything is made
+
+
+def test_accel_kvm_that_cannot_work_fails_before_the_pool_or_image(conn, monkeypatch) -> None:
+    def untouchable(*_a: object, **_k: object) -> None:
+        raise AssertionError("a side effect ran before the plan refused the host")
+
+    monkeypatch.setattr(workflow.storage, "ensure_pool", untouchable)
+    monkeypatch.setattr(workflow.image, "is_built", untouchable)
+    g = guest_spec("wf-kvm", "accel: kvm\n")
+    with pytest.raises(HostError, match="accel: kvm cannot work here"):
+        workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
+    assert "wf-kvm" not in conn.listDefinedDomains()
+    assert not state.guest_files("wf-kvm", create=False).dir.exists()

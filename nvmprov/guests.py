@@ -187,7 +187,7 @@ def verify(names: list[str], *, connect: str | None, power_cycle: bool) -> Repor
 def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:
     """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several)."""
     from . import agent
-    from .workflow import open_session, power_cycle_proof, start_guest
+    from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
     g = GuestReport(name=name)
     with _connection(connect) as conn, state.lock(name):
@@ -217,6 +217,7 @@ def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: P
             g.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
         g.timings_s = dict(progress.timings_s)
         g.settle()
+        save_report(g, progress)
     return g
 
 

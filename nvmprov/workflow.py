@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from . import boot, domain, host, image, remote, seed, session, ssh, state, storage, testhooks, virt
 from . import plan as planmod
-from .errors import GuestError, HostError, UsageError, VirtError
+from .errors import GuestError, HostError, NvmprovError, SpecError, UsageError, VirtError
 from .progress import Progress
 from .report import GuestReport, SshInfo
 from .rollback import Rollback
@@ -73,10 +73,32 @@ def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestRep
         conn = virt.connect(effective_uri(spec.connect, opts.connect))
         try:
             _create_locked(conn, spec, opts, progress, report)
+        except (UsageError, SpecError):
+            raise  # bad input changed nothing, the last report included
+        except (NvmprovError, KeyboardInterrupt) as exc:
+            report.fail(progress.last_phase("create"), str(exc) or "interrupted by SIGINT")
+            report.timings_s = dict(progress.timings_s)
+            save_report(report, progress)
+            raise
         finally:
             report.timings_s = dict(progress.timings_s)
             conn.close()
+        save_report(report, progress)
     return report
+
+
+def save_report(report: GuestReport, progress: Progress) -> None:
+    """The guest's last report, as `--json` prints it, in its state directory (0600). Only for a
+    guest that is there: a rolled-back create removed the directory and must not bring it back."""
+    from .report import Report, render_json
+
+    files = state.guest_files(report.name, create=False)
+    if not files.dir.is_dir():
+        return
+    try:
+        state.write_private(files.report, render_json(Report(guests=[report])) + "\n")
+    except OSError as exc:
+        progress.line(f"could not save the report to {files.report}: {exc.strerror}")
 
 
 def _create_locked(
@@ -552,4 +574,6 @@ def start_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan
 # Imported late: the agent pulls in paramiko, which `render`/`validate` never need.
 from . import agent  # noqa: E402
 
-__all__ = ["CreateOptions", "create", "effective_uri", "open_session", "power_cycle_proof", "start_guest"]
+__all__ = [
+    "CreateOptions", "create", "effective_uri", "open_session", "power_cycle_proof", "save_report", "start_guest",
+]

@@ -8,6 +8,8 @@ What is real: the domain, its nvmprov metadata, the storage pool, the state dire
 from __future__ import annotations
 
 import io
+import json
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from nvmprov import domain, guests, image, plan, spec, state, workflow
+from nvmprov import domain, guests, image, plan, spec, state, storage, workflow
 from nvmprov.errors import GuestError, HostError, UsageError
 from nvmprov.progress import Progress
 
@@ -51,7 +53,9 @@ def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[libvirt.vi
         raise AssertionError("the image must not be built in a unit test")
 
     monkeypatch.setattr(workflow.image, "build", no_build)
+    monkeypatch.setattr(storage, "upload", _upload_without_streams)
     c = libvirt.open(URI)
+    _pool_with_base_image(c)
     made: list[str] = []
     c.made = made  # type: ignore[attr-defined]
     yield c
@@ -64,6 +68,20 @@ def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[libvirt.vi
             dom.destroy()
         dom.undefine()
     c.close()
+
+
+def _pool_with_base_image(c: libvirt.virConnect) -> None:
+    """The pool create would make, holding the built-in image's base volume (no image build)."""
+    pool = storage.ensure_pool(c, "nvmprov", "/var/lib/nvmprov/pool")  # the test driver touches no files
+    base = image.builtin_volume_names()[0]
+    if storage.lookup(pool, base) is None:
+        pool.createXML(f"<volume><name>{base}</name><capacity>1073741824</capacity>"
+                       "<target><format type='qcow2'/></target></volume>", 0)
+
+
+def _upload_without_streams(pool: libvirt.virStoragePool, name: str, data: bytes, *_a: object, **_k: object) -> None:
+    """The test driver has no virStorageVolUpload: the seed ISO becomes an empty volume of its size."""
+    pool.createXML(f"<volume><name>{name}</name><capacity>{len(data)}</capacity></volume>", 0)
 
 
 def define_managed(conn: libvirt.virConnect, g: spec.GuestSpec, *, spec_json: str | None = "same") -> None:
@@ -148,3 +166,36 @@ def test_accel_kvm_that_cannot_work_fails_before_the_pool_or_image(conn, monkeyp
         workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert "wf-kvm" not in conn.listDefinedDomains()
     assert not state.guest_files("wf-kvm", create=False).dir.exists()
+
+
+# 4: the last report lands in the guest's state directory, private
+
+
+def _saved(name: str) -> dict:
+    path = state.guest_files(name, create=False).report
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return json.loads(path.read_text())
+
+
+def test_create_and_verify_save_the_last_report(conn, monkeypatch) -> None:
+    g = guest_spec("wf-saved")
+    report = workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert report.ok, report
+    saved = _saved(g.name)
+    assert saved["schema_version"] == 1 and saved["ok"] is True and saved["guests"][0]["name"] == g.name
+    conn.made.append(g.name)
+
+    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
+    saved = _saved(g.name)
+    assert saved["ok"] is False and saved["guests"][0]["error"]["phase"] == "ssh"
+
+
+def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None:
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    g = guest_spec("wf-rolled-back")
+    conn.made.append(g.name)  # the test driver refuses undefine's NVRAM flag: the domain stays, the rest goes
+    report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
+    assert report.error is not None and report.error["phase"] == "ssh"
+    assert not state.guest_files(g.name, create=False).dir.exists()

@@ -272,7 +272,7 @@ def _emit_fleet(result: object, args: argparse.Namespace) -> int:
     if not getattr(args, "json", False):
         sys.stdout.write("\n" + fleet.summary(result))
     if result.interrupted:
-        _error(f"{result.interrupted}; what this run made was rolled back")
+        _error(f"{result.interrupted}; {_aftermath(args)}")
     return result.exit_code()
 
 
@@ -564,7 +564,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; what this run made was rolled back")
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")  # main says what became of the run
+
+
+def _aftermath(args: argparse.Namespace) -> str:
+    """What an interrupted run left: the truth differs with create --keep-on-failure."""
+    if getattr(args, "keep_on_failure", False):
+        return "what this run made was kept (--keep-on-failure); `nvmprov destroy --purge NAME` removes it"
+    return "what this run made was rolled back"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -579,11 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         if isinstance(exc, SpecError):
             sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse
+        elif isinstance(exc, Interrupted):
+            _error(f"{exc}; {_aftermath(args)}")
         else:
             _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        _error("interrupted; what this run made was rolled back")
+        _error(f"interrupted; {_aftermath(args)}")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK

@@ -71,7 +71,7 @@ class CancellableProgress(Progress):
             self._raised = True
         if self._cancel.is_set() and not self._raised:
             self._raised = True
-            raise Interrupted("interrupted; rolling back this guest")
+            raise Interrupted("interrupted: the fleet was cancelled")  # rolled back, or kept (--keep-on-failure)
 
 
 @dataclass

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import cli, guests, workflow
+from nvmprov import cli, fleet, guests, workflow
 from nvmprov.errors import HostError, Interrupted, LockedError
 from nvmprov.progress import Progress
+from nvmprov.report import GuestReport, Report
 
 GUEST_YAML = """\
 version: 1
@@ -29,6 +30,26 @@ def spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
     path = tmp_path / "guest.yaml"
     path.write_text(GUEST_YAML)
+    return path
+
+
+FLEET_YAML = """\
+version: 1
+defaults:
+  memory: 1GiB
+  pmem:
+    - {name: data, size: 512MiB, filesystem: ext4, mount: /mnt/data}
+guests:
+  - name: a
+  - name: b
+"""
+
+
+@pytest.fixture
+def fleet_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(FLEET_YAML)
     return path
 
 
@@ -79,3 +100,36 @@ def test_verify_that_raises_still_writes_json(spec_file: Path, monkeypatch, caps
     out, _err = capsys.readouterr()
     (g,) = json.loads(out)["guests"]
     assert g["error"] == {"phase": "verify", "message": "guest 'demo' is busy: another nvmprov holds its lock (pid 1)"}
+
+
+# 5: the final line says what became of the run
+
+
+@pytest.mark.parametrize("exc", [Interrupted("interrupted by SIGTERM"), KeyboardInterrupt()], ids=["sigterm", "sigint"])
+@pytest.mark.parametrize("keep", [False, True], ids=["rollback", "keep"])
+def test_interrupted_create_says_whether_it_rolled_back_or_kept(spec_file: Path, monkeypatch, capsys,
+                                                                exc: BaseException, keep: bool) -> None:
+    monkeypatch.setattr(workflow, "create", failing_create(exc))
+    argv = ["create", str(spec_file), *(["--keep-on-failure"] if keep else [])]
+    assert cli.main(argv) == 130
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("nvmprov: error: interrupted")
+    if keep:
+        assert "kept (--keep-on-failure)" in last and "rolled back" not in last, last
+    else:
+        assert "what this run made was rolled back" in last, last
+
+
+def _interrupted_fleet(*_a: object, parallel: int, **_k: object) -> fleet.FleetResult:
+    outcomes = [fleet.Outcome(GuestReport(name=n), 130, 1.0) for n in ("a", "b")]
+    for o in outcomes:
+        o.report.fail("start", "interrupted: the fleet was cancelled")
+    return fleet.FleetResult(Report(guests=[o.report for o in outcomes]), outcomes, 2.0, parallel,
+                             interrupted="interrupted by SIGTERM")
+
+
+def test_interrupted_fleet_with_keep_on_failure_says_kept(fleet_file: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(fleet, "create", _interrupted_fleet)
+    assert cli.main(["create", str(fleet_file), "--keep-on-failure"]) == 130
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "interrupted by SIGTERM" in last and "kept (--keep-on-failure)" in last and "rolled back" not in last

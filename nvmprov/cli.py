@@ -7,13 +7,14 @@ commands that need them, so `--help`, `validate` and `render` start fast.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from . import __version__
 from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
@@ -41,7 +42,7 @@ def _add_guest_selector(p: argparse.ArgumentParser, *, many: bool = True) -> Non
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML to FILE")
+    p.add_argument("--junit", metavar="FILE", type=_writable_file, help="also write the report as JUnit XML to FILE")
 
 
 def _positive_int(text: str) -> int:
@@ -52,6 +53,37 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0 (e.g. 120 or 2.5)")
+    return value
+
+
+def _writable_file(text: str) -> str:
+    """A file this run can write later (a report, a log): checked now, before anything is made,
+    so a typo in the path cannot fail the run after the guest was built. Nothing is created."""
+    path = os.path.abspath(text) if text else ""
+    parent = os.path.dirname(path)
+    if not text:
+        problem = "is empty"
+    elif os.path.isdir(path):
+        problem = "is a directory; name a file in it"
+    elif not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        problem = f"cannot be written: {parent} {what}; create the directory or pick another path"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = "is not writable by this user"
+    elif not os.path.exists(path) and not os.access(parent, os.W_OK | os.X_OK):
+        problem = f"cannot be created: {parent} is not writable by this user"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} {problem}")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -86,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reformat", action="store_true", help="reformat regions that already hold a filesystem")
     p.add_argument("--keep-on-failure", action="store_true", help="keep what a failed run made, for debugging")
     p.add_argument("--connect", help="libvirt URI, overrides the spec's `connect`")
-    p.add_argument("--log-file", help="also write progress lines to this file")
+    p.add_argument("--log-file", metavar="FILE", type=_writable_file, help="also write progress lines to this file")
     _add_parallel(p)
     _add_output(p)
 
@@ -102,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="ACPI shutdown; hard stop after the timeout")
     _add_guest_selector(p)
     p.add_argument("--force", action="store_true", help="cut the power at once")
-    p.add_argument("--timeout-s", type=float, default=120.0, help="ACPI shutdown grace period (default 120)")
+    p.add_argument("--timeout-s", type=_positive_seconds, default=120.0, metavar="S",
+                   help="ACPI shutdown grace period in seconds (default 120)")
 
     p = sub.add_parser("destroy", help="stop and undefine; remove overlay and seed (backing volumes kept)")
     _add_guest_selector(p)
@@ -228,7 +261,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     )
     from .progress import Progress
 
-    log = open(args.log_file, "a") if args.log_file else None  # noqa: SIM115 - closed below
+    log = _open_log(args.log_file)
     try:
         if len(guests) > 1:
             return _create_fleet(guests, opts, args, log)
@@ -239,6 +272,15 @@ def cmd_create(args: argparse.Namespace) -> int:
         if log:
             log.close()
     return _emit(Report(guests=[report]), args)
+
+
+def _open_log(path: str | None) -> IO[str] | None:
+    if not path:
+        return None
+    try:
+        return open(path, "a")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:  # checked at parse time; this is the race after it
+        raise UsageError(f"--log-file {path}: {exc.strerror}; give a file in a writable directory") from None
 
 
 def _reported(name: str, progress: Progress, args: argparse.Namespace, run: Callable[[], GuestReport], *,
@@ -284,8 +326,11 @@ def _emit_machine(report: Report, args: argparse.Namespace) -> None:
         sys.stdout.write(render_json(report) + "\n")
         sys.stdout.flush()
     if getattr(args, "junit", None):
-        with open(args.junit, "w") as fh:
-            fh.write(render_junit(report))
+        try:
+            with open(args.junit, "w") as fh:
+                fh.write(render_junit(report))
+        except OSError as exc:  # checked at parse time; this is the race after it
+            raise HostError(f"cannot write the JUnit report to {args.junit}: {exc.strerror}") from None
 
 
 def _emit(report: object, args: argparse.Namespace) -> int:

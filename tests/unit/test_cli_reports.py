@@ -133,3 +133,21 @@ def test_interrupted_fleet_with_keep_on_failure_says_kept(fleet_file: Path, monk
     assert cli.main(["create", str(fleet_file), "--keep-on-failure"]) == 130
     last = capsys.readouterr().err.splitlines()[-1]
     assert "interrupted by SIGTERM" in last and "kept (--keep-on-failure)" in last and "rolled back" not in last
+
+
+def test_junit_dir_gone_after_the_check_is_an_error_line_not_a_traceback(spec_file: Path, tmp_path: Path,
+                                                                        monkeypatch, capsys) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def create(g: object, _opts: object, _progress: Progress) -> GuestReport:
+        out_dir.rmdir()  # someone cleaned up the directory while the guest was being made
+        report = GuestReport(name="demo")
+        report.settle()
+        return report
+
+    monkeypatch.setattr(workflow, "create", create)
+    assert cli.main(["create", str(spec_file), "--json", "--junit", str(out_dir / "r.xml")]) == 3
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ok"] is True  # the JSON report went out first
+    assert err.splitlines()[-1].startswith("nvmprov: error: cannot write the JUnit report to ")

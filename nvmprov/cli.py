@@ -311,8 +311,8 @@ def _emit_fleet(result: object, args: argparse.Namespace) -> int:
 
     assert isinstance(result, fleet.FleetResult)
     _emit(result.report, args)
-    if not getattr(args, "json", False):
-        sys.stdout.write("\n" + fleet.summary(result))
+    # The summary is for people: after the text report, or on stderr when stdout carries the JSON.
+    (sys.stderr if getattr(args, "json", False) else sys.stdout).write("\n" + fleet.summary(result))
     if result.interrupted:
         _error(f"{result.interrupted}; {_aftermath(args)}")
     return result.exit_code()

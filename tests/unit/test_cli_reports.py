@@ -151,3 +151,27 @@ def test_junit_dir_gone_after_the_check_is_an_error_line_not_a_traceback(spec_fi
     out, err = capsys.readouterr()
     assert json.loads(out)["ok"] is True  # the JSON report went out first
     assert err.splitlines()[-1].startswith("nvmprov: error: cannot write the JUnit report to ")
+
+
+# 7: a fleet with --json keeps its summary table, on stderr
+
+
+def _finished_fleet(guests: list, _opts: object, *, parallel: int, **_k: object) -> fleet.FleetResult:
+    outcomes = []
+    for g in guests:
+        report = GuestReport(name=g.name)
+        report.settle()
+        outcomes.append(fleet.Outcome(report, 0, 1.0))
+    return fleet.FleetResult(Report(guests=[o.report for o in outcomes]), outcomes, 1.5, parallel)
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+def test_fleet_summary_goes_to_stderr_with_json(fleet_file: Path, monkeypatch, capsys, as_json: bool) -> None:
+    monkeypatch.setattr(fleet, "create", _finished_fleet)
+    assert cli.main(["create", str(fleet_file), *(["--json"] if as_json else [])]) == 0
+    out, err = capsys.readouterr()
+    summary_in, other = (err, out) if as_json else (out, err)
+    assert "GUEST" in summary_in and "2/2 guests ok" in summary_in
+    assert "2/2 guests ok" not in other
+    if as_json:
+        assert [g["name"] for g in json.loads(out)["guests"]] == ["a", "b"]  # stdout stays pure JSON

@@ -14,12 +14,13 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, remote, seed, session, ssh, state, storage, testhooks, virt
+from . import boot, domain, host, image, remote, seed, ssh, state, storage, testhooks, virt
 from . import plan as planmod
 from .errors import GuestError, HostError, NvmprovError, SpecError, UsageError, VirtError
 from .progress import Progress
 from .report import GuestReport, SshInfo
 from .rollback import Rollback
+from .uris import DEFAULT_POOL_DIR, effective_uri, pool_dir_for  # here too: callers import them from workflow
 
 if TYPE_CHECKING:
     import libvirt
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from .spec import GuestSpec
 
 Until = Literal["define", "start", "ssh", "all"]
-DEFAULT_POOL_DIR = "/var/lib/nvmprov/pool"
 POWER_OFF_TIMEOUT_S = 30
 HOSTFWD_ERRORS = ("host forwarding rule", "Could not set up host forwarding")
 
@@ -41,24 +41,6 @@ class CreateOptions:
     keep_on_failure: bool = False
     connect: str | None = None  # --connect overrides the spec
     spec_path: str | None = None
-
-
-def effective_uri(spec_uri: str, flag: str | None) -> str:
-    """--connect beats the spec's `connect`, which beats LIBVIRT_DEFAULT_URI (only used when the
-    spec kept the default)."""
-    if flag:
-        return flag
-    env = os.environ.get("LIBVIRT_DEFAULT_URI")
-    if env and spec_uri == virt.DEFAULT_URI:
-        return env
-    return spec_uri
-
-
-def pool_dir_for(pool_name: str, uri: str | None = None) -> str:
-    """Where a new pool goes: /var/lib/nvmprov for the system libvirt, XDG dirs for qemu:///session."""
-    if uri is not None and remote.is_session(uri):
-        return session.pool_dir(pool_name)
-    return DEFAULT_POOL_DIR if pool_name == "nvmprov" else f"/var/lib/nvmprov/pools/{pool_name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,5 +557,6 @@ def start_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan
 from . import agent  # noqa: E402
 
 __all__ = [
-    "CreateOptions", "create", "effective_uri", "open_session", "power_cycle_proof", "save_report", "start_guest",
+    "DEFAULT_POOL_DIR", "CreateOptions", "create", "effective_uri", "open_session", "pool_dir_for", "power_cycle_proof",
+    "save_report", "start_guest",
 ]

@@ -184,3 +184,11 @@ def test_image_import_names_the_missing_files_before_touching_libvirt(tmp_path: 
     assert image.builtin_volume_names()[0] in message and image.builtin_volume_names()[2] in message
     assert image.builtin_volume_names()[1] not in message
     assert "/var/lib/nvmprov/pool" in message
+
+
+def test_uris_module_agrees_with_virt_and_workflow() -> None:
+    # uris.py restates virt.DEFAULT_URI so render can use it without importing libvirt
+    from nvmprov import uris, virt, workflow
+
+    assert uris.SYSTEM_URI == virt.DEFAULT_URI
+    assert workflow.pool_dir_for is uris.pool_dir_for and workflow.effective_uri is uris.effective_uri

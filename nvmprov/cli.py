@@ -22,7 +22,9 @@ from .report import GuestReport, Report
 from .state import check_name
 
 if TYPE_CHECKING:
+    from .plan import HostFacts
     from .progress import Progress
+    from .spec import GuestSpec
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -63,6 +65,15 @@ def _positive_seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0 (e.g. 120 or 2.5)")
     return value
+
+
+def _uuid_arg(text: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID (e.g. {uuid.uuid4()})") from None
 
 
 def _writable_file(text: str) -> str:
@@ -109,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the libvirt domain XML a spec produces (no libvirt needed)")
     p.add_argument("file")
     p.add_argument("--guest", help="which guest of a fleet file")
+    p.add_argument("--uuid", type=_uuid_arg, metavar="UUID",
+                   help="the domain UUID, for output that stays the same (default: a new random one each run)")
 
     p = sub.add_parser("create", help="create, boot, set up and verify the guests of a spec file")
     p.add_argument("file")
@@ -229,7 +242,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from . import domain, plan, spec
+    import uuid
+
+    from . import domain, plan, spec, uris
 
     loaded = spec.load(args.file)
     guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
@@ -237,16 +252,32 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file} holds {len(guests)} guests; pick one with --guest NAME "
                          f"({', '.join(g.name for g in guests)})")
     g = guests[0]
-    from .image import builtin_volume_names
-
-    facts = plan.HostFacts(builtin_volumes=builtin_volume_names())
-    the_plan = plan.build(g, facts)
+    the_plan = plan.build(g, _assumed_facts(g))
+    if g.accel == "auto":
+        _note(f"{g.name}: accel auto rendered as tcg: render does not look at the host; create picks kvm "
+              "where it works (`nvmprov doctor` tells), or set accel: kvm")
+    # A random UUID unless asked: a fixed one would let `virsh define` replace another domain.
     ctx = domain.RenderContext(
-        uuid="00000000-0000-4000-8000-000000000000", ssh_port=0, pool_dir=facts.pool_dir,
+        uuid=args.uuid or str(uuid.uuid4()), ssh_port=0,
+        pool_dir=uris.pool_dir_for(g.pool, uris.effective_uri(g.connect, None)),  # where create puts the pool
         console_log=f"/var/log/libvirt/qemu/{g.name}-nvmprov-serial.log",
     )
     sys.stdout.write(domain.render(the_plan, ctx))
     return EXIT_OK
+
+
+def _assumed_facts(g: GuestSpec) -> HostFacts:
+    """The host `render` and `validate` plan for without looking at one: the requested accel works
+    (kvm for accel: kvm; auto stays tcg, said by the caller). create plans with the real host."""
+    from .image import builtin_volume_names
+    from .plan import HostFacts
+
+    kvm = g.accel == "kvm"
+    return HostFacts(kvm_domain_type=kvm, cpu_virt_extensions=kvm, builtin_volumes=builtin_volume_names())
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"nvmprov: note: {message}\n")
 
 
 def cmd_create(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ def test_every_subcommand_is_covered_below() -> None:
 
 BAD_BY_COMMAND = [
     ("validate", [[], ["a.yaml", "b.yaml"], ["--bogus", "a.yaml"]]),
-    ("render", [[], ["a.yaml", "--guest"], ["a.yaml", "--bogus"]]),
+    ("render", [[], ["a.yaml", "--guest"], ["a.yaml", "--bogus"], ["a.yaml", "--uuid", "x"], ["a.yaml", "--uuid"]]),
     ("create", [[], ["a.yaml", "--until", "boot"], ["a.yaml", "--until"], ["a.yaml", "--bogus"],
                 ["a.yaml", "--log-file"],
                 # files written later are checked before anything is made (no FileNotFoundError

@@ -233,9 +233,13 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from . import spec
+    from . import plan, spec
 
     loaded = spec.load(args.file)
+    for g in loaded.guests:  # what create would say about the sizes (rounding, label costs)
+        for region in plan.build(g, _assumed_facts(g)).regions:
+            for note in region.notes:
+                _note(f"{g.name}: region {region.name}: {note}")
     names = ", ".join(g.name for g in loaded.guests)
     print(f"{args.file}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
     return EXIT_OK

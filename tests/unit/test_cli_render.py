@@ -104,3 +104,22 @@ def test_render_for_a_session_uri_uses_the_users_pool(tmp_path: Path, monkeypatc
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu:///session")  # as create would connect
     dom, _ = render([str(write_spec(tmp_path))], capsys)
     assert _pool_paths(dom) == {str(tmp_path / "data" / "nvmprov" / "pool")}
+
+
+# 9: validate says what create would round
+
+
+def test_validate_prints_the_rounding_notes_and_exits_0(tmp_path: Path, capsys) -> None:
+    path = write_spec(tmp_path, region="size: 1001MiB, label: 128KiB")
+    assert cli.main(["validate", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{path}: ok (1 guest: r1)\n"
+    lines = err.splitlines()
+    note = "nvmprov: note: r1: region data: size 1001MiB rounded up to 1002MiB"
+    assert any(line.startswith(note) for line in lines), err
+    assert any("label 128KiB rounded up to 2MiB" in line for line in lines), err
+
+
+def test_validate_without_rounding_is_quiet(tmp_path: Path, capsys) -> None:
+    assert cli.main(["validate", str(write_spec(tmp_path, "accel: kvm\n"))]) == 0  # no host is consulted
+    assert capsys.readouterr().err == ""

@@ -233,10 +233,21 @@ def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]
     ssh_bin = shutil.which("ssh")
     if ssh_bin is None:
         raise HostError("the OpenSSH client is not installed; apt-get install openssh-client")
+    return openssh_argv(ssh_bin, files, port=m.md.ssh_port, user=m.md.ssh_user, proxy=proxy, command=command)
+
+
+def openssh_argv(
+    ssh_bin: str, files: state.GuestFiles, *, port: int, user: str, proxy: list[str], command: list[str]
+) -> list[str]:
+    """OpenSSH with the guest's own key and only its pinned host key: neither the user's nor the
+    system's known_hosts counts (GlobalKnownHostsFile=/dev/null), no agent, no other identity.
+    PROXY (a remote guest's ProxyCommand) runs an ssh of its own to the hypervisor, which keeps
+    the user's usual config and known_hosts: these options are not passed on to it."""
     return [
         ssh_bin, "-i", str(files.client_key), "-o", f"UserKnownHostsFile={files.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-        *proxy, "-p", str(m.md.ssh_port), f"{m.md.ssh_user}@127.0.0.1", *command,
+        *proxy, "-p", str(port), f"{user}@127.0.0.1", *command,
     ]
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from . import boot, domain, host, state, storage, virt
 from .errors import GuestError, HostError, UsageError
 from .progress import Progress
-from .report import GuestReport, Report, SshInfo
+from .report import GuestReport, SshInfo
 
 if TYPE_CHECKING:
     import libvirt
@@ -174,14 +174,6 @@ def list_text(*, connect: str | None, fmt: str) -> str:
         regions = ", ".join(f"{x['name']}({x['model']})" for x in r["regions"])  # type: ignore[attr-defined]
         out.append(f"{r['name']:<24} {r['state']:<9} {ssh['user']}@127.0.0.1:{ssh['port']:<8} {regions}")
     return "\n".join(out) + "\n"
-
-
-def verify(names: list[str], *, connect: str | None, power_cycle: bool) -> Report:
-    report = Report()
-    for name in names:
-        progress = Progress(prefix=f"{name}: " if len(names) > 1 else "")
-        report.guests.append(verify_one(name, connect=connect, power_cycle=power_cycle, progress=progress))
-    return report
 
 
 def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:

@@ -7,16 +7,24 @@ commands that need them, so `--help`, `validate` and `render` start fast.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import IO, TYPE_CHECKING
 
 from . import __version__
 from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
+from .report import GuestReport, Report
 from .state import check_name
+
+if TYPE_CHECKING:
+    from .plan import HostFacts
+    from .progress import Progress
+    from .spec import GuestSpec
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -36,7 +44,7 @@ def _add_guest_selector(p: argparse.ArgumentParser, *, many: bool = True) -> Non
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML to FILE")
+    p.add_argument("--junit", metavar="FILE", type=_writable_file, help="also write the report as JUnit XML to FILE")
 
 
 def _positive_int(text: str) -> int:
@@ -47,6 +55,46 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0 (e.g. 120 or 2.5)")
+    return value
+
+
+def _uuid_arg(text: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID (e.g. {uuid.uuid4()})") from None
+
+
+def _writable_file(text: str) -> str:
+    """A file this run can write later (a report, a log): checked now, before anything is made,
+    so a typo in the path cannot fail the run after the guest was built. Nothing is created."""
+    path = os.path.abspath(text) if text else ""
+    parent = os.path.dirname(path)
+    if not text:
+        problem = "is empty"
+    elif os.path.isdir(path):
+        problem = "is a directory; name a file in it"
+    elif not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        problem = f"cannot be written: {parent} {what}; create the directory or pick another path"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = "is not writable by this user"
+    elif not os.path.exists(path) and not os.access(parent, os.W_OK | os.X_OK):
+        problem = f"cannot be created: {parent} is not writable by this user"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} {problem}")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -72,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the libvirt domain XML a spec produces (no libvirt needed)")
     p.add_argument("file")
     p.add_argument("--guest", help="which guest of a fleet file")
+    p.add_argument("--uuid", type=_uuid_arg, metavar="UUID",
+                   help="the domain UUID, for output that stays the same (default: a new random one each run)")
 
     p = sub.add_parser("create", help="create, boot, set up and verify the guests of a spec file")
     p.add_argument("file")
@@ -81,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reformat", action="store_true", help="reformat regions that already hold a filesystem")
     p.add_argument("--keep-on-failure", action="store_true", help="keep what a failed run made, for debugging")
     p.add_argument("--connect", help="libvirt URI, overrides the spec's `connect`")
-    p.add_argument("--log-file", help="also write progress lines to this file")
+    p.add_argument("--log-file", metavar="FILE", type=_writable_file, help="also write progress lines to this file")
     _add_parallel(p)
     _add_output(p)
 
@@ -97,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="ACPI shutdown; hard stop after the timeout")
     _add_guest_selector(p)
     p.add_argument("--force", action="store_true", help="cut the power at once")
-    p.add_argument("--timeout-s", type=float, default=120.0, help="ACPI shutdown grace period (default 120)")
+    p.add_argument("--timeout-s", type=_positive_seconds, default=120.0, metavar="S",
+                   help="ACPI shutdown grace period in seconds (default 120)")
 
     p = sub.add_parser("destroy", help="stop and undefine; remove overlay and seed (backing volumes kept)")
     _add_guest_selector(p)
@@ -182,16 +233,22 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from . import spec
+    from . import plan, spec
 
     loaded = spec.load(args.file)
+    for g in loaded.guests:  # what create would say about the sizes (rounding, label costs)
+        for region in plan.build(g, _assumed_facts(g)).regions:
+            for note in region.notes:
+                _note(f"{g.name}: region {region.name}: {note}")
     names = ", ".join(g.name for g in loaded.guests)
     print(f"{args.file}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
     return EXIT_OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from . import domain, plan, spec
+    import uuid
+
+    from . import domain, plan, spec, uris
 
     loaded = spec.load(args.file)
     guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
@@ -199,16 +256,32 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file} holds {len(guests)} guests; pick one with --guest NAME "
                          f"({', '.join(g.name for g in guests)})")
     g = guests[0]
-    from .image import builtin_volume_names
-
-    facts = plan.HostFacts(builtin_volumes=builtin_volume_names())
-    the_plan = plan.build(g, facts)
+    the_plan = plan.build(g, _assumed_facts(g))
+    if g.accel == "auto":
+        _note(f"{g.name}: accel auto rendered as tcg: render does not look at the host; create picks kvm "
+              "where it works (`nvmprov doctor` tells), or set accel: kvm")
+    # A random UUID unless asked: a fixed one would let `virsh define` replace another domain.
     ctx = domain.RenderContext(
-        uuid="00000000-0000-4000-8000-000000000000", ssh_port=0, pool_dir=facts.pool_dir,
+        uuid=args.uuid or str(uuid.uuid4()), ssh_port=0,
+        pool_dir=uris.pool_dir_for(g.pool, uris.effective_uri(g.connect, None)),  # where create puts the pool
         console_log=f"/var/log/libvirt/qemu/{g.name}-nvmprov-serial.log",
     )
     sys.stdout.write(domain.render(the_plan, ctx))
     return EXIT_OK
+
+
+def _assumed_facts(g: GuestSpec) -> HostFacts:
+    """The host `render` and `validate` plan for without looking at one: the requested accel works
+    (kvm for accel: kvm; auto stays tcg, said by the caller). create plans with the real host."""
+    from .image import builtin_volume_names
+    from .plan import HostFacts
+
+    kvm = g.accel == "kvm"
+    return HostFacts(kvm_domain_type=kvm, cpu_virt_extensions=kvm, builtin_volumes=builtin_volume_names())
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"nvmprov: note: {message}\n")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -222,24 +295,42 @@ def cmd_create(args: argparse.Namespace) -> int:
         keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
     )
     from .progress import Progress
-    from .report import Report
 
-    log = open(args.log_file, "a") if args.log_file else None  # noqa: SIM115 - closed below
-    if len(guests) > 1:
-        try:
-            return _create_fleet(guests, opts, args, log)
-        finally:
-            if log:
-                log.close()
+    log = _open_log(args.log_file)
     try:
-        report = Report()
-        for g in guests:
-            progress = Progress(prefix=f"{g.name}: " if len(guests) > 1 else "", log=log)
-            report.guests.append(create(g, opts, progress))
+        if len(guests) > 1:
+            return _create_fleet(guests, opts, args, log)
+        g = guests[0]
+        progress = Progress(log=log)
+        report = _reported(g.name, progress, args, lambda: create(g, opts, progress), phase="create")
     finally:
         if log:
             log.close()
-    return _emit(report, args)
+    return _emit(Report(guests=[report]), args)
+
+
+def _open_log(path: str | None) -> IO[str] | None:
+    if not path:
+        return None
+    try:
+        return open(path, "a")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:  # checked at parse time; this is the race after it
+        raise UsageError(f"--log-file {path}: {exc.strerror}; give a file in a writable directory") from None
+
+
+def _reported(name: str, progress: Progress, args: argparse.Namespace, run: Callable[[], GuestReport], *,
+              phase: str) -> GuestReport:
+    """run() -> the guest's report. An error that escapes it (host, lock, signal, ...) still gives
+    CI its --json/--junit report -- the guest failed in the phase it was in -- then goes on to main."""
+    try:
+        return run()
+    except (NvmprovError, KeyboardInterrupt) as exc:
+        if getattr(args, "json", False) or getattr(args, "junit", None):
+            failed = GuestReport(name=name)
+            failed.fail(progress.last_phase(phase), str(exc) or "interrupted by SIGINT")
+            failed.timings_s = dict(progress.timings_s)
+            _emit_machine(Report(guests=[failed]), args)
+        raise
 
 
 def _create_fleet(guests: list, opts: object, args: argparse.Namespace, log: object) -> int:
@@ -255,23 +346,34 @@ def _emit_fleet(result: object, args: argparse.Namespace) -> int:
 
     assert isinstance(result, fleet.FleetResult)
     _emit(result.report, args)
-    if not getattr(args, "json", False):
-        sys.stdout.write("\n" + fleet.summary(result))
+    # The summary is for people: after the text report, or on stderr when stdout carries the JSON.
+    (sys.stderr if getattr(args, "json", False) else sys.stdout).write("\n" + fleet.summary(result))
     if result.interrupted:
-        _error(f"{result.interrupted}; what this run made was rolled back")
+        _error(f"{result.interrupted}; {_aftermath(args)}")
     return result.exit_code()
 
 
-def _emit(report: object, args: argparse.Namespace) -> int:
-    from .report import Report, render_json, render_junit, render_text
+def _emit_machine(report: Report, args: argparse.Namespace) -> None:
+    """The reports for machines: JSON on stdout (--json), JUnit XML to a file (--junit)."""
+    from .report import render_json, render_junit
 
-    assert isinstance(report, Report)
-    if getattr(args, "junit", None):
-        with open(args.junit, "w") as fh:
-            fh.write(render_junit(report))
     if getattr(args, "json", False):
         sys.stdout.write(render_json(report) + "\n")
-    else:
+        sys.stdout.flush()
+    if getattr(args, "junit", None):
+        try:
+            with open(args.junit, "w") as fh:
+                fh.write(render_junit(report))
+        except OSError as exc:  # checked at parse time; this is the race after it
+            raise HostError(f"cannot write the JUnit report to {args.junit}: {exc.strerror}") from None
+
+
+def _emit(report: object, args: argparse.Namespace) -> int:
+    from .report import render_text
+
+    assert isinstance(report, Report)
+    _emit_machine(report, args)
+    if not getattr(args, "json", False):
         sys.stdout.write(render_text(report))
     if report.ok:
         return EXIT_OK
@@ -289,7 +391,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         parallel = args.parallel or fleet.default_parallel(len(names))
         return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr), args)
-    return _emit(guests.verify(names, connect=args.connect, power_cycle=args.power_cycle), args)
+    from .progress import Progress
+
+    name, progress = names[0], Progress()
+    report = _reported(name, progress, args, phase="verify", run=lambda: guests.verify_one(
+        name, connect=args.connect, power_cycle=args.power_cycle, progress=progress))
+    return _emit(Report(guests=[report]), args)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -537,7 +644,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; what this run made was rolled back")
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")  # main says what became of the run
+
+
+def _aftermath(args: argparse.Namespace) -> str:
+    """What an interrupted run left: the truth differs with create --keep-on-failure."""
+    if getattr(args, "keep_on_failure", False):
+        return "what this run made was kept (--keep-on-failure); `nvmprov destroy --purge NAME` removes it"
+    return "what this run made was rolled back"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -552,11 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         if isinstance(exc, SpecError):
             sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse
+        elif isinstance(exc, Interrupted):
+            _error(f"{exc}; {_aftermath(args)}")
         else:
             _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        _error("interrupted; what this run made was rolled back")
+        _error(f"interrupted; {_aftermath(args)}")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK

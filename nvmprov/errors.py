@@ -95,6 +95,6 @@ class VerifyError(NvmprovError):
 
 
 class Interrupted(NvmprovError):
-    """SIGINT or SIGTERM arrived; what this run made has been rolled back."""
+    """SIGINT or SIGTERM arrived; what this run made has been rolled back (unless --keep-on-failure)."""
 
     exit_code = 130

@@ -71,7 +71,7 @@ class CancellableProgress(Progress):
             self._raised = True
         if self._cancel.is_set() and not self._raised:
             self._raised = True
-            raise Interrupted("interrupted; rolling back this guest")
+            raise Interrupted("interrupted: the fleet was cancelled")  # rolled back, or kept (--keep-on-failure)
 
 
 @dataclass
@@ -111,10 +111,6 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _phase_of(progress: Progress) -> str:
-    return next(reversed(progress.timings_s), "create") if progress.timings_s else "create"
-
-
 def _run_job(job: _Job, progress: Progress) -> None:
     began = time.monotonic()
     report = GuestReport(name=job.name)
@@ -124,11 +120,11 @@ def _run_job(job: _Job, progress: Progress) -> None:
     except NvmprovError as exc:
         # Host/spec errors leave workflow.create as exceptions (after its own rollback); in a
         # fleet they are this guest's failure, not the others'.
-        report.fail(_phase_of(progress), str(exc))
+        report.fail(progress.last_phase("create"), str(exc))
         report.timings_s = dict(progress.timings_s)
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - a bug in one guest's run must not hide the others' results
-        report.fail(_phase_of(progress), f"{type(exc).__name__}: {exc}")
+        report.fail(progress.last_phase("create"), f"{type(exc).__name__}: {exc}")
         report.timings_s = dict(progress.timings_s)
         code = HostError.exit_code
     finally:

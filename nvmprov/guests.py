@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from . import boot, domain, host, state, storage, virt
 from .errors import GuestError, HostError, UsageError
 from .progress import Progress
-from .report import GuestReport, Report, SshInfo
+from .report import GuestReport, SshInfo
 
 if TYPE_CHECKING:
     import libvirt
@@ -176,18 +176,10 @@ def list_text(*, connect: str | None, fmt: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def verify(names: list[str], *, connect: str | None, power_cycle: bool) -> Report:
-    report = Report()
-    for name in names:
-        progress = Progress(prefix=f"{name}: " if len(names) > 1 else "")
-        report.guests.append(verify_one(name, connect=connect, power_cycle=power_cycle, progress=progress))
-    return report
-
-
 def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:
     """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several)."""
     from . import agent
-    from .workflow import open_session, power_cycle_proof, start_guest
+    from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
     g = GuestReport(name=name)
     with _connection(connect) as conn, state.lock(name):
@@ -214,9 +206,10 @@ def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: P
                 with progress.phase("power-cycle"):
                     power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, g.regions, progress)
         except GuestError as exc:
-            g.fail("verify", str(exc))
+            g.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
         g.timings_s = dict(progress.timings_s)
         g.settle()
+        save_report(g, progress)
     return g
 
 
@@ -232,10 +225,21 @@ def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]
     ssh_bin = shutil.which("ssh")
     if ssh_bin is None:
         raise HostError("the OpenSSH client is not installed; apt-get install openssh-client")
+    return openssh_argv(ssh_bin, files, port=m.md.ssh_port, user=m.md.ssh_user, proxy=proxy, command=command)
+
+
+def openssh_argv(
+    ssh_bin: str, files: state.GuestFiles, *, port: int, user: str, proxy: list[str], command: list[str]
+) -> list[str]:
+    """OpenSSH with the guest's own key and only its pinned host key: neither the user's nor the
+    system's known_hosts counts (GlobalKnownHostsFile=/dev/null), no agent, no other identity.
+    PROXY (a remote guest's ProxyCommand) runs an ssh of its own to the hypervisor, which keeps
+    the user's usual config and known_hosts: these options are not passed on to it."""
     return [
         ssh_bin, "-i", str(files.client_key), "-o", f"UserKnownHostsFile={files.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-        *proxy, "-p", str(m.md.ssh_port), f"{m.md.ssh_user}@127.0.0.1", *command,
+        *proxy, "-p", str(port), f"{user}@127.0.0.1", *command,
     ]
 
 

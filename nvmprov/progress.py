@@ -47,6 +47,10 @@ class Progress:
     def __call__(self, message: str) -> None:
         self.line(message)
 
+    def last_phase(self, default: str) -> str:
+        """The phase that ran (or failed) last: where an error belongs in the report."""
+        return next(reversed(self.timings_s), default)
+
     @contextlib.contextmanager
     def phase(self, name: str, detail: str = "") -> Iterator[None]:
         """Time a phase; its duration lands in timings_s[name]."""

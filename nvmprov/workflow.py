@@ -14,12 +14,13 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, remote, seed, session, ssh, state, storage, testhooks, virt
+from . import boot, domain, host, image, remote, seed, ssh, state, storage, testhooks, virt
 from . import plan as planmod
-from .errors import GuestError, HostError, UsageError, VirtError
+from .errors import GuestError, HostError, NvmprovError, SpecError, UsageError, VirtError
 from .progress import Progress
 from .report import GuestReport, SshInfo
 from .rollback import Rollback
+from .uris import DEFAULT_POOL_DIR, effective_uri, pool_dir_for  # here too: callers import them from workflow
 
 if TYPE_CHECKING:
     import libvirt
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from .spec import GuestSpec
 
 Until = Literal["define", "start", "ssh", "all"]
-DEFAULT_POOL_DIR = "/var/lib/nvmprov/pool"
 POWER_OFF_TIMEOUT_S = 30
 HOSTFWD_ERRORS = ("host forwarding rule", "Could not set up host forwarding")
 
@@ -43,24 +43,6 @@ class CreateOptions:
     spec_path: str | None = None
 
 
-def effective_uri(spec_uri: str, flag: str | None) -> str:
-    """--connect beats the spec's `connect`, which beats LIBVIRT_DEFAULT_URI (only used when the
-    spec kept the default)."""
-    if flag:
-        return flag
-    env = os.environ.get("LIBVIRT_DEFAULT_URI")
-    if env and spec_uri == virt.DEFAULT_URI:
-        return env
-    return spec_uri
-
-
-def pool_dir_for(pool_name: str, uri: str | None = None) -> str:
-    """Where a new pool goes: /var/lib/nvmprov for the system libvirt, XDG dirs for qemu:///session."""
-    if uri is not None and remote.is_session(uri):
-        return session.pool_dir(pool_name)
-    return DEFAULT_POOL_DIR if pool_name == "nvmprov" else f"/var/lib/nvmprov/pools/{pool_name}"
-
-
 # ---------------------------------------------------------------------------------------------
 # create
 
@@ -73,24 +55,49 @@ def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestRep
         conn = virt.connect(effective_uri(spec.connect, opts.connect))
         try:
             _create_locked(conn, spec, opts, progress, report)
+        except (UsageError, SpecError):
+            raise  # bad input changed nothing, the last report included
+        except (NvmprovError, KeyboardInterrupt) as exc:
+            report.fail(progress.last_phase("create"), str(exc) or "interrupted by SIGINT")
+            report.timings_s = dict(progress.timings_s)
+            save_report(report, progress)
+            raise
         finally:
             report.timings_s = dict(progress.timings_s)
             conn.close()
+        save_report(report, progress)
     return report
+
+
+def save_report(report: GuestReport, progress: Progress) -> None:
+    """The guest's last report, as `--json` prints it, in its state directory (0600). Only for a
+    guest that is there: a rolled-back create removed the directory and must not bring it back."""
+    from .report import Report, render_json
+
+    files = state.guest_files(report.name, create=False)
+    if not files.dir.is_dir():
+        return
+    try:
+        state.write_private(files.report, render_json(Report(guests=[report])) + "\n")
+    except OSError as exc:
+        progress.line(f"could not save the report to {files.report}: {exc.strerror}")
 
 
 def _create_locked(
     conn: libvirt.virConnect, spec: GuestSpec, opts: CreateOptions, progress: Progress, report: GuestReport
 ) -> None:
     with progress.phase("host"):
-        pool = storage.ensure_pool(conn, spec.pool, pool_dir_for(spec.pool, conn.getURI()))
-        facts = host.facts(conn, storage.pool_path(pool))
+        # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
+        # here, before the pool is made or the image built (minutes). It needs no pool, only names.
+        pool_dir = pool_dir_for(spec.pool, conn.getURI())
+        facts = host.facts(conn, pool_dir)
         if spec.image == "builtin":
-            if not image.is_built(pool):
-                progress.line("built-in guest image missing: building it (about 2-4 minutes)")
-                image.build(conn, spec.pool, progress=progress.line)
             facts = replace(facts, builtin_volumes=image.builtin_volume_names())
         the_plan = planmod.build(spec, facts)
+        pool = storage.ensure_pool(conn, spec.pool, pool_dir)
+        if spec.image == "builtin" and not image.is_built(pool):
+            progress.line("built-in guest image missing: building it (about 2-4 minutes)")
+            image.build(conn, spec.pool, progress=progress.line)
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)
@@ -107,7 +114,10 @@ def _create_locked(
             progress.line(f"guest {spec.name}: an earlier create did not finish; removing what it left")
             remove_leftovers(conn, existing, md, progress)
         else:
-            _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
+            try:
+                _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
+            except GuestError as exc:  # like a new guest: the report carries it (nothing to roll back)
+                report.fail(progress.last_phase("create"), str(exc))
             return
 
     undo = Rollback(progress)
@@ -126,7 +136,7 @@ def _create_locked(
             if problems:
                 report.notes.append("rollback left: " + "; ".join(problems))
         if isinstance(exc, GuestError):
-            report.fail(_phase_of(progress), str(exc))
+            report.fail(progress.last_phase("create"), str(exc))
             return
         raise
     report.settle()
@@ -141,10 +151,6 @@ def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domai
             progress.line(f"removed leftover volume {name}")
     virt.undefine(dom)
     progress.line(f"removed leftover domain {dom.name()}")
-
-
-def _phase_of(progress: Progress) -> str:
-    return next(reversed(progress.timings_s), "create") if progress.timings_s else "create"
 
 
 @dataclass
@@ -502,8 +508,9 @@ def _reverify_existing(
             "pick another name, or use `nvmprov attach` to add regions to it"
         )
     if md.spec_digest != the_plan.spec_digest:
+        changed = ", ".join(changed_fields(spec, md, files))
         raise UsageError(
-            f"guest {spec.name!r} exists with a different spec (changed: {', '.join(_changed_fields(spec, files))}); "
+            f"guest {spec.name!r} exists with a different spec (changed: {changed}); "
             f"`nvmprov destroy {spec.name}` first, or keep the old spec"
         )
     progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
@@ -520,13 +527,22 @@ def _reverify_existing(
     report.settle()
 
 
-def _changed_fields(spec: GuestSpec, files: state.GuestFiles) -> list[str]:
+def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles | None = None) -> list[str]:
+    """The spec paths that differ from the spec the guest was made with. libvirt's copy (the domain
+    metadata) is the record, so this works from any machine; the local state file is only the
+    fallback for domains whose metadata predates spec_json."""
     from .spec import GuestSpec as Model
 
     try:
-        old = Model.model_validate(json.loads(files.spec_json.read_text()))
+        if md.spec_json is not None:
+            recorded = md.spec_json
+        elif files is not None:
+            recorded = files.spec_json.read_text()
+        else:
+            raise FileNotFoundError
+        old = Model.model_validate(json.loads(recorded))
     except (OSError, ValueError):
-        return ["(the previous spec is not recorded on this machine)"]
+        return ["(the guest's metadata does not hold the spec it was made with)"]
     return spec.diff(old) or ["(digest differs)"]
 
 
@@ -540,4 +556,7 @@ def start_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan
 # Imported late: the agent pulls in paramiko, which `render`/`validate` never need.
 from . import agent  # noqa: E402
 
-__all__ = ["CreateOptions", "create", "effective_uri", "open_session", "power_cycle_proof", "start_guest"]
+__all__ = [
+    "DEFAULT_POOL_DIR", "CreateOptions", "create", "effective_uri", "open_session", "pool_dir_for", "power_cycle_proof",
+    "save_report", "start_guest",
+]

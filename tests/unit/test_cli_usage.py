@@ -33,12 +33,22 @@ def test_every_subcommand_is_covered_below() -> None:
 
 BAD_BY_COMMAND = [
     ("validate", [[], ["a.yaml", "b.yaml"], ["--bogus", "a.yaml"]]),
-    ("render", [[], ["a.yaml", "--guest"], ["a.yaml", "--bogus"]]),
+    ("render", [[], ["a.yaml", "--guest"], ["a.yaml", "--bogus"], ["a.yaml", "--uuid", "x"], ["a.yaml", "--uuid"]]),
     ("create", [[], ["a.yaml", "--until", "boot"], ["a.yaml", "--until"], ["a.yaml", "--bogus"],
-                ["a.yaml", "--log-file"]]),
-    ("verify", [["--bogus"], ["x", "--power-cycle=yes"], ["-f"]]),
+                ["a.yaml", "--log-file"],
+                # files written later are checked before anything is made (no FileNotFoundError
+                # traceback, no JUnit failure after the guest was built)
+                ["a.yaml", "--log-file", "/no/such/dir/x"], ["a.yaml", "--log-file", "/"],
+                ["a.yaml", "--junit", "/no/such/dir/x"], ["a.yaml", "--junit", "/"], ["a.yaml", "--junit", ""],
+                ["a.yaml", "--parallel", "0"], ["a.yaml", "--parallel", "-1"], ["a.yaml", "--parallel", "two"],
+                ["a.yaml", "--parallel", "1.5"]]),
+    ("verify", [["--bogus"], ["x", "--power-cycle=yes"], ["-f"], ["x", "--junit", "/no/such/dir/x"],
+                ["x", "--parallel", "0"]]),
     ("start", [["--bogus"], ["-f"]]),
-    ("stop", [["x", "--timeout-s", "soon"], ["x", "--timeout-s"], ["--force=1", "x"]]),
+    ("stop", [["x", "--timeout-s", "soon"], ["x", "--timeout-s"], ["--force=1", "x"],
+              ["x", "--timeout-s", "nan"], ["x", "--timeout-s", "-5"], ["x", "--timeout-s", "0"],
+              ["x", "--timeout-s", "inf"], ["x", "--timeout-s", "1e999"]]),
+    ("attach", [["d", "--size", "1GiB", "--junit", "/no/such/dir/x"]]),
     ("destroy", [["x", "--purge=yes"], ["--bogus", "x"]]),
     ("list", [["--format", "yaml"], ["extra"]]),
     ("ssh", [[]]),
@@ -90,3 +100,15 @@ def test_a_real_process_prints_one_line_and_exits_2(argv: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_writable_file_check_accepts_a_new_file_and_creates_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "report.xml"
+    args = cli.build_parser().parse_args(["create", "a.yaml", "--junit", str(target), "--log-file", str(target)])
+    assert args.junit == str(target) and args.log_file == str(target)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("text", ["120", "0.5", "1e3"])
+def test_stop_timeout_takes_positive_finite_seconds(text: str) -> None:
+    assert cli.build_parser().parse_args(["stop", "x", "--timeout-s", text]).timeout_s == float(text)

@@ -184,3 +184,57 @@ def test_image_import_names_the_missing_files_before_touching_libvirt(tmp_path: 
     assert image.builtin_volume_names()[0] in message and image.builtin_volume_names()[2] in message
     assert image.builtin_volume_names()[1] not in message
     assert "/var/lib/nvmprov/pool" in message
+
+
+def test_uris_module_agrees_with_virt_and_workflow() -> None:
+    # uris.py restates virt.DEFAULT_URI so render can use it without importing libvirt
+    from nvmprov import uris, virt, workflow
+
+    assert uris.SYSTEM_URI == virt.DEFAULT_URI
+    assert workflow.pool_dir_for is uris.pool_dir_for and workflow.effective_uri is uris.effective_uri
+
+
+# ---------------------------------------------------------------------------------------------
+# nvmprov ssh: the OpenSSH command line
+
+
+def _guest_argv(uri: str) -> list[str]:
+    from nvmprov import guests, state
+
+    files = state.GuestFiles(Path("/s/g1"))
+    return guests.openssh_argv("/usr/bin/ssh", files, port=40100, user="nvmprov",
+                               proxy=remote.ssh_proxy_options(uri), command=["uname", "-a"])
+
+
+def _options(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+
+
+def test_nvmprov_ssh_trusts_only_the_pinned_known_hosts() -> None:
+    argv = _guest_argv("qemu:///system")
+    opts = _options(argv)
+    assert "UserKnownHostsFile=/s/g1/known_hosts" in opts
+    assert "GlobalKnownHostsFile=/dev/null" in opts  # /etc/ssh/ssh_known_hosts does not count either
+    assert "StrictHostKeyChecking=yes" in opts and "IdentitiesOnly=yes" in opts and "IdentityAgent=none" in opts
+    assert not any(o.startswith("ProxyCommand=") for o in opts)
+    assert argv[-5:] == ["-p", "40100", "nvmprov@127.0.0.1", "uname", "-a"]
+
+
+def test_nvmprov_ssh_of_a_remote_guest_keeps_its_proxy_command() -> None:
+    opts = _options(_guest_argv("qemu+ssh://bob@hv:2200/system"))
+    (proxy,) = [o for o in opts if o.startswith("ProxyCommand=")]
+    assert proxy == "ProxyCommand=ssh -l bob -p 2200 -W %h:%p hv"  # the hop's ssh: the user's own config
+    assert "GlobalKnownHostsFile=/dev/null" in opts
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+def test_openssh_itself_reads_the_options_that_way() -> None:
+    # `ssh -G` prints the configuration it would use and connects to nothing.
+    argv = _guest_argv("qemu+ssh://bob@hv:2200/system")
+    argv[0] = shutil.which("ssh") or "ssh"
+    out = subprocess.run([argv[0], "-G", *argv[1:-2]], capture_output=True, text=True, timeout=30, check=True).stdout
+    config = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    assert config["globalknownhostsfile"] == "/dev/null"
+    assert config["userknownhostsfile"] == "/s/g1/known_hosts"
+    assert config["stricthostkeychecking"] in ("true", "yes")
+    assert config["proxycommand"] == "ssh -l bob -p 2200 -W %h:%p hv"

@@ -1,0 +1,201 @@
+"""workflow.create and guests.verify_one on libvirt's in-process test:///default driver.
+
+The driver has no QEMU and no guest: SSH is replaced by a function that fails like a guest that
+never answers, and host.facts by an x86_64 host like this one (the test driver calls itself i686).
+What is real: the domain, its nvmprov metadata, the storage pool, the state directory and locks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from nvmprov import domain, guests, image, plan, spec, state, storage, workflow
+from nvmprov.errors import GuestError, HostError, UsageError
+from nvmprov.progress import Progress
+
+URI = "test:///default"
+FACTS = plan.HostFacts(kvm_domain_type=True, cpu_virt_extensions=False)
+
+SPEC_TEXT = """\
+version: 1
+name: {name}
+memory: 1GiB
+vcpus: 1
+pmem:
+  - name: data
+    size: 1GiB
+    filesystem: ext4
+    mount: /mnt/data
+"""
+
+
+def guest_spec(name: str, extra: str = "") -> spec.GuestSpec:
+    return spec.loads(SPEC_TEXT.format(name=name) + extra).guests[0]
+
+
+@pytest.fixture
+def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[libvirt.virConnect]:
+    """One open connection keeps the test driver's state alive for the workflow's own connections."""
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(workflow.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(workflow.image, "is_built", lambda _pool: True)
+
+    def no_build(*_a: object, **_k: object) -> None:
+        raise AssertionError("the image must not be built in a unit test")
+
+    monkeypatch.setattr(workflow.image, "build", no_build)
+    monkeypatch.setattr(storage, "upload", _upload_without_streams)
+    c = libvirt.open(URI)
+    _pool_with_base_image(c)
+    made: list[str] = []
+    c.made = made  # type: ignore[attr-defined]
+    yield c
+    for name in made:
+        try:
+            dom = c.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    c.close()
+
+
+def _pool_with_base_image(c: libvirt.virConnect) -> None:
+    """The pool create would make, holding the built-in image's base volume (no image build)."""
+    pool = storage.ensure_pool(c, "nvmprov", "/var/lib/nvmprov/pool")  # the test driver touches no files
+    base = image.builtin_volume_names()[0]
+    if storage.lookup(pool, base) is None:
+        pool.createXML(f"<volume><name>{base}</name><capacity>1073741824</capacity>"
+                       "<target><format type='qcow2'/></target></volume>", 0)
+
+
+def _upload_without_streams(pool: libvirt.virStoragePool, name: str, data: bytes, *_a: object, **_k: object) -> None:
+    """The test driver has no virStorageVolUpload: the seed ISO becomes an empty volume of its size."""
+    pool.createXML(f"<volume><name>{name}</name><capacity>{len(data)}</capacity></volume>", 0)
+
+
+def define_managed(conn: libvirt.virConnect, g: spec.GuestSpec, *, spec_json: str | None = "same") -> None:
+    """A guest as a finished `nvmprov create` leaves it: domain + complete metadata."""
+    facts = replace(FACTS, builtin_volumes=image.builtin_volume_names())
+    the_plan = plan.build(g, facts)
+    recorded = g.model_dump_json(by_alias=True) if spec_json == "same" else spec_json
+    md = replace(domain.Metadata.from_plan(the_plan, ssh_port=2222, spec_json=recorded), complete=True)
+    ctx = domain.RenderContext(uuid=str(uuid.uuid4()), ssh_port=2222, pool_dir="/default-pool")
+    conn.defineXML(domain.render(the_plan, ctx, metadata=md))
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+
+
+def ssh_never_answers(*_a: object, **_k: object) -> None:
+    raise GuestError("no SSH answer on 127.0.0.1:2222 within 600s")
+
+
+def quiet() -> Progress:
+    return Progress(io.StringIO())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1a: a re-run of create on an existing guest reports a guest failure like a new guest does
+
+
+def test_reverify_of_an_existing_guest_reports_the_failed_phase(conn, monkeypatch) -> None:
+    g = guest_spec("wf-reverify")
+    define_managed(conn, g)
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
+    assert report.ok is False
+    assert report.error == {"phase": "ssh", "message": "no SSH answer on 127.0.0.1:2222 within 600s"}
+    assert report.ssh is not None and report.ssh.port == 2222
+
+
+# 1c: verify names the phase that failed, not always "verify"
+
+
+def test_verify_one_reports_ssh_as_the_failed_phase(conn, monkeypatch) -> None:
+    g = guest_spec("wf-verify-phase")
+    define_managed(conn, g)
+    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())  # makes the pool
+    report = guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
+    assert report.error is not None and report.error["phase"] == "ssh", report.error
+
+
+# 2: a changed spec names its changed fields from the domain's metadata, not a local file
+
+
+def test_changed_spec_is_diffed_against_the_metadata(conn, tmp_path) -> None:
+    define_managed(conn, guest_spec("wf-changed"))
+    bigger = guest_spec("wf-changed").model_copy(update={"vcpus": 2})
+    assert not state.guest_files("wf-changed", create=False).spec_json.exists()  # made "on another machine"
+    with pytest.raises(UsageError) as info:
+        workflow.create(bigger, workflow.CreateOptions(connect=URI), quiet())
+    assert "(changed: vcpus)" in str(info.value), info.value
+    assert "not recorded" not in str(info.value)
+
+
+def test_changed_fields_without_any_recorded_spec_says_so(tmp_path) -> None:
+    g = guest_spec("wf-old")
+    md = domain.Metadata.from_plan(plan.build(g, FACTS), ssh_port=2222)  # an old nvmprov: no spec_json
+    files = state.GuestFiles(tmp_path / "nothing-here")
+    assert workflow.changed_fields(g, md, files) == ["(the guest's metadata does not hold the spec it was made with)"]
+    md = replace(md, spec_json=g.model_copy(update={"memory_bytes": 2 * 1024**3}).model_dump_json(by_alias=True))
+    assert workflow.changed_fields(g, md, files) == ["memory"]
+
+
+# 3: accel: kvm on a host where it cannot work fails before anything is made
+
+
+def test_accel_kvm_that_cannot_work_fails_before_the_pool_or_image(conn, monkeypatch) -> None:
+    def untouchable(*_a: object, **_k: object) -> None:
+        raise AssertionError("a side effect ran before the plan refused the host")
+
+    monkeypatch.setattr(workflow.storage, "ensure_pool", untouchable)
+    monkeypatch.setattr(workflow.image, "is_built", untouchable)
+    g = guest_spec("wf-kvm", "accel: kvm\n")
+    with pytest.raises(HostError, match="accel: kvm cannot work here"):
+        workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
+    assert "wf-kvm" not in conn.listDefinedDomains()
+    assert not state.guest_files("wf-kvm", create=False).dir.exists()
+
+
+# 4: the last report lands in the guest's state directory, private
+
+
+def _saved(name: str) -> dict:
+    path = state.guest_files(name, create=False).report
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return json.loads(path.read_text())
+
+
+def test_create_and_verify_save_the_last_report(conn, monkeypatch) -> None:
+    g = guest_spec("wf-saved")
+    report = workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert report.ok, report
+    saved = _saved(g.name)
+    assert saved["schema_version"] == 1 and saved["ok"] is True and saved["guests"][0]["name"] == g.name
+    conn.made.append(g.name)
+
+    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
+    saved = _saved(g.name)
+    assert saved["ok"] is False and saved["guests"][0]["error"]["phase"] == "ssh"
+
+
+def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None:
+    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    g = guest_spec("wf-rolled-back")
+    conn.made.append(g.name)  # the test driver refuses undefine's NVRAM flag: the domain stays, the rest goes
+    report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
+    assert report.error is not None and report.error["phase"] == "ssh"
+    assert not state.guest_files(g.name, create=False).dir.exists()

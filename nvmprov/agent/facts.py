@@ -204,6 +204,18 @@ class Blkid:
     usage: str | None
 
 
+# blkid(8), `-p`: exit 2 "the specified token was not found, or no (specified) devices could be identified"
+BLKID_NOTHING_FOUND_RC = 2
+
+
+@dataclass(frozen=True)
+class BlkidFailure:
+    """blkid could not say whether the device holds anything: a formatting decision must not rest on it."""
+
+    rc: int | None  # None: the collector recorded no blkid run at all
+    stderr: str
+
+
 def parse_blkid_export(text: str) -> Blkid | None:
     """`blkid -p -o export DEV`; None when it found nothing (empty output, exit status 2)."""
     values: dict[str, str] = {}
@@ -325,7 +337,8 @@ class BlockDevice:
     size_bytes: int
     read_only: bool
     dax: bool  # /sys/block/X/queue/dax
-    fs: Blkid | None
+    fs: Blkid | None  # None: nothing found, or blkid failed (then blkid_failure says why)
+    blkid_failure: BlkidFailure | None = None
 
     @property
     def region(self) -> str | None:
@@ -369,15 +382,35 @@ def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) 
     )
 
 
+def blkid_verdict(blkid: dict[str, Any]) -> tuple[Blkid | None, BlkidFailure | None]:
+    """What a recorded `blkid -p -o export` run says: a signature, nothing (exit 2 only), or a failure.
+
+    Only exit status 2 means "nothing there". Any other non-zero status (8: ambivalent probing
+    result, several signatures; 127: blkid missing; 4: usage) means blkid could not tell, and so
+    does exit 0 without a TYPE or PTTYPE.
+    """
+    rc = blkid.get("rc")
+    stderr = str(blkid.get("stderr") or "")
+    if rc == 0:
+        found = parse_blkid_export(str(blkid.get("stdout") or ""))
+        if found is None:
+            return None, BlkidFailure(0, stderr or "blkid exited 0 but printed no TYPE or PTTYPE")
+        return found, None
+    if rc == BLKID_NOTHING_FOUND_RC:
+        return None, None
+    return None, BlkidFailure(_int(rc), stderr or ("no blkid result recorded" if rc is None else ""))
+
+
 def _blockdev(name: str, raw: dict[str, Any]) -> BlockDevice:
-    blkid = raw.get("blkid") or {}
+    fs, failure = blkid_verdict(raw.get("blkid") or {})
     return BlockDevice(
         name=name,
         sysfs_path=str(raw.get("path") or ""),
         size_bytes=(_int(raw.get("size_sectors")) or 0) * SECTOR_BYTES,
         read_only=raw.get("ro") == "1",
         dax=raw.get("dax") == "1",
-        fs=parse_blkid_export(blkid.get("stdout", "")) if blkid.get("rc") == 0 else None,
+        fs=fs,
+        blkid_failure=failure,
     )
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from nvmprov.agent.facts import GuestFacts, Mount, Region, blockdev_of, dimm_of, locate
+from nvmprov.agent.facts import BlockDevice, GuestFacts, Mount, Region, blockdev_of, dimm_of, locate
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 from nvmprov.ssh import render_command
@@ -98,6 +98,8 @@ def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, mod
     if reformat:
         return
     dev = blockdev_of(facts, guest)
+    if dev is not None:
+        _refuse_unknown_contents(region, dev, f"make {guest.dev} fsdax")
     if dev is not None and dev.fs is not None:
         raise GuestError(
             f"region {region.name}: {guest.dev} is a {mode} namespace holding a {dev.fs.type} filesystem "
@@ -108,6 +110,30 @@ def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, mod
             f"region {region.name}: {guest.dev} is already a {mode} namespace, not fsdax; "
             "pass --reformat to reconfigure it (its contents are lost)"
         )
+
+
+def _refuse_unknown_contents(region: RegionPlan, dev: BlockDevice, action: str) -> None:
+    """Only blkid's "nothing found" (exit 2) lets nvmprov write over a device; a failed probe stops it."""
+    failure = dev.blkid_failure
+    if failure is None:
+        return
+    device = f"/dev/{dev.name}"
+    tail = " | ".join(failure.stderr.strip().splitlines()[-3:]) or "no error output"
+    if failure.rc == 127:
+        fix = "install blkid (util-linux) in the guest image"
+    elif failure.rc == 8:
+        fix = (
+            f"blkid found several signatures: list them with `wipefs {device}` (it erases nothing without -a) "
+            f"and remove the stale one with `wipefs -o OFFSET {device}`"
+        )
+    else:
+        fix = f"run `blkid -p -o export {device}` in the guest to see why"
+    raise GuestError(
+        f"region {region.name}: cannot tell whether {device} holds data: `blkid -p -o export {device}` exited "
+        f"{failure.rc if failure.rc is not None else '(not run)'} ({tail}); nvmprov only formats a device blkid "
+        f"reports empty (exit 2), so it will not {action} on it. Fix: {fix}; or pass --reformat to replace "
+        "whatever is on it (its contents are lost)"
+    )
 
 
 def _cmd(
@@ -131,6 +157,8 @@ def _filesystem_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *
     at_target = facts.mount_at(region.mount)
     if region.readonly:
         return _readonly_mount(region, dev.fs.type if dev.fs else None, device, mounts)
+    if dev.fs is None and not reformat:
+        _refuse_unknown_contents(region, dev, "make a filesystem")
     make_fs = dev.fs is None or reformat
     if not make_fs and dev.fs is not None and dev.fs.type != region.filesystem:
         raise GuestError(

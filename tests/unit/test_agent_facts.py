@@ -115,6 +115,40 @@ def test_blkid_nothing_found() -> None:
     assert F.parse_blkid_export("DEVNAME=/dev/pmem0\n") is None
 
 
+BLKID_EXT4 = "DEVNAME=/dev/pmem0\nUUID=u-1\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\n"
+AMBIVALENT = (
+    "/dev/pmem0: ambivalent result (probably more filesystems on the device, use wipefs(8) to see more details)"
+)
+NO_TYPE = "blkid exited 0 but printed no TYPE or PTTYPE"
+
+
+@pytest.mark.parametrize(
+    ("run", "fs_type", "failure"),
+    [
+        ({"rc": 0, "stdout": BLKID_EXT4, "stderr": ""}, "ext4", None),
+        ({"rc": 2, "stdout": "", "stderr": ""}, None, None),  # the only "nothing there"
+        ({"rc": 8, "stdout": "", "stderr": AMBIVALENT}, None, F.BlkidFailure(8, AMBIVALENT)),
+        (
+            {"rc": 127, "stdout": "", "stderr": "[Errno 2] No such file or directory: 'blkid'"},
+            None,
+            F.BlkidFailure(127, "[Errno 2] No such file or directory: 'blkid'"),
+        ),
+        ({"rc": 4, "stdout": "", "stderr": "usage"}, None, F.BlkidFailure(4, "usage")),
+        ({"rc": 0, "stdout": "DEVNAME=/dev/pmem0\n", "stderr": ""}, None, F.BlkidFailure(0, NO_TYPE)),
+        ({}, None, F.BlkidFailure(None, "no blkid result recorded")),
+    ],
+    ids=["rc0-ext4", "rc2-empty", "rc8-ambivalent", "rc127-missing", "rc4-usage", "rc0-no-type", "not-run"],
+)
+def test_blkid_verdict_only_exit_2_means_empty(
+    run: dict[str, object], fs_type: str | None, failure: F.BlkidFailure | None
+) -> None:
+    fs, got_failure = F.blkid_verdict(run)
+    assert (fs.type if fs else None, got_failure) == (fs_type, failure)
+    raw = {"path": "/sys/x/region0/namespace0.0/block/pmem0", "size_sectors": "8", "ro": "0", "dax": "0", "blkid": run}
+    dev = F.parse_guest_facts(json.dumps({"blockdevs": {"pmem0": raw}})).blockdevs["pmem0"]
+    assert (dev.fs.type if dev.fs else None, dev.blkid_failure) == (fs_type, failure)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

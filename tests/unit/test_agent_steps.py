@@ -71,6 +71,7 @@ class FakeGuest:
         self.dirs: set[str] = {"/", "/mnt"}
         self.fstab = "# /etc/fstab: static file system information.\nUUID=abcd / ext4 errors=remount-ro 0 1\n"
         self.commands: list[str] = []
+        self.blkid_runs: dict[str, dict[str, object]] = {}  # blockdev -> what blkid "printed" instead
         self.gathers = 0
         self._uuids = 0
 
@@ -147,7 +148,7 @@ class FakeGuest:
                     "size_sectors": str(ns.size // 512),
                     "ro": "0",
                     "dax": "1" if ns.mode == "fsdax" or r.pci else "0",
-                    "blkid": blkid,
+                    "blkid": self.blkid_runs.get(ns.blockdev, blkid),
                 }
         return json.dumps(
             {
@@ -518,6 +519,57 @@ def test_ndctl_missing_says_install_it() -> None:
     raw["ndctl"] = {"rc": 127, "stdout": "", "stderr": "[Errno 2] No such file or directory: 'ndctl'"}
     with pytest.raises(GuestError, match="lacks ndctl.*outbound: true.*bake ndctl"):
         steps.plan_commands(parse_guest_facts(json.dumps(raw)), region(), reformat=False)
+
+
+AMBIVALENT = {
+    "rc": 8,
+    "stdout": "",
+    "stderr": "/dev/pmem0: ambivalent result (probably more filesystems on the device, use wipefs(8) to see more "
+    "details)\n",
+}
+NO_BLKID = {"rc": 127, "stdout": "", "stderr": "[Errno 2] No such file or directory: 'blkid'"}
+
+
+@pytest.mark.parametrize(
+    ("make", "blkid", "match"),
+    [
+        (_fsdax_blank, AMBIVALENT, r"exited 8 \(/dev/pmem0: ambivalent .*not make a filesystem.*wipefs /dev/pmem0"),
+        (_fsdax_blank, NO_BLKID, r"exited 127 \(\[Errno 2\] No such file.*install blkid \(util-linux\)"),
+        (_labelless, AMBIVALENT, r"exited 8 .*will not make region0 fsdax on it"),
+        (_labelless, NO_BLKID, r"exited 127 .*will not make region0 fsdax on it"),
+    ],
+    ids=["mkfs-rc8", "mkfs-rc127", "namespace-rc8", "namespace-rc127"],
+)
+def test_blkid_failure_refuses_to_format(make: object, blkid: dict[str, object], match: str) -> None:
+    g = make()  # type: ignore[operator]
+    g.blkid_runs["pmem0"] = blkid
+    prefix = "region data: cannot tell whether /dev/pmem0 holds data: `blkid -p -o export /dev/pmem0` "
+    with pytest.raises(GuestError, match=prefix + match) as e:
+        apply(g, plan_of(region()))
+    assert "pass --reformat to replace whatever is on it" in str(e.value)
+    assert not any(c.startswith(("mkfs", "ndctl")) for c in g.commands)  # nothing written over it
+
+
+@pytest.mark.parametrize(
+    ("blkid", "expected"),
+    [
+        ({"rc": 2, "stdout": "", "stderr": ""}, "mkfs.ext4"),  # exit 2: nothing there, format it
+        ({"rc": 0, "stdout": "DEVNAME=/dev/pmem0\nUUID=u-7\nTYPE=ext4\n", "stderr": ""}, "mkdir"),  # keep it, mount it
+    ],
+    ids=["rc2", "rc0"],
+)
+def test_blkid_verdicts_that_allow_the_next_step(blkid: dict[str, object], expected: str) -> None:
+    g = _fsdax_blank()
+    g.blkid_runs["pmem0"] = blkid
+    assert first_phase(g, region())[0].startswith(expected)
+
+
+def test_blkid_failure_with_reformat_formats_once() -> None:
+    g = _fsdax_blank()
+    g.blkid_runs["pmem0"] = AMBIVALENT  # stays ambivalent: the fake's blkid never learns
+    with pytest.raises(GuestError, match="cannot tell whether /dev/pmem0 holds data"):
+        apply(g, plan_of(region()), reformat=True)  # formatted once, then refuses again rather than loop
+    assert sum(c.startswith("mkfs") for c in g.commands) == 1
 
 
 # --- fstab ---------------------------------------------------------------------------------------------

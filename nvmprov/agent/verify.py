@@ -183,18 +183,21 @@ def _verify_region(session: Runner, guest: str, region: RegionPlan, state: Regio
         xip_ok=None,
         data_ok=None,
     )
+    # An nvdimm region is DAX only through an fsdax namespace (raw and sector modes have no page map;
+    # a raw pmem device may still show queue/dax); virtio-pmem has no namespace modes of its own.
+    mode_ok = region.model != "nvdimm" or state.namespace_mode == "fsdax"
     if region.filesystem == "none":
-        report.dax = state.device_dax and (region.model == "virtio-pmem" or state.namespace_mode == "fsdax")
+        report.dax = state.device_dax and mode_ok
         return report
     if state.mountpoint is None:
         report.dax = report.xip_ok = report.data_ok = False
         return report
     if region.readonly:
         # The probe copies a program onto the mount; a read-only mount cannot take it.
-        report.dax = state.mount_dax
+        report.dax = state.mount_dax and mode_ok
         return report
     probe = probe_dax(session, region, state.mountpoint)
-    report.dax = state.mount_dax and probe.statx_dax and not probe.statx_dax_root
+    report.dax = mode_ok and state.mount_dax and probe.statx_dax and not probe.statx_dax_root
     report.xip_ok = probe.xip_ok
     marker = new_marker(guest, region.name)
     payload = _write(session, region, marker)

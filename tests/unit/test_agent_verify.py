@@ -7,8 +7,10 @@ come out False here, while the payload checks must pass.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,36 @@ def test_parse_probe_fincore_failure_is_not_ok() -> None:
     raw["fincore"] = {"rc": 1, "stdout": "", "stderr": "fincore: failed to open: x"}
     probe = parse_probe(json.dumps(raw))
     assert not probe.xip_ok and "fincore: failed to open" in (probe.error or "")
+
+
+DAX_PROBE = parse_probe((Path(__file__).parent / "fixtures" / "agent" / "real-probe-mnt-plain.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("model", "mode", "dax"),
+    [
+        ("nvdimm", "fsdax", True),
+        ("nvdimm", "raw", False),  # a raw pmem device mounted -o dax is not what the spec asked for
+        ("nvdimm", "sector", False),
+        ("nvdimm", None, False),
+        ("virtio-pmem", "fsdax", True),  # ndctl's name for virtio-pmem's label-less namespace
+        ("virtio-pmem", None, True),  # virtio-pmem has no namespace modes to require
+    ],
+)
+def test_dax_of_an_nvdimm_region_requires_an_fsdax_namespace(
+    monkeypatch: pytest.MonkeyPatch, model: str, mode: str | None, dax: bool
+) -> None:
+    V = importlib.import_module("nvmprov.agent.verify")  # the module; nvmprov.agent.verify is the function
+    monkeypatch.setattr(V, "probe_dax", lambda *_a, **_k: DAX_PROBE)  # a real guest's DAX-positive probe
+    monkeypatch.setattr(V, "_write", lambda _s, r, m: V.Payload(V.payload_path(r), "a" * 64, "a" * 64))
+    r = region() if model == "nvdimm" else region(model="virtio-pmem", pci=0x10)
+    st = replace(state("data", "/mnt/data", mount_dax=True, mode=mode), model=model)
+    (report,) = verify(LocalRunner(), plan_of(r), [st])
+    assert (report.dax, report.xip_ok, report.data_ok) == (dax, True, True)
+    # the same rule for the regions verify does not write to
+    none = replace(r, filesystem="none", mount=None)
+    (raw,) = verify(LocalRunner(), plan_of(none), [replace(st, mountpoint=None, device_dax=True)])
+    assert raw.dax is dax
+    ro = replace(r, readonly=True)
+    (read_only,) = verify(LocalRunner(), plan_of(ro), [st])
+    assert read_only.dax is dax

@@ -347,6 +347,15 @@ class BlockDevice:
 
 
 @dataclass(frozen=True)
+class StepResult:
+    """A command the fact collector ran for the host before reading (a planned step, or modprobe)."""
+
+    command: str
+    rc: int
+    stderr: str
+
+
+@dataclass(frozen=True)
 class GuestFacts:
     modules: frozenset[str]
     ndctl_error: str | None  # stderr when ndctl failed (missing, ...)
@@ -356,6 +365,8 @@ class GuestFacts:
     mounts: tuple[Mount, ...]
     fstab: str
     kernel_log: tuple[str, ...] = ()  # nvdimm-related dmesg lines, for error messages
+    steps: tuple[StepResult, ...] = ()  # the round's commands run before reading, in order; stops at a failure
+    modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
         return tuple(line for line in self.kernel_log if any(w in line for w in words))
@@ -415,7 +426,7 @@ def _blockdev(name: str, raw: dict[str, Any]) -> BlockDevice:
 
 
 def parse_guest_facts(text: str) -> GuestFacts:
-    """The JSON printed by guest/collect_facts.py."""
+    """The JSON printed by guest/collect_facts.py (older captures without "steps"/"modprobe" too)."""
     try:
         raw = json.loads(text)
     except ValueError as e:
@@ -437,7 +448,14 @@ def parse_guest_facts(text: str) -> GuestFacts:
         mounts=parse_proc_mounts(raw.get("mounts") or ""),
         fstab=raw.get("fstab") or "",
         kernel_log=tuple(raw.get("kernel_log") or ()),
+        steps=tuple(_step_result(r) for r in raw.get("steps") or ()),
+        modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
     )
+
+
+def _step_result(raw: dict[str, Any]) -> StepResult:
+    rc = _int(raw.get("rc"))
+    return StepResult(str(raw.get("command") or ""), rc if rc is not None else -1, str(raw.get("stderr") or ""))
 
 
 # --------------------------------------------------------------------------------------------

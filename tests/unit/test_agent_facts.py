@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -231,7 +232,46 @@ def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
     assert any(m.target == "/" for m in facts.mounts)
     assert facts.regions == {}
     raw = json.loads(proc.stdout)
-    assert set(raw) == {"modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab", "kernel_log"}
+    assert set(raw) == {
+        "modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab", "kernel_log", "steps", "modprobe"
+    }
+    assert (raw["steps"], raw["modprobe"]) == ([], None)
+
+
+def _collect_here(request: dict[str, object]) -> F.GuestFacts:
+    proc = subprocess.run(
+        [sys.executable, "-", json.dumps(request)], input=guest_program("collect_facts.py"), capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return F.parse_guest_facts(proc.stdout.decode())
+
+
+def test_collector_runs_the_rounds_steps_in_order_and_stops_at_the_first_failure(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    steps = [
+        {"command": f"cat >> {log}", "stdin_b64": base64.b64encode(b"one\n").decode(), "timeout_s": 10},
+        {"command": f"echo two >> {log}; echo oops >&2; exit 3", "stdin_b64": None, "timeout_s": 10},
+        {"command": f"echo three >> {log}", "stdin_b64": None, "timeout_s": 10},
+    ]
+    present = sorted(os.listdir("/sys/module"))[0]  # loaded (or built in) here: nothing to modprobe
+    facts = _collect_here({"modules": [present], "steps": steps})
+    assert log.read_text() == "one\ntwo\n"  # the third never ran
+    assert facts.steps == (
+        F.StepResult(steps[0]["command"], 0, ""),  # type: ignore[arg-type]
+        F.StepResult(steps[1]["command"], 3, "oops\n"),  # type: ignore[arg-type]
+    )
+    assert facts.modprobe is None
+    assert any(m.target == "/" for m in facts.mounts)  # the facts are read all the same
+
+
+def test_collector_step_timeout_is_exit_124() -> None:
+    facts = _collect_here({"steps": [{"command": "sleep 5", "stdin_b64": None, "timeout_s": 0.2}]})
+    assert facts.steps == (F.StepResult("sleep 5", 124, "timed out after 0.2 s"),)
+
+
+def test_old_collector_output_without_steps_parses() -> None:
+    facts = F.parse_guest_facts(fixture("real-facts-fresh.json"))
+    assert (facts.steps, facts.modprobe) == ((), None)
 
 
 def test_guest_facts_garbage() -> None:

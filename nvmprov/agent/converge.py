@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Protocol
 
 from nvmprov.agent.facts import GuestFacts, blockdev_of, locate, parse_guest_facts
-from nvmprov.agent.steps import Command, fstab_command, needed_modules, plan_commands
+from nvmprov.agent.steps import Command, Phase, fstab_command, needed_modules, plan_commands
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Plan, RegionPlan
 from nvmprov.ssh import Result
@@ -26,6 +26,10 @@ MAX_ROUNDS = 6  # read, namespace, filesystem+mount+fstab (and its read), then s
 # One argument of `sh -c` may not exceed 128 KiB (Linux MAX_ARG_STRLEN); the round's request
 # (commands and the new fstab) travels as one.
 MAX_REQUEST_BYTES = 100_000
+# What may run after a power cut (recheck): loading modules and mounting. virtio-pmem is hot-plugged
+# after start, so fstab's nofail line cannot mount it at boot. Never a namespace or a filesystem step:
+# those would hide the loss they repair.
+SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "mount"})
 
 
 class Runner(Protocol):
@@ -77,13 +81,23 @@ def gather(session: Runner, *, modules: Sequence[str] = (), commands: Sequence[C
     Raises RemoteCommandError (command, exit status, stderr tail) for the first command that
     failed, or for the module loading when it failed; the guest ran nothing after it.
     """
+    facts, failed = _round(session, modules, commands)
+    if failed is not None:
+        raise failed[1]
+    return facts
+
+
+def _round(
+    session: Runner, modules: Sequence[str], commands: Sequence[Command]
+) -> tuple[GuestFacts, tuple[Command, RemoteCommandError] | None]:
+    """One exec: the facts, and the planned command that failed (the guest ran none after it)."""
     facts = _collect(session, modules, commands)
     if facts.modprobe is not None and facts.modprobe.rc != 0:
         raise RemoteCommandError(facts.modprobe.command, facts.modprobe.rc, facts.modprobe.stderr)
     failed = _failed_step(facts, commands)
-    if failed is not None:
-        raise RemoteCommandError(failed[0].render(), failed[1], failed[2])
-    return facts
+    if failed is None:
+        return facts, None
+    return facts, (failed[0], RemoteCommandError(failed[0].render(), failed[1], failed[2]))
 
 
 def _collect(session: Runner, modules: Sequence[str], commands: Sequence[Command]) -> GuestFacts:
@@ -161,6 +175,75 @@ def apply(
         f"the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
         + "; ".join(c.render() for c in pending)
     )
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """The regions after a power cut: as they came back, or why they cannot count as persisted."""
+
+    states: dict[str, RegionState]
+    lost: dict[str, str]  # region name -> the reason (what the guest showed, what it would have taken)
+
+
+def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | None = None) -> Recheck:
+    """After a power cut: load modules and mount what fstab could not; create nothing.
+
+    A region whose facts call for a namespace or filesystem step did not survive the cut: it goes
+    into `lost` with the reason and nothing runs on it (apply() would re-create it and hide the
+    loss). So does a region the agent cannot place or mount any more (the error text). /etc/fstab
+    is not rewritten.
+    """
+    modules = plan_modules(plan.regions)
+    lost: dict[str, str] = {}
+    pending: list[Command] = []
+    for _ in range(MAX_ROUNDS):
+        for command in pending:
+            if progress is not None:
+                progress(f"{command.region or 'guest'}: {command.render()}")
+        facts, failed = _round(session, modules, pending)
+        if failed is not None:
+            command, error = failed
+            if command.region is None:
+                raise error
+            lost[command.region] = _not_persisted(command.region, f"after the power cycle, {error}")
+        pending = []
+        for region in plan.regions:
+            if region.name in lost:
+                continue
+            try:
+                commands = plan_commands(facts, region, reformat=False)
+            except GuestError as e:
+                lost[region.name] = _not_persisted(region.name, f"after the power cycle, {e}")
+                continue
+            unsafe = [c for c in commands if c.phase not in SAFE_AFTER_POWER_CYCLE]
+            if unsafe:
+                lost[region.name] = _lost_reason(facts, region, unsafe)
+                continue
+            pending += [c for c in commands if c not in pending]  # one modprobe for several regions
+        if not pending:
+            return Recheck({r.name: describe(facts, r) for r in plan.regions if r.name not in lost}, lost)
+    raise GuestError(
+        f"after the power cycle the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
+        + "; ".join(c.render() for c in pending)
+    )
+
+
+def _lost_reason(facts: GuestFacts, region: RegionPlan, unsafe: list[Command]) -> str:
+    state = describe(facts, region)
+    if unsafe[0].phase == "namespace":
+        seen = f"{state.guest_region} with a {state.namespace_mode or 'no'} namespace, not fsdax"
+    else:
+        seen = f"no {region.filesystem} filesystem on {state.guest_device}"
+    return _not_persisted(
+        region.name,
+        f"after the power cycle the guest shows {seen}; bringing it back would take `{unsafe[0].render()}`, "
+        "which would hide the loss, so nothing was run",
+    )
+
+
+def _not_persisted(name: str, why: str) -> str:
+    prefix = f"region {name}: "
+    return prefix + "not persisted: " + why.replace(prefix, "", 1)
 
 
 def _note_modprobe(

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from nvmprov.agent.converge import RegionState, Runner, run_program
+from nvmprov.agent.converge import RegionState, Runner, recheck, run_program
 from nvmprov.agent.facts import parse_fincore, parse_statx
 from nvmprov.errors import GuestError, VerifyError
 from nvmprov.plan import Plan, RegionPlan
@@ -51,6 +52,7 @@ class RegionReport:
     xip_ok: bool | None  # None: not checked (filesystem none, not mounted)
     data_ok: bool | None  # None: not checked (filesystem none, read-only)
     persisted: bool | None = None  # None: no power cycle ran
+    persisted_reason: str | None = None  # why persisted is False, when it is
     payload_path: str | None = None  # for the power-cycle re-check
     payload_sha256: str | None = None
     marker: str | None = None  # ASCII; starts the payload file, so the host can find it
@@ -152,8 +154,53 @@ def write_payload(session: Runner, region: RegionPlan, marker: bytes) -> tuple[s
 
 def check_payload(session: Runner, path: str, sha256: str) -> bool:
     """True when the file exists in the guest and its sha256 is `sha256`."""
-    result = session.run("sha256sum -- %s", path, sudo=True, check=False, timeout_s=CHECK_TIMEOUT_S)
-    return result.rc == 0 and result.stdout.split()[:1] == [sha256]
+    return sha256_of_files(session, [path])[path] == sha256
+
+
+def sha256_of_files(session: Runner, paths: list[str]) -> dict[str, str | None]:
+    """sha256 of each file in the guest, None for one it cannot read; one exec for all of them.
+
+    Each file is fed on stdin, so sha256sum never prints (or escapes) its name.
+    """
+    if not paths:
+        return {}
+    template = "for f in" + " %s" * len(paths) + '; do sha256sum < "$f" || echo unreadable; done'
+    timeout_s = CHECK_TIMEOUT_S * len(paths)
+    out = session.run(template, *paths, sudo=True, check=False, timeout_s=timeout_s).stdout.splitlines()
+    if len(out) != len(paths):
+        raise GuestError(f"sha256 of {len(paths)} payload files printed {len(out)} lines: {out[:4]!r}")
+    sums = [line.split()[0] if line.split() and len(line.split()[0]) == 64 else None for line in out]
+    return dict(zip(paths, sums, strict=True))
+
+
+def after_power_cycle(
+    session: Runner, plan: Plan, regions: list[RegionReport], *, progress: Callable[[str], None] | None = None
+) -> None:
+    """The guest half of the persistence proof, on the guest booted again after its power was cut.
+
+    Fills persisted (and persisted_reason) of each region: modules and mounts only (agent.recheck);
+    a region that would need a namespace or a filesystem made again lost it, and nothing is made;
+    every payload is read back and compared with the sha256 written before the cut.
+    """
+    check = recheck(session, plan, progress=progress)
+    to_read: list[RegionReport] = []
+    for r in regions:
+        reason = check.lost.get(r.name)
+        if reason is not None:
+            r.persisted, r.persisted_reason = False, reason
+        elif r.payload_path is not None and r.payload_sha256 is not None:
+            to_read.append(r)
+    sums = sha256_of_files(session, [r.payload_path for r in to_read if r.payload_path is not None])
+    for r in to_read:
+        got = sums[r.payload_path or ""]
+        r.persisted = got == r.payload_sha256
+        if got is None:
+            r.persisted_reason = f"region {r.name}: not persisted: {r.payload_path} is gone after the power cycle"
+        elif not r.persisted:
+            r.persisted_reason = (
+                f"region {r.name}: not persisted: {r.payload_path} reads back with sha256 {got} after the "
+                f"power cycle, {r.payload_sha256} was written"
+            )
 
 
 def sync(session: Runner) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from nvmprov.agent import facts as F
 from nvmprov.agent.converge import guest_program
-from nvmprov.agent.guest import probe_dax
+from nvmprov.agent.guest import verify_regions
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 
@@ -179,7 +179,7 @@ def test_statx_parser_against_the_kernel(tmp_path: Path) -> None:
     target = tmp_path / "f"
     target.write_bytes(b"x" * 12345)
     target.chmod(0o640)
-    raw = probe_dax.statx(str(target))
+    raw = verify_regions.statx(str(target))
     st = F.parse_statx(bytes.fromhex(raw["raw"]))
     ref = os.stat(target)
     assert (st.ino, st.size, st.mode, st.nlink, st.uid, st.gid) == (
@@ -205,7 +205,7 @@ def test_statx_dax_bit_and_short_buffer() -> None:
 
 
 def test_statx_missing_file_reports_error(tmp_path: Path) -> None:
-    assert probe_dax.statx(str(tmp_path / "missing")) == {"error": os.strerror(2)}
+    assert verify_regions.statx(str(tmp_path / "missing")) == {"error": os.strerror(2)}
 
 
 # --- sysfs and the whole fact set ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Before the rounds were folded (docs/performance.md, 'What dominates' item 2), a fresh one-region
 guest took 11 execs (5 fact reads) and a fresh three-region guest 22; verify took two python3 runs
-per region plus a sync. These tests pin the folded counts so that a regression fails.
+per region plus a sync (now one run for all regions: test_agent_verify). These tests pin the folded
+counts so that a regression fails.
 """
 
 from __future__ import annotations

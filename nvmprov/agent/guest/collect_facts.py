@@ -72,7 +72,9 @@ def run_steps(steps):
 
 
 def wait_probe():
-    for path in sorted(glob.glob(ND + "ndbus*/wait_probe")):
+    # libndctl's path (ndctlN's device is the bus); /sys/bus/nd/devices/ndbusN on newer kernels.
+    paths = glob.glob("/sys/class/nd/ndctl*/device/wait_probe") + glob.glob(ND + "ndbus*/wait_probe")
+    for path in sorted({os.path.realpath(p) for p in paths}):
         read(path)
 
 

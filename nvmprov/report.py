@@ -141,6 +141,10 @@ def render_text(report: Report) -> str:
             lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
             for row in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        for r in g.regions:
+            reason = _as_dict(r).get("persisted_reason")
+            if reason:
+                lines.append(f"  {reason}")
         if g.timings_s:
             lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in g.timings_s.items()))
         for note in g.notes:
@@ -168,7 +172,9 @@ def render_junit(report: Report) -> str:
                 if value is None:
                     ET.SubElement(case, "skipped", message=f"{check} not checked")
                 elif not value:
-                    ET.SubElement(case, "failure", message=f"{check} failed for region {d.get('name')}")
+                    fail = ET.SubElement(case, "failure", message=f"{check} failed for region {d.get('name')}")
+                    if check == "persisted" and d.get("persisted_reason"):
+                        fail.text = str(d["persisted_reason"])
                 cases.append(case)
         total_s = sum(g.timings_s.values())
         suite = ET.SubElement(

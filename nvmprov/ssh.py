@@ -30,7 +30,9 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 Progress = Callable[[str], None]
 
 BACKOFF_FIRST_S = 0.25
-BACKOFF_CAP_S = 5.0
+# Attempts are cheap (QEMU's slirp answers the forward locally), and a longer pause only means
+# noticing sshd up to that much late: 0.25, 0.5, 1, 1, 1 ... seconds between attempts.
+BACKOFF_CAP_S = 1.0
 # one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
 ATTEMPT_TIMEOUT_CAP_S = 12.0
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs

@@ -472,19 +472,23 @@ def power_cycle_proof(
     _hotplug_virtio_pmem(dom, the_plan, pool_dir)
     session = open_session(dom, the_plan, files, port, the_plan.boot_timeout_s, progress)
     try:
-        agent.apply(session, the_plan, reformat=False)
-        for r in regions:
-            if r.payload_path is None or r.payload_sha256 is None:
-                continue
-            r.persisted = agent.check_payload(session, r.payload_path, r.payload_sha256)
+        # Not agent.apply: after the cut only modules and mounts may run; a region that would need
+        # its namespace or filesystem made again is reported not persisted, and nothing is made.
+        agent.after_power_cycle(session, the_plan, regions, progress=progress.line)
     finally:
         session.close()
     pool = storage.pool_of(conn, the_plan.pool)
     for r in regions:
         if r.persisted and r.marker is not None:
-            offset = storage.find_marker(storage.volume(pool, the_plan.region(r.name).volume), r.marker.encode())
+            volume = the_plan.region(r.name).volume
+            offset = storage.find_marker(storage.volume(pool, volume), r.marker.encode())
             r.persisted = offset is not None
             r.marker_offset = offset
+            if offset is None:
+                r.persisted_reason = (
+                    f"region {r.name}: not persisted: the guest reads its payload back, but its marker is not in "
+                    f"the backing volume {volume} (the guest's writes did not reach the host file)"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,20 +2,33 @@
 
 states = agent.apply(session, plan, reformat=False)
 reports = agent.verify(session, plan, states)
+... power cut, boot ...
+agent.after_power_cycle(session, plan, reports)   # never creates a namespace or filesystem
 """
 
-from nvmprov.agent.converge import RegionState, Runner, apply, describe, gather
-from nvmprov.agent.verify import RegionReport, check_payload, new_marker, sync, verify, write_payload
+from nvmprov.agent.converge import Recheck, RegionState, Runner, apply, describe, gather, recheck
+from nvmprov.agent.verify import (
+    RegionReport,
+    after_power_cycle,
+    check_payload,
+    new_marker,
+    sync,
+    verify,
+    write_payload,
+)
 
 __all__ = [
+    "Recheck",
     "RegionReport",
     "RegionState",
     "Runner",
+    "after_power_cycle",
     "apply",
     "check_payload",
     "describe",
     "gather",
     "new_marker",
+    "recheck",
     "sync",
     "verify",
     "write_payload",

@@ -1,20 +1,35 @@
-"""Run the agent: read facts, run only the missing commands, repeat until nothing is missing."""
+"""Run the agent: read facts, run only the missing commands, repeat until nothing is missing.
+
+A round is one SSH exec of guest/collect_facts.py: it loads the plan's kernel modules when they
+are missing, runs the commands planned from the previous round's facts, then reads the facts the
+next plan is made from. A fresh guest takes three rounds (read; namespaces; filesystems, mounts
+and fstab, then the read that finds nothing left), a finished one a single read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import base64
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
 from nvmprov.agent.facts import GuestFacts, blockdev_of, locate, parse_guest_facts
-from nvmprov.agent.steps import Command, fstab_command, plan_commands
-from nvmprov.errors import GuestError
+from nvmprov.agent.steps import Command, Phase, fstab_command, needed_modules, plan_commands
+from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Plan, RegionPlan
 from nvmprov.ssh import Result
 
 GATHER_TIMEOUT_S = 180.0
-MAX_ROUNDS = 6  # modules, namespace, filesystem+mount, fstab, a final read, one spare
+MAX_ROUNDS = 6  # read, namespace, filesystem+mount+fstab (and its read), then spares
+# One argument of `sh -c` may not exceed 128 KiB (Linux MAX_ARG_STRLEN); the round's request
+# (commands and the new fstab) travels as one.
+MAX_REQUEST_BYTES = 100_000
+# What may run after a power cut (recheck): loading modules and mounting. virtio-pmem is hot-plugged
+# after start, so fstab's nofail line cannot mount it at boot. Never a namespace or a filesystem step:
+# those would hide the loss they repair.
+SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "mount"})
 
 
 class Runner(Protocol):
@@ -60,9 +75,72 @@ def run_program(session: Runner, name: str, *args: object, timeout_s: float) -> 
     return session.run(template, *args, sudo=True, stdin=guest_program(name), timeout_s=timeout_s)
 
 
-def gather(session: Runner) -> GuestFacts:
-    """Every fact the agent needs, in one round trip."""
-    return parse_guest_facts(run_program(session, "collect_facts.py", timeout_s=GATHER_TIMEOUT_S).stdout)
+def gather(session: Runner, *, modules: Sequence[str] = (), commands: Sequence[Command] = ()) -> GuestFacts:
+    """Every fact the agent needs, in one round trip; first load `modules` and run `commands`.
+
+    Raises RemoteCommandError (command, exit status, stderr tail) for the first command that
+    failed, or for the module loading when it failed; the guest ran nothing after it.
+    """
+    facts, failed = _round(session, modules, commands)
+    if failed is not None:
+        raise failed[1]
+    return facts
+
+
+def _round(
+    session: Runner, modules: Sequence[str], commands: Sequence[Command]
+) -> tuple[GuestFacts, tuple[Command, RemoteCommandError] | None]:
+    """One exec: the facts, and the planned command that failed (the guest ran none after it)."""
+    facts = _collect(session, modules, commands)
+    if facts.modprobe is not None and facts.modprobe.rc != 0:
+        raise RemoteCommandError(facts.modprobe.command, facts.modprobe.rc, facts.modprobe.stderr)
+    failed = _failed_step(facts, commands)
+    if failed is None:
+        return facts, None
+    return facts, (failed[0], RemoteCommandError(failed[0].render(), failed[1], failed[2]))
+
+
+def _collect(session: Runner, modules: Sequence[str], commands: Sequence[Command]) -> GuestFacts:
+    if not modules and not commands:
+        return parse_guest_facts(run_program(session, "collect_facts.py", timeout_s=GATHER_TIMEOUT_S).stdout)
+    request = json.dumps(
+        {
+            "modules": list(modules),
+            "steps": [
+                {
+                    "command": c.render(),
+                    "stdin_b64": base64.b64encode(c.stdin).decode() if c.stdin else None,
+                    "timeout_s": c.timeout_s,
+                }
+                for c in commands
+            ],
+        }
+    )
+    if len(request) > MAX_REQUEST_BYTES:
+        raise GuestError(
+            f"this round's commands for the guest take {len(request)} bytes, more than one command line may "
+            f"({MAX_REQUEST_BYTES}); is /etc/fstab in the guest unusually large?"
+        )
+    timeout_s = GATHER_TIMEOUT_S + sum(c.timeout_s for c in commands)
+    return parse_guest_facts(run_program(session, "collect_facts.py", request, timeout_s=timeout_s).stdout)
+
+
+def _failed_step(facts: GuestFacts, commands: Sequence[Command]) -> tuple[Command, int, str] | None:
+    """The planned command that failed, its exit status and stderr; None when all ran and succeeded."""
+    for i, command in enumerate(commands):
+        if i >= len(facts.steps):
+            return command, -1, "the guest's fact collector did not run it (no result came back)"
+        result = facts.steps[i]
+        if result.command != command.render():
+            raise GuestError(f"the guest ran {result.command!r} where {command.render()!r} was sent")
+        if result.rc != 0:
+            return command, result.rc, result.stderr
+    return None
+
+
+def plan_modules(regions: Sequence[RegionPlan]) -> tuple[str, ...]:
+    """The kernel modules the regions need, each once, in a stable order."""
+    return tuple(dict.fromkeys(m for r in regions for m in needed_modules(r)))
 
 
 def apply(
@@ -79,22 +157,110 @@ def apply(
     """
     to_reformat = {r.name for r in plan.regions} if reformat else set()
     ran: dict[str, list[str]] = {r.name: [] for r in plan.regions}
+    modules = plan_modules(plan.regions)
     pending: list[Command] = []
     for _ in range(MAX_ROUNDS):
-        facts = gather(session)
-        pending = _next_commands(facts, plan.regions, to_reformat)
-        if not pending:
-            return [describe(facts, r, tuple(ran[r.name])) for r in plan.regions]
         for command in pending:
             if progress is not None:
                 progress(f"{command.region or 'guest'}: {command.render()}")
-            session.run(command.template, *command.args, sudo=True, stdin=command.stdin, timeout_s=command.timeout_s)
+        facts = gather(session, modules=modules, commands=pending)
+        for command in pending:
             for name in [command.region] if command.region else list(ran):
                 ran[name].append(command.render())
+        _note_modprobe(facts, plan.regions, ran, progress)
+        pending = _next_commands(facts, plan.regions, to_reformat)
+        if not pending:
+            return [describe(facts, r, tuple(ran[r.name])) for r in plan.regions]
     raise GuestError(
         f"the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
         + "; ".join(c.render() for c in pending)
     )
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """The regions after a power cut: as they came back, or why they cannot count as persisted."""
+
+    states: dict[str, RegionState]
+    lost: dict[str, str]  # region name -> the reason (what the guest showed, what it would have taken)
+
+
+def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | None = None) -> Recheck:
+    """After a power cut: load modules and mount what fstab could not; create nothing.
+
+    A region whose facts call for a namespace or filesystem step did not survive the cut: it goes
+    into `lost` with the reason and nothing runs on it (apply() would re-create it and hide the
+    loss). So does a region the agent cannot place or mount any more (the error text). /etc/fstab
+    is not rewritten.
+    """
+    modules = plan_modules(plan.regions)
+    lost: dict[str, str] = {}
+    pending: list[Command] = []
+    for _ in range(MAX_ROUNDS):
+        for command in pending:
+            if progress is not None:
+                progress(f"{command.region or 'guest'}: {command.render()}")
+        facts, failed = _round(session, modules, pending)
+        if failed is not None:
+            command, error = failed
+            if command.region is None:
+                raise error
+            lost[command.region] = _not_persisted(command.region, f"after the power cycle, {error}")
+        pending = []
+        for region in plan.regions:
+            if region.name in lost:
+                continue
+            try:
+                commands = plan_commands(facts, region, reformat=False)
+            except GuestError as e:
+                lost[region.name] = _not_persisted(region.name, f"after the power cycle, {e}")
+                continue
+            unsafe = [c for c in commands if c.phase not in SAFE_AFTER_POWER_CYCLE]
+            if unsafe:
+                lost[region.name] = _lost_reason(facts, region, unsafe)
+                continue
+            pending += [c for c in commands if c not in pending]  # one modprobe for several regions
+        if not pending:
+            return Recheck({r.name: describe(facts, r) for r in plan.regions if r.name not in lost}, lost)
+    raise GuestError(
+        f"after the power cycle the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
+        + "; ".join(c.render() for c in pending)
+    )
+
+
+def _lost_reason(facts: GuestFacts, region: RegionPlan, unsafe: list[Command]) -> str:
+    state = describe(facts, region)
+    if unsafe[0].phase == "namespace":
+        seen = f"{state.guest_region} with a {state.namespace_mode or 'no'} namespace, not fsdax"
+    else:
+        seen = f"no {region.filesystem} filesystem on {state.guest_device}"
+    return _not_persisted(
+        region.name,
+        f"after the power cycle the guest shows {seen}; bringing it back would take `{unsafe[0].render()}`, "
+        "which would hide the loss, so nothing was run",
+    )
+
+
+def _not_persisted(name: str, why: str) -> str:
+    prefix = f"region {name}: "
+    return prefix + "not persisted: " + why.replace(prefix, "", 1)
+
+
+def _note_modprobe(
+    facts: GuestFacts,
+    regions: Sequence[RegionPlan],
+    ran: dict[str, list[str]],
+    progress: Callable[[str], None] | None,
+) -> None:
+    """The collector loaded modules before reading: count that as run for the regions that need them."""
+    if facts.modprobe is None:
+        return
+    if progress is not None:
+        progress(f"guest: {facts.modprobe.command}")
+    loaded = set(facts.modprobe.command.split()[2:])  # "modprobe -a nfit nd_pmem"
+    for region in regions:
+        if loaded & set(needed_modules(region)):
+            ran[region.name].append(facts.modprobe.command)
 
 
 def _next_commands(facts: GuestFacts, regions: tuple[RegionPlan, ...], to_reformat: set[str]) -> list[Command]:
@@ -102,16 +268,15 @@ def _next_commands(facts: GuestFacts, regions: tuple[RegionPlan, ...], to_reform
     seen: set[tuple[str, bytes | None]] = set()
     for region in regions:
         for command in plan_commands(facts, region, reformat=region.name in to_reformat):
-            if command.phase == "filesystem" and command.template.startswith("mkfs"):
+            if command.makes_filesystem:
                 to_reformat.discard(region.name)  # reformat once, not every round
             key = (command.render(), command.stdin)
             if key not in seen:  # e.g. one modprobe for several regions
                 seen.add(key)
                 commands.append(command)
-    if not commands:
-        fstab = fstab_command(facts, regions)
-        if fstab is not None:
-            commands.append(fstab)
+    fstab = fstab_command(facts, regions, commands)  # last: after the mkfs it may name
+    if fstab is not None:
+        commands.append(fstab)
     return commands
 
 

@@ -204,6 +204,18 @@ class Blkid:
     usage: str | None
 
 
+# blkid(8), `-p`: exit 2 "the specified token was not found, or no (specified) devices could be identified"
+BLKID_NOTHING_FOUND_RC = 2
+
+
+@dataclass(frozen=True)
+class BlkidFailure:
+    """blkid could not say whether the device holds anything: a formatting decision must not rest on it."""
+
+    rc: int | None  # None: the collector recorded no blkid run at all
+    stderr: str
+
+
 def parse_blkid_export(text: str) -> Blkid | None:
     """`blkid -p -o export DEV`; None when it found nothing (empty output, exit status 2)."""
     values: dict[str, str] = {}
@@ -325,12 +337,22 @@ class BlockDevice:
     size_bytes: int
     read_only: bool
     dax: bool  # /sys/block/X/queue/dax
-    fs: Blkid | None
+    fs: Blkid | None  # None: nothing found, or blkid failed (then blkid_failure says why)
+    blkid_failure: BlkidFailure | None = None
 
     @property
     def region(self) -> str | None:
         m = re.search(r"/(region\d+)/", self.sysfs_path)
         return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A command the fact collector ran for the host before reading (a planned step, or modprobe)."""
+
+    command: str
+    rc: int
+    stderr: str
 
 
 @dataclass(frozen=True)
@@ -343,6 +365,8 @@ class GuestFacts:
     mounts: tuple[Mount, ...]
     fstab: str
     kernel_log: tuple[str, ...] = ()  # nvdimm-related dmesg lines, for error messages
+    steps: tuple[StepResult, ...] = ()  # the round's commands run before reading, in order; stops at a failure
+    modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
         return tuple(line for line in self.kernel_log if any(w in line for w in words))
@@ -369,20 +393,40 @@ def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) 
     )
 
 
+def blkid_verdict(blkid: dict[str, Any]) -> tuple[Blkid | None, BlkidFailure | None]:
+    """What a recorded `blkid -p -o export` run says: a signature, nothing (exit 2 only), or a failure.
+
+    Only exit status 2 means "nothing there". Any other non-zero status (8: ambivalent probing
+    result, several signatures; 127: blkid missing; 4: usage) means blkid could not tell, and so
+    does exit 0 without a TYPE or PTTYPE.
+    """
+    rc = blkid.get("rc")
+    stderr = str(blkid.get("stderr") or "")
+    if rc == 0:
+        found = parse_blkid_export(str(blkid.get("stdout") or ""))
+        if found is None:
+            return None, BlkidFailure(0, stderr or "blkid exited 0 but printed no TYPE or PTTYPE")
+        return found, None
+    if rc == BLKID_NOTHING_FOUND_RC:
+        return None, None
+    return None, BlkidFailure(_int(rc), stderr or ("no blkid result recorded" if rc is None else ""))
+
+
 def _blockdev(name: str, raw: dict[str, Any]) -> BlockDevice:
-    blkid = raw.get("blkid") or {}
+    fs, failure = blkid_verdict(raw.get("blkid") or {})
     return BlockDevice(
         name=name,
         sysfs_path=str(raw.get("path") or ""),
         size_bytes=(_int(raw.get("size_sectors")) or 0) * SECTOR_BYTES,
         read_only=raw.get("ro") == "1",
         dax=raw.get("dax") == "1",
-        fs=parse_blkid_export(blkid.get("stdout", "")) if blkid.get("rc") == 0 else None,
+        fs=fs,
+        blkid_failure=failure,
     )
 
 
 def parse_guest_facts(text: str) -> GuestFacts:
-    """The JSON printed by guest/collect_facts.py."""
+    """The JSON printed by guest/collect_facts.py (older captures without "steps"/"modprobe" too)."""
     try:
         raw = json.loads(text)
     except ValueError as e:
@@ -404,7 +448,14 @@ def parse_guest_facts(text: str) -> GuestFacts:
         mounts=parse_proc_mounts(raw.get("mounts") or ""),
         fstab=raw.get("fstab") or "",
         kernel_log=tuple(raw.get("kernel_log") or ()),
+        steps=tuple(_step_result(r) for r in raw.get("steps") or ()),
+        modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
     )
+
+
+def _step_result(raw: dict[str, Any]) -> StepResult:
+    rc = _int(raw.get("rc"))
+    return StepResult(str(raw.get("command") or ""), rc if rc is not None else -1, str(raw.get("stderr") or ""))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,17 +2,21 @@
 
 `plan_commands` looks at one region and returns the commands of its next phase only
 (modules, then namespace, then filesystem and mount); `fstab_command` does the fstab for all
-regions at once. nvmprov.agent.apply re-reads the facts after each phase until nothing is left,
-so a second run on a finished guest runs no mutating command at all.
+regions at once, including those whose filesystem is made in the same round: nvmprov gives each
+filesystem it makes a UUID fixed by the plan (`fs_uuid`), so the entry can follow mkfs and mount
+without reading the facts in between. nvmprov.agent.apply re-reads the facts after each round
+until nothing is left, so a second run on a finished guest runs no mutating command at all.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from nvmprov.agent.facts import GuestFacts, Mount, Region, blockdev_of, dimm_of, locate
+from nvmprov.agent.facts import BlockDevice, GuestFacts, Mount, Region, blockdev_of, dimm_of, locate
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 from nvmprov.ssh import render_command
@@ -23,6 +27,8 @@ NAMESPACE_TIMEOUT_S = 300.0  # create-namespace writes the page map; slow under 
 MKFS_TIMEOUT_S = 600.0
 FSTAB_TAG = "# nvmprov: region "
 FSTAB_OPTIONS = "dax,nofail"
+# uuid5 namespace of the filesystem UUIDs nvmprov chooses (fs_uuid); fixed forever.
+FS_UUID_NAMESPACE = uuid.UUID("a48cef69-2d87-4bf4-af42-69882d539ab4")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,10 @@ class Command:
 
     def render(self) -> str:
         return render_command(self.template, *self.args)
+
+    @property
+    def makes_filesystem(self) -> bool:
+        return self.phase == "filesystem" and self.template.startswith("mkfs")
 
 
 def needed_modules(region: RegionPlan) -> tuple[str, ...]:
@@ -98,6 +108,8 @@ def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, mod
     if reformat:
         return
     dev = blockdev_of(facts, guest)
+    if dev is not None:
+        _refuse_unknown_contents(region, dev, f"make {guest.dev} fsdax")
     if dev is not None and dev.fs is not None:
         raise GuestError(
             f"region {region.name}: {guest.dev} is a {mode} namespace holding a {dev.fs.type} filesystem "
@@ -108,6 +120,30 @@ def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, mod
             f"region {region.name}: {guest.dev} is already a {mode} namespace, not fsdax; "
             "pass --reformat to reconfigure it (its contents are lost)"
         )
+
+
+def _refuse_unknown_contents(region: RegionPlan, dev: BlockDevice, action: str) -> None:
+    """Only blkid's "nothing found" (exit 2) lets nvmprov write over a device; a failed probe stops it."""
+    failure = dev.blkid_failure
+    if failure is None:
+        return
+    device = f"/dev/{dev.name}"
+    tail = " | ".join(failure.stderr.strip().splitlines()[-3:]) or "no error output"
+    if failure.rc == 127:
+        fix = "install blkid (util-linux) in the guest image"
+    elif failure.rc == 8:
+        fix = (
+            f"blkid found several signatures: list them with `wipefs {device}` (it erases nothing without -a) "
+            f"and remove the stale one with `wipefs -o OFFSET {device}`"
+        )
+    else:
+        fix = f"run `blkid -p -o export {device}` in the guest to see why"
+    raise GuestError(
+        f"region {region.name}: cannot tell whether {device} holds data: `blkid -p -o export {device}` exited "
+        f"{failure.rc if failure.rc is not None else '(not run)'} ({tail}); nvmprov only formats a device blkid "
+        f"reports empty (exit 2), so it will not {action} on it. Fix: {fix}; or pass --reformat to replace "
+        "whatever is on it (its contents are lost)"
+    )
 
 
 def _cmd(
@@ -131,6 +167,8 @@ def _filesystem_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *
     at_target = facts.mount_at(region.mount)
     if region.readonly:
         return _readonly_mount(region, dev.fs.type if dev.fs else None, device, mounts)
+    if dev.fs is None and not reformat:
+        _refuse_unknown_contents(region, dev, "make a filesystem")
     make_fs = dev.fs is None or reformat
     if not make_fs and dev.fs is not None and dev.fs.type != region.filesystem:
         raise GuestError(
@@ -169,7 +207,8 @@ def _mkfs(region: RegionPlan, device: str) -> Command:
     if region.filesystem == "ext4":
         # 4 KiB blocks: below 512 MiB mke2fs picks 1 KiB, and ext4 DAX needs block size == page size.
         return _cmd(
-            "mkfs.ext4 -q -F -b 4096 -L %s %s",
+            "mkfs.ext4 -q -F -b 4096 -U %s -L %s %s",
+            fs_uuid(region),
             label,
             device,
             region=region,
@@ -178,13 +217,25 @@ def _mkfs(region: RegionPlan, device: str) -> Command:
         )
     # reflink=0: xfs refuses to mount -o dax with reflink on.
     return _cmd(
-        "mkfs.xfs -q -f -m reflink=0 -L %s %s",
+        "mkfs.xfs -q -f -m reflink=0,uuid=%s -L %s %s",
+        fs_uuid(region),
         label,
         device,
         region=region,
         phase="filesystem",
         timeout_s=MKFS_TIMEOUT_S,
     )
+
+
+def fs_uuid(region: RegionPlan) -> str:
+    """The UUID of a filesystem nvmprov makes on this region, known before mkfs runs.
+
+    uuid5 of the region's backing volume name ("GUEST-pmem-REGION.raw", unique in its pool), so
+    a --reformat keeps the fstab entry and the plan alone decides it: the Plan holds no domain UUID
+    (libvirt's is random, chosen at define time). A filesystem nvmprov did not make keeps its own
+    UUID; the fstab entry then comes from blkid.
+    """
+    return str(uuid.uuid5(FS_UUID_NAMESPACE, region.volume))
 
 
 def fs_label(name: str, filesystem: str) -> str:
@@ -246,17 +297,32 @@ def _fstab_escape(path: str) -> str:
     return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
 
 
-def fstab_entries(facts: GuestFacts, regions: tuple[RegionPlan, ...]) -> list[FstabEntry]:
-    """One entry per mounted region whose filesystem has a UUID."""
+def fstab_entries(
+    facts: GuestFacts, regions: tuple[RegionPlan, ...], planned: Sequence[Command] = ()
+) -> list[FstabEntry]:
+    """One entry per region with a mount point whose filesystem exists, or is made by `planned`.
+
+    A region with module or namespace steps still `planned` gets none yet: its device is not
+    known until they ran (the next round writes it).
+    """
     entries = []
     for region in regions:
         if region.filesystem == "none" or region.mount is None:
             continue
-        dev = blockdev_of(facts, locate(facts, region))
-        if dev is None or dev.fs is None or dev.fs.uuid is None or dev.fs.type != region.filesystem:
+        mine = [c for c in planned if c.region == region.name]
+        if any(c.phase in ("modules", "namespace") for c in mine):
+            continue
+        if any(c.makes_filesystem for c in mine):
+            fs_id: str | None = fs_uuid(region)
+        else:
+            dev = blockdev_of(facts, locate(facts, region))
+            if dev is None or dev.fs is None or dev.fs.type != region.filesystem:
+                continue
+            fs_id = dev.fs.uuid
+        if fs_id is None:
             continue
         options = FSTAB_OPTIONS + (",ro" if region.readonly else "")
-        entries.append(FstabEntry(region.name, dev.fs.uuid, region.mount, region.filesystem, options))
+        entries.append(FstabEntry(region.name, fs_id, region.mount, region.filesystem, options))
     return entries
 
 
@@ -289,8 +355,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def fstab_command(facts: GuestFacts, regions: tuple[RegionPlan, ...]) -> Command | None:
-    entries = fstab_entries(facts, regions)
+def fstab_command(
+    facts: GuestFacts, regions: tuple[RegionPlan, ...], planned: Sequence[Command] = ()
+) -> Command | None:
+    """The fstab rewrite, to run after `planned` (this round's other commands); None if fstab is right."""
+    entries = fstab_entries(facts, regions, planned)
     if not entries:
         return None
     new = rewrite_fstab(facts.fstab, entries)

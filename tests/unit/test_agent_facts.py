@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from nvmprov.agent import facts as F
 from nvmprov.agent.converge import guest_program
-from nvmprov.agent.guest import probe_dax
+from nvmprov.agent.guest import verify_regions
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 
@@ -115,6 +116,40 @@ def test_blkid_nothing_found() -> None:
     assert F.parse_blkid_export("DEVNAME=/dev/pmem0\n") is None
 
 
+BLKID_EXT4 = "DEVNAME=/dev/pmem0\nUUID=u-1\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\n"
+AMBIVALENT = (
+    "/dev/pmem0: ambivalent result (probably more filesystems on the device, use wipefs(8) to see more details)"
+)
+NO_TYPE = "blkid exited 0 but printed no TYPE or PTTYPE"
+
+
+@pytest.mark.parametrize(
+    ("run", "fs_type", "failure"),
+    [
+        ({"rc": 0, "stdout": BLKID_EXT4, "stderr": ""}, "ext4", None),
+        ({"rc": 2, "stdout": "", "stderr": ""}, None, None),  # the only "nothing there"
+        ({"rc": 8, "stdout": "", "stderr": AMBIVALENT}, None, F.BlkidFailure(8, AMBIVALENT)),
+        (
+            {"rc": 127, "stdout": "", "stderr": "[Errno 2] No such file or directory: 'blkid'"},
+            None,
+            F.BlkidFailure(127, "[Errno 2] No such file or directory: 'blkid'"),
+        ),
+        ({"rc": 4, "stdout": "", "stderr": "usage"}, None, F.BlkidFailure(4, "usage")),
+        ({"rc": 0, "stdout": "DEVNAME=/dev/pmem0\n", "stderr": ""}, None, F.BlkidFailure(0, NO_TYPE)),
+        ({}, None, F.BlkidFailure(None, "no blkid result recorded")),
+    ],
+    ids=["rc0-ext4", "rc2-empty", "rc8-ambivalent", "rc127-missing", "rc4-usage", "rc0-no-type", "not-run"],
+)
+def test_blkid_verdict_only_exit_2_means_empty(
+    run: dict[str, object], fs_type: str | None, failure: F.BlkidFailure | None
+) -> None:
+    fs, got_failure = F.blkid_verdict(run)
+    assert (fs.type if fs else None, got_failure) == (fs_type, failure)
+    raw = {"path": "/sys/x/region0/namespace0.0/block/pmem0", "size_sectors": "8", "ro": "0", "dax": "0", "blkid": run}
+    dev = F.parse_guest_facts(json.dumps({"blockdevs": {"pmem0": raw}})).blockdevs["pmem0"]
+    assert (dev.fs.type if dev.fs else None, dev.blkid_failure) == (fs_type, failure)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -144,7 +179,7 @@ def test_statx_parser_against_the_kernel(tmp_path: Path) -> None:
     target = tmp_path / "f"
     target.write_bytes(b"x" * 12345)
     target.chmod(0o640)
-    raw = probe_dax.statx(str(target))
+    raw = verify_regions.statx(str(target))
     st = F.parse_statx(bytes.fromhex(raw["raw"]))
     ref = os.stat(target)
     assert (st.ino, st.size, st.mode, st.nlink, st.uid, st.gid) == (
@@ -170,7 +205,7 @@ def test_statx_dax_bit_and_short_buffer() -> None:
 
 
 def test_statx_missing_file_reports_error(tmp_path: Path) -> None:
-    assert probe_dax.statx(str(tmp_path / "missing")) == {"error": os.strerror(2)}
+    assert verify_regions.statx(str(tmp_path / "missing")) == {"error": os.strerror(2)}
 
 
 # --- sysfs and the whole fact set ---------------------------------------------------------------------
@@ -197,7 +232,46 @@ def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
     assert any(m.target == "/" for m in facts.mounts)
     assert facts.regions == {}
     raw = json.loads(proc.stdout)
-    assert set(raw) == {"modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab", "kernel_log"}
+    assert set(raw) == {
+        "modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab", "kernel_log", "steps", "modprobe"
+    }
+    assert (raw["steps"], raw["modprobe"]) == ([], None)
+
+
+def _collect_here(request: dict[str, object]) -> F.GuestFacts:
+    proc = subprocess.run(
+        [sys.executable, "-", json.dumps(request)], input=guest_program("collect_facts.py"), capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return F.parse_guest_facts(proc.stdout.decode())
+
+
+def test_collector_runs_the_rounds_steps_in_order_and_stops_at_the_first_failure(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    steps = [
+        {"command": f"cat >> {log}", "stdin_b64": base64.b64encode(b"one\n").decode(), "timeout_s": 10},
+        {"command": f"echo two >> {log}; echo oops >&2; exit 3", "stdin_b64": None, "timeout_s": 10},
+        {"command": f"echo three >> {log}", "stdin_b64": None, "timeout_s": 10},
+    ]
+    present = sorted(os.listdir("/sys/module"))[0]  # loaded (or built in) here: nothing to modprobe
+    facts = _collect_here({"modules": [present], "steps": steps})
+    assert log.read_text() == "one\ntwo\n"  # the third never ran
+    assert facts.steps == (
+        F.StepResult(steps[0]["command"], 0, ""),  # type: ignore[arg-type]
+        F.StepResult(steps[1]["command"], 3, "oops\n"),  # type: ignore[arg-type]
+    )
+    assert facts.modprobe is None
+    assert any(m.target == "/" for m in facts.mounts)  # the facts are read all the same
+
+
+def test_collector_step_timeout_is_exit_124() -> None:
+    facts = _collect_here({"steps": [{"command": "sleep 5", "stdin_b64": None, "timeout_s": 0.2}]})
+    assert facts.steps == (F.StepResult("sleep 5", 124, "timed out after 0.2 s"),)
+
+
+def test_old_collector_output_without_steps_parses() -> None:
+    facts = F.parse_guest_facts(fixture("real-facts-fresh.json"))
+    assert (facts.steps, facts.modprobe) == ((), None)
 
 
 def test_guest_facts_garbage() -> None:

@@ -8,7 +8,10 @@ mkfs on a mounted device). Every command apply() runs is recorded.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -71,7 +74,13 @@ class FakeGuest:
         self.dirs: set[str] = {"/", "/mnt"}
         self.fstab = "# /etc/fstab: static file system information.\nUUID=abcd / ext4 errors=remount-ro 0 1\n"
         self.commands: list[str] = []
-        self.gathers = 0
+        self.blkid_runs: dict[str, dict[str, object]] = {}  # blockdev -> what blkid "printed" instead
+        self.gathers = 0  # collect_facts.py runs
+        self.execs = 0  # SSH execs of any kind
+        self.pythons = 0  # python3 starts in the guest
+        self.modprobes: list[str] = []  # the collector's own module loading
+        self.modprobe_fails = False
+        self.files: dict[str, bytes] = {}  # payload files, by path
         self._uuids = 0
 
     # --- building the guest
@@ -147,7 +156,7 @@ class FakeGuest:
                     "size_sectors": str(ns.size // 512),
                     "ro": "0",
                     "dax": "1" if ns.mode == "fsdax" or r.pci else "0",
-                    "blkid": blkid,
+                    "blkid": self.blkid_runs.get(ns.blockdev, blkid),
                 }
         return json.dumps(
             {
@@ -186,14 +195,62 @@ class FakeGuest:
     ) -> Result:
         command = cmd % tuple(shlex.quote(str(a)) for a in args) if args else cmd
         assert sudo, f"agent commands must run as root: {command}"
-        if command == "python3 -" and stdin == COLLECTOR:
-            self.gathers += 1
-            return Result(0, self.facts_json(), "", command)
+        self.execs += 1
+        if command.startswith("python3 -"):
+            self.pythons += 1
+        if stdin == COLLECTOR:
+            assert cmd == "python3 -" + " %s" * len(args), command
+            return Result(0, self._collect(*(str(a) for a in args)), "", command)
         self.commands.append(command)
+        sums = re.fullmatch(r'for f in (.*); do sha256sum < "\$f" \|\| echo unreadable; done', command)
+        if sums:  # verify.sha256_of_files: read-only
+            paths = shlex.split(sums.group(1))
+            digest = {p: hashlib.sha256(data).hexdigest() + "  -" for p, data in self.files.items()}
+            return Result(0, "".join(digest.get(p, "unreadable") + "\n" for p in paths), "", command)
         rc, err = self._mutate(command, stdin)
         if check and rc != 0:
             raise RemoteCommandError(command, rc, err)
         return Result(rc, "", err, command)
+
+    def _collect(self, request: str | None = None) -> str:
+        """What collect_facts.py does: load the modules, run the steps until one fails, read the facts."""
+        self.gathers += 1
+        wanted = json.loads(request) if request else {}
+        missing = [m for m in wanted.get("modules", ()) if m not in self.modules]
+        modprobe = None
+        if missing:
+            modprobe = {"command": "modprobe -a " + " ".join(missing), "rc": 0, "stdout": "", "stderr": ""}
+            self.modprobes.append(modprobe["command"])
+            if self.modprobe_fails:
+                modprobe.update(rc=1, stderr=f"modprobe: FATAL: Module {missing[0]} not found in directory")
+            else:
+                self.modules |= set(missing)
+        results = []
+        for step in wanted.get("steps", ()):
+            data = base64.b64decode(step["stdin_b64"]) if step["stdin_b64"] else None
+            self.commands.append(step["command"])
+            rc, err = self._mutate(step["command"], data)
+            results.append({"command": step["command"], "rc": rc, "stderr": err})
+            if rc != 0:
+                break
+        facts = json.loads(self.facts_json())
+        facts.update(steps=results, modprobe=modprobe)
+        return json.dumps(facts)
+
+    def power_cycle(self, *, boot_modules: frozenset[str] = frozenset({"libnvdimm", "nfit", "nd_pmem"})) -> None:
+        """Power cut and boot: nothing mounted or loaded but what boot brings. Boot loads the NFIT
+        modules and mounts fstab's nvmprov entries of nvdimm regions (virtio-pmem is hot-plugged later)."""
+        self.mounts = []
+        self.modules = {"libvirt_dummy"} | set(boot_modules)
+        for line in self.fstab.splitlines():
+            fields = line.split()
+            if not fields or not fields[0].startswith("UUID=") or fields[1] == "/":
+                continue
+            for r in self.regions.values():
+                for ns in r.namespaces:
+                    fs = self.fs.get(ns.blockdev or "")
+                    if not r.pci and ns.mode == "fsdax" and fs and fs[1] == fields[0].removeprefix("UUID="):
+                        self.mounts.append((f"/dev/{ns.blockdev}", fields[1], fields[2], "rw,relatime,dax=always"))
 
     def _ns(self, dev: str) -> tuple[FakeRegion, FakeNs]:
         for r in self.regions.values():
@@ -240,10 +297,15 @@ class FakeGuest:
                 n = dev.removeprefix("region")
                 r.namespaces = [FakeNs(f"namespace{n}.0", "fsdax", fsdax_bytes(r.size), f"pmem{n}", self._new_uuid())]
             case ["mkfs.ext4" | "mkfs.xfs" as mkfs, *opts, "-L", label, device]:
-                assert ("-b" in opts and "4096" in opts) if mkfs == "mkfs.ext4" else ("reflink=0" in opts)
+                if mkfs == "mkfs.ext4":
+                    assert opts[:4] == ["-q", "-F", "-b", "4096"] and opts[4] == "-U", opts
+                    fs_uuid = opts[5]
+                else:
+                    assert opts[:3] == ["-q", "-f", "-m"] and opts[3].startswith("reflink=0,uuid="), opts
+                    fs_uuid = opts[3].removeprefix("reflink=0,uuid=")
                 if any(m[0] == device for m in self.mounts):
                     return 1, f"{device} contains a mounted filesystem"
-                self.fs[device.removeprefix("/dev/")] = (mkfs.removeprefix("mkfs."), self._new_uuid(), label)
+                self.fs[device.removeprefix("/dev/")] = (mkfs.removeprefix("mkfs."), fs_uuid, label)
             case ["mkdir", "-p", path]:
                 self.dirs.add(path)
             case ["mount", "-t", fstype, "-o", options, device, target]:
@@ -388,6 +450,8 @@ def _virtio() -> FakeGuest:
 
 
 VIRTIO = region("v", model="virtio-pmem", pci=0x0C, size=256 * MiB, mount="/mnt/v")
+U_DATA = steps.fs_uuid(region())  # the UUID nvmprov gives the filesystem it makes on region "data" of guest "g"
+U_V = steps.fs_uuid(VIRTIO)
 
 PHASE_TABLE = [
     ("modules missing", _no_modules, region(), ["modprobe -a nfit nd_pmem"]),
@@ -414,7 +478,7 @@ PHASE_TABLE = [
         _fsdax_blank,
         region(),
         [
-            "mkfs.ext4 -q -F -b 4096 -L data /dev/pmem0",
+            f"mkfs.ext4 -q -F -b 4096 -U {U_DATA} -L data /dev/pmem0",
             "mkdir -p /mnt/data",
             "mount -t ext4 -o dax /dev/pmem0 /mnt/data",
         ],
@@ -424,7 +488,7 @@ PHASE_TABLE = [
         _fsdax_blank,
         region(fs="xfs"),
         [
-            "mkfs.xfs -q -f -m reflink=0 -L data /dev/pmem0",
+            f"mkfs.xfs -q -f -m reflink=0,uuid={U_DATA} -L data /dev/pmem0",
             "mkdir -p /mnt/data",
             "mount -t xfs -o dax /dev/pmem0 /mnt/data",
         ],
@@ -449,7 +513,11 @@ PHASE_TABLE = [
         "virtio-pmem: no namespace ops",
         _virtio,
         VIRTIO,
-        ["mkfs.ext4 -q -F -b 4096 -L v /dev/pmem1", "mkdir -p /mnt/v", "mount -t ext4 -o dax /dev/pmem1 /mnt/v"],
+        [
+            f"mkfs.ext4 -q -F -b 4096 -U {U_V} -L v /dev/pmem1",
+            "mkdir -p /mnt/v",
+            "mount -t ext4 -o dax /dev/pmem1 /mnt/v",
+        ],
     ),
 ]
 
@@ -460,7 +528,7 @@ def test_facts_to_next_commands(case: str, make: object, plan_region: RegionPlan
     if expected == "reformat":
         assert first_phase(guest, plan_region, reformat=True) == [
             "umount /mnt/data",
-            "mkfs.ext4 -q -F -b 4096 -L data /dev/pmem0",
+            f"mkfs.ext4 -q -F -b 4096 -U {U_DATA} -L data /dev/pmem0",
             "mkdir -p /mnt/data",
             "mount -t ext4 -o dax /dev/pmem0 /mnt/data",
         ]
@@ -520,6 +588,57 @@ def test_ndctl_missing_says_install_it() -> None:
         steps.plan_commands(parse_guest_facts(json.dumps(raw)), region(), reformat=False)
 
 
+AMBIVALENT = {
+    "rc": 8,
+    "stdout": "",
+    "stderr": "/dev/pmem0: ambivalent result (probably more filesystems on the device, use wipefs(8) to see more "
+    "details)\n",
+}
+NO_BLKID = {"rc": 127, "stdout": "", "stderr": "[Errno 2] No such file or directory: 'blkid'"}
+
+
+@pytest.mark.parametrize(
+    ("make", "blkid", "match"),
+    [
+        (_fsdax_blank, AMBIVALENT, r"exited 8 \(/dev/pmem0: ambivalent .*not make a filesystem.*wipefs /dev/pmem0"),
+        (_fsdax_blank, NO_BLKID, r"exited 127 \(\[Errno 2\] No such file.*install blkid \(util-linux\)"),
+        (_labelless, AMBIVALENT, r"exited 8 .*will not make region0 fsdax on it"),
+        (_labelless, NO_BLKID, r"exited 127 .*will not make region0 fsdax on it"),
+    ],
+    ids=["mkfs-rc8", "mkfs-rc127", "namespace-rc8", "namespace-rc127"],
+)
+def test_blkid_failure_refuses_to_format(make: object, blkid: dict[str, object], match: str) -> None:
+    g = make()  # type: ignore[operator]
+    g.blkid_runs["pmem0"] = blkid
+    prefix = "region data: cannot tell whether /dev/pmem0 holds data: `blkid -p -o export /dev/pmem0` "
+    with pytest.raises(GuestError, match=prefix + match) as e:
+        apply(g, plan_of(region()))
+    assert "pass --reformat to replace whatever is on it" in str(e.value)
+    assert not any(c.startswith(("mkfs", "ndctl")) for c in g.commands)  # nothing written over it
+
+
+@pytest.mark.parametrize(
+    ("blkid", "expected"),
+    [
+        ({"rc": 2, "stdout": "", "stderr": ""}, "mkfs.ext4"),  # exit 2: nothing there, format it
+        ({"rc": 0, "stdout": "DEVNAME=/dev/pmem0\nUUID=u-7\nTYPE=ext4\n", "stderr": ""}, "mkdir"),  # keep it, mount it
+    ],
+    ids=["rc2", "rc0"],
+)
+def test_blkid_verdicts_that_allow_the_next_step(blkid: dict[str, object], expected: str) -> None:
+    g = _fsdax_blank()
+    g.blkid_runs["pmem0"] = blkid
+    assert first_phase(g, region())[0].startswith(expected)
+
+
+def test_blkid_failure_with_reformat_formats_once() -> None:
+    g = _fsdax_blank()
+    g.blkid_runs["pmem0"] = AMBIVALENT  # stays ambivalent: the fake's blkid never learns
+    with pytest.raises(GuestError, match="cannot tell whether /dev/pmem0 holds data"):
+        apply(g, plan_of(region()), reformat=True)  # formatted once, then refuses again rather than loop
+    assert sum(c.startswith("mkfs") for c in g.commands) == 1
+
+
 # --- fstab ---------------------------------------------------------------------------------------------
 
 
@@ -560,15 +679,15 @@ def test_apply_labelless_ext4_then_nothing_the_second_time() -> None:
     g = _no_modules()
     plan = plan_of(region())
     states = apply(g, plan)
+    assert g.modprobes == ["modprobe -a nfit nd_pmem"]  # by the fact collector, before its first read
     assert g.commands[:-1] == [
-        "modprobe -a nfit nd_pmem",
         "ndctl create-namespace -f -e namespace0.0 -m fsdax",
-        "mkfs.ext4 -q -F -b 4096 -L data /dev/pmem0",
+        f"mkfs.ext4 -q -F -b 4096 -U {U_DATA} -L data /dev/pmem0",
         "mkdir -p /mnt/data",
         "mount -t ext4 -o dax /dev/pmem0 /mnt/data",
     ]
-    assert g.commands[-1].startswith("cat > /etc/fstab.nvmprov-new")
-    assert "UUID=00000000-0000-4000-8000-000000000002 /mnt/data ext4 dax,nofail 0 0" in g.fstab
+    assert g.commands[-1].startswith("cat > /etc/fstab.nvmprov-new")  # in the same round as mkfs and mount
+    assert f"UUID={U_DATA} /mnt/data ext4 dax,nofail 0 0" in g.fstab
     assert g.fstab.startswith("# /etc/fstab: static file system information.\nUUID=abcd / ext4")
     (s,) = states
     assert (s.guest_region, s.namespace, s.namespace_mode, s.guest_device) == (
@@ -583,7 +702,8 @@ def test_apply_labelless_ext4_then_nothing_the_second_time() -> None:
         True,
         fsdax_bytes(512 * MiB),
     )
-    assert len(s.commands_run) == 6  # its own five and the guest-wide fstab rewrite
+    assert len(s.commands_run) == 6  # modprobe, its own four and the guest-wide fstab rewrite
+    assert s.commands_run[0] == "modprobe -a nfit nd_pmem" and s.fs_uuid == U_DATA
 
     before, gathers = list(g.commands), g.gathers
     again = apply(g, plan)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from nvmprov.agent import RegionState, check_payload, verify, write_payload
+from nvmprov.agent.converge import guest_program
 from nvmprov.agent.verify import PAYLOAD_BYTES, parse_probe, probe_dax
 from nvmprov.errors import GuestError
 from nvmprov.ssh import Result, render_command
@@ -85,7 +87,8 @@ def test_verify_without_dax_fails_dax_and_xip_but_writes_data(tmp_path: Path) ->
     assert data.startswith(report.marker.encode()) and len(data) == PAYLOAD_BYTES + len(report.marker)
     assert hashlib.sha256(data).hexdigest() == report.payload_sha256
     assert sorted(p.name for p in tmp_path.iterdir()) == [payload.name]  # the probe cleaned up
-    assert runner.commands[-1] == "sync"
+    (command,) = runner.commands  # one guest program run, which ends with its own sync
+    assert command.startswith("python3 - ")
 
 
 def test_probe_here_shows_pages_for_both_copies(tmp_path: Path) -> None:
@@ -167,3 +170,79 @@ def test_parse_probe_fincore_failure_is_not_ok() -> None:
     raw["fincore"] = {"rc": 1, "stdout": "", "stderr": "fincore: failed to open: x"}
     probe = parse_probe(json.dumps(raw))
     assert not probe.xip_ok and "fincore: failed to open" in (probe.error or "")
+
+
+REAL_PROBE = json.loads((Path(__file__).parent / "fixtures" / "agent" / "real-probe-mnt-plain.json").read_text())
+
+
+class DaxGuest:
+    """Answers verify_regions.py as a real DAX guest did: the captured probe, a matching payload."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, object]] = []
+        self.execs = 0
+
+    def run(self, cmd: str, *args: object, stdin: bytes | None = None, **_kw: object) -> Result:
+        self.execs += 1
+        if stdin != guest_program("verify_regions.py"):
+            return Result(0, "", "", cmd)  # sync
+        request = json.loads(str(args[0]))
+        self.requests.append(request)
+        regions = []
+        for r in request["regions"]:  # type: ignore[union-attr]
+            p = r["payload"]
+            payload = {"path": p["path"], "bytes": 1, "sha256": "a" * 64, "sha256_read": "a" * 64} if p else None
+            regions.append({"name": r["name"], "probe": REAL_PROBE if r["probe"] else None, "payload": payload})
+        return Result(0, json.dumps({"regions": regions, "synced": True}), "", cmd)
+
+
+@pytest.mark.parametrize(
+    ("model", "mode", "dax"),
+    [
+        ("nvdimm", "fsdax", True),
+        ("nvdimm", "raw", False),  # a raw pmem device mounted -o dax is not what the spec asked for
+        ("nvdimm", "sector", False),
+        ("nvdimm", None, False),
+        ("virtio-pmem", "fsdax", True),  # ndctl's name for virtio-pmem's label-less namespace
+        ("virtio-pmem", None, True),  # virtio-pmem has no namespace modes to require
+    ],
+)
+def test_dax_of_an_nvdimm_region_requires_an_fsdax_namespace(model: str, mode: str | None, dax: bool) -> None:
+    r = region() if model == "nvdimm" else region(model="virtio-pmem", pci=0x10)
+    st = replace(state("data", "/mnt/data", mount_dax=True, mode=mode), model=model)
+    (report,) = verify(DaxGuest(), plan_of(r), [st])  # a real guest's DAX-positive probe
+    assert (report.dax, report.xip_ok, report.data_ok) == (dax, True, True)
+    # the same rule for the regions verify does not write to
+    none = replace(r, filesystem="none", mount=None)
+    (raw,) = verify(DaxGuest(), plan_of(none), [replace(st, mountpoint=None, device_dax=True)])
+    assert raw.dax is dax
+    ro = replace(r, readonly=True)
+    (read_only,) = verify(DaxGuest(), plan_of(ro), [st])
+    assert read_only.dax is dax
+
+
+def test_verify_of_three_regions_is_one_guest_program_run(tmp_path: Path) -> None:
+    """Was two python3 runs per region and a sync; the checks themselves are the same (see above)."""
+    mounts = [tmp_path / n for n in ("a", "b", "c")]
+    for m in mounts:
+        m.mkdir()
+    plan = plan_of(*(region(n, slot=i, mount=str(m)) for i, (n, m) in enumerate(zip("abc", mounts, strict=True))))
+    runner = LocalRunner()
+    reports = verify(runner, plan, [state(n, str(m)) for n, m in zip("abc", mounts, strict=True)])
+    assert len(runner.commands) == 1 and runner.commands[0].startswith("python3 - ")
+    for report, m in zip(reports, mounts, strict=True):
+        assert report.data_ok is True and report.xip_ok is False  # no DAX on this host
+        assert report.payload_path == str(m / ".nvmprov-payload")
+        data = Path(report.payload_path).read_bytes()
+        assert data.startswith((report.marker or "").encode()) and len(data) == PAYLOAD_BYTES + len(report.marker or "")
+        assert hashlib.sha256(data).hexdigest() == report.payload_sha256
+        assert [p.name for p in m.iterdir()] == [".nvmprov-payload"]  # each probe cleaned up
+    assert len({r.marker for r in reports}) == 3
+    guest = DaxGuest()
+    verify(guest, plan, [state(n, str(m), mount_dax=True) for n, m in zip("abc", mounts, strict=True)])
+    assert guest.execs == 1  # the program's own final sync replaces the separate `sync` exec
+    (request,) = guest.requests
+    assert request["scratch"] == "/var/tmp" and request["program"] == "/usr/bin/true"
+    assert [(r["name"], r["probe"], r["payload"]["size_bytes"]) for r in request["regions"]] == [  # type: ignore[index,union-attr]
+        (n, str(m), PAYLOAD_BYTES) for n, m in zip("abc", mounts, strict=True)
+    ]

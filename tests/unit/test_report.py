@@ -72,3 +72,13 @@ def test_text_table_shows_each_region_and_verdict() -> None:
     lines = [ln for ln in text.splitlines() if ln.strip().startswith(("data ", "logs "))]
     assert len(lines) == 2 and lines[1].rstrip().endswith("NO")
     assert "ssh -i /k" in text and text.rstrip().endswith("FAILED")
+
+
+def test_why_a_region_is_not_persisted_is_shown() -> None:
+    reason = "region logs: not persisted: after the power cycle the guest shows region1 with a raw namespace"
+    report = Report([guest(region(), region(name="logs", persisted=False, persisted_reason=reason))])
+    assert f"  {reason}" in render_text(report).splitlines()
+    assert json.loads(render_json(report))["guests"][0]["regions"][1]["persisted_reason"] == reason
+    assert json.loads(render_json(report))["guests"][0]["regions"][0]["persisted_reason"] is None
+    failures = [f for f in ET.fromstring(render_junit(report)).iter("failure")]
+    assert [f.text for f in failures] == [reason]

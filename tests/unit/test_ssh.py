@@ -385,3 +385,30 @@ def test_dropped_banners_print_nothing_on_stderr(sshd: Sshd) -> None:
         dropper.join()
     assert "not ready after" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Simulated clock: every attempt fails at once; the pauses grow to 1 s and stop at the deadline."""
+    clock = [1000.0]
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        clock[0] += seconds
+
+    def refused(*_args: object) -> object:
+        raise ssh._Retry("connection refused (sshd not listening yet)")
+
+    monkeypatch.setattr(ssh.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ssh.time, "sleep", sleep)
+    monkeypatch.setattr(ssh, "_connect_once", refused)
+    key, public = _write_keypair(tmp_path, "k")
+    target = ssh.SshTarget("127.0.0.1", 1, "u", str(key), public)
+    with pytest.raises(GuestTimeout, match="not ready after 10 s"):
+        ssh.connect(target, deadline_s=10)
+    assert pauses[:4] == [0.25, 0.5, 1.0, 1.0]
+    assert max(pauses) == ssh.BACKOFF_CAP_S == 1.0
+    assert sum(pauses) == pytest.approx(10.0)  # waited exactly until the deadline, not past it
+    assert clock[0] == pytest.approx(1010.0)

@@ -1,11 +1,22 @@
-"""Read-only: print one JSON object of raw nvdimm/pmem facts of this guest.
+"""One round of the agent: run the steps it was given, load modules, print the guest's facts as JSON.
 
-Everything the agent needs in one round trip (each costs a second or more under TCG):
+argv: nothing (read facts only), or one JSON object {"steps": [...], "modules": [...]}:
+  modules  kernel modules that must be loaded before facts mean anything (nfit, nd_pmem,
+           virtio_pmem): the missing ones are loaded with `modprobe -a` (idempotent); the result
+           comes back under "modprobe" (null when nothing was missing).
+  steps    commands the host planned from the previous facts, run in order with `/bin/sh -c`, each
+           {"command": str, "stdin_b64": str | null, "timeout_s": float}; the first failure stops
+           the rest. Their results come back under "steps" ({"command", "rc", "stderr"}).
+Every nvdimm bus is then waited on (reading its wait_probe attribute, as ndctl does: the kernel
+registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug).
+Then everything the agent needs in the same round trip (each costs a second or more under TCG):
 modules, `ndctl list`, the sysfs topology (regions, their DIMM mappings, NFIT handles,
 block devices), blkid of each pmem block device, /proc/self/mounts and /etc/fstab.
 Values are raw text; the host parses them, so this stays dumb and old-python friendly.
+Nothing but the given steps and the module loading changes the guest.
 """
 
+import base64
 import glob
 import json
 import os
@@ -36,14 +47,58 @@ def run(argv):
     return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-4000:]}
 
 
+def run_step(step):
+    """One planned command; rc 124 (as timeout(1) says) when it overran its time."""
+    data = base64.b64decode(step["stdin_b64"]) if step.get("stdin_b64") else b""
+    out = {"command": step["command"]}
+    try:
+        p = subprocess.run(
+            ["/bin/sh", "-c", step["command"]], input=data, capture_output=True, timeout=float(step["timeout_s"])
+        )
+    except subprocess.TimeoutExpired:
+        out.update(rc=124, stderr=f"timed out after {float(step['timeout_s']):g} s")
+        return out
+    out.update(rc=p.returncode, stderr=p.stderr.decode("utf-8", "replace")[-4000:])
+    return out
+
+
+def run_steps(steps):
+    results = []
+    for step in steps:
+        results.append(run_step(step))
+        if results[-1]["rc"] != 0:
+            break
+    return results
+
+
+def wait_probe():
+    # libndctl's path (ndctlN's device is the bus); /sys/bus/nd/devices/ndbusN on newer kernels.
+    paths = glob.glob("/sys/class/nd/ndctl*/device/wait_probe") + glob.glob(ND + "ndbus*/wait_probe")
+    for path in sorted({os.path.realpath(p) for p in paths}):
+        read(path)
+
+
+def load_modules(wanted):
+    missing = [m for m in wanted if m not in modules_present(wanted)]
+    if not missing:
+        return None
+    result = run(["modprobe", "-a"] + missing)
+    result["command"] = "modprobe -a " + " ".join(missing)
+    return result
+
+
 def builtin_modules():
     text = read(f"/lib/modules/{os.uname().release}/modules.builtin") or ""
     return {os.path.basename(line)[: -len(".ko")].replace("-", "_") for line in text.splitlines() if line}
 
 
-def modules():
+def modules_present(names):
     builtin = builtin_modules()
-    return sorted(m for m in MODULES if m in builtin or os.path.isdir("/sys/module/" + m))
+    return sorted(m for m in names if m in builtin or os.path.isdir("/sys/module/" + m))
+
+
+def modules():
+    return modules_present(MODULES)
 
 
 def regions():
@@ -86,7 +141,11 @@ def kernel_log():
     return lines[-KERNEL_LOG_LINES:]
 
 
-def main():
+def main(argv):
+    request = json.loads(argv[0]) if argv else {}
+    modprobe = load_modules(request.get("modules") or [])
+    steps = run_steps(request.get("steps") or [])
+    wait_probe()
     facts = {
         "modules": modules(),
         "ndctl": run(["ndctl", "list", "--regions", "--namespaces", "--dimms", "--idle"]),
@@ -96,9 +155,11 @@ def main():
         "mounts": read("/proc/self/mounts") or "",
         "fstab": read("/etc/fstab") or "",
         "kernel_log": kernel_log(),
+        "steps": steps,
+        "modprobe": modprobe,
     }
     json.dump(facts, sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

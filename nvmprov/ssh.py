@@ -33,6 +33,9 @@ BACKOFF_FIRST_S = 0.25
 # Attempts are cheap (QEMU's slirp answers the forward locally), and a longer pause only means
 # noticing sshd up to that much late: 0.25, 0.5, 1, 1, 1 ... seconds between attempts.
 BACKOFF_CAP_S = 1.0
+# With 1 s pauses a TCG boot makes ~60 failed attempts: report the first, then one line per this
+# many seconds, so progress stays a line per phase and not a line per attempt.
+ATTEMPT_REPORT_EVERY_S = 15.0
 # one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
 ATTEMPT_TIMEOUT_CAP_S = 12.0
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs
@@ -126,14 +129,16 @@ def connect(
     delay_s = BACKOFF_FIRST_S
     attempt = 0
     last_error = "no attempt made"
+    next_report_s = 0.0  # monotonic time of the next attempt line
     while True:
         attempt += 1
         try:
             return Session(_connect_once(target, pinned, client_key, deadline), target)
         except _Retry as e:
             last_error = str(e)
-        if progress is not None:
+        if progress is not None and time.monotonic() >= next_report_s:
             progress(f"ssh {target.host}:{target.port} attempt {attempt}: {last_error}")
+            next_report_s = time.monotonic() + ATTEMPT_REPORT_EVERY_S
         if abort_check is not None:
             abort_check()
         if deadline.remaining_s <= 0:

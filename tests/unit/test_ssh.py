@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -288,7 +289,9 @@ def test_wrong_port_times_out_within_deadline(sshd: Sshd) -> None:
     elapsed = time.monotonic() - start
     assert 1.9 < elapsed < 3.5
     assert "refused" in str(e.value).lower()
-    assert len(progress) >= 3  # backoff retried several times, starting small
+    attempts = int(re.search(r"\((\d+) attempts\)", str(e.value)).group(1))
+    assert attempts >= 3  # backoff retried several times, starting small
+    assert len(progress) == 1, progress  # ... and said so once (a line per ATTEMPT_REPORT_EVERY_S)
 
 
 def test_unknown_client_key_retries_then_says_authentication(sshd: Sshd, tmp_path: Path) -> None:
@@ -412,3 +415,29 @@ def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
     assert max(pauses) == ssh.BACKOFF_CAP_S == 1.0
     assert sum(pauses) == pytest.approx(10.0)  # waited exactly until the deadline, not past it
     assert clock[0] == pytest.approx(1010.0)
+
+
+def test_attempt_lines_are_throttled_while_the_guest_boots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """60 s of refused attempts (about 60 of them) give one line per 15 s, not one per attempt."""
+    clock = [1000.0]
+    lines: list[tuple[float, str]] = []
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    def refused(*_args: object) -> object:
+        raise ssh._Retry("connection refused (sshd not listening yet)")
+
+    monkeypatch.setattr(ssh.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ssh.time, "sleep", sleep)
+    monkeypatch.setattr(ssh, "_connect_once", refused)
+    key, public = _write_keypair(tmp_path, "k")
+    target = ssh.SshTarget("127.0.0.1", 1, "u", str(key), public)
+    with pytest.raises(GuestTimeout, match=r"not ready after 60 s \((\d+) attempts\)") as failure:
+        ssh.connect(target, deadline_s=60, progress=lambda text: lines.append((clock[0], text)))
+    attempts = int(re.search(r"\((\d+) attempts\)", str(failure.value)).group(1))
+    assert attempts > 50
+    assert 4 <= len(lines) <= 5, lines  # at 0, 15, 30, 45 (and 60) s
+    assert lines[0][1].startswith("ssh 127.0.0.1:1 attempt 1: connection refused")
+    gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:], strict=False)]
+    assert all(gap >= ssh.ATTEMPT_REPORT_EVERY_S for gap in gaps), gaps

@@ -252,7 +252,7 @@ def regions(r: Runner, image_names: tuple[str, str, str], sizes_gib: Sequence[in
 
 
 def count(r: Runner, ns: Sequence[int], single_s: float | None = None) -> dict[str, Any]:
-    """N full creates at once (N processes; `create --parallel` is not there yet): total wall
+    """N full creates at once (N separate processes, as N CI jobs would start them): total wall
     against N x the single-guest time (the N=1 run, else `single_s`: the phases median)."""
     rows: list[dict[str, Any]] = []
     single = single_s
@@ -353,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     nvmprov = nvmprov_bin()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"machine": machine(), "load_at_start": load(), "runs": args.runs}
+    result: dict[str, Any] = {"machine": machine(), "load_at_start": load(), "runs": args.runs,
+                              "argv": list(sys.argv[1:] if argv is None else argv)}
     runner = Runner(nvmprov, out_path.parent / "work", lambda: wait_for_quiet(args.max_load, args.max_wait_s))
     signal.signal(signal.SIGTERM, _interrupted)  # a killed benchmark still stops its guests
     image_names = preflight(nvmprov) if set(args.only) - {"latency"} else ("", "", "")

@@ -390,10 +390,8 @@ def test_dropped_banners_print_nothing_on_stderr(sshd: Sshd) -> None:
     assert proc.stderr == ""
 
 
-def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """Simulated clock: every attempt fails at once; the pauses grow to 1 s and stop at the deadline."""
+def _refusing_guest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[float], list[float], ssh.SshTarget]:
+    """A simulated clock (sleep advances it) and a guest whose every SSH attempt is refused at once."""
     clock = [1000.0]
     pauses: list[float] = []
 
@@ -408,7 +406,14 @@ def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
     monkeypatch.setattr(ssh.time, "sleep", sleep)
     monkeypatch.setattr(ssh, "_connect_once", refused)
     key, public = _write_keypair(tmp_path, "k")
-    target = ssh.SshTarget("127.0.0.1", 1, "u", str(key), public)
+    return clock, pauses, ssh.SshTarget("127.0.0.1", 1, "u", str(key), public)
+
+
+def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Simulated clock: every attempt fails at once; the pauses grow to 1 s and stop at the deadline."""
+    clock, pauses, target = _refusing_guest(monkeypatch, tmp_path)
     with pytest.raises(GuestTimeout, match="not ready after 10 s"):
         ssh.connect(target, deadline_s=10)
     assert pauses[:4] == [0.25, 0.5, 1.0, 1.0]
@@ -419,20 +424,8 @@ def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
 
 def test_attempt_lines_are_throttled_while_the_guest_boots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """60 s of refused attempts (about 60 of them) give one line per 15 s, not one per attempt."""
-    clock = [1000.0]
+    clock, _pauses, target = _refusing_guest(monkeypatch, tmp_path)
     lines: list[tuple[float, str]] = []
-
-    def sleep(seconds: float) -> None:
-        clock[0] += seconds
-
-    def refused(*_args: object) -> object:
-        raise ssh._Retry("connection refused (sshd not listening yet)")
-
-    monkeypatch.setattr(ssh.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(ssh.time, "sleep", sleep)
-    monkeypatch.setattr(ssh, "_connect_once", refused)
-    key, public = _write_keypair(tmp_path, "k")
-    target = ssh.SshTarget("127.0.0.1", 1, "u", str(key), public)
     with pytest.raises(GuestTimeout, match=r"not ready after 60 s \((\d+) attempts\)") as failure:
         ssh.connect(target, deadline_s=60, progress=lambda text: lines.append((clock[0], text)))
     attempts = int(re.search(r"\((\d+) attempts\)", str(failure.value)).group(1))

@@ -23,24 +23,6 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # keep libvirt's ow
 MiB = 1 << 20
 
 
-@pytest.fixture
-def conn():
-    c = libvirt.open("test:///default")
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def pool(conn):
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    p = storage.ensure_pool(conn, name, f"/nonexistent/{name}/pool")
-    yield p
-    for vol in p.listAllVolumes(0):
-        vol.delete(0)
-    p.destroy()
-    p.undefine()
-
-
 def _vol_xml(vol) -> ET.Element:
     return ET.fromstring(vol.XMLDesc(0))
 

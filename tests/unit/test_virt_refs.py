@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-
 import libvirt
-import pytest
 
 from nvmprov import doctor, storage, virt
 
@@ -26,24 +23,6 @@ DOMAIN = """\
   </devices>
 </domain>
 """
-
-
-@pytest.fixture
-def conn():
-    c = libvirt.open("test:///default")
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def pool(conn):
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    p = storage.ensure_pool(conn, name, f"/nonexistent/{name}/pool")
-    yield p
-    for vol in p.listAllVolumes(0):
-        vol.delete(0)
-    p.destroy()
-    p.undefine()
 
 
 def test_a_volume_source_counts_as_using_the_backing_volume(conn, pool) -> None:

@@ -276,10 +276,9 @@ def test_nvdimm_is_an_nfit_region_in_the_guest(booted: Booted):
     assert booted.run("cat /sys/bus/nd/devices/nmem0/nfit/handle").strip() in ("0x1", "1")
 
 
-def test_save_guest_fixtures_for_the_agent(booted: Booted):
-    if os.environ.get("NVMPROV_SAVE_GUEST_FIXTURES") != "1":
-        pytest.skip("set NVMPROV_SAVE_GUEST_FIXTURES=1 to refresh tests/unit/fixtures/guest/")
-    FIXTURES.mkdir(parents=True, exist_ok=True)
+def test_guest_fixtures_of_the_unit_tests_match_this_guest(booted: Booted):
+    """tests/unit/fixtures/guest/ stand for this guest in the unit tests: its NFIT layout must still be
+    what they show. NVMPROV_SAVE_GUEST_FIXTURES=1 rewrites them from this guest instead."""
     outputs = {
         "ndctl-list-RNDu.json": "sudo -n ndctl list -RNDu",
         "ndctl-list-RNDv.json": "sudo -n ndctl list -RND -v",
@@ -289,6 +288,21 @@ def test_save_guest_fixtures_for_the_agent(booted: Booted):
         "ls-dev-pmem.txt": "ls -l /dev/pmem*",
         "uname.txt": "uname -a",
     }
-    for filename, command in outputs.items():
-        (FIXTURES / filename).write_text(booted.run(command))
-    assert (FIXTURES / "proc-iomem.txt").read_text().count("Persistent Memory") >= 1
+    live = {filename: booted.run(command) for filename, command in outputs.items()}
+    if os.environ.get("NVMPROV_SAVE_GUEST_FIXTURES") == "1":
+        FIXTURES.mkdir(parents=True, exist_ok=True)
+        for filename, text in live.items():
+            (FIXTURES / filename).write_text(text)
+    saved = {filename: (FIXTURES / filename).read_text() for filename in outputs}
+
+    def pmem_ranges(iomem: str) -> list[str]:
+        return [line.split(":")[0].strip() for line in iomem.splitlines() if "Persistent Memory" in line]
+
+    def layout(ndctl: str) -> list[tuple[str, object, list[tuple[str, str]]]]:
+        listing = json.loads(ndctl)
+        regions = listing["regions"] if isinstance(listing, dict) else listing
+        return [(r["dev"], r["size"], [(m["dimm"], m["length"]) for m in r.get("mappings", [])]) for r in regions]
+
+    assert pmem_ranges(live["proc-iomem.txt"]) == pmem_ranges(saved["proc-iomem.txt"]) != []
+    assert live["nfit-handles.txt"] == saved["nfit-handles.txt"]
+    assert layout(live["ndctl-list-RNDu.json"]) == layout(saved["ndctl-list-RNDu.json"])

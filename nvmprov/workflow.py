@@ -413,9 +413,11 @@ def open_session(
             boot.copy_log(log_path, files.console_copy)
         else:
             state.write_private(files.console_copy, log_tail(10_000))
-        if tail and "console lines" not in str(exc):
-            raise GuestError(f"{exc}\nlast console lines:\n{tail}") from None
-        raise
+        if "console lines" in str(exc):
+            raise
+        # An empty console says something too: QEMU or the kernel never got as far as printing.
+        shown = tail or "(none: the guest has printed nothing on its serial console)"
+        raise GuestError(f"{exc}\nlast console lines:\n{shown}") from None
 
 
 def _prove(

@@ -377,7 +377,13 @@ def test_eight_creates_at_once_all_succeed_and_leave_nothing(tmp_path: Path, cle
         procs.append(subprocess.Popen([sys.executable, "-m", "nvmprov", "create", str(path), "--until", "start",
                                        "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       cwd=REPO))
-    results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    try:
+        results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    finally:  # a timed-out test must not leave creates running behind the cleanup's back
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()  # SIGTERM: the create rolls back
+                p.wait(timeout=120)
     ports = set()
     for name, ((stdout, stderr), rc) in zip(names, results, strict=True):
         assert rc == 0, f"{name}: exit {rc}\n{stderr[-3000:]}"

@@ -4,6 +4,6 @@
 # filesystem, prints the report. Extra arguments go to `nvmprov create` (e.g. --json).
 set -euo pipefail
 checkout="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$checkout/scripts/setup.sh"
+bash "$checkout/scripts/setup.sh" >&2  # set-up lines on stderr: stdout is the report (--json)
 cd "$checkout"
 exec .venv/bin/nvmprov create examples/guest.yaml "$@"

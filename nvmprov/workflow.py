@@ -451,7 +451,7 @@ def _prove(
     report.regions = regions
     if power_cycle:
         with progress.phase("power-cycle"):
-            power_cycle_proof(conn, dom, the_plan, files, port, regions, progress, reformat=opts.reformat)
+            power_cycle_proof(conn, dom, the_plan, files, port, regions, progress)
 
 
 def power_cycle_proof(
@@ -462,8 +462,6 @@ def power_cycle_proof(
     port: int,
     regions: list[agent.RegionReport],
     progress: Progress,
-    *,
-    reformat: bool = False,
 ) -> None:
     """Cut the power after the guest synced, boot again, re-check each payload's sha256 in the guest
     and find each region's marker in its host backing volume (read through libvirt)."""

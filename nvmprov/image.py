@@ -40,7 +40,7 @@ BUILD_STEPS_VERSION = "1"
 
 MiB = 1 << 20
 GiB = 1 << 30
-ROOTFS_MIN_BYTES = 2 * GiB  # the overlay grows to the guest's disk size; cloud-init resizes
+ROOTFS_MIN_BYTES = 2 * GiB  # the overlay grows to the guest's disk size; nvmprov-seed resizes
 ROOTFS_MARGIN_BYTES = 512 * MiB  # free space on top of what the files need
 ROOTFS_ROUND_BYTES = 64 * MiB
 

@@ -1,5 +1,9 @@
 """cloud-init NoCloud seed of a guest: keys, user-data, meta-data, network-config, the ISO.
 
+A user's cloud image reads it with cloud-init; the built-in image has no cloud-init and applies it
+with templates/image/files/usr/local/lib/nvmprov/apply_seed.py, which implements exactly the
+keys these templates produce (tests/unit/test_image_seed_applier.py keeps the two in step).
+
 Pure apart from the randomness of key generation: values go into YAML documents loaded from
 templates/cloud-init/ and are dumped with yaml.safe_dump, never formatted into strings.
 """
@@ -18,7 +22,8 @@ from nvmprov.resources import TEMPLATES_ROOT, require
 
 TEMPLATES_DIR = TEMPLATES_ROOT / "cloud-init"
 
-# The guest's one NIC gets this name (cloud-init renames it by MAC, before networking starts).
+# The guest's one NIC gets this name (renamed by MAC before networking starts, by cloud-init or
+# the built-in image's nvmprov-seed).
 GUEST_NIC_NAME = "eth0"
 
 ISO_VOLUME_LABEL = "cidata"  # NoCloud finds its seed by this label

@@ -119,7 +119,7 @@ def connect(
     """Wait for the guest's SSH server and log in, until `deadline_s` seconds have passed.
 
     Refused/reset/EOF/timeouts and authentication failures are retried with backoff (the guest
-    may still be booting, or cloud-init not yet done); a host key other than the pinned one
+    may still be booting, or its seed not yet applied); a host key other than the pinned one
     fails at once. `abort_check` runs between attempts and may raise to give up early
     (a kernel panic on the console, the domain gone).
     """
@@ -196,7 +196,7 @@ def _connect_once(
         client.close()
         raise _Retry(
             f"authentication as {target.user} with {target.client_key_path} failed ({e}); "
-            "cloud-init may not have installed the key yet"
+            "the guest's seed (cloud-init, or nvmprov-seed in the built-in image) may not have installed the key yet"
         ) from e
     except (OSError, EOFError, paramiko.SSHException) as e:
         client.close()

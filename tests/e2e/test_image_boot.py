@@ -1,5 +1,5 @@
 """The built-in image's own smoke test: it boots under TCG from a hand-built domain with one
-NVDIMM, cloud-init applies the seed, SSH answers with the pinned host key, and the guest sees the
+NVDIMM, nvmprov-seed (the image's stand-in for cloud-init) applies the seed, SSH answers with the pinned host key, and the guest sees the
 NVDIMM as an ACPI NFIT region.
 
 Deliberately independent of domain.py/virt.py/ssh.py (the create workflow has its own tests):
@@ -129,6 +129,7 @@ class Booted:
     seconds_to_ssh: float
     host_key: str
     serial_log: Path
+    name: str
 
     def run(self, command: str) -> str:
         _stdin, stdout, stderr = self.ssh.exec_command(command, timeout=120)
@@ -222,7 +223,7 @@ def booted(conn: libvirt.virConnect, pool: libvirt.virStoragePool, tmp_path_fact
         ssh = _wait_for_ssh(port, "nvmprov", pkey, host.public_openssh, dom, serial_log)
         seconds = time.monotonic() - start
         print(f"domain start {started:.1f} s, start to SSH {seconds:.1f} s")
-        yield Booted(ssh=ssh, seconds_to_ssh=seconds, host_key=host.public_openssh, serial_log=serial_log)
+        yield Booted(ssh=ssh, seconds_to_ssh=seconds, host_key=host.public_openssh, serial_log=serial_log, name=name)
         ssh.close()
     finally:
         if dom is not None:
@@ -256,10 +257,19 @@ def test_root_filesystem_grew_to_the_overlay(booted: Booted):
     assert size_bytes > DISK_BYTES * 0.9
 
 
-def test_network_is_cloud_init_config_on_eth0(booted: Booted):
+def test_network_is_the_seeds_config_on_eth0(booted: Booted):
     assert "source /etc/network/interfaces.d/*" in booted.run("cat /etc/network/interfaces")
-    assert "eth0" in booted.run("cat /etc/network/interfaces.d/50-cloud-init")
+    assert "iface eth0 inet dhcp" in booted.run("cat /etc/network/interfaces.d/50-nvmprov")
     assert "10.0.2.15" in booted.run("ip -4 -o addr show dev eth0")
+
+
+def test_seed_applied_by_nvmprov_seed_without_cloud_init(booted: Booted):
+    assert booted.run("systemctl is-active nvmprov-seed.service").strip() == "active"
+    assert booted.run("command -v cloud-init || echo none").strip() == "none"
+    assert booted.run("hostname").strip() == booted.name
+    assert "127.0.1.1\t" + booted.name in booted.run("cat /etc/hosts")
+    # it says so on the serial console, where a failed seed would be explained
+    assert f"nvmprov-seed: applied (host {booted.name}, user nvmprov" in booted.serial_log.read_text(errors="replace")
 
 
 def test_nvdimm_is_an_nfit_region_in_the_guest(booted: Booted):

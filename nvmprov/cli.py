@@ -1,7 +1,7 @@
 """Command line: parse arguments, call one function per subcommand, map errors to exit codes.
 
-Only this module prints errors or exits. Heavy imports (libvirt, paramiko) happen inside the
-commands that need them, so `--help`, `validate` and `render` start fast.
+Only this module prints errors or exits. Imports happen inside the commands that need them (libvirt
+and paramiko, but also report, state and traceback), so `--help`, `validate` and `render` start fast.
 """
 
 from __future__ import annotations
@@ -11,19 +11,17 @@ import math
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
 from . import __version__
 from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
-from .report import GuestReport, Report
-from .state import check_name
 
 if TYPE_CHECKING:
     from .plan import HostFacts
     from .progress import Progress
+    from .report import GuestReport, Report
     from .spec import GuestSpec
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -295,6 +293,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
     )
     from .progress import Progress
+    from .report import Report
 
     log = _open_log(args.log_file)
     try:
@@ -326,6 +325,8 @@ def _reported(name: str, progress: Progress, args: argparse.Namespace, run: Call
         return run()
     except (NvmprovError, KeyboardInterrupt) as exc:
         if getattr(args, "json", False) or getattr(args, "junit", None):
+            from .report import GuestReport, Report
+
             failed = GuestReport(name=name)
             failed.fail(progress.last_phase(phase), str(exc) or "interrupted by SIGINT")
             failed.timings_s = dict(progress.timings_s)
@@ -369,7 +370,7 @@ def _emit_machine(report: Report, args: argparse.Namespace) -> None:
 
 
 def _emit(report: object, args: argparse.Namespace) -> int:
-    from .report import render_text
+    from .report import Report, render_text
 
     assert isinstance(report, Report)
     _emit_machine(report, args)
@@ -392,6 +393,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr), args)
     from .progress import Progress
+    from .report import Report
 
     name, progress = names[0], Progress()
     report = _reported(name, progress, args, phase="verify", run=lambda: guests.verify_one(
@@ -444,6 +446,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     from . import guests
+    from .state import check_name
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     argv = guests.ssh_argv(check_name(args.name), connect=args.connect, command=cmd)
@@ -454,6 +457,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     from . import guests
+    from .state import check_name
 
     sys.stdout.write(guests.console_text(check_name(args.name), connect=args.connect))
     return EXIT_OK
@@ -494,6 +498,8 @@ def _names(args: argparse.Namespace) -> list[str]:
             args.connect = uris.pop() if uris != {"qemu:///system"} else None
     if not names:
         raise UsageError("name at least one guest, or give -f FILE")
+    from .state import check_name
+
     return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)
 
 
@@ -663,6 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except NvmprovError as exc:
         if args.debug:
+            import traceback
+
             traceback.print_exc()
         if isinstance(exc, SpecError):
             sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse

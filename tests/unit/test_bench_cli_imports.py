@@ -1,6 +1,7 @@
 """CLI latency guard: `nvmprov --help`, `validate` and `render` must not import the heavy libraries
 (libvirt, paramiko, cryptography, pycdlib, rich) -- they cost 0.05-0.1 s each at start-up and
-those commands need none of them. Checked in a fresh interpreter, as a user starts the CLI."""
+those commands need none of them. `--help` must not even import what only commands need (the
+spec's pydantic and yaml, the reports). Checked in a fresh interpreter, as a user starts the CLI."""
 
 from __future__ import annotations
 
@@ -21,16 +22,22 @@ try:
     cli.main(sys.argv[1:])
 except SystemExit:
     pass
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})), file=sys.stderr)
+print(json.dumps(sorted(m for m in sys.modules if m in {names!r} or m.split(".")[0] in {names!r})),
+      file=sys.stderr)
 """
 
 
-def heavy_modules_after(*argv: str) -> list[str]:
-    code = PROBE.format(heavy=set(HEAVY))
+def modules_after(argv: tuple[str, ...], names: tuple[str, ...]) -> list[str]:
+    """Which of these modules (or packages, with their submodules) `nvmprov ARGV` imported."""
+    code = PROBE.format(names=set(names))
     proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     last = proc.stderr.strip().splitlines()[-1]
     return list(json.loads(last))
+
+
+def heavy_modules_after(*argv: str) -> list[str]:
+    return modules_after(argv, HEAVY)
 
 
 @pytest.mark.parametrize("argv", [
@@ -47,3 +54,13 @@ def test_the_probe_sees_a_heavy_import_when_there_is_one() -> None:
     # The guard must be able to fail: `list` talks to libvirt, so libvirt is imported (and the
     # command may then fail for want of a daemon; the import is what counts here).
     assert "libvirt" in heavy_modules_after("list", "--connect", "test:///default")
+
+
+def test_help_imports_none_of_what_the_commands_need() -> None:
+    needed_by_commands = ("pydantic", "pydantic_core", "yaml", "importlib.metadata", "nvmprov.spec",
+                          "nvmprov.report", "nvmprov.state", "nvmprov.plan", "nvmprov.domain", "traceback")
+    assert modules_after(("--help",), needed_by_commands) == []
+
+
+def test_render_imports_no_report() -> None:
+    assert modules_after(("render", "examples/guest.yaml"), ("nvmprov.report",)) == []

@@ -64,3 +64,30 @@ def test_help_imports_none_of_what_the_commands_need() -> None:
 
 def test_render_imports_no_report() -> None:
     assert modules_after(("render", "examples/guest.yaml"), ("nvmprov.report",)) == []
+
+
+def test_render_does_not_discover_pydantic_plugins() -> None:
+    # nvmprov.spec builds its models without pydantic's plugin loader (importlib.metadata and a
+    # scan of every installed distribution's entry points, ~25 ms)
+    assert modules_after(("render", "examples/guest.yaml"), ("importlib.metadata", "pydantic.plugin._loader")) == []
+
+
+NO_STUB_LEFT = """
+import sys
+from nvmprov import spec
+from pydantic import BaseModel
+from pydantic_core import SchemaValidator
+assert type(spec.GuestSpec.__pydantic_validator__) is SchemaValidator
+class Other(BaseModel):  # anyone else's model: pydantic's own loader, plugins and all
+    n: int
+from pydantic.plugin import _loader
+assert _loader.__file__ and _loader.PYDANTIC_ENTRY_POINT_GROUP == "pydantic", _loader
+assert Other.model_validate({"n": 1}).n == 1
+print("ok")
+"""
+
+
+def test_models_built_after_the_spec_still_get_pydantic_plugin_discovery() -> None:
+    proc = subprocess.run([sys.executable, "-c", NO_STUB_LEFT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.stdout.strip() == "ok", proc.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import math
 import os
 import signal
@@ -293,6 +294,31 @@ SUBCOMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], .
 # commands
 
 
+def _without_gc(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """For the commands that are over in a fraction of a second and end the process (validate,
+    render): no cyclic garbage collection while they run, and what is alive when they return is
+    frozen (gc.freeze: never examined by the collector again). Importing pydantic and yaml and
+    building the models fills the heap with long-lived objects and hardly any garbage cycles: the
+    ~50 collections while `render` ran found ~1,200 objects to free. At exit, where Python clears
+    the modules and collects what that leaves, that heap cost 50-100 ms of render's wall time
+    (13 ms frozen: the OS takes it back). Reference counting still frees everything else; an
+    in-process caller (the tests) gets the collector back, minus the objects frozen here."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        if not gc.isenabled():
+            return command(args)
+        gc.disable()
+        try:
+            return command(args)
+        finally:
+            gc.freeze()
+            gc.enable()
+
+    return run
+
+
+@_without_gc
 def cmd_validate(args: argparse.Namespace) -> int:
     from . import plan, spec
 
@@ -306,6 +332,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_without_gc
 def cmd_render(args: argparse.Namespace) -> int:
     import uuid
 

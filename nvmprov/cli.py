@@ -103,25 +103,32 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
 
 
 class _Commands(argparse._SubParsersAction):  # noqa: SLF001 - argparse's documented action=, no public base
-    """The subcommands, each one's own options added when it is the command being run (`pending`):
-    their hundred add_argument calls cost ~8 ms of every start-up, `--help` and `render` included,
-    and a run uses one subcommand. build_parser() adds them all at once unless asked to wait."""
+    """The subcommands, each one's parser made when it is the command being run (add_lazy): making
+    the 16 parsers and their hundred options cost ~12 ms of every start-up, `--help` and `render`
+    included, and a run uses one of them. --help needs only their names and help lines."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.pending: dict[str, Callable[[], None]] = {}
+        self.pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_lazy(self, name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+        """NAME's line in --help and its place among the choices now, its parser when it is run."""
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help_text))  # what add_parser(help=) adds
+        self._name_parser_map[name] = None  # the choices, until it is run: argparse checks the keys
+        self.pending[name] = add_arguments
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         add_arguments = self.pending.pop(values[0], None)
         if add_arguments is not None:
-            add_arguments()
+            del self._name_parser_map[values[0]]  # else add_parser refuses the name as taken
+            add_arguments(self.add_parser(values[0]))  # its line in --help is there already
         super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
-    """The whole command line. With LAZY, a subcommand's options are added only when it is parsed
-    (main: one command per run); without, all of them now (for who inspects the parsers)."""
+    """The whole command line. With LAZY, a subcommand's parser is made only when it is the one
+    parsed (main: one command per run); without, all of them now (for who inspects the parsers)."""
     parser = _Parser(
         prog="nvmprov",
         description=(
@@ -134,11 +141,10 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     sub.required = True
     assert isinstance(sub, _Commands)
     for name, help_text, add_arguments in SUBCOMMANDS:
-        p = sub.add_parser(name, help=help_text)
         if lazy:
-            sub.pending[name] = functools.partial(add_arguments, p)
+            sub.add_lazy(name, help_text, add_arguments)
         else:
-            add_arguments(p)
+            add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 

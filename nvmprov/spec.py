@@ -7,7 +7,6 @@ field path, what is wrong and what would be right. Defaults and rules: docs/spec
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import posixpath
@@ -968,6 +967,8 @@ def _keys_of(loc: Path_) -> list[str]:
 
 
 def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:
+    import difflib  # only for an unknown key: not at start-up
+
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"

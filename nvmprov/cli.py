@@ -1,29 +1,29 @@
 """Command line: parse arguments, call one function per subcommand, map errors to exit codes.
 
-Only this module prints errors or exits. Heavy imports (libvirt, paramiko) happen inside the
-commands that need them, so `--help`, `validate` and `render` start fast.
+Only this module prints errors or exits. Imports happen inside the commands that need them (libvirt
+and paramiko, but also report, state and traceback), so `--help`, `validate` and `render` start fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import math
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
-from .report import GuestReport, Report
-from .state import check_name
 
 if TYPE_CHECKING:
     from .plan import HostFacts
     from .progress import Progress
+    from .report import GuestReport, Report
     from .spec import GuestSpec
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -102,7 +102,33 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="guests at a time for a fleet (default: one per CPU core, at most the number of guests)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Commands(argparse._SubParsersAction):  # noqa: SLF001 - argparse's documented action=, no public base
+    """The subcommands, each one's parser made when it is the command being run (add_lazy): making
+    the 16 parsers and their hundred options cost ~12 ms of every start-up, `--help` and `render`
+    included, and a run uses one of them. --help needs only their names and help lines."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_lazy(self, name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+        """NAME's line in --help and its place among the choices now, its parser when it is run."""
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help_text))  # what add_parser(help=) adds
+        self._name_parser_map[name] = None  # the choices, until it is run: argparse checks the keys
+        self.pending[name] = add_arguments
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        add_arguments = self.pending.pop(values[0], None)
+        if add_arguments is not None:
+            del self._name_parser_map[values[0]]  # else add_parser refuses the name as taken
+            add_arguments(self.add_parser(values[0]))  # its line in --help is there already
+        super().__call__(parser, namespace, values, option_string)
+
+
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The whole command line. With LAZY, a subcommand's parser is made only when it is the one
+    parsed (main: one command per run); without, all of them now (for who inspects the parsers)."""
     parser = _Parser(
         prog="nvmprov",
         description=(
@@ -111,19 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nvmprov {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, action=_Commands)
     sub.required = True
+    assert isinstance(sub, _Commands)
+    for name, help_text, add_arguments in SUBCOMMANDS:
+        if lazy:
+            sub.add_lazy(name, help_text, add_arguments)
+        else:
+            add_arguments(sub.add_parser(name, help=help_text))
+    return parser
 
-    p = sub.add_parser("validate", help="check a spec file; exit 0 or 2")
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
 
-    p = sub.add_parser("render", help="print the libvirt domain XML a spec produces (no libvirt needed)")
+
+def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.add_argument("--guest", help="which guest of a fleet file")
     p.add_argument("--uuid", type=_uuid_arg, metavar="UUID",
                    help="the domain UUID, for output that stays the same (default: a new random one each run)")
 
-    p = sub.add_parser("create", help="create, boot, set up and verify the guests of a spec file")
+
+def _create_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.add_argument("--guest", help="only this guest of a fleet file")
     p.add_argument("--until", choices=["define", "start", "ssh"], help="stop after this phase")
@@ -135,41 +171,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(p)
     _add_output(p)
 
-    p = sub.add_parser("verify", help="re-run the in-guest checks on a managed guest")
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
     _add_guest_selector(p)
     p.add_argument("--power-cycle", action="store_true", help="also cut the power and prove the data survived")
     _add_parallel(p)
     _add_output(p)
 
-    p = sub.add_parser("start", help="start a managed guest (and hot-plug its virtio-pmem regions)")
+
+def _start_args(p: argparse.ArgumentParser) -> None:
     _add_guest_selector(p)
 
-    p = sub.add_parser("stop", help="ACPI shutdown; hard stop after the timeout")
+
+def _stop_args(p: argparse.ArgumentParser) -> None:
     _add_guest_selector(p)
     p.add_argument("--force", action="store_true", help="cut the power at once")
     p.add_argument("--timeout-s", type=_positive_seconds, default=120.0, metavar="S",
                    help="ACPI shutdown grace period in seconds (default 120)")
 
-    p = sub.add_parser("destroy", help="stop and undefine; remove overlay and seed (backing volumes kept)")
+
+def _destroy_args(p: argparse.ArgumentParser) -> None:
     _add_guest_selector(p)
     p.add_argument("--purge", action="store_true", help="also delete the backing volumes (the region data)")
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
 
-    p = sub.add_parser("list", help="managed guests")
+
+def _list_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json", "ansible"], default="table",
                    help="ansible: an inventory (JSON, Ansible's YAML layout) to save and pass to ansible -i")
     p.add_argument("--connect")
 
-    p = sub.add_parser("ssh", help="SSH into a managed guest with its pinned host key")
+
+def _ssh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run instead of a shell")
     p.add_argument("--connect")
 
-    p = sub.add_parser("console", help="print the guest's serial log")
+
+def _console_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--connect")
 
-    p = sub.add_parser("image", help="the built-in guest image")
+
+def _image_args(p: argparse.ArgumentParser) -> None:
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", parser_class=_Parser)
     isub.required = True
     b = isub.add_parser("build", help="build the Debian 12 guest image with mmdebstrap")
@@ -180,13 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("dir", metavar="DIR", help="directory holding the image files, e.g. /var/lib/nvmprov/pool")
     b.add_argument("--pool", default="nvmprov")
     b.add_argument("--connect", default=None)
-    _add_admin_parsers(sub)
-    return parser
 
 
-def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
-    """attach, detach (issue 5)."""
-    p = sub.add_parser("attach", help="add a pmem region to any libvirt domain (live and/or config)")
+# attach, detach (issue 5), show, doctor, prune
+
+
+def _attach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("--size", required=True, help="region size, e.g. 512MiB")
     p.add_argument("--name", dest="region", help="region name (default: hpN)")
@@ -200,7 +243,8 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connect")
     _add_output(p)
 
-    p = sub.add_parser("detach", help="remove a pmem region from a domain (backing volume kept)")
+
+def _detach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("region", metavar="REGION")
     p.add_argument("--live", action="store_true", help="from the running domain (virtio-pmem only)")
@@ -210,17 +254,20 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connect")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("show", help="a guest's memory map: RAM, regions with guest physical ranges, hotplug room")
+
+def _show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="NAME")
     p.add_argument("--connect")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("doctor", help="is this host ready? each failed check prints its fix (exit 0 or 3)")
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--file", help="also check pool space against this spec's regions")
     p.add_argument("--connect")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("prune", help="delete nvmprov volumes no domain uses (lists them first)")
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="GLOB", help="only volumes whose name matches, e.g. 'demo-*'")
     p.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     p.add_argument("--yes", action="store_true", help="delete without asking (needed without a terminal)")
@@ -228,10 +275,56 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
 
 
+# (name, the one line `nvmprov --help` shows, its options), in the order --help lists them
+SUBCOMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("validate", "check a spec file; exit 0 or 2", _validate_args),
+    ("render", "print the libvirt domain XML a spec produces (no libvirt needed)", _render_args),
+    ("create", "create, boot, set up and verify the guests of a spec file", _create_args),
+    ("verify", "re-run the in-guest checks on a managed guest", _verify_args),
+    ("start", "start a managed guest (and hot-plug its virtio-pmem regions)", _start_args),
+    ("stop", "ACPI shutdown; hard stop after the timeout", _stop_args),
+    ("destroy", "stop and undefine; remove overlay and seed (backing volumes kept)", _destroy_args),
+    ("list", "managed guests", _list_args),
+    ("ssh", "SSH into a managed guest with its pinned host key", _ssh_args),
+    ("console", "print the guest's serial log", _console_args),
+    ("image", "the built-in guest image", _image_args),
+    ("attach", "add a pmem region to any libvirt domain (live and/or config)", _attach_args),
+    ("detach", "remove a pmem region from a domain (backing volume kept)", _detach_args),
+    ("show", "a guest's memory map: RAM, regions with guest physical ranges, hotplug room", _show_args),
+    ("doctor", "is this host ready? each failed check prints its fix (exit 0 or 3)", _doctor_args),
+    ("prune", "delete nvmprov volumes no domain uses (lists them first)", _prune_args),
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 
 
+def _without_gc(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """For the commands that are over in a fraction of a second and end the process (validate,
+    render): no cyclic garbage collection while they run, and what is alive when they return is
+    frozen (gc.freeze: never examined by the collector again). Importing pydantic and yaml and
+    building the models fills the heap with long-lived objects and hardly any garbage cycles: the
+    ~50 collections while `render` ran found ~1,200 objects to free. At exit, where Python clears
+    the modules and collects what that leaves, that heap cost 50-100 ms of render's wall time
+    (13 ms frozen: the OS takes it back). Reference counting still frees everything else; an
+    in-process caller (the tests) gets the collector back, minus the objects frozen here."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        if not gc.isenabled():
+            return command(args)
+        gc.disable()
+        try:
+            return command(args)
+        finally:
+            gc.freeze()
+            gc.enable()
+
+    return run
+
+
+@_without_gc
 def cmd_validate(args: argparse.Namespace) -> int:
     from . import plan, spec
 
@@ -245,6 +338,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_without_gc
 def cmd_render(args: argparse.Namespace) -> int:
     import uuid
 
@@ -295,6 +389,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
     )
     from .progress import Progress
+    from .report import Report
 
     log = _open_log(args.log_file)
     try:
@@ -326,6 +421,8 @@ def _reported(name: str, progress: Progress, args: argparse.Namespace, run: Call
         return run()
     except (NvmprovError, KeyboardInterrupt) as exc:
         if getattr(args, "json", False) or getattr(args, "junit", None):
+            from .report import GuestReport, Report
+
             failed = GuestReport(name=name)
             failed.fail(progress.last_phase(phase), str(exc) or "interrupted by SIGINT")
             failed.timings_s = dict(progress.timings_s)
@@ -369,7 +466,7 @@ def _emit_machine(report: Report, args: argparse.Namespace) -> None:
 
 
 def _emit(report: object, args: argparse.Namespace) -> int:
-    from .report import render_text
+    from .report import Report, render_text
 
     assert isinstance(report, Report)
     _emit_machine(report, args)
@@ -392,6 +489,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr), args)
     from .progress import Progress
+    from .report import Report
 
     name, progress = names[0], Progress()
     report = _reported(name, progress, args, phase="verify", run=lambda: guests.verify_one(
@@ -444,6 +542,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     from . import guests
+    from .state import check_name
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     argv = guests.ssh_argv(check_name(args.name), connect=args.connect, command=cmd)
@@ -454,6 +553,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     from . import guests
+    from .state import check_name
 
     sys.stdout.write(guests.console_text(check_name(args.name), connect=args.connect))
     return EXIT_OK
@@ -494,6 +594,8 @@ def _names(args: argparse.Namespace) -> list[str]:
             args.connect = uris.pop() if uris != {"qemu:///system"} else None
     if not names:
         raise UsageError("name at least one guest, or give -f FILE")
+    from .state import check_name
+
     return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)
 
 
@@ -655,7 +757,7 @@ def _aftermath(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(lazy=True).parse_args(argv)
     # SIGTERM (and SIGHUP: the terminal went away) take the same path as Ctrl-C so the rollback runs.
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGHUP, _raise_interrupted)
@@ -663,6 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except NvmprovError as exc:
         if args.debug:
+            import traceback
+
             traceback.print_exc()
         if isinstance(exc, SpecError):
             sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse

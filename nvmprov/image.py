@@ -12,18 +12,14 @@ import collections
 import hashlib
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nvmprov import state
-
-# libvirt (and storage, which needs it) only where a pool is touched: `nvmprov render` reads
+# libvirt (and storage, which needs it) only where a pool is touched, and shutil, subprocess,
+# tempfile and state (~15 ms together) only where an image is built: `nvmprov render` reads
 # builtin_volume_names() from here and must start fast (tests/unit/test_bench_cli_imports.py).
 if TYPE_CHECKING:
     import libvirt
@@ -44,8 +40,9 @@ ROOTFS_MIN_BYTES = 2 * GiB  # the overlay grows to the guest's disk size; nvmpro
 ROOTFS_MARGIN_BYTES = 512 * MiB  # free space on top of what the files need
 ROOTFS_ROUND_BYTES = 64 * MiB
 
-# /var/tmp first: /tmp may be a small tmpfs. mkdtemp makes a private (0700) directory there.
-BUILD_PARENT_DIRS = ("/var/tmp", tempfile.gettempdir())  # noqa: S108
+# /var/tmp first: /tmp may be a small tmpfs (then tempfile.gettempdir(): see _build_dir_parent).
+# mkdtemp makes a private (0700) directory there.
+BUILD_PARENT_DIRS = ("/var/tmp",)  # noqa: S108
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 
 Progress = Callable[[str], None]
@@ -204,6 +201,8 @@ def _tail(lines: Iterable[str], n: int = 15) -> str:
 def _run(argv: list[str], *, progress: Progress, label: str, stream: bool = False) -> None:
     """Run ARGV; with STREAM, its stderr lines become progress lines as they come.
     A failure raises HostError with the command, exit status and the stderr tail."""
+    import subprocess
+
     tail: collections.deque[str] = collections.deque(maxlen=30)
     start = time.monotonic()
     proc = subprocess.Popen(  # noqa: S603 - argument list, no shell
@@ -221,6 +220,8 @@ def _run(argv: list[str], *, progress: Progress, label: str, stream: bool = Fals
 
 
 def _require_tools() -> None:
+    import shutil
+
     missing = [t for t in ("mmdebstrap", "mkfs.ext4", "qemu-img") if shutil.which(t) is None]
     if missing:
         raise HostError(
@@ -255,7 +256,9 @@ def _one(root: Path, pattern: str) -> Path:
 
 
 def _build_dir_parent() -> str:
-    for parent in BUILD_PARENT_DIRS:
+    import tempfile
+
+    for parent in (*BUILD_PARENT_DIRS, tempfile.gettempdir()):
         if os.path.isdir(parent) and os.access(parent, os.W_OK):
             return parent
     return tempfile.gettempdir()
@@ -270,6 +273,8 @@ class LocalImage:
 
 def build_local(build_dir: Path, progress: Progress) -> LocalImage:
     """Make the image's three files in BUILD_DIR (an empty directory with a few GiB free)."""
+    import shutil
+
     _require_tools()
     sources = host_sources(_read_host_sources())
     if not sources:
@@ -342,6 +347,8 @@ def _remove_tree(path: Path) -> None:
             f"image build: {path} still has mounts inside ({', '.join(mounted)}); "
             f"unmount them (umount -R {path}/root) and remove {path} by hand"
         )
+    import shutil
+
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -402,7 +409,9 @@ def build(
 ) -> tuple[str, str, str]:
     """Build the built-in image unless the pool already holds it (or FORCE), and return its
     (base qcow2, kernel, initrd) volume names. The pool must exist (storage.ensure_pool)."""
-    from nvmprov import storage
+    import tempfile
+
+    from nvmprov import state, storage
 
     names = builtin_volume_names()
     pool = storage.pool_of(conn, pool_name)

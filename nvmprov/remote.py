@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from .errors import HostError, UsageError
+from .uris import is_session  # noqa: F401 - remote.is_session as before; in uris so render need not import remote
 
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
@@ -30,13 +31,7 @@ TAIL_TIMEOUT_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------
-# URI kinds
-
-
-def is_session(uri: str) -> bool:
-    """qemu:///session on this machine: a per-user libvirt, no root."""
-    u = urlparse(uri)
-    return u.path.rstrip("/") == "/session" and not u.hostname
+# URI kinds (is_session is in uris)
 
 
 def _transport(uri: str) -> str:

@@ -6,11 +6,13 @@ field path, what is wrong and what would be right. Defaults and rules: docs/spec
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import hashlib
 import json
 import posixpath
 import re
+import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -282,7 +284,8 @@ class _Problem(ValueError):
         self.loc = loc
 
 
-_CONFIG = ConfigDict(extra="forbid", strict=True)
+# Built at the end of the models, by _build_models (defer_build: not one by one as each class is made).
+_CONFIG = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 GuestName = Annotated[str, AfterValidator(_name_checker("name", GUEST_NAME_MAX))]
 RegionName = Annotated[str, AfterValidator(_name_checker("name", REGION_NAME_MAX))]
@@ -474,6 +477,34 @@ class GuestSpec(BaseModel):
         keys = sorted(set(mine) | set(theirs), key=_path_sort_key)
         return [k for k in keys if mine.get(k, _MISSING) != theirs.get(k, _MISSING)]
 
+
+@contextlib.contextmanager
+def _no_pydantic_plugins() -> Iterator[None]:
+    """pydantic without its plugin discovery while nvmprov's models are built: its loader imports
+    importlib.metadata and reads the entry points of every installed distribution (~25 ms, a tenth
+    of `nvmprov render`) to find plugins (observers of validation) that nvmprov does not use. Its
+    models get plain validators; pydantic models built after this (anyone else's) still get them."""
+    name = "pydantic.plugin._loader"
+    if name in sys.modules:  # discovery already paid for (or done): nothing to save
+        yield
+        return
+    stub = types.ModuleType(name, "nvmprov.spec: no pydantic plugins for nvmprov's models")
+    stub.get_plugins = lambda: ()  # type: ignore[attr-defined]
+    sys.modules[name] = stub
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stub:
+            del sys.modules[name]
+
+
+def _build_models() -> None:
+    with _no_pydantic_plugins():
+        for model in (SshSpec, NetworkSpec, HotplugSpec, TimeoutsSpec, RegionSpec, GuestSpec):
+            model.model_rebuild()
+
+
+_build_models()
 
 _MISSING = object()
 
@@ -936,6 +967,8 @@ def _keys_of(loc: Path_) -> list[str]:
 
 
 def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:
+    import difflib  # only for an unknown key: not at start-up
+
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"

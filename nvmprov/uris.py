@@ -7,11 +7,18 @@ connection), as do create, attach and the commands on existing guests (through w
 from __future__ import annotations
 
 import os
+from urllib.parse import urlparse
 
-from . import remote, session
+from . import session
 
 SYSTEM_URI = "qemu:///system"  # virt.DEFAULT_URI (virt imports libvirt; this module must not)
 DEFAULT_POOL_DIR = "/var/lib/nvmprov/pool"
+
+
+def is_session(uri: str) -> bool:
+    """qemu:///session on this machine: a per-user libvirt, no root."""
+    u = urlparse(uri)
+    return u.path.rstrip("/") == "/session" and not u.hostname
 
 
 def effective_uri(spec_uri: str, flag: str | None) -> str:
@@ -27,6 +34,6 @@ def effective_uri(spec_uri: str, flag: str | None) -> str:
 
 def pool_dir_for(pool_name: str, uri: str | None = None) -> str:
     """Where a new pool goes: /var/lib/nvmprov for the system libvirt, XDG dirs for qemu:///session."""
-    if uri is not None and remote.is_session(uri):
+    if uri is not None and is_session(uri):
         return session.pool_dir(pool_name)
     return DEFAULT_POOL_DIR if pool_name == "nvmprov" else f"/var/lib/nvmprov/pools/{pool_name}"

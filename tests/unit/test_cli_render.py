@@ -123,3 +123,29 @@ def test_validate_prints_the_rounding_notes_and_exits_0(tmp_path: Path, capsys) 
 def test_validate_without_rounding_is_quiet(tmp_path: Path, capsys) -> None:
     assert cli.main(["validate", str(write_spec(tmp_path, "accel: kvm\n"))]) == 0  # no host is consulted
     assert capsys.readouterr().err == ""
+
+
+
+# start-up: render and validate run without the cyclic GC, then give it back (cli._without_gc)
+
+
+@pytest.mark.parametrize("argv", [["render", str(GUEST)], ["validate", str(GUEST)], ["render", "missing.yaml"]],
+                         ids=["render", "validate", "failing"])
+def test_render_and_validate_run_without_the_collector_and_turn_it_back_on(
+        argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import gc
+
+    from nvmprov import spec
+
+    seen: list[bool] = []
+    load = spec.load
+    monkeypatch.setattr(spec, "load", lambda path: seen.append(gc.isenabled()) or load(path))
+    assert gc.isenabled()
+    cli.main(argv)
+    assert gc.isenabled() and seen == [False]
+    gc.disable()
+    try:
+        cli.main(argv)
+        assert not gc.isenabled()  # a caller that turned it off keeps it off
+    finally:
+        gc.enable()

@@ -1,6 +1,6 @@
 """The built-in image's own smoke test: it boots under TCG from a hand-built domain with one
-NVDIMM, nvmprov-seed (the image's stand-in for cloud-init) applies the seed, SSH answers with the pinned host key, and the guest sees the
-NVDIMM as an ACPI NFIT region.
+NVDIMM, nvmprov-seed (the image's stand-in for cloud-init) applies the seed, SSH answers with the
+pinned host key, and the guest sees the NVDIMM as an ACPI NFIT region.
 
 Deliberately independent of domain.py/virt.py/ssh.py (the create workflow has its own tests):
 a small ElementTree domain and a plain paramiko wait. Set NVMPROV_SAVE_GUEST_FIXTURES=1 to

@@ -16,9 +16,9 @@ SSH_PORT_RANGE = range(40022, 40922)
 def console_log_path(name: str, uri: str | None = None) -> str:
     """Where virtlogd keeps the guest's serial output (on the hypervisor; a session's in the user's
     own directory, as its virtlogd runs as the user)."""
-    from . import remote, session
+    from . import session, uris
 
-    if uri is not None and remote.is_session(uri):
+    if uri is not None and uris.is_session(uri):
         return session.console_log_path(name)
     return f"{LOG_DIR}/{name}-nvmprov-serial.log"
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from .errors import HostError, UsageError
-from .uris import is_session  # noqa: F401 - remote.is_session as before; in uris so render need not import remote
 
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
@@ -31,7 +30,7 @@ TAIL_TIMEOUT_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------
-# URI kinds (is_session is in uris)
+# URI kinds (is_session is in nvmprov.uris, which render imports without this module)
 
 
 def _transport(uri: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import inventory, remote
+from nvmprov import inventory, remote, uris
 from nvmprov.errors import UsageError
 
 CONFIG = """
@@ -33,7 +33,7 @@ Host lax
     ("qemu+ssh://host/session", False), ("test:///default", False),
 ])
 def test_session_uris(uri: str, session: bool) -> None:
-    assert remote.is_session(uri) is session
+    assert uris.is_session(uri) is session
 
 
 @pytest.mark.parametrize("uri", ["qemu:///system", "qemu:///session", "qemu+unix:///system", "test:///default",

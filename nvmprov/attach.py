@@ -12,7 +12,6 @@ port but a domain with virtio-pmem in its config cannot start; QEMU cannot hot-u
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -163,9 +162,15 @@ def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list
 
 
 def volume_name(domain_name: str, region: str) -> str:
-    """nvmprov's backing-volume name; a foreign domain's name is folded into nvmprov's alphabet."""
-    safe = re.sub(r"[^a-z0-9-]+", "-", domain_name.lower()).strip("-") or "domain"
-    return f"{safe}-pmem-{region}.raw"
+    """The backing volume of a region attached to a domain nvmprov did not make: one per (domain,
+    region), never another's (naming.foreign_backing_volume escapes, it does not fold)."""
+    from .naming import foreign_backing_volume, too_long
+
+    volume = foreign_backing_volume(domain_name, region)
+    if too_long(volume):
+        raise UsageError(f"the volume name for domain {domain_name!r} would be {len(volume.encode())} bytes, more than "
+                         "a file name takes; rename the domain (virsh domrename) or give a shorter --name")
+    return volume
 
 
 def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:

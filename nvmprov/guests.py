@@ -67,7 +67,17 @@ def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
     facts = host.facts(conn, storage.pool_path(pool))
     if spec.image == "builtin":
         facts = replace(facts, builtin_volumes=image.builtin_volume_names())
-    return plan.build(spec, facts)
+    return with_recorded_volumes(plan.build(spec, facts), md)
+
+
+def with_recorded_volumes(the_plan: Plan, md: domain.Metadata) -> Plan:
+    """The plan with each region's volume as the metadata recorded it: a guest made under an earlier
+    naming (naming.py) keeps its volumes."""
+    from dataclasses import replace
+
+    recorded = {r.name: r.volume for r in md.regions if r.volume}
+    regions = tuple(replace(r, volume=recorded.get(r.name, r.volume)) for r in the_plan.regions)
+    return replace(the_plan, regions=regions)
 
 
 def start(names: list[str], *, connect: str | None) -> None:

@@ -518,6 +518,9 @@ def _reverify_existing(
             f"`nvmprov destroy {spec.name}` first, or keep the old spec"
         )
     progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
+    from .guests import with_recorded_volumes
+
+    the_plan = with_recorded_volumes(the_plan, md)
     report.ssh = _ssh_info(the_plan, md.ssh_port, files)
     if opts.until == "define":  # the guest is defined: nothing to do, and starting it would be a change
         report.settle()

@@ -192,7 +192,9 @@ def _stop_args(p: argparse.ArgumentParser) -> None:
 
 def _destroy_args(p: argparse.ArgumentParser) -> None:
     _add_guest_selector(p)
-    p.add_argument("--purge", action="store_true", help="also delete the backing volumes (the region data)")
+    p.add_argument("--purge", action="store_true", help="also delete the backing volumes nvmprov made (region data)")
+    p.add_argument("--purge-adopted", action="store_true",
+                   help="--purge, and also delete the volumes the spec adopted (volume:), which nvmprov did not make")
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
 
 
@@ -249,7 +251,8 @@ def _detach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("region", metavar="REGION")
     p.add_argument("--live", action="store_true", help="from the running domain (virtio-pmem only)")
     p.add_argument("--config", action="store_true", help="from the persistent config (gone at next start)")
-    p.add_argument("--purge", action="store_true", help="also delete the backing volume")
+    p.add_argument("--purge", action="store_true", help="also delete the backing volume, when nvmprov made it")
+    p.add_argument("--purge-adopted", action="store_true", help="--purge, even when the spec adopted it (volume:)")
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
     p.add_argument("--connect")
     p.add_argument("--json", action="store_true")
@@ -515,6 +518,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from . import guests
 
     names = _names(args)
+    args.purge = args.purge or args.purge_adopted
     if args.purge and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--purge deletes the backing volumes (region data); add --yes to confirm")
@@ -525,11 +529,12 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     if args.file:  # a fleet: guests already gone are skipped, one failure does not stop the rest
         from . import fleet
 
-        failures = fleet.destroy(names, connect=args.connect, purge=args.purge, stream=sys.stderr)
+        failures = fleet.destroy(names, connect=args.connect, purge=args.purge, stream=sys.stderr,
+                                 purge_adopted=args.purge_adopted)
         if failures:
             raise HostError(f"{len(failures)} of {len(names)} guests not destroyed: " + "; ".join(failures))
         return EXIT_OK
-    guests.destroy(names, connect=args.connect, purge=args.purge)
+    guests.destroy(names, connect=args.connect, purge=args.purge, purge_adopted=args.purge_adopted)
     return EXIT_OK
 
 
@@ -647,6 +652,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     name = _domain_arg(args.domain)
+    args.purge = args.purge or args.purge_adopted
     if args.purge and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--purge deletes the backing volume (the region's data); add --yes to confirm")
@@ -656,7 +662,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     conn = _admin_conn(args.connect)
     try:
         result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=args.purge,
-                               progress=Progress())
+                               purge_adopted=args.purge_adopted, progress=Progress())
     finally:
         conn.close()
     if args.json:
@@ -727,7 +733,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             if input(f"delete these {len(found)} volume(s) and their data? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_OK
-        deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found])
+        deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found], only=args.only)
     finally:
         conn.close()
     if args.json:

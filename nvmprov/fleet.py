@@ -247,11 +247,12 @@ def verify(
     return run_parallel([(n, job(n)) for n in names], parallel=parallel, stream=stream)
 
 
-def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: IO[str]) -> list[str]:
+def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: IO[str],
+            purge_adopted: bool = False) -> list[str]:
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
     from . import guests as guestsmod
-    from . import state, virt
+    from . import state
 
     failures = []
     with guestsmod.connection(connect) as conn:
@@ -259,10 +260,8 @@ def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: I
             progress = Progress(stream, prefix=f"{name}: ")
             try:
                 with state.lock(name):
-                    if virt.lookup(conn, name) is None:
-                        progress.line("no such domain; nothing to destroy")
-                        continue
-                    guestsmod.destroy_one(conn, name, purge=purge, progress=progress)
+                    guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
+                                          purge_adopted=purge_adopted)
             except NvmprovError as exc:
                 progress.line(f"not destroyed: {exc}")
                 failures.append(f"{name}: {exc}")

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import boot, domain, host, state, storage, virt
-from .errors import GuestError, HostError, UsageError
+from . import boot, domain, host, identity, ledger, state, storage, virt
+from .errors import GuestError, HostError, UsageError, VirtError
 from .progress import Progress
 from .report import GuestReport, SshInfo
 
@@ -116,36 +116,100 @@ def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress:
             virt.power_off(dom)
 
 
-def destroy(names: list[str], *, connect: str | None, purge: bool) -> None:
+def destroy(names: list[str], *, connect: str | None, purge: bool, purge_adopted: bool = False) -> None:
     with _connection(connect) as conn:
         for name in names:
             with state.lock(name):
-                destroy_one(conn, name, purge=purge, progress=Progress(prefix=f"{name}: "))
+                destroy_one(conn, name, purge=purge, purge_adopted=purge_adopted, progress=Progress(prefix=f"{name}: "))
 
 
-def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: Progress) -> None:
-    dom = virt.require(conn, name)
+def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: Progress,
+                purge_adopted: bool = False, missing_ok: bool = False) -> None:
+    """Stop and undefine NAME, delete the volumes nvmprov made for it (backing volumes only with
+    --purge, adopted ones only with --purge-adopted). Already destroyed: what nvmprov kept for it."""
+    hv = identity.of(conn).key
+    dom = virt.lookup(conn, name)
+    if dom is None:
+        _destroy_kept(conn, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted,
+                      progress=progress, missing_ok=missing_ok)
+        return
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov; nvmprov does not destroy it")
+    pool = storage.pool_of(conn, md.pool)
+    # nvmprov before the ledger recorded what it made in the domain only, which goes now: move it over
+    ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
     virt.power_off(dom)
     virt.undefine(dom)
     progress.line("domain stopped and undefined")
-    pool = storage.pool_of(conn, md.pool)
-    backing = [r.volume for r in md.regions]  # region data, whether this tool made it or reused it
-    for vol_name, kind in md.volumes:
-        if kind != "backing" and storage.delete(pool, vol_name):
-            progress.line(f"deleted volume {vol_name}")
-    kept = []
-    for vol_name in backing:
-        if not purge:
-            kept.append(vol_name)
-        elif storage.delete(pool, vol_name):
-            progress.line(f"deleted backing volume {vol_name} (--purge)")
-    if kept:
-        progress.line(f"kept backing volumes (region data): {', '.join(kept)}; `destroy --purge` deletes them")
+    _delete_owned(pool, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted, progress=progress)
+    for region in md.regions:
+        entry = ledger.read(pool).get(region.volume)
+        if purge and (entry is None or not entry.belongs_to(hv, name)):
+            progress.line(f"kept volume {region.volume}: nvmprov did not make it for {name} (it deletes only its own)")
     files = state.guest_files(name, create=False)
     shutil.rmtree(files.dir, ignore_errors=True)
+
+
+def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bool, purge_adopted: bool,
+                  progress: Progress) -> list[str]:
+    """Delete what the ledger holds for NAME: overlays and seeds always, backing volumes with PURGE,
+    adopted ones with PURGE_ADOPTED (else handed back: kept and no longer recorded). Returns what
+    is kept for NAME."""
+    deleted, kept, handed_back = [], [], []
+    for entry in ledger.read(pool).of(hv, name):
+        delete = entry.kind != "backing" or (purge_adopted if entry.adopted else purge)
+        if delete:
+            if storage.delete(pool, entry.volume):
+                deleted.append(entry.volume)
+                what = "adopted backing volume" if entry.adopted else "backing volume" if entry.kind == "backing" \
+                    else "volume"
+                progress.line(f"deleted {what} {entry.volume}" + (" (--purge)" if entry.kind == "backing" else ""))
+        elif entry.adopted:
+            handed_back.append(entry.volume)
+        else:
+            kept.append(entry.volume)
+    ledger.forget(pool, hv, deleted + handed_back)
+    ledger.forget(pool, hv, [e.volume for e in ledger.read(pool).of(hv, name)
+                             if e.volume not in kept and storage.lookup(pool, e.volume) is None])
+    if kept:
+        progress.line(f"kept backing volumes (region data): {', '.join(kept)}; `nvmprov destroy {name} --purge` "
+                      "deletes them")
+    if handed_back:
+        progress.line(f"kept adopted volumes {', '.join(handed_back)} (the spec named them; nvmprov no longer "
+                      "records them); `destroy --purge-adopted` would have deleted them")
+    return kept
+
+
+def _destroy_kept(conn: libvirt.virConnect, hv: str, name: str, *, purge: bool, purge_adopted: bool,
+                  progress: Progress, missing_ok: bool) -> None:
+    """NAME has no domain any more: the volumes nvmprov kept for it (in any pool with a ledger)."""
+    found = False
+    for pool in _pools_with_ledgers(conn):
+        if ledger.read(pool).of(hv, name):
+            found = True
+            progress.line(f"no domain named {name} on {conn.getURI()}; in pool {pool.name()} nvmprov kept:")
+            _delete_owned(pool, hv, name, purge=purge, purge_adopted=purge_adopted, progress=progress)
+    files = state.guest_files(name, create=False)
+    if files.dir.is_dir():
+        found = True
+        shutil.rmtree(files.dir, ignore_errors=True)
+        progress.line(f"removed its local state {files.dir}")
+    if not found and not missing_ok:
+        raise VirtError(f"no domain named {name!r} on {conn.getURI()}, and nvmprov keeps nothing for it there; "
+                        "`nvmprov list` shows the guests")
+    if not found:
+        progress.line("no such domain, nothing kept for it; nothing to destroy")
+
+
+def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool]:
+    import libvirt
+
+    try:
+        pools = conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        raise HostError(f"listing storage pools: {exc.get_error_message()}") from None
+    return [p for p in pools if any(storage.lookup(p, slot) is not None for slot in ledger.SLOTS)]
 
 
 def list_guests(conn: libvirt.virConnect) -> list[dict[str, object]]:

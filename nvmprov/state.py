@@ -73,6 +73,10 @@ class GuestFiles:
 _GUEST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
+def valid_name(name: str) -> bool:
+    return _GUEST_NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
     """NAME when it is a valid nvmprov guest name, else UsageError (before any file is touched)."""
     if not _GUEST_NAME.fullmatch(name):
@@ -139,6 +143,29 @@ def host_lock(name: str) -> Iterator[None]:
     fd = os.open(locks / f"host-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def pool_lock(hypervisor: str, pool: str, *, exclusive: bool = False) -> Iterator[None]:
+    """create and attach hold a pool shared (waiting while a prune runs); prune holds it exclusively
+    and fails at once while any create or attach runs. HYPERVISOR is identity.Hypervisor.key.
+    A flock of this machine: another controller machine driving the same hypervisor is not held."""
+    locks = _private_dir(state_root() / "locks")
+    fd = os.open(locks / f"pool-{hypervisor}-{pool}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not exclusive:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise LockedError(f"pool {pool!r} is busy: an nvmprov create or attach is using it; "
+                                  "run this again when it has finished") from None
         yield
     finally:
         os.close(fd)

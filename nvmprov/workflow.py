@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, remote, seed, ssh, state, storage, testhooks, virt
+from . import boot, domain, host, identity, image, ledger, remote, seed, ssh, state, storage, testhooks, virt
 from . import plan as planmod
 from .errors import GuestError, HostError, NvmprovError, SpecError, UsageError, VirtError
 from .progress import Progress
@@ -54,7 +54,8 @@ def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestRep
     with state.lock(spec.name):
         conn = virt.connect(effective_uri(spec.connect, opts.connect))
         try:
-            _create_locked(conn, spec, opts, progress, report)
+            with state.pool_lock(identity.of(conn).key, spec.pool):  # held against prune, shared with creates
+                _create_locked(conn, spec, opts, progress, report)
         except (UsageError, SpecError):
             raise  # bad input changed nothing, the last report included
         except (NvmprovError, KeyboardInterrupt) as exc:
@@ -146,9 +147,11 @@ def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domai
     """Undo an unfinished create: every volume its metadata says it made, then the domain."""
     virt.power_off(dom)
     pool = storage.pool_of(conn, md.pool)
+    hv = identity.of(conn).key
     for name, _kind in reversed(md.volumes):
         if storage.delete(pool, name):
             progress.line(f"removed leftover volume {name}")
+    ledger.forget(pool, hv, [name for name, _kind in md.volumes])
     virt.undefine(dom)
     progress.line(f"removed leftover domain {dom.name()}")
 
@@ -189,7 +192,8 @@ def _build_guest(
     build = _Build(dom, md)
 
     with progress.phase("volumes"):
-        build.md = _make_volumes(pool, build.dom, the_plan, build.md, client, host_key, progress, undo)
+        owner = _Owner(pool, identity.of(conn).key, the_plan.name)
+        build.md = _make_volumes(owner, build.dom, the_plan, build.md, (client, host_key), progress, undo)
     if opts.until == "define":
         return build
 
@@ -238,8 +242,11 @@ def _write_known_hosts(files: state.GuestFiles, port: int) -> None:
 
 
 def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePool, the_plan: Plan) -> None:
-    """Refuse before changing anything when a backing volume is in another domain's hands."""
+    """Refuse before changing anything when a backing volume is in the way (not made by nvmprov for
+    this guest, not adopted) or in another domain's hands. _make_volumes decides again, exclusively."""
     pool_dir = storage.pool_path(pool)
+    book = ledger.read(pool)
+    hv = identity.of(conn).key
     for region in the_plan.regions:
         path = f"{pool_dir}/{region.volume}"
         users = virt.domains_using_path(conn, path, exclude=the_plan.name)
@@ -248,6 +255,9 @@ def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePoo
                 f"backing volume {region.volume} of region {region.name} is used by domain(s) "
                 f"{', '.join(users)}; give the region another name or detach it there first"
             )
+        if not region.adopted and storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
+                book.get(region.volume), hv, the_plan.name):
+            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name))
 
 
 def _used_ports(conn: libvirt.virConnect) -> set[int]:
@@ -288,33 +298,44 @@ def _record(dom: libvirt.virDomain, md: domain.Metadata) -> None:
     virt.set_metadata(dom, domain.metadata_xml(md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
 
 
+@dataclass(frozen=True)
+class _Owner:
+    """Whose volumes a create makes: guest NAME of hypervisor HV (identity.py), in POOL."""
+
+    pool: libvirt.virStoragePool
+    hv: str
+    name: str
+
+
 def _make_volumes(
-    pool: libvirt.virStoragePool,
+    owner: _Owner,
     dom: libvirt.virDomain,
     the_plan: Plan,
     md: domain.Metadata,
-    client: seed.KeyPair,
-    host_key: seed.KeyPair,
+    keys: tuple[seed.KeyPair, seed.KeyPair],
     progress: Progress,
     undo: Rollback,
 ) -> domain.Metadata:
-    """Each volume this run creates is recorded in the domain's metadata right after it exists,
-    so a killed run leaves nothing untraceable."""
+    """Each volume this run creates is recorded in the ownership ledger and the domain's metadata
+    right after it exists, so a killed run leaves nothing untraceable. Creation is exclusive: a
+    volume is this run's only when this run's createXML made it."""
+    pool = owner.pool
+    client, host_key = keys
 
     def made(name: str, kind: str) -> None:
         nonlocal md
-        undo.add(f"volume {name}", lambda: _delete_volume(pool, name))
+        undo.add(f"volume {name}", lambda: _delete_volume(owner, name))
+        ledger.record(pool, ledger.Entry(name, owner.name, owner.hv, kind))
         md = md.with_volume(name, kind)
         _record(dom, md)
 
     for region in the_plan.regions:
-        existed = storage.volume_exists(pool, region.volume)
-        storage.create_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation)
-        if existed:
-            progress.line(f"region {region.name}: reusing existing backing volume {region.volume} (same size)")
-        else:
+        if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")
+        else:
+            how = _use_existing(owner, region, undo)
+            progress.line(f"region {region.name}: {how} backing volume {region.volume} (same size)")
 
     if the_plan.base_volume is not None:
         storage.create_overlay(pool, the_plan.overlay_volume, the_plan.base_volume, the_plan.disk_bytes)
@@ -335,8 +356,34 @@ def _make_volumes(
     return md
 
 
-def _delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
-    storage.delete(pool, name)
+def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> str:
+    """A volume of the region's name exists: use it when nvmprov made it for this guest (data kept
+    by `destroy`), or when the spec names it (`volume:`, adopted); refuse anything else."""
+    pool = owner.pool
+    entry = ledger.read(pool).get(region.volume)
+    ours = ledger.may_delete(entry, owner.hv, owner.name)
+    if not ours and not region.adopted:
+        raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name))
+    storage.check_reusable(pool, storage.volume(pool, region.volume), region.backing_bytes)
+    if ours:
+        return "reusing its own"
+    if entry is None or not entry.belongs_to(owner.hv, owner.name):
+        ledger.record(pool, ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
+        undo.add(f"adoption of volume {region.volume} (the volume is kept)",
+                 lambda: _unadopt(owner, region.volume, entry))
+    return "adopting"
+
+
+def _unadopt(owner: _Owner, volume: str, before: ledger.Entry | None) -> None:
+    if before is None:
+        ledger.forget(owner.pool, owner.hv, [volume])
+    else:
+        ledger.record(owner.pool, before)
+
+
+def _delete_volume(owner: _Owner, name: str) -> None:
+    storage.delete(owner.pool, name)
+    ledger.forget(owner.pool, owner.hv, [name])
 
 
 def _undefine_quietly(conn: libvirt.virConnect, name: str) -> None:

@@ -186,7 +186,7 @@ def test_backing_volume_of_another_size_is_refused_untouched(tmp_path: Path, for
     name = "e2e-rel-size"
     vol = foreign_volume(f"{name}-pmem-data.raw", 32 * 1024**2)
     before = sha256(vol)
-    path = write_spec(tmp_path, name, small(name))
+    path = write_spec(tmp_path, name, small(name, pmem=[{"name": "data", "size": "64MiB", "volume": vol.name}]))
     proc = nvmprov("create", str(path), "--until", "define")
     assert proc.returncode == 3, proc.stderr
     line = one_error_line(proc.stderr)
@@ -197,11 +197,12 @@ def test_backing_volume_of_another_size_is_refused_untouched(tmp_path: Path, for
 
 
 def test_reused_backing_volume_survives_a_failed_create(tmp_path: Path, foreign_volume) -> None:
-    """A volume the run reused (not made) is user data: the rollback of a failed create keeps it."""
+    """A volume the run adopted (`volume:`, not made) is user data: the rollback of a failed create keeps it."""
     name = "e2e-rel-reuse"
     vol = foreign_volume(f"{name}-pmem-data.raw", sizes.backing_bytes_for(64 * 1024**2))
     before = sha256(vol)
-    path = write_spec(tmp_path, name, small(name, image="/nope.qcow2"))
+    adopt = [{"name": "data", "size": "64MiB", "volume": vol.name}]
+    path = write_spec(tmp_path, name, small(name, image="/nope.qcow2", pmem=adopt))
     proc = nvmprov("create", str(path), "--until", "define")
     assert proc.returncode == 3, proc.stderr
     assert "image /nope.qcow2: No such file or directory" in one_error_line(proc.stderr)

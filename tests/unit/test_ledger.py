@@ -1,0 +1,68 @@
+"""The ownership ledger (nvmprov.ledger): crash-safe slots, and the rules of what nvmprov may use
+and delete, on libvirt's test driver (its volumes' bytes kept by tests/unit/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nvmprov import identity, ledger, storage
+from nvmprov.errors import StorageError
+
+MiB = 1024**2
+A = ledger.Entry("demo-pmem-data.raw", "demo", "hv1", "backing")
+B = ledger.Entry("x.raw", "web", "hv1", "backing", adopted=True)
+
+
+def test_a_slot_round_trips_and_detects_any_change() -> None:
+    book = ledger.Ledger(7, (A, B))
+    data = ledger.encode(book)
+    assert ledger.decode(data) == ledger.Ledger(7, (A, B))
+    assert ledger.decode(data[:-1]) is None                       # cut short (crash mid-write)
+    assert ledger.decode(data.replace(b"demo", b"dema")) is None  # altered
+    assert ledger.decode(b"") is None
+
+
+def test_the_newest_valid_slot_wins_and_a_torn_write_falls_back() -> None:
+    old, new = ledger.encode(ledger.Ledger(3, (A,))), ledger.encode(ledger.Ledger(4, (A, B)))
+    assert ledger.newest([old, new]) == ledger.Ledger(4, (A, B))
+    assert ledger.newest([old, new[:10]]) == ledger.Ledger(3, (A,))
+    assert ledger.newest([None, None]) == ledger.Ledger()
+    assert ledger.newest([b"junk", None]) is None  # a slot exists, none valid: do not guess
+
+
+def test_rules_only_own_volumes_may_be_deleted() -> None:
+    assert ledger.may_delete(A, "hv1", "demo")
+    assert not ledger.may_delete(A, "hv2", "demo")   # same name on another hypervisor
+    assert not ledger.may_delete(A, "hv1", "web")
+    assert not ledger.may_delete(None, "hv1", "demo")
+    assert not ledger.may_delete(B, "hv1", "web")
+    assert ledger.may_delete(B, "hv1", "web", adopted_too=True)
+
+
+def test_update_writes_the_other_slot_each_generation(conn, pool) -> None:
+    hv = identity.of(conn).key
+    ledger.record(pool, A)
+    assert storage.lookup(pool, ledger.SLOTS[1]) is not None   # generation 1
+    ledger.record(pool, B)
+    assert {storage.lookup(pool, s) is not None for s in ledger.SLOTS} == {True}
+    assert ledger.read(pool) == ledger.Ledger(2, (A, B))
+    ledger.forget(pool, hv, [A.volume])
+    assert ledger.read(pool).entries == (B,)
+    # a crash that deleted the slot it was about to write: the other one is read
+    storage.delete(pool, ledger.SLOTS[ledger.read(pool).generation % 2])
+    assert ledger.read(pool).generation == 2
+
+
+def test_both_slots_unreadable_is_an_error_not_an_empty_ledger(conn, pool) -> None:
+    for slot in ledger.SLOTS:
+        storage.write_small(pool, slot, b"not a ledger")
+    with pytest.raises(StorageError, match="will not guess"):
+        ledger.read(pool)
+
+
+def test_identity_is_the_host_uuid_and_driver_not_the_uri() -> None:
+    caps = "<capabilities><host><uuid>57DBC5B1-46d8-439b-ad5a-533cd39e71cc</uuid></host></capabilities>"
+    assert identity.host_uuid(caps, "qemu:///system") == identity.host_uuid(caps, "qemu+ssh://root@h/system")
+    assert identity.driver("qemu:///system") == identity.driver("qemu+ssh://root@127.0.0.1/system") == "system"
+    assert identity.driver("qemu:///session", 1000) == "session-1000"
+    assert identity.host_uuid("<capabilities><host/></capabilities>", "test:///default").startswith("uri-")

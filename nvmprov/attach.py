@@ -302,13 +302,14 @@ def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress
 def domain_lock(conn: libvirt.virConnect, name: str) -> Iterator[None]:
     """The lock of domain NAME: a guest name's own lock (the one create and destroy take), or, for a
     name nvmprov would not give a guest, a lock under its escaped name."""
-    from . import naming, state
+    from . import identity, naming, state
 
+    hv = identity.of(conn)
     if state.valid_name(name):
-        with state.lock(name):
+        with state.lock(name, hv=hv):
             yield
     else:
-        with state.lock(naming.escape(name)[:200], what="domain"):
+        with state.lock(naming.escape(name)[:200], what="domain", hv=hv):
             yield
 
 
@@ -479,7 +480,7 @@ def _attach_managed(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metada
     if made:
         new_md = new_md.with_volume(region.volume, "backing")
     virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
-    files = state.guest_files(name)
+    files = state.adopt_legacy(name, identity.of(conn), dom.UUIDString())
     state.write_private(files.spec_json, spec_json)
     progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
     g = GuestReport(name=name, accel=new_plan.accel, notes=notes,

@@ -252,14 +252,15 @@ def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: I
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
     from . import guests as guestsmod
-    from . import state
+    from . import identity, state
 
     failures = []
     with guestsmod.connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
             progress = Progress(stream, prefix=f"{name}: ")
             try:
-                with state.lock(name):
+                with state.lock(name, hv=hv):
                     guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
                                           purge_adopted=purge_adopted)
             except NvmprovError as exc:

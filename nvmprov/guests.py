@@ -29,6 +29,7 @@ class Managed:
     dom: libvirt.virDomain
     md: domain.Metadata
     plan: Plan
+    files: state.GuestFiles   # under the hypervisor's identity (moved there from the old layout)
 
 
 @contextmanager
@@ -50,7 +51,19 @@ def managed(conn: libvirt.virConnect, name: str) -> Managed:
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov (no nvmprov metadata); nothing done")
-    return Managed(dom, md, plan_from_metadata(conn, md))
+    files = state.adopt_legacy(name, identity.of(conn), dom.UUIDString())
+    return Managed(dom, md, plan_from_metadata(conn, md), files)
+
+
+def check_same_domain(files: state.GuestFiles, dom: libvirt.virDomain) -> None:
+    """The keys kept here are for the domain nvmprov made; refuse one replaced under its name."""
+    recorded = state.recorded_domain_uuid(files)
+    if recorded is not None and recorded != dom.UUIDString():
+        raise HostError(
+            f"domain {dom.name()} on {dom.connect().getURI()} is not the one nvmprov made and keeps keys for "
+            f"(domain uuid {dom.UUIDString()}, recorded {recorded}): it was replaced outside this nvmprov; "
+            f"`nvmprov destroy {dom.name()}` and create it again"
+        )
 
 
 def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
@@ -84,8 +97,9 @@ def start(names: list[str], *, connect: str | None) -> None:
     from .workflow import start_guest
 
     with _connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
-            with state.lock(name):
+            with state.lock(name, hv=hv):
                 m = managed(conn, name)
                 if virt.is_active(m.dom):
                     Progress().line(f"{name}: already running")
@@ -95,8 +109,9 @@ def start(names: list[str], *, connect: str | None) -> None:
 
 def stop(names: list[str], *, connect: str | None, force: bool, timeout_s: float) -> None:
     with _connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
-            with state.lock(name):
+            with state.lock(name, hv=hv):
                 progress = Progress(prefix=f"{name}: ")
                 stop_one(managed(conn, name).dom, force=force, timeout_s=timeout_s, progress=progress)
 
@@ -118,8 +133,9 @@ def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress:
 
 def destroy(names: list[str], *, connect: str | None, purge: bool, purge_adopted: bool = False) -> None:
     with _connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
-            with state.lock(name):
+            with state.lock(name, hv=hv):
                 destroy_one(conn, name, purge=purge, purge_adopted=purge_adopted, progress=Progress(prefix=f"{name}: "))
 
 
@@ -127,15 +143,17 @@ def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: P
                 purge_adopted: bool = False, missing_ok: bool = False) -> None:
     """Stop and undefine NAME, delete the volumes nvmprov made for it (backing volumes only with
     --purge, adopted ones only with --purge-adopted). Already destroyed: what nvmprov kept for it."""
-    hv = identity.of(conn).key
+    hyper = identity.of(conn)
+    hv = hyper.key
     dom = virt.lookup(conn, name)
     if dom is None:
-        _destroy_kept(conn, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted,
+        _destroy_kept(conn, hyper, name, purge=purge or purge_adopted, purge_adopted=purge_adopted,
                       progress=progress, missing_ok=missing_ok)
         return
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov; nvmprov does not destroy it")
+    files = state.adopt_legacy(name, hyper, dom.UUIDString())
     pool = storage.pool_of(conn, md.pool)
     # nvmprov before the ledger recorded what it made in the domain only, which goes now: move it over
     ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
@@ -147,7 +165,6 @@ def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: P
         entry = ledger.read(pool).get(region.volume)
         if purge and (entry is None or not entry.belongs_to(hv, name)):
             progress.line(f"kept volume {region.volume}: nvmprov did not make it for {name} (it deletes only its own)")
-    files = state.guest_files(name, create=False)
     shutil.rmtree(files.dir, ignore_errors=True)
 
 
@@ -181,16 +198,16 @@ def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bo
     return kept
 
 
-def _destroy_kept(conn: libvirt.virConnect, hv: str, name: str, *, purge: bool, purge_adopted: bool,
+def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: bool, purge_adopted: bool,
                   progress: Progress, missing_ok: bool) -> None:
     """NAME has no domain any more: the volumes nvmprov kept for it (in any pool with a ledger)."""
-    found = False
+    found, hv = False, hyper.key
     for pool in _pools_with_ledgers(conn):
         if ledger.read(pool).of(hv, name):
             found = True
             progress.line(f"no domain named {name} on {conn.getURI()}; in pool {pool.name()} nvmprov kept:")
             _delete_owned(pool, hv, name, purge=purge, purge_adopted=purge_adopted, progress=progress)
-    files = state.guest_files(name, create=False)
+    files = state.guest_files(name, hyper, create=False)
     if files.dir.is_dir():
         found = True
         shutil.rmtree(files.dir, ignore_errors=True)
@@ -214,11 +231,12 @@ def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool
 
 def list_guests(conn: libvirt.virConnect) -> list[dict[str, object]]:
     rows = []
+    hv = identity.of(conn)
     for dom in virt.all_domains(conn):
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         if md is None:
             continue
-        files = state.guest_files(dom.name(), create=False)
+        files = state.adopt_legacy(dom.name(), hv, dom.UUIDString())
         rows.append({
             "name": dom.name(),
             "state": "running" if virt.is_active(dom) else "shut off",
@@ -256,9 +274,10 @@ def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: P
     from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
     g = GuestReport(name=name)
-    with _connection(connect) as conn, state.lock(name):
+    with _connection(connect) as conn, state.lock(name, hv=identity.of(conn)):
         m = managed(conn, name)
-        files = state.guest_files(name)
+        files = m.files
+        check_same_domain(files, m.dom)
         g.accel = m.plan.accel
         g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
         try:
@@ -283,7 +302,7 @@ def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: P
             g.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
         g.timings_s = dict(progress.timings_s)
         g.settle()
-        save_report(g, progress)
+        save_report(g, progress, identity.of(conn))
     return g
 
 
@@ -292,8 +311,9 @@ def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]
 
     with _connection(connect) as conn:
         m = managed(conn, name)
+        check_same_domain(m.files, m.dom)
         proxy = remote.ssh_proxy_options(conn.getURI())  # a remote guest: through the hypervisor's SSH
-    files = state.guest_files(name, create=False)
+    files = m.files
     if not files.client_key.exists():
         raise HostError(f"no client key for {name} in {files.dir}; it was created on another machine")
     ssh_bin = shutil.which("ssh")

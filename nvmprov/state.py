@@ -8,13 +8,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LockedError, UsageError
+
+if TYPE_CHECKING:
+    from .identity import Hypervisor
 
 
 def state_root() -> Path:
@@ -87,14 +92,70 @@ def check_name(name: str) -> str:
     return name
 
 
-def guest_files(name: str, *, create: bool = True) -> GuestFiles:
+def hypervisor_dir(hv: Hypervisor) -> Path:
+    return state_root() / "hypervisors" / hv.key
+
+
+def guest_files(name: str, hv: Hypervisor | None = None, *, create: bool = True) -> GuestFiles:
+    """The files of guest NAME of hypervisor HV (identity.py): state/hypervisors/KEY/guests/NAME, so
+    one name on two hypervisors never shares them. HV None: the layout before hypervisors were
+    told apart (state/guests/NAME), read only to migrate it (adopt_legacy)."""
     check_name(name)
-    root = state_root() / "guests"
+    root = (state_root() if hv is None else hypervisor_dir(hv)) / "guests"
     path = root / name
     if create:
         _private_dir(root)
         _private_dir(path)
+        if hv is not None:
+            _remember(hv)
     return GuestFiles(path)
+
+
+def _remember(hv: Hypervisor) -> None:
+    """hypervisor.json: how this hypervisor was reached last (for `list --all`)."""
+    record = hypervisor_dir(hv) / "hypervisor.json"
+    text = json.dumps({"uri": hv.uri, "host_uuid": hv.host_uuid, "driver": hv.driver}, sort_keys=True) + "\n"
+    with contextlib.suppress(OSError):
+        if record.read_text() == text:
+            return
+    write_private(record, text)
+
+
+def known_hypervisors() -> list[dict[str, str]]:
+    """Every hypervisor nvmprov keeps guest state for: its hypervisor.json (uri, host_uuid, driver)."""
+    found = []
+    for record in sorted((state_root() / "hypervisors").glob("*/hypervisor.json")):
+        with contextlib.suppress(OSError, ValueError):
+            found.append({**json.loads(record.read_text()), "key": record.parent.name})
+    return found
+
+
+def adopt_legacy(name: str, hv: Hypervisor, domain_uuid: str) -> GuestFiles:
+    """The files of NAME under HV, moving them there from the old layout (state/guests/NAME) when
+    only that exists. Called once nvmprov's domain NAME is found on HV: the old layout did not say
+    which hypervisor its files were for, and the first one that has the guest takes them."""
+    legacy = guest_files(name, create=False)
+    files = guest_files(name, hv, create=False)
+    if legacy.dir.is_dir() and not files.dir.exists():
+        _private_dir(files.dir.parent)
+        os.rename(legacy.dir, files.dir)
+    if files.dir.is_dir():
+        _remember(hv)
+        if recorded_domain_uuid(files) is None:
+            record_domain(files, domain_uuid)
+    return files
+
+
+def record_domain(files: GuestFiles, domain_uuid: str) -> None:
+    """The UUID of the domain these files belong to: a domain replaced under the same name differs."""
+    write_private(files.dir / "domain.json", json.dumps({"uuid": domain_uuid}) + "\n")
+
+
+def recorded_domain_uuid(files: GuestFiles) -> str | None:
+    try:
+        return str(json.loads((files.dir / "domain.json").read_text())["uuid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_private(path: Path, data: bytes | str) -> None:
@@ -111,12 +172,13 @@ def write_private(path: Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def lock(name: str, *, what: str = "guest") -> Iterator[None]:
-    """Hold the lock for one guest name, failing at once (naming the holder) when it is taken."""
+def lock(name: str, *, what: str = "guest", hv: Hypervisor | None = None) -> Iterator[None]:
+    """Hold the lock for one guest name (of hypervisor HV: one name on two hypervisors is two
+    guests), failing at once (naming the holder) when it is taken."""
     if what == "guest":
         check_name(name)
     locks = _private_dir(state_root() / "locks")
-    path = locks / f"{what}-{name}.lock"
+    path = locks / (f"{what}-{name}.lock" if hv is None else f"{what}-{hv.key}-{name}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:

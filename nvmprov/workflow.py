@@ -51,31 +51,36 @@ def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestRep
     """Create (or, when it exists with the same spec, re-verify) one guest. Never raises for guest
     failures: the report carries the error; NvmprovError subclasses for spec/host problems pass."""
     report = GuestReport(name=spec.name)
-    with state.lock(spec.name):
-        conn = virt.connect(effective_uri(spec.connect, opts.connect))
-        try:
-            with state.pool_lock(identity.of(conn).key, spec.pool):  # held against prune, shared with creates
-                _create_locked(conn, spec, opts, progress, report)
-        except (UsageError, SpecError):
-            raise  # bad input changed nothing, the last report included
-        except (NvmprovError, KeyboardInterrupt) as exc:
-            report.fail(progress.last_phase("create"), str(exc) or "interrupted by SIGINT")
-            report.timings_s = dict(progress.timings_s)
-            save_report(report, progress)
-            raise
-        finally:
-            report.timings_s = dict(progress.timings_s)
-            conn.close()
-        save_report(report, progress)
+    state.check_name(spec.name)
+    conn = virt.connect(effective_uri(spec.connect, opts.connect))
+    try:
+        # The guest is NAME on this hypervisor (not on this URI): its lock, files and volumes go by that.
+        hv = identity.of(conn)
+        with state.lock(spec.name, hv=hv):
+            try:
+                with state.pool_lock(hv.key, spec.pool):  # held against prune, shared with other creates
+                    _create_locked(conn, spec, opts, progress, report)
+            except (UsageError, SpecError):
+                raise  # bad input changed nothing, the last report included
+            except (NvmprovError, KeyboardInterrupt) as exc:
+                report.fail(progress.last_phase("create"), str(exc) or "interrupted by SIGINT")
+                report.timings_s = dict(progress.timings_s)
+                save_report(report, progress, hv)
+                raise
+            finally:
+                report.timings_s = dict(progress.timings_s)
+            save_report(report, progress, hv)
+    finally:
+        conn.close()
     return report
 
 
-def save_report(report: GuestReport, progress: Progress) -> None:
+def save_report(report: GuestReport, progress: Progress, hv: identity.Hypervisor) -> None:
     """The guest's last report, as `--json` prints it, in its state directory (0600). Only for a
     guest that is there: a rolled-back create removed the directory and must not bring it back."""
     from .report import Report, render_json
 
-    files = state.guest_files(report.name, create=False)
+    files = state.guest_files(report.name, hv, create=False)
     if not files.dir.is_dir():
         return
     try:
@@ -106,8 +111,11 @@ def _create_locked(
         for note in region.notes:
             progress.line(f"region {region.name}: {note}")
 
-    files = state.guest_files(spec.name)
+    hv = identity.of(conn)
     existing = virt.lookup(conn, spec.name)
+    if existing is not None and domain.parse_metadata(virt.xml_desc(existing, inactive=True)) is not None:
+        state.adopt_legacy(spec.name, hv, existing.UUIDString())  # files kept under the old layout
+    files = state.guest_files(spec.name, hv)
     if existing is not None:
         md = domain.parse_metadata(virt.xml_desc(existing, inactive=True))
         if md is not None and not md.complete:
@@ -188,6 +196,7 @@ def _build_guest(
         md = domain.Metadata.from_plan(the_plan, ssh_port=0, spec_path=opts.spec_path, spec_json=spec_json)
         dom, md = _define_with_port(conn, the_plan, md, pool_dir)
         undo.add(f"domain {the_plan.name}", lambda: _undefine_quietly(conn, the_plan.name))
+        state.record_domain(files, dom.UUIDString())  # a domain replaced under this name is told apart
         report.ssh = _ssh_info(the_plan, md.ssh_port, files)
     build = _Build(dom, md)
 
@@ -564,8 +573,10 @@ def _reverify_existing(
             f"guest {spec.name!r} exists with a different spec (changed: {changed}); "
             f"`nvmprov destroy {spec.name}` first, or keep the old spec"
         )
+    from .guests import check_same_domain, with_recorded_volumes
+
+    check_same_domain(files, dom)
     progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
-    from .guests import with_recorded_volumes
 
     the_plan = with_recorded_volumes(the_plan, md)
     report.ssh = _ssh_info(the_plan, md.ssh_port, files)

@@ -23,12 +23,11 @@ import pytest
 
 from nvmprov import sizes, testhooks
 
-from .conftest import REPO, _require_host, nvmprov, write_spec
+from .conftest import REPO, _require_host, guest_state_dir, nvmprov, write_spec
 
 pytestmark = pytest.mark.e2e
 
 POOL_DIR = Path("/var/lib/nvmprov/pool")
-STATE_DIR = Path("/var/lib/nvmprov/state/guests")
 NO_LIBVIRTD = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 PAUSE_WAIT_S = 480  # the agent phase needs a TCG boot first: 2-4 min on a busy 2-core host
 
@@ -52,8 +51,9 @@ def domains() -> set[str]:
 def leftovers(name: str, pool_dir: Path = POOL_DIR) -> list[str]:
     left = [f"domain {name}"] if name in domains() else []
     left += [f"volume {p}" for p in sorted(pool_dir.glob(f"{name}-*"))]
-    if (STATE_DIR / name).exists():
-        left.append(f"state dir {STATE_DIR / name}: {sorted(os.listdir(STATE_DIR / name))}")
+    state_dir = guest_state_dir(name)
+    if state_dir.exists():
+        left.append(f"state dir {state_dir}: {sorted(os.listdir(state_dir))}")
     return left
 
 

@@ -66,3 +66,38 @@ def test_identity_is_the_host_uuid_and_driver_not_the_uri() -> None:
     assert identity.driver("qemu:///system") == identity.driver("qemu+ssh://root@127.0.0.1/system") == "system"
     assert identity.driver("qemu:///session", 1000) == "session-1000"
     assert identity.host_uuid("<capabilities><host/></capabilities>", "test:///default").startswith("uri-")
+
+
+# ---------------------------------------------------------------------------------------------
+# state under the hypervisor's identity
+
+
+def test_one_guest_name_on_two_hypervisors_keeps_two_states(tmp_path, monkeypatch) -> None:
+    from nvmprov import state
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    one = identity.Hypervisor("57dbc5b1-46d8-439b-ad5a-533cd39e71cc", "system", "qemu:///system")
+    alias = identity.Hypervisor(one.host_uuid, "system", "qemu+ssh://root@127.0.0.1/system")
+    other = identity.Hypervisor(one.host_uuid, "session-1000", "qemu:///session")
+    a, b = state.guest_files("demo", one), state.guest_files("demo", other)
+    assert a.dir != b.dir and state.guest_files("demo", alias).dir == a.dir
+    state.write_private(a.client_key, "key one")
+    state.write_private(b.client_key, "key two")
+    assert a.client_key.read_text() == "key one"
+    assert {h["uri"] for h in state.known_hypervisors()} == {"qemu+ssh://root@127.0.0.1/system", "qemu:///session"}
+
+
+def test_the_old_layout_moves_under_the_first_hypervisor_that_has_the_guest(tmp_path, monkeypatch) -> None:
+    from nvmprov import state
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    old = state.guest_files("demo")  # state/guests/demo, as nvmprov kept it before
+    state.write_private(old.client_key, "the key")
+    hv = identity.Hypervisor("57dbc5b1-46d8-439b-ad5a-533cd39e71cc", "system", "qemu:///system")
+    files = state.adopt_legacy("demo", hv, "6f1d9c62-7d2a-4a4b-9a3e-0000000000bb")
+    assert files.client_key.read_text() == "the key" and not old.dir.exists()
+    assert state.recorded_domain_uuid(files) == "6f1d9c62-7d2a-4a4b-9a3e-0000000000bb"
+    # a second hypervisor finds nothing to take, and the first keeps its files
+    other = identity.Hypervisor(hv.host_uuid, "session-0", "qemu:///session")
+    assert not state.adopt_legacy("demo", other, "x").dir.exists()
+    assert files.client_key.exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from nvmprov import domain, guests, image, plan, spec, state, storage, workflow
+from nvmprov import domain, guests, identity, image, plan, spec, state, storage, workflow
 from nvmprov.errors import GuestError, HostError, UsageError
 from nvmprov.progress import Progress
 
@@ -136,7 +136,7 @@ def test_verify_one_reports_ssh_as_the_failed_phase(conn, monkeypatch) -> None:
 def test_changed_spec_is_diffed_against_the_metadata(conn, tmp_path) -> None:
     define_managed(conn, guest_spec("wf-changed"))
     bigger = guest_spec("wf-changed").model_copy(update={"vcpus": 2})
-    assert not state.guest_files("wf-changed", create=False).spec_json.exists()  # made "on another machine"
+    assert not _files("wf-changed").spec_json.exists()  # made "on another machine"
     with pytest.raises(UsageError) as info:
         workflow.create(bigger, workflow.CreateOptions(connect=URI), quiet())
     assert "(changed: vcpus)" in str(info.value), info.value
@@ -165,14 +165,23 @@ def test_accel_kvm_that_cannot_work_fails_before_the_pool_or_image(conn, monkeyp
     with pytest.raises(HostError, match="accel: kvm cannot work here"):
         workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert "wf-kvm" not in conn.listDefinedDomains()
-    assert not state.guest_files("wf-kvm", create=False).dir.exists()
+    assert not _files("wf-kvm").dir.exists()
 
 
 # 4: the last report lands in the guest's state directory, private
 
 
+def _files(name: str) -> state.GuestFiles:
+    """The guest's files under the test driver's hypervisor identity."""
+    c = libvirt.open(URI)
+    try:
+        return state.guest_files(name, identity.of(c), create=False)
+    finally:
+        c.close()
+
+
 def _saved(name: str) -> dict:
-    path = state.guest_files(name, create=False).report
+    path = _files(name).report
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     return json.loads(path.read_text())
 
@@ -198,4 +207,4 @@ def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None
     conn.made.append(g.name)  # the test driver refuses undefine's NVRAM flag: the domain stays, the rest goes
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert report.error is not None and report.error["phase"] == "ssh"
-    assert not state.guest_files(g.name, create=False).dir.exists()
+    assert not _files(g.name).dir.exists()

@@ -60,12 +60,20 @@ def test_both_slots_unreadable_is_an_error_not_an_empty_ledger(conn, pool) -> No
         ledger.read(pool)
 
 
-def test_identity_is_the_host_uuid_and_driver_not_the_uri() -> None:
+def test_identity_is_the_daemon_mark_not_the_uri() -> None:
     caps = "<capabilities><host><uuid>57DBC5B1-46d8-439b-ad5a-533cd39e71cc</uuid></host></capabilities>"
-    assert identity.host_uuid(caps, "qemu:///system") == identity.host_uuid(caps, "qemu+ssh://root@h/system")
+    mark = "4b94cc9c-8e1f-4a6e-babc-315cd6fdf90f"
+    a = identity.Hypervisor(identity.host_uuid(caps, "qemu:///system"), "system", "qemu:///system", mark)
+    b = identity.Hypervisor("0aa4cf08-46d8-439b-ad5a-533cd39e71cc", "session", "qemu+ssh://root@h/system", mark)
+    assert a.key == b.key == f"libvirtd-{mark}"   # host UUID random per daemon start here: not in the key
     assert identity.driver("qemu:///system") == identity.driver("qemu+ssh://root@127.0.0.1/system") == "system"
-    assert identity.driver("qemu:///session", 1000) == "session-1000"
     assert identity.host_uuid("<capabilities><host/></capabilities>", "test:///default").startswith("uri-")
+    assert identity.Hypervisor("u", "default", "test:///default").key == "u-default"
+
+
+def test_the_test_driver_has_no_secrets_and_falls_back(conn) -> None:
+    hv = identity.of(conn)
+    assert hv.mark is None and hv.key == identity.of(conn).key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +86,7 @@ def test_one_guest_name_on_two_hypervisors_keeps_two_states(tmp_path, monkeypatc
     monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
     one = identity.Hypervisor("57dbc5b1-46d8-439b-ad5a-533cd39e71cc", "system", "qemu:///system")
     alias = identity.Hypervisor(one.host_uuid, "system", "qemu+ssh://root@127.0.0.1/system")
-    other = identity.Hypervisor(one.host_uuid, "session-1000", "qemu:///session")
+    other = identity.Hypervisor(one.host_uuid, "session", "qemu:///session")
     a, b = state.guest_files("demo", one), state.guest_files("demo", other)
     assert a.dir != b.dir and state.guest_files("demo", alias).dir == a.dir
     state.write_private(a.client_key, "key one")
@@ -98,6 +106,6 @@ def test_the_old_layout_moves_under_the_first_hypervisor_that_has_the_guest(tmp_
     assert files.client_key.read_text() == "the key" and not old.dir.exists()
     assert state.recorded_domain_uuid(files) == "6f1d9c62-7d2a-4a4b-9a3e-0000000000bb"
     # a second hypervisor finds nothing to take, and the first keeps its files
-    other = identity.Hypervisor(hv.host_uuid, "session-0", "qemu:///session")
+    other = identity.Hypervisor(hv.host_uuid, "session", "qemu:///session")
     assert not state.adopt_legacy("demo", other, "x").dir.exists()
     assert files.client_key.exists()

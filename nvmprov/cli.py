@@ -201,6 +201,8 @@ def _destroy_args(p: argparse.ArgumentParser) -> None:
 def _list_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json", "ansible"], default="table",
                    help="ansible: an inventory (JSON, Ansible's YAML layout) to save and pass to ansible -i")
+    p.add_argument("--all", action="store_true",
+                   help="the guests of every hypervisor nvmprov keeps state for, each with its URI (table, json)")
     p.add_argument("--connect")
 
 
@@ -484,40 +486,43 @@ def _emit(report: object, args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from . import guests
 
-    names = _names(args)
-    if len(names) > 1:
+    targets = _targets(args)
+    if len(targets) > 1:
         from . import fleet
 
-        parallel = args.parallel or fleet.default_parallel(len(names))
-        return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
-                                        parallel=parallel, stream=sys.stderr), args)
+        parallel = args.parallel or fleet.default_parallel(len(targets))
+        return _emit_fleet(fleet.verify([n for n, _c in targets], connect=args.connect, power_cycle=args.power_cycle,
+                                        parallel=parallel, stream=sys.stderr, connect_of=dict(targets)), args)
     from .progress import Progress
     from .report import Report
 
-    name, progress = names[0], Progress()
+    (name, connect), progress = targets[0], Progress()
     report = _reported(name, progress, args, phase="verify", run=lambda: guests.verify_one(
-        name, connect=args.connect, power_cycle=args.power_cycle, progress=progress))
+        name, connect=connect, power_cycle=args.power_cycle, progress=progress))
     return _emit(Report(guests=[report]), args)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     from . import guests
 
-    guests.start(_names(args), connect=args.connect)
+    for connect, names in _by_connect(_targets(args)).items():  # -f: each guest where its `connect:` says
+        guests.start(names, connect=connect)
     return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from . import guests
 
-    guests.stop(_names(args), connect=args.connect, force=args.force, timeout_s=args.timeout_s)
+    for connect, names in _by_connect(_targets(args)).items():
+        guests.stop(names, connect=connect, force=args.force, timeout_s=args.timeout_s)
     return EXIT_OK
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     from . import guests
 
-    names = _names(args)
+    targets = _targets(args)
+    names = [n for n, _c in targets]
     args.purge = args.purge or args.purge_adopted
     if args.purge and not args.yes:
         if not sys.stdin.isatty():
@@ -529,18 +534,27 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     if args.file:  # a fleet: guests already gone are skipped, one failure does not stop the rest
         from . import fleet
 
-        failures = fleet.destroy(names, connect=args.connect, purge=args.purge, stream=sys.stderr,
-                                 purge_adopted=args.purge_adopted)
+        failures = []
+        for connect, group in _by_connect(targets).items():  # each guest where its `connect:` says
+            failures += fleet.destroy(group, connect=connect, purge=args.purge, stream=sys.stderr,
+                                      purge_adopted=args.purge_adopted)
         if failures:
             raise HostError(f"{len(failures)} of {len(names)} guests not destroyed: " + "; ".join(failures))
         return EXIT_OK
-    guests.destroy(names, connect=args.connect, purge=args.purge, purge_adopted=args.purge_adopted)
+    for connect, group in _by_connect(targets).items():
+        guests.destroy(group, connect=connect, purge=args.purge, purge_adopted=args.purge_adopted)
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from . import guests
 
+    if args.all:
+        if args.format == "ansible":
+            raise UsageError("--all lists several hypervisors; an inventory is per hypervisor: drop --all or use "
+                             "--format json")
+        sys.stdout.write(guests.list_all_text(fmt=args.format))
+        return EXIT_OK
     sys.stdout.write(guests.list_text(connect=args.connect, fmt=args.format))
     return EXIT_OK
 
@@ -584,24 +598,29 @@ def cmd_image(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _names(args: argparse.Namespace) -> list[str]:
-    names = list(args.names or [])
+def _targets(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(guest, URI) of every guest named: names typed go to --connect; each guest of -f FILE goes
+    where its own `connect:` says (a fleet may span hypervisors), unless --connect overrides."""
+    from .state import check_name
+    from .uris import SYSTEM_URI
+
+    targets: list[tuple[str, str | None]] = [(n, args.connect) for n in args.names or []]
     if args.file:
         from . import spec
 
-        loaded = spec.load(args.file).guests
-        names += [g.name for g in loaded]
-        if not args.connect:  # -f FILE acts where the file's guests live (its `connect:`)
-            uris = {g.connect for g in loaded}
-            if len(uris) > 1:
-                raise UsageError(f"the guests of {args.file} use different libvirt URIs ({', '.join(sorted(uris))}); "
-                                 "pick one with --connect")
-            args.connect = uris.pop() if uris != {"qemu:///system"} else None
-    if not names:
+        targets += [(g.name, args.connect or (g.connect if g.connect != SYSTEM_URI else None))
+                    for g in spec.load(args.file).guests]
+    if not targets:
         raise UsageError("name at least one guest, or give -f FILE")
-    from .state import check_name
+    # before any connection: a bad name is bad input (exit 2)
+    return [(check_name(n), connect) for n, connect in targets]
 
-    return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)
+
+def _by_connect(targets: list[tuple[str, str | None]]) -> dict[str | None, list[str]]:
+    groups: dict[str | None, list[str]] = {}
+    for name, connect in targets:
+        groups.setdefault(connect, []).append(name)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, cast
 
@@ -234,14 +234,18 @@ def create(
 
 
 def verify(
-    names: Sequence[str], *, connect: str | None, power_cycle: bool, parallel: int, stream: IO[str]
+    names: Sequence[str], *, connect: str | None, power_cycle: bool, parallel: int, stream: IO[str],
+    connect_of: Mapping[str, str | None] | None = None,
 ) -> FleetResult:
-    """Re-verify several guests concurrently (each in its own connection and SSH session)."""
+    """Re-verify several guests concurrently (each in its own connection and SSH session), each on
+    its own hypervisor when CONNECT_OF names one (a fleet's `connect:`)."""
     from . import guests as guestsmod
 
     def job(name: str) -> Callable[[Progress], GuestReport]:
+        uri = connect_of.get(name, connect) if connect_of is not None else connect
+
         def run(progress: Progress) -> GuestReport:
-            return guestsmod.verify_one(name, connect=connect, power_cycle=power_cycle, progress=progress)
+            return guestsmod.verify_one(name, connect=uri, power_cycle=power_cycle, progress=progress)
         return run
 
     return run_parallel([(n, job(n)) for n in names], parallel=parallel, stream=stream)

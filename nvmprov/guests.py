@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import boot, domain, host, identity, ledger, state, storage, virt
@@ -236,7 +237,7 @@ def list_guests(conn: libvirt.virConnect) -> list[dict[str, object]]:
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         if md is None:
             continue
-        files = state.adopt_legacy(dom.name(), hv, dom.UUIDString())
+        files = state.current_files(dom.name(), hv)  # listing moves nothing
         rows.append({
             "name": dom.name(),
             "state": "running" if virt.is_active(dom) else "shut off",
@@ -265,6 +266,54 @@ def list_text(*, connect: str | None, fmt: str) -> str:
         assert isinstance(ssh, dict)
         regions = ", ".join(f"{x['name']}({x['model']})" for x in r["regions"])  # type: ignore[attr-defined]
         out.append(f"{r['name']:<24} {r['state']:<9} {ssh['user']}@127.0.0.1:{ssh['port']:<8} {regions}")
+    return "\n".join(out) + "\n"
+
+
+def list_all(current: str | None = None) -> list[dict[str, object]]:
+    """The guests of every hypervisor nvmprov keeps state for (state.known_hypervisors), each row
+    with the URI it was reached by and its state; a hypervisor that does not answer gives rows
+    from its state directories, state "unreachable"."""
+    from .workflow import effective_uri
+
+    uris = [h["uri"] for h in state.known_hypervisors()]
+    uris.append(effective_uri(virt.DEFAULT_URI, current))
+    rows: list[dict[str, object]] = []
+    seen: set[str] = set()
+    for uri in dict.fromkeys(uris):
+        try:
+            conn = virt.connect(uri)
+        except HostError:
+            rows += [{"name": d.name, "uri": uri, "state": "unreachable"} for d in _state_dirs(uri)]
+            continue
+        try:
+            key = identity.of(conn).key
+            if key in seen:
+                continue  # another URI of a hypervisor already listed
+            seen.add(key)
+            rows += [{**row, "uri": uri} for row in list_guests(conn)]
+        finally:
+            conn.close()
+    return sorted(rows, key=lambda r: (str(r["uri"]), str(r["name"])))
+
+
+def _state_dirs(uri: str) -> list[Path]:
+    for h in state.known_hypervisors():
+        if h["uri"] == uri:
+            return sorted(p for p in (state.state_root() / "hypervisors" / h["key"] / "guests").glob("*") if p.is_dir())
+    return []
+
+
+def list_all_text(*, fmt: str, connect: str | None = None) -> str:
+    rows = list_all(connect)
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if not rows:
+        return "no nvmprov guests\n"
+    out = [f"{'NAME':<24} {'STATE':<11} {'SSH':<22} URI"]
+    for r in rows:
+        ssh = r.get("ssh")
+        where = f"{ssh['user']}@127.0.0.1:{ssh['port']}" if isinstance(ssh, dict) else "-"
+        out.append(f"{r['name']:<24} {r['state']:<11} {where:<22} {r['uri']}")
     return "\n".join(out) + "\n"
 
 

@@ -223,7 +223,7 @@ def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
         return mm
     from . import identity
 
-    files = state.adopt_legacy(state.check_name(name), identity.of(conn), dom.UUIDString())
+    files = state.current_files(state.check_name(name), identity.of(conn))  # show moves nothing
     mm.ssh = {"host": "127.0.0.1", "port": md.ssh_port, "user": md.ssh_user,
               "identity_file": str(files.client_key), "known_hosts": str(files.known_hosts)}
     if not running:

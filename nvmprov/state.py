@@ -146,6 +146,14 @@ def adopt_legacy(name: str, hv: Hypervisor, domain_uuid: str) -> GuestFiles:
     return files
 
 
+def current_files(name: str, hv: Hypervisor) -> GuestFiles:
+    """Where NAME's files are, for commands that only read (list, show): under HV, or still in the
+    old layout; nothing is moved (a command that acts on the guest moves them: adopt_legacy)."""
+    files = guest_files(name, hv, create=False)
+    legacy = guest_files(name, create=False)
+    return legacy if not files.dir.exists() and legacy.dir.is_dir() else files
+
+
 def record_domain(files: GuestFiles, domain_uuid: str) -> None:
     """The UUID of the domain these files belong to: a domain replaced under the same name differs."""
     write_private(files.dir / "domain.json", json.dumps({"uuid": domain_uuid}) + "\n")

@@ -109,3 +109,15 @@ def test_the_old_layout_moves_under_the_first_hypervisor_that_has_the_guest(tmp_
     other = identity.Hypervisor(hv.host_uuid, "session", "qemu:///session")
     assert not state.adopt_legacy("demo", other, "x").dir.exists()
     assert files.client_key.exists()
+
+
+def test_reading_commands_find_old_layout_files_without_moving_them(tmp_path, monkeypatch) -> None:
+    from nvmprov import state
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    old = state.guest_files("demo")
+    state.write_private(old.client_key, "the key")
+    hv = identity.Hypervisor("57dbc5b1-46d8-439b-ad5a-533cd39e71cc", "system", "qemu:///system", "m")
+    assert state.current_files("demo", hv).dir == old.dir and old.client_key.exists()   # list, show
+    assert state.adopt_legacy("demo", hv, "u").dir != old.dir and not old.dir.exists()  # start, verify, ...
+    assert state.current_files("demo", hv).client_key.read_text() == "the key"

@@ -124,3 +124,55 @@ def test_one_guest_name_on_two_hypervisors_keeps_two_states(tmp_path: Path, sess
     finally:
         nvmprov("destroy", TWIN, "--purge", "--yes", "--connect", session_uri, env=env)
         nvmprov("destroy", TWIN, "--purge", "--yes")
+
+
+def fleet_file(tmp_path: Path, session_uri: str, *, image: str | None) -> tuple[Path, list[str]]:
+    """Two guests, one on each hypervisor (their own `connect:`)."""
+    names = ["e2e-hv-f1", "e2e-hv-f2"]
+    guests: list[dict[str, object]] = [{"name": names[0]}, {"name": names[1], "connect": session_uri}]
+    defaults: dict[str, object] = {"memory": "1GiB", "pmem": [{"name": "data", "size": "64MiB"}]}
+    if image:
+        defaults["image"] = image
+    path = tmp_path / "fleet.yaml"
+    path.write_text(json.dumps({"version": 1, "defaults": defaults, "guests": guests}))
+    return path, names
+
+
+def test_a_fleet_on_two_hypervisors_is_listed_and_destroyed_with_f(tmp_path: Path, session) -> None:
+    """No boot: created `--until define`; `list --all` and `destroy -f` follow each guest's connect."""
+    session_uri, env, image = session
+    path, names = fleet_file(tmp_path, session_uri, image=str(image))
+    try:
+        proc = nvmprov("create", str(path), "--until", "define", env=env)
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads(nvmprov("list", "--all", "--format", "json", env=env).stdout)
+        where = {r["name"]: r["uri"] for r in rows if r["name"] in names}
+        assert where[names[0]] == SYSTEM and where[names[1]] == session_uri
+        proc = nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert names[0] not in listed(SYSTEM) and names[1] not in listed(session_uri, env)
+    finally:
+        nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+
+
+def test_a_fleet_on_two_hypervisors_is_verified_and_destroyed_with_f(tmp_path: Path, session) -> None:
+    """Boots two guests (one per hypervisor, the built-in image imported into the session pool):
+    `verify -f` proves both, each on its own hypervisor, and `destroy -f` removes both.
+    About 3-5 minutes under TCG on a 2-core host."""
+    session_uri, env, _image = session
+    imported = nvmprov("image", "import", "/var/lib/nvmprov/pool", "--connect", session_uri, env=env)
+    assert imported.returncode == 0, imported.stderr
+    path, names = fleet_file(tmp_path, session_uri, image=None)
+    try:
+        proc = nvmprov("create", str(path), "--no-power-cycle", "--parallel", "2", env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        proc = nvmprov("verify", "-f", str(path), "--json", env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        report = json.loads(proc.stdout)
+        assert report["ok"] is True and {g["name"] for g in report["guests"]} == set(names)
+        assert all(r["dax"] and r["data_ok"] for g in report["guests"] for r in g["regions"])
+        proc = nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert names[0] not in listed(SYSTEM) and names[1] not in listed(session_uri, env)
+    finally:
+        nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import sizes, testhooks
+from nvmprov import ledger, sizes, testhooks
 
 from .conftest import REPO, _require_host, guest_state_dir, nvmprov, write_spec
 
@@ -160,7 +160,10 @@ def test_pool_full_exits_3_and_rolls_back(tmp_path: Path, tiny_pool: tuple[str, 
     assert f"storage pool '{pool}' ({mount}) has" in line and "e2e-rel-full-pmem-b.raw" in line
     assert "rolled back: volume e2e-rel-full-pmem-a.raw" in proc.stderr
     assert leftovers(name, mount) == []
-    assert os.listdir(mount) == []
+    # only nvmprov's ownership ledger stays in the pool, and it records nothing any more
+    assert sorted(os.listdir(mount)) == ["nvmprov-ledger-a.json", "nvmprov-ledger-b.json"]
+    book = ledger.newest((Path(mount) / slot).read_bytes() for slot in ledger.SLOTS)
+    assert book is not None and book.entries == ()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from nvmprov import domain, guests, identity, image, plan, spec, state, storage, workflow
+from nvmprov import domain, guests, identity, image, ledger, plan, spec, state, storage, workflow
 from nvmprov.errors import GuestError, HostError, UsageError
 from nvmprov.progress import Progress
 
@@ -208,3 +208,64 @@ def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert report.error is not None and report.error["phase"] == "ssh"
     assert not _files(g.name).dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: ownership: a volume nvmprov did not make is neither used nor deleted
+
+
+def _pool(c: libvirt.virConnect) -> libvirt.virStoragePool:
+    return storage.pool_of(c, "nvmprov")
+
+
+def _plant(c: libvirt.virConnect, name: str) -> None:
+    """A volume someone else made under the name nvmprov would give a region (same size)."""
+    storage.make_backing(_pool(c), name, 1024**3, allocation="sparse")
+
+
+def test_a_volume_in_the_way_is_refused_before_anything_is_made(conn) -> None:
+    g = guest_spec("wf-own-way")
+    _plant(conn, "wf-own-way-pmem-data.raw")
+    with pytest.raises(HostError, match=r"volume wf-own-way-pmem-data.raw .* is in the way of region data of guest "
+                                        r"wf-own-way.*`volume: wf-own-way-pmem-data.raw`.*virsh vol-delete"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert storage.lookup(_pool(conn), "wf-own-way-pmem-data.raw") is not None
+    assert storage.lookup(_pool(conn), "wf-own-way-root.qcow2") is None
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-own-way")
+
+
+def test_a_volume_that_appears_after_the_check_is_refused_and_survives_the_rollback(conn, monkeypatch) -> None:
+    """Creation is exclusive: only what this run's createXML made is its own."""
+    g = guest_spec("wf-own-race", extra="  - name: more\n    size: 16MiB\n    filesystem: none\n")
+    real = storage.make_backing
+
+    def someone_else_first(pool, name, *a, **k):  # type: ignore[no-untyped-def]
+        if name == "wf-own-race-pmem-more.raw":
+            real(pool, name, *a, **k)  # made by "someone else" between the check and the create
+        return real(pool, name, *a, **k)
+
+    monkeypatch.setattr(storage, "make_backing", someone_else_first)
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match="is in the way"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    pool = _pool(conn)
+    assert storage.lookup(pool, "wf-own-race-pmem-more.raw") is not None     # not this run's: kept
+    assert storage.lookup(pool, "wf-own-race-pmem-data.raw") is None         # this run's: rolled back
+    assert ledger.read(pool).of(identity.of(conn).key, g.name) == []
+
+
+def test_an_adopted_volume_is_used_and_handed_back_not_deleted(conn) -> None:
+    g = spec.loads(SPEC_TEXT.format(name="wf-own-adopt").replace("mount: /mnt/data",
+                                                                 "mount: /mnt/data\n    volume: mine.raw")).guests[0]
+    _plant(conn, "mine.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    report = workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert report.ok, report
+    pool, hv = _pool(conn), identity.of(conn).key
+    entry = ledger.read(pool).get("mine.raw")
+    assert entry is not None and entry.adopted and entry.belongs_to(hv, g.name)
+    kept = guests._delete_owned(pool, hv, g.name, purge=True, purge_adopted=False, progress=quiet())
+    assert kept == [] and storage.lookup(pool, "mine.raw") is not None
+    assert ledger.read(pool).get("mine.raw") is None                        # handed back
+    assert storage.lookup(pool, "wf-own-adopt-root.qcow2") is None          # its own overlay: deleted

@@ -460,6 +460,9 @@ class GuestSpec(BaseModel):
                                "give each region its own name", "pmem", i, "name")
             names[r.name] = i
             volume = self.volume_of(r)
+            if volume in (f"{self.name}-root.qcow2", f"{self.name}-seed.iso"):
+                raise _Problem(f"{volume!r} is this guest's own root disk or seed; name another volume",
+                               "pmem", i, "volume")
             if volume in volumes:
                 raise _Problem(f"volume {volume!r} is also the backing of pmem[{volumes[volume]}]; a volume backs one "
                                "region: name another volume", "pmem", i, "volume")
@@ -841,12 +844,16 @@ def _check_shared_paths(guests: list[GuestSpec], pos: _Positions, filename: str)
     where: dict[str, tuple[int, int]] = {}
     uses = []
     for i, g in enumerate(guests):
+        pool_dir = pool_dir_for(g.pool, g.connect)
         for j, r in enumerate(g.pmem):
             owner = f"{g.name}/{r.name}"
             where[owner] = (i, j)
-            uses.append((owner, f"{pool_dir_for(g.pool, g.connect)}/{g.volume_of(r)}"))
+            uses.append((owner, f"{pool_dir}/{g.volume_of(r)}"))
+        # the root disk and seed (plan.py names them after the guest): an adopted volume may name them
+        uses += [(f"{g.name}/{part}", f"{pool_dir}/{g.name}{suffix}")
+                 for part, suffix in (("disk", "-root.qcow2"), ("seed", "-seed.iso"))]
     for clash in shared_paths(uses):
-        i, j = where[clash.second]
+        i, j = where.get(clash.second) or where[clash.first]
         at = (pos.values.get(("guests", i, "pmem", j, "volume")) or pos.values.get(("guests", i, "pmem", j))
               or pos.values.get(("guests", i)))
         raise _fail(f"region {clash.second} would share {clash.path} with region {clash.first}; two guests never "

@@ -117,3 +117,11 @@ def test_volume_key_keeps_the_digest_of_specs_without_it() -> None:
     assert "volume" not in g.canonical()["pmem"][0]
     adopted = spec.loads(text.replace("16MiB}", "16MiB, volume: old.raw}")).guests[0]
     assert adopted.digest() != g.digest()
+
+
+def test_an_adopted_volume_cannot_be_another_guests_root_disk() -> None:
+    text = FLEET.replace("{name: c, size: 16MiB}", "{name: c, size: 16MiB, volume: a-root.qcow2}")
+    with pytest.raises(SpecError, match="would share /var/lib/nvmprov/pool/a-root.qcow2"):
+        spec.loads(text, "f.yaml")
+    with pytest.raises(SpecError, match="own root disk or seed"):
+        spec.loads("name: g\npmem: [{name: d, size: 16MiB, volume: g-seed.iso}]\n", "g.yaml")

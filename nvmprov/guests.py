@@ -217,7 +217,7 @@ def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: st
         raise VirtError(f"no domain named {name!r} on {conn.getURI()}, and nvmprov keeps nothing for it there; "
                         "`nvmprov list` shows the guests")
     if not found:
-        progress.line("no such domain, nothing kept for it; nothing to destroy")
+        progress.line("no such domain; nothing to destroy")
 
 
 def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool]:

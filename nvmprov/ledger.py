@@ -108,14 +108,23 @@ def newest(slots: Iterable[bytes | None]) -> Ledger | None:
 
 
 def _slot_bytes(pool: libvirt.virStoragePool, name: str) -> bytes | None:
+    import libvirt
+
     from . import storage
 
     vol = storage.lookup(pool, name)
     if vol is None:
         return None
-    if storage.vol_capacity_bytes(vol) > MAX_BYTES:
-        return b""  # not a ledger: counts as present and invalid
-    return storage.read_small(vol, MAX_BYTES)
+    try:
+        if storage.vol_capacity_bytes(vol) > MAX_BYTES:
+            return b""  # not a ledger: counts as present and invalid
+        return storage.read_small(vol, MAX_BYTES)
+    except (StorageError, libvirt.libvirtError) as exc:
+        # A writer replaces the older slot while we read it (reads take no lock): gone is gone,
+        # and the newer slot is intact. Any other failure is not guessed around.
+        if storage.lookup(pool, name) is None:
+            return None
+        raise StorageError(f"reading {name} in storage pool {pool.name()!r}: {exc}") from None
 
 
 def read(pool: libvirt.virStoragePool) -> Ledger:

@@ -127,3 +127,46 @@ def test_destroy_purge_after_destroy_deletes_what_nvmprov_kept(tmp_path: Path) -
         assert proc.returncode == 3 and "nvmprov keeps nothing for it" in proc.stderr, proc.stderr
     finally:
         nvmprov("destroy", name, "--purge", "--yes")
+
+
+RECORDER = """
+import sys
+import libvirt
+from nvmprov import identity, ledger, storage
+conn = libvirt.open("qemu:///system")
+pool = storage.pool_of(conn, sys.argv[1])
+hv = identity.of(conn).key
+for i in range(5):
+    ledger.record(pool, ledger.Entry(f"{sys.argv[2]}-{i}.raw", sys.argv[2], hv, "backing"))
+"""
+
+
+def test_concurrent_ledger_writers_lose_no_record(tmp_path: Path) -> None:
+    """Six nvmprov processes record five volumes each into one pool at once: all 30 are there."""
+    import shutil
+    import sys
+    import uuid
+
+    import libvirt
+
+    from nvmprov import ledger, storage
+
+    from .conftest import REPO
+
+    conn = libvirt.open("qemu:///system")
+    name = f"e2e-own-{uuid.uuid4().hex[:8]}"
+    parent = Path("/var/tmp") / name
+    pool = storage.ensure_pool(conn, name, str(parent / "pool"))
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", RECORDER, name, f"w{n}"], cwd=REPO) for n in range(6)]
+        assert [p.wait(timeout=300) for p in procs] == [0] * 6
+        book = ledger.read(pool)
+        assert len(book.entries) == 30 and book.generation == 30
+        assert sorted(v.name() for v in pool.listAllVolumes(0)) == sorted(ledger.SLOTS)
+    finally:
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+        pool.undefine()
+        conn.close()
+        shutil.rmtree(parent, ignore_errors=True)

@@ -121,3 +121,29 @@ def test_reading_commands_find_old_layout_files_without_moving_them(tmp_path, mo
     assert state.current_files("demo", hv).dir == old.dir and old.client_key.exists()   # list, show
     assert state.adopt_legacy("demo", hv, "u").dir != old.dir and not old.dir.exists()  # start, verify, ...
     assert state.current_files("demo", hv).client_key.read_text() == "the key"
+
+
+def test_detach_purge_deletes_only_what_nvmprov_made_for_that_domain(conn, pool) -> None:
+    from nvmprov import attach
+
+    hv = identity.of(conn).key
+    for name in ("made.raw", "foreign.raw", "adopted.raw", "old.raw"):
+        storage.make_backing(pool, name, MiB, allocation="sparse")
+    ledger.record(pool, ledger.Entry("made.raw", "web", hv, "backing"))
+    ledger.record(pool, ledger.Entry("adopted.raw", "web", hv, "backing", adopted=True))
+    base = storage.pool_path(pool)
+
+    def purge(volume: str, *, adopted: bool = False, made: tuple[str, ...] = ()) -> tuple[bool, list[str]]:
+        notes: list[str] = []
+        done = attach._maybe_purge(conn, pool.name(), volume, f"{base}/{volume}",
+                                   attach._Purge(True, adopted), notes, owner=("web", made))
+        return done, notes
+
+    assert purge("made.raw") == (True, [])
+    done, notes = purge("foreign.raw")
+    assert not done and "nvmprov did not make it for web" in notes[0]
+    done, notes = purge("adopted.raw")
+    assert not done and "--purge-adopted deletes it" in notes[0]
+    assert purge("adopted.raw", adopted=True) == (True, [])
+    assert purge("old.raw", made=("old.raw",)) == (True, [])   # a guest made before the ledger: its metadata
+    assert sorted(v.name() for v in pool.listAllVolumes(0) if not v.name().startswith("nvmprov-")) == ["foreign.raw"]

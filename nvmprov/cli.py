@@ -783,8 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
+    from .textsafe import clean
+
     red = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-    first, *rest = message.splitlines() or [""]
+    first, *rest = clean(message).splitlines() or [""]  # messages may quote a guest
     line = f"nvmprov: error: {first}"
     sys.stderr.write((f"\x1b[31m{line}\x1b[0m" if red else line) + "\n")
     for extra in rest:

@@ -84,7 +84,9 @@ class RemoteCommandError(GuestError):
         self.command = command
         self.exit_status = exit_status
         self.stderr = stderr
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        from .textsafe import clean
+
+        tail = "\n".join(clean(stderr).strip().splitlines()[-5:])  # the guest's words, no escapes
         super().__init__(f"guest command failed (exit {exit_status}): {command}" + (f": {tail}" if tail else ""))
 
 

@@ -244,16 +244,19 @@ def openssh_argv(
 
 
 def console_text(name: str, *, connect: str | None) -> str:
+    """The guest's serial log, without its escape sequences and control characters (the guest
+    wrote it: it must not drive the user's terminal)."""
     from . import remote
+    from .textsafe import clean
 
     with _connection(connect) as conn:
         managed(conn, name)
         path = boot.console_log_path(name, conn.getURI())
         hop = remote.hypervisor_for(conn.getURI())
     if hop is not None:  # the log is on the hypervisor
-        return hop.read_tail(path, max_bytes=16 * 1024 * 1024)
+        return clean(hop.read_tail(path, max_bytes=16 * 1024 * 1024))
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
+            return clean(fh.read())
     except OSError as exc:
         raise HostError(f"cannot read the serial log of {name} at {path}: {exc.strerror}") from None

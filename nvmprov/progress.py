@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from . import testhooks
+from .textsafe import clean
 
 
 class Progress:
@@ -30,7 +31,7 @@ class Progress:
         return time.monotonic() - self.start
 
     def line(self, message: str) -> None:
-        text = f"[{self.elapsed_s():6.1f}s] {self.prefix}{message}"
+        text = f"[{self.elapsed_s():6.1f}s] {self.prefix}{clean(message)}"  # lines may quote the guest
         with self._lock:
             # Progress is best effort: a reader that went away (closed pipe, dead terminal) once
             # raised BrokenPipeError out of a rollback and left the guest's volumes behind.

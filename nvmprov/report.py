@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
+from .textsafe import clean, clean_tree
+
 SCHEMA_VERSION = 1
 
 # What each region field must be for the region to count as verified.
@@ -36,7 +38,7 @@ class GuestReport:
 
     def fail(self, phase: str, message: str) -> None:
         self.ok = False
-        self.error = {"phase": phase, "message": message}
+        self.error = {"phase": phase, "message": clean(message)}  # may quote the guest
 
     def settle(self) -> None:
         """ok = no error and every region check that ran passed (persisted None = not checked)."""
@@ -94,7 +96,7 @@ def _guest_dict(g: GuestReport) -> dict[str, Any]:
 
 
 def render_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, sort_keys=False)
+    return json.dumps(clean_tree(report.to_dict()), indent=2, sort_keys=False)  # guest text: no escapes
 
 
 def _fmt_bool(value: Any) -> str:
@@ -151,7 +153,7 @@ def render_text(report: Report) -> str:
             lines.append(f"  note: {note}")
     overall = "all guests ok" if report.ok else "FAILED"
     lines.append(overall)
-    return "\n".join(lines) + "\n"
+    return clean("\n".join(lines)) + "\n"  # region fields and errors quote the guest
 
 
 def render_junit(report: Report) -> str:
@@ -184,5 +186,9 @@ def render_junit(report: Report) -> str:
             time=f"{total_s:.2f}",
         )
         suite.extend(cases)
+    for el in suites.iter():  # valid XML 1.0 whatever the guest printed (ElementTree does not check)
+        el.text = clean(el.text) if el.text else el.text
+        for key, value in el.attrib.items():
+            el.set(key, clean(value))
     ET.indent(suites)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"

@@ -434,3 +434,13 @@ def test_attempt_lines_are_throttled_while_the_guest_boots(monkeypatch: pytest.M
     assert lines[0][1].startswith("ssh 127.0.0.1:1 attempt 1: connection refused")
     gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:], strict=False)]
     assert all(gap >= ssh.ATTEMPT_REPORT_EVERY_S for gap in gaps), gaps
+
+
+def test_run_strips_the_guests_escape_sequences(session: ssh.Session) -> None:
+    """Guest output is untrusted (issue 12): no terminal escapes or controls reach nvmprov's text."""
+    hostile = r"\033]0;pwned\007\033[31mred\033[0m\001\015ok"
+    r = session.run(f"printf '{hostile}\\n'; printf '{hostile}' >&2", check=False)
+    assert (r.stdout, r.stderr) == ("redok\n", "redok")
+    with pytest.raises(RemoteCommandError) as e:
+        session.run(f"printf '{hostile}' >&2; exit 1")
+    assert "\x1b" not in str(e.value) and str(e.value).endswith(": redok")

@@ -334,7 +334,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for note in region.notes:
                 _note(f"{g.name}: region {region.name}: {note}")
     names = ", ".join(g.name for g in loaded.guests)
-    print(f"{args.file}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
+    print(f"{loaded.path}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
     return EXIT_OK
 
 
@@ -386,7 +386,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
     opts = CreateOptions(
         until=args.until or "all", power_cycle=not args.no_power_cycle, reformat=args.reformat,
-        keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
+        keep_on_failure=args.keep_on_failure, connect=args.connect,
+        spec_path=None if args.file == spec.STDIN else os.path.abspath(args.file),
     )
     from .progress import Progress
     from .report import Report

@@ -58,11 +58,17 @@ def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
     from dataclasses import replace
 
     from . import image, plan
-    from .spec import GuestSpec
+    from .spec import load_recorded
 
     if md.spec_json is None:
         raise HostError(f"the nvmprov metadata of this domain holds no spec (made by nvmprov {md.version}?)")
-    spec = GuestSpec.model_validate(json.loads(md.spec_json))
+    try:
+        spec, broken = load_recorded(json.loads(md.spec_json))
+    except ValueError:
+        raise HostError("the spec in this domain's nvmprov metadata is not JSON; recreate the guest") from None
+    for rule in broken:  # made before the rule: warned about, used as it is, nothing changed
+        Progress(prefix=f"{spec.name}: ").line(f"warning: the spec this guest was made with breaks a rule added "
+                                               f"since: {rule}; the guest is left as it is")
     pool = storage.pool_of(conn, spec.pool)
     facts = host.facts(conn, storage.pool_path(pool))
     if spec.image == "builtin":

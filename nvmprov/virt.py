@@ -25,12 +25,19 @@ def connect(uri: str) -> libvirt.virConnect:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise HostError(
-            f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; "
+            f"cannot connect to libvirt at {uri}: {first_line(exc.get_error_message())}; "
             "is libvirtd running? (scripts/setup.sh starts it)"
         ) from None
     if conn is None:  # older bindings returned None instead of raising
         raise HostError(f"cannot connect to libvirt at {uri}")
     return conn
+
+
+def first_line(message: str | None, max_chars: int = 300) -> str:
+    """libvirt's reason without what it quotes: a file it failed to parse is quoted on the lines
+    after the first (`test:///etc/shadow` printed the file's first line, a password hash)."""
+    line = (message or "").strip().splitlines()[:1]
+    return line[0][:max_chars] if line else "no reason given"
 
 
 def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:

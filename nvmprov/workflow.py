@@ -90,6 +90,7 @@ def _create_locked(
         # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
         # here, before the pool is made or the image built (minutes). It needs no pool, only names.
         pool_dir = pool_dir_for(spec.pool, conn.getURI())
+        _vet_image(spec, opts)
         facts = host.facts(conn, pool_dir)
         if spec.image == "builtin":
             facts = replace(facts, builtin_volumes=image.builtin_volume_names())
@@ -140,6 +141,18 @@ def _create_locked(
             return
         raise
     report.settle()
+
+
+def _vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
+    """A user image is untrusted input (nvmprov.diskimage): refused before anything is made (exit 2)."""
+    if spec.image == "builtin":
+        return
+    from . import diskimage
+
+    try:
+        diskimage.vet(spec.image)
+    except diskimage.ImageRefused as e:
+        raise SpecError(f"guest {spec.name}: {e}", file=opts.spec_path or "<spec>") from None
 
 
 def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domain.Metadata, progress: Progress) -> None:
@@ -535,7 +548,7 @@ def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles
     """The spec paths that differ from the spec the guest was made with. libvirt's copy (the domain
     metadata) is the record, so this works from any machine; the local state file is only the
     fallback for domains whose metadata predates spec_json."""
-    from .spec import GuestSpec as Model
+    from .spec import load_recorded
 
     try:
         if md.spec_json is not None:
@@ -544,8 +557,8 @@ def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles
             recorded = files.spec_json.read_text()
         else:
             raise FileNotFoundError
-        old = Model.model_validate(json.loads(recorded))
-    except (OSError, ValueError):
+        old, _broken = load_recorded(json.loads(recorded))
+    except (OSError, ValueError, HostError):
         return ["(the guest's metadata does not hold the spec it was made with)"]
     return spec.diff(old) or ["(digest differs)"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import libvirt
 import pytest
 
 from nvmprov import domain, guests, image, plan, spec, state, storage, workflow
-from nvmprov.errors import GuestError, HostError, UsageError
+from nvmprov.errors import GuestError, HostError, SpecError, UsageError
 from nvmprov.progress import Progress
 
 URI = "test:///default"
@@ -199,3 +200,51 @@ def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert report.error is not None and report.error["phase"] == "ssh"
     assert not state.guest_files(g.name, create=False).dir.exists()
+
+
+# issue 12: a user image is vetted before anything is made; a recorded spec that breaks a rule
+# added since still loads, with a warning naming the rule
+
+
+@pytest.mark.parametrize("kind", ["link-to-host-file", "qcow2-backed-by-host-file", "fifo"])
+def test_create_until_define_refuses_an_image_that_is_no_disk_image(conn, tmp_path, kind) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$notarealhash:20228:0:99999:7:::\n")
+    image = tmp_path / ("x.qcow2" if kind.startswith("qcow2") else "x.raw")
+    if kind == "link-to-host-file":
+        image.symlink_to(secret)
+    elif kind == "fifo":
+        os.mkfifo(image)
+    else:
+        name = str(secret).encode()
+        header = b"QFI\xfb" + (2).to_bytes(4, "big") + (72).to_bytes(8, "big") + len(name).to_bytes(4, "big")
+        header += (16).to_bytes(4, "big") + (1 << 30).to_bytes(8, "big")
+        image.write_bytes(header.ljust(72, b"\0") + name + bytes(1024))
+    g = guest_spec("wf-badimage", f"image: {image}\nfirmware: bios\n")
+    opts = workflow.CreateOptions(connect=URI, until="define", spec_path="/specs/g.yaml")
+    with pytest.raises(SpecError) as info:
+        workflow.create(g, opts, quiet())
+    assert str(info.value).startswith(f"/specs/g.yaml: guest wf-badimage: image {image}"), info.value
+    assert "notarealhash" not in str(info.value)
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-badimage")
+    names = [v.name() for v in storage.pool_of(conn, "nvmprov").listAllVolumes(0)]
+    assert not [n for n in names if n.startswith("wf-badimage")], names
+    assert not state.guest_files("wf-badimage", create=False).dir.exists()
+
+
+def test_a_recorded_spec_breaking_a_new_rule_warns_and_changes_nothing(conn, monkeypatch, capsys) -> None:
+    g = guest_spec("wf-recorded")
+    old = g.canonical()
+    old["ssh"]["user"] = "daemon"
+    old["pmem"][0]["mount"] = "/root/data"
+    define_managed(conn, g, spec_json=json.dumps(old))
+    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    before = conn.lookupByName("wf-recorded").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    m = guests.managed(conn, "wf-recorded")
+    assert m.plan.ssh_user == "daemon"
+    err = capsys.readouterr().err
+    warned = "wf-recorded: warning: the spec this guest was made with breaks a rule added since: "
+    assert warned + repr(spec.RULE_USER) in err
+    assert repr(spec.RULE_MOUNT) in err and "Traceback" not in err
+    assert conn.lookupByName("wf-recorded").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before

@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 Until = Literal["define", "start", "ssh", "all"]
 POWER_OFF_TIMEOUT_S = 30
 HOSTFWD_ERRORS = ("host forwarding rule", "Could not set up host forwarding")
+# What `network: {outbound: true}` opens (QEMU user networking with restrict=off): said on every create.
+OUTBOUND_NOTICE = (
+    "network.outbound: true: the guest can open connections to any address this host can reach, "
+    "including this host's own loopback services (127.0.0.1 here is 10.0.2.2 in the guest: databases, "
+    "admin ports, libvirt's TCP socket if any); set outbound: false unless the guest needs a package mirror"
+)
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ def _create_locked(
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)
+    if the_plan.network_outbound:
+        progress.line(OUTBOUND_NOTICE)
     for region in the_plan.regions:
         for note in region.notes:
             progress.line(f"region {region.name}: {note}")
@@ -144,8 +152,11 @@ def _create_locked(
 
 
 def _vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
-    """A user image is untrusted input (nvmprov.diskimage): refused before anything is made (exit 2)."""
-    if spec.image == "builtin":
+    """A user image is untrusted input (nvmprov.diskimage): one that is there but is no disk image
+    (a link to a host file, a FIFO, a device, a bad backing chain) is refused before anything is
+    made (exit 2). A path with nothing at all there stays what it was, a host condition: the
+    overlay step fails on it (exit 3) and the run is rolled back (docs/reliability.md)."""
+    if spec.image == "builtin" or not os.path.lexists(spec.image):
         return
     from . import diskimage
 

@@ -248,3 +248,25 @@ def test_a_recorded_spec_breaking_a_new_rule_warns_and_changes_nothing(conn, mon
     assert warned + repr(spec.RULE_USER) in err
     assert repr(spec.RULE_MOUNT) in err and "Traceback" not in err
     assert conn.lookupByName("wf-recorded").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+
+
+def test_create_says_what_outbound_opens_host_loopback_included(conn) -> None:
+    out = io.StringIO()
+    g = guest_spec("wf-outbound", "network: {outbound: true}\n")
+    workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), Progress(out))
+    conn.made.append("wf-outbound")  # type: ignore[attr-defined]
+    assert "loopback services (127.0.0.1 here is 10.0.2.2 in the guest" in out.getvalue()
+    out = io.StringIO()
+    workflow.create(guest_spec("wf-closed"), workflow.CreateOptions(connect=URI, until="define"), Progress(out))
+    conn.made.append("wf-closed")  # type: ignore[attr-defined]
+    assert "10.0.2.2" not in out.getvalue()
+
+
+def test_a_missing_image_stays_a_host_error_after_the_vetting(conn) -> None:
+    """Nothing at the path is not a hostile file: the overlay step fails (exit 3) and rolls back, as
+    before issue 12 (tests/e2e/test_faults.py uses it to provoke a rollback)."""
+    g = guest_spec("wf-noimage", "image: /nope.qcow2\nfirmware: bios\n")
+    with pytest.raises(HostError, match="image /nope.qcow2: No such file or directory"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-noimage")

@@ -27,6 +27,8 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from .textsafe import clean
+
 HEAD_BYTES = 65608           # up to the end of the btrfs magic; the qcow2 header and its extensions
 MAX_CHAIN = 8                # files in a backing chain (a cloud image has one or two)
 MAX_BACKING_NAME = 1023      # QEMU's own limit on a backing file name
@@ -65,7 +67,7 @@ def vet(path: str) -> DiskImage:
 def _vet(path: str, *, shown: str, want: str | None, seen: tuple[str, ...]) -> DiskImage:
     real = os.path.realpath(path)
     if real in seen:
-        raise ImageRefused(f"image {shown}: its backing chain loops back to {real}; {_FIX}")
+        raise ImageRefused(f"image {shown}: its backing chain loops back to a file of the chain; {_FIX}")
     if len(seen) >= MAX_CHAIN:
         raise ImageRefused(f"image {shown}: its backing chain is longer than {MAX_CHAIN} files; "
                            "flatten it (qemu-img convert -O qcow2 IN OUT)")
@@ -171,7 +173,8 @@ def _qcow2(real: str, shown: str, head: bytes, seen: tuple[str, ...]) -> DiskIma
     if fmt not in (None, "qcow2", "raw"):
         raise ImageRefused(f"image {shown}: its backing file is recorded as {fmt[:20]!r}; nvmprov takes qcow2 "
                            "and raw: flatten it (qemu-img convert -O qcow2 IN OUT)")
-    base = _vet(below, shown=f"{shown} -> backing file {below}", want=fmt, seen=(*seen, real))
+    # the name comes from the file: shown without its escape sequences and control characters
+    base = _vet(below, shown=f"{shown} -> backing file {clean(below)}", want=fmt, seen=(*seen, real))
     return DiskImage(real, "qcow2", h.virtual_bytes, (base.path, *base.chain))
 
 

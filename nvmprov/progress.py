@@ -96,4 +96,4 @@ class Quiet(Progress):
 
     def line(self, message: str) -> None:
         if self.log is not None:
-            self.log.write(message + "\n")
+            self.log.write(clean(message) + "\n")

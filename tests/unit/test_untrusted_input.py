@@ -337,3 +337,10 @@ def test_a_damaged_recorded_spec_is_a_host_error_not_a_traceback() -> None:
     data["vcpus"] = 0
     with pytest.raises(HostError, match="vcpus: 0 is too small"):
         spec.load_recorded(data)
+
+
+def test_a_backing_name_is_shown_without_its_escape_sequences(tmp_path: Path) -> None:
+    image = _qcow2(tmp_path / "x.qcow2", backing="\x1b]0;pwned\x07\x1b[2Jmissing.qcow2")
+    with pytest.raises(diskimage.ImageRefused) as e:
+        diskimage.vet(str(image))
+    assert "\x1b" not in str(e.value) and "\x07" not in str(e.value) and "missing.qcow2" in str(e.value)

@@ -380,7 +380,7 @@ def _note(message: str) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from . import spec
-    from .workflow import CreateOptions, create
+    from .workflow import CreateOptions, create, vet_image
 
     loaded = spec.load(args.file)
     guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
@@ -389,6 +389,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         keep_on_failure=args.keep_on_failure, connect=args.connect,
         spec_path=None if args.file == spec.STDIN else os.path.abspath(args.file),
     )
+    for g in guests:  # every image of a fleet before any guest is made: bad input changes nothing
+        vet_image(g, opts)
     from .progress import Progress
     from .report import Report
 

@@ -96,7 +96,7 @@ def _create_locked(
         # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
         # here, before the pool is made or the image built (minutes). It needs no pool, only names.
         pool_dir = pool_dir_for(spec.pool, conn.getURI())
-        _vet_image(spec, opts)
+        vet_image(spec, opts)  # again: a library caller may not have (cli.cmd_create did, for the fleet)
         facts = host.facts(conn, pool_dir)
         if spec.image == "builtin":
             facts = replace(facts, builtin_volumes=image.builtin_volume_names())
@@ -151,7 +151,7 @@ def _create_locked(
     report.settle()
 
 
-def _vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
+def vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
     """A user image is untrusted input (nvmprov.diskimage): one that is there but is no disk image
     (a link to a host file, a FIFO, a device, a bad backing chain) is refused before anything is
     made (exit 2). A path with nothing at all there stays what it was, a host condition: the
@@ -586,5 +586,5 @@ from . import agent  # noqa: E402
 
 __all__ = [
     "DEFAULT_POOL_DIR", "CreateOptions", "create", "effective_uri", "open_session", "pool_dir_for", "power_cycle_proof",
-    "save_report", "start_guest",
+    "save_report", "start_guest", "vet_image",
 ]

@@ -344,3 +344,15 @@ def test_a_backing_name_is_shown_without_its_escape_sequences(tmp_path: Path) ->
     with pytest.raises(diskimage.ImageRefused) as e:
         diskimage.vet(str(image))
     assert "\x1b" not in str(e.value) and "\x07" not in str(e.value) and "missing.qcow2" in str(e.value)
+
+
+def test_a_fleet_with_one_bad_image_makes_nothing(tmp_path: Path) -> None:
+    """Every image of a fleet is vetted before the first guest is made (libvirt is never contacted:
+    its URI here names a socket that does not exist, which would be exit 3)."""
+    os.mkfifo(tmp_path / "x.raw")
+    path = tmp_path / "fleet.yaml"
+    path.write_text("defaults: {pmem: [{name: d, size: 64MiB}]}\n"
+                    f"guests:\n  - {{name: good}}\n  - {{name: bad, image: {tmp_path}/x.raw}}\n")
+    err = _one_line_exit_2(_run("create", str(path), "--until", "define", tmp_path=tmp_path, timeout=30))
+    assert err.startswith(f"{path}: guest bad: image {tmp_path}/x.raw: a FIFO (named pipe), not a regular file")
+    assert not (tmp_path / "state").exists()

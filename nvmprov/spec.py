@@ -494,11 +494,17 @@ class RegionSpec(BaseModel):
             return
         size, label = format_size(self.size_bytes), format_size(self.label_bytes)
         if self.label_bytes >= self.size_bytes:
+            fix = "use 128KiB"  # ... and a size that leaves a whole region beside it (a hint must be right)
+            if self.size_bytes - MIN_LABEL_BYTES < MIN_REGION_BYTES:
+                fix += f" with size >= {format_size(MIN_REGION_BYTES + MIN_LABEL_BYTES)}"
             raise _Problem(f"label {label} is not smaller than size {size}; the label is carved out of the region: "
-                           "use 128KiB", "label")
+                           f"{fix}", "label")
         if self.size_bytes - self.label_bytes < MIN_REGION_BYTES:
+            fix = f"use size >= {format_size(self.label_bytes + MIN_REGION_BYTES)}"
+            if self.label_bytes > MIN_LABEL_BYTES:
+                fix += f" or a label of {format_size(MIN_LABEL_BYTES)}"
             raise _Problem(f"label {label} leaves less than {format_size(MIN_REGION_BYTES)} of the {size} region; "
-                           "use a smaller label or a larger size", "label")
+                           f"{fix}", "label")
 
     def _check_filesystem(self) -> None:
         if self.readonly and self.filesystem != "none":
@@ -1112,11 +1118,12 @@ _BOOL_WORDS = {"true": "true", "yes": "true", "on": "true", "false": "false", "n
 def _type_fix(kind: str, value: object, loc: Path_) -> str:
     """The "what would be right" half of a type error."""
     if kind == "int_type":
-        if isinstance(value, str) and _WHOLE_RE.fullmatch(value) and len(value.strip()) <= MAX_SIZE_DIGITS:
-            return f"write {int(value)} without quotes"
+        if isinstance(value, str):
+            whole = _WHOLE_RE.fullmatch(value) and len(value.strip()) <= MAX_SIZE_DIGITS
+            return _whole_number_fix(int(value) if whole else None, loc, quoted=True)
         if isinstance(value, float) and value.is_integer():
-            return f"write {int(value)}"
-        return "write a whole number without quotes, e.g. 1" if isinstance(value, str) else "write a whole number"
+            return _whole_number_fix(int(value), loc, quoted=False)
+        return _whole_number_fix(None, loc, quoted=False)
     if kind == "bool_type":
         word = _BOOL_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
         return f"write {word} without quotes" if word else "write true or false"
@@ -1150,26 +1157,58 @@ def _kind(value: object) -> str:
     return "text"
 
 
-def _keys_of(loc: Path_) -> list[str]:
-    """The YAML keys valid at a location (by walking the models)."""
+def _model_at(loc: Path_) -> type[BaseModel] | None:
+    """The model of the mapping at a location (by walking the models); None for a plain value."""
     model: type[BaseModel] = GuestSpec
     for part in loc:
         if isinstance(part, int):
             continue
-        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        info = _field_of(model, part)
         if info is None:
-            return []
+            return None
         ann = info.annotation
         while get_origin(ann) is not None and not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             inner = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
             if not inner:
-                return []
+                return None
             ann = inner[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
+            return None
         model = ann
+    return model
+
+
+def _field_of(model: type[BaseModel], key: str | int) -> Any:
+    return next((f for n, f in model.model_fields.items() if (f.alias or n) == key), None)
+
+
+def _keys_of(loc: Path_) -> list[str]:
+    """The YAML keys valid at a location (by walking the models)."""
+    model = _model_at(loc)
+    if model is None:
+        return []
     keys = [f.alias or n for n, f in model.model_fields.items()]
     return [*keys, "version", "guests", "defaults"] if not loc else keys
+
+
+def _int_bounds(loc: Path_) -> tuple[int | None, int | None]:
+    """The (ge, le) of the whole-number field at LOC, as its model declares them."""
+    model = _model_at(loc[:-1]) if loc else None
+    info = _field_of(model, loc[-1]) if model is not None else None
+    metadata = info.metadata if info is not None else []
+    return (next((m.ge for m in metadata if hasattr(m, "ge")), None),
+            next((m.le for m in metadata if hasattr(m, "le")), None))
+
+
+def _whole_number_fix(n: int | None, loc: Path_, quoted: bool) -> str:
+    """"write N" when N is allowed at LOC, else the range that is (a hint must be right)."""
+    lo, hi = _int_bounds(loc)
+    tail = " without quotes" if quoted else ""
+    if n is not None and (lo is None or n >= lo) and (hi is None or n <= hi):
+        return f"write {n}{tail}"
+    if lo is not None and hi is not None:
+        return f"write a whole number from {lo} to {hi}{tail}"
+    return f"write a whole number{tail}, e.g. {lo if lo is not None else 1}"
 
 
 def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:

@@ -142,7 +142,7 @@ BAD = [
                  "g.yaml:2:8: vcpus: expected a whole number, not str '2'; write 2 without quotes",
                  id='vcpus_str'),
     pytest.param("name: demo\nvcpus: 2.5\n" + TAIL,
-                 'g.yaml:2:8: vcpus: expected a whole number, not float 2.5; write a whole number',
+                 'g.yaml:2:8: vcpus: expected a whole number, not float 2.5; write a whole number from 1 to 64',
                  id='vcpus_float'),
     pytest.param("name: demo\nnetwork: {outbound: 'no'}\n" + TAIL,
                  "g.yaml:2:21: network.outbound: expected true or false, not str 'no'; write false without quotes",

@@ -356,3 +356,34 @@ def test_a_fleet_with_one_bad_image_makes_nothing(tmp_path: Path) -> None:
     err = _one_line_exit_2(_run("create", str(path), "--until", "define", tmp_path=tmp_path, timeout=30))
     assert err.startswith(f"{path}: guest bad: image {tmp_path}/x.raw: a FIFO (named pipe), not a regular file")
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("key", ["vcpus", "hotplug.slots", "timeouts.boot_s", "timeouts.ssh_s"])
+@pytest.mark.parametrize("value", ['"0"', '"2"', '"100"', '"300"', "2.0", "0.0", "1.5", "1e9", '"x"', "true"])
+def test_every_whole_number_hint_is_a_value_that_is_accepted(key: str, value: str) -> None:
+    """"write N" only names an N that is allowed there, else the range ('"0"' once said "write 0")."""
+    def text(v: str) -> str:
+        outer, _, inner = key.partition(".")
+        return f"name: a\n{outer}: {{{inner}: {v}}}\n{T}" if inner else f"name: a\n{key}: {v}\n{T}"
+
+    with pytest.raises(SpecError) as e:
+        spec.loads(text(value), "g.yaml")
+    fix = str(e.value).rsplit("; ", 1)[1]
+    if fix.startswith("write a whole number from "):
+        lo, hi = fix.split("from ")[1].split(" without")[0].split(" to ")
+        spec.loads(text(lo), "g.yaml")
+        spec.loads(text(hi), "g.yaml")
+    else:
+        spec.loads(text(fix.split()[1]), "g.yaml")  # "write N [without quotes]"
+
+
+@pytest.mark.parametrize(("size", "label"), [("16MiB", "32MiB"), ("16MiB", "128KiB"), ("20MiB", "8MiB"),
+                                             ("512MiB", "512MiB")])
+def test_label_hints_are_values_that_are_accepted(size: str, label: str) -> None:
+    """A label of 128KiB on a 16MiB region once got "use a smaller label" (there is none)."""
+    with pytest.raises(SpecError) as e:
+        spec.loads(f"name: a\npmem: [{{name: d, size: {size}, label: {label}}}]\n", "g.yaml")
+    fix = str(e.value).rsplit("; ", 1)[1].split(": ")[-1]
+    new_size = fix.split("size >= ")[1].split()[0] if "size >= " in fix else size
+    new_label = "128KiB" if "128KiB" in fix else label
+    spec.loads(f"name: a\npmem: [{{name: d, size: {new_size}, label: {new_label}}}]\n", "g.yaml")

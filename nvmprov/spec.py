@@ -391,7 +391,7 @@ def _check_user(value: str) -> str:
         raise ValueError("user 'root' is not allowed; nvmprov makes its own login user with sudo, e.g. nvmprov")
     if value in _SYSTEM_USERS or value.startswith(("_", "systemd-")):
         raise _TrustRule(RULE_USER, f"user {value!r} is a system account (Debian's base-passwd reserves it, or a "
-                         "package makes it); it would get a login key and sudo: use a user of its own, e.g. nvmprov")
+                         "package makes it) and would get a login key and sudo; use a user of its own, e.g. nvmprov")
     return value
 
 

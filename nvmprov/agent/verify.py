@@ -40,14 +40,19 @@ _MARKER_OK = re.compile(rb"[A-Za-z0-9:._-]{8,200}")
 
 @dataclass
 class RegionReport:
-    """One region in the report (`--json` regions[]); the caller fills backing_path and persisted."""
+    """One region in the report (`--json` regions[]); the caller fills backing_path and persisted.
+
+    The fields observe() sets depend on how the guest enumerated its devices, which can change from
+    one boot to the next (/dev/pmem1 may come back as /dev/pmem2): they always describe the last
+    facts read. fs_uuid and namespace_uuid name the same filesystem and namespace on every boot.
+    """
 
     name: str
     model: str
     size_bytes: int
     usable_bytes: int | None
     backing_path: str | None
-    guest_device: str | None
+    guest_device: str | None  # /dev/pmemN as of the last facts read; may change between boots
     namespace_mode: str | None
     filesystem: str | None
     mountpoint: str | None
@@ -60,6 +65,20 @@ class RegionReport:
     payload_sha256: str | None = None
     marker: str | None = None  # ASCII; starts the payload file, so the host can find it
     marker_offset: int | None = None  # where the caller found the marker in the backing volume
+    fs_uuid: str | None = None  # the filesystem's UUID (stable; /etc/fstab mounts by it)
+    namespace_uuid: str | None = None  # ndctl's namespace uuid (stable); None for a raw label-less namespace
+
+    def observe(self, state: RegionState | None) -> None:
+        """Take every enumeration-dependent field from `state`, the region as the guest shows it
+        now (None: the guest shows no region at its NFIT handle or PCI address)."""
+        self.guest_device = state.guest_device if state else None
+        self.usable_bytes = state.usable_bytes if state else None
+        self.namespace_mode = state.namespace_mode if state else None
+        self.namespace_uuid = state.namespace_uuid if state else None
+        self.fs_uuid = state.fs_uuid if state else None
+        self.mountpoint = state.mountpoint if state else None
+        if self.filesystem != "none":  # `filesystem: none` in the spec: reported as such, whatever blkid says
+            self.filesystem = state.filesystem if state else None
 
 
 @dataclass(frozen=True)
@@ -231,6 +250,7 @@ def after_power_cycle(
     check = recheck(session, plan, progress=progress)
     to_read: list[RegionReport] = []
     for r in regions:
+        r.observe(check.states.get(r.name))  # this boot's /dev/pmemN, not the first boot's
         reason = check.lost.get(r.name)
         if reason is not None:
             r.persisted, r.persisted_reason = False, reason
@@ -283,16 +303,17 @@ def _prepare(guest: str, region: RegionPlan, state: RegionState) -> tuple[Region
         name=region.name,
         model=region.model,
         size_bytes=region.size_bytes,
-        usable_bytes=state.usable_bytes,
+        usable_bytes=None,
         backing_path=None,
-        guest_device=state.guest_device,
-        namespace_mode=state.namespace_mode,
-        filesystem=state.filesystem if region.filesystem != "none" else "none",
-        mountpoint=state.mountpoint,
+        guest_device=None,
+        namespace_mode=None,
+        filesystem="none" if region.filesystem == "none" else None,
+        mountpoint=None,
         dax=None,
         xip_ok=None,
         data_ok=None,
     )
+    report.observe(state)
     # An nvdimm region is DAX only through an fsdax namespace (raw and sector modes have no page map;
     # a raw pmem device may still show queue/dax); virtio-pmem has no namespace modes of its own.
     mode_ok = region.model != "nvdimm" or state.namespace_mode == "fsdax"

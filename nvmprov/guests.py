@@ -62,7 +62,14 @@ def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
 
     if md.spec_json is None:
         raise HostError(f"the nvmprov metadata of this domain holds no spec (made by nvmprov {md.version}?)")
-    spec = GuestSpec.model_validate(json.loads(md.spec_json))
+    try:
+        spec = GuestSpec.model_validate(json.loads(md.spec_json))
+    except ValueError as exc:  # JSON or pydantic: the record is damaged, or from another nvmprov's schema
+        first = str(exc).splitlines()[0]
+        raise HostError(
+            f"the spec recorded in this domain's nvmprov metadata does not validate (made by nvmprov {md.version}?): "
+            f"{first}; destroy and create the guest again with this version"
+        ) from None
     pool = storage.pool_of(conn, spec.pool)
     facts = host.facts(conn, storage.pool_path(pool))
     if spec.image == "builtin":
@@ -176,12 +183,15 @@ def list_text(*, connect: str | None, fmt: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:
-    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several)."""
+def verify_one(
+    name: str, *, connect: str | None, power_cycle: bool, progress: Progress, report: GuestReport | None = None
+) -> GuestReport:
+    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several),
+    filling REPORT (a new one by default); an error other than the guest's passes, REPORT kept."""
     from . import agent
     from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
-    g = GuestReport(name=name)
+    g = report if report is not None else GuestReport(name=name)
     with _connection(connect) as conn, state.lock(name):
         m = managed(conn, name)
         files = state.guest_files(name)

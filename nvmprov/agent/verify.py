@@ -23,8 +23,9 @@ from typing import Any
 
 from nvmprov.agent.converge import RegionState, Runner, recheck, run_program
 from nvmprov.agent.facts import parse_fincore, parse_statx
-from nvmprov.errors import GuestError, VerifyError
+from nvmprov.errors import GuestError
 from nvmprov.plan import Plan, RegionPlan
+from nvmprov.report import RegionReport
 
 PAYLOAD_BYTES = 16 * 1024 * 1024
 PAYLOAD_NAME = ".nvmprov-payload"
@@ -36,49 +37,6 @@ PROBE_TIMEOUT_S = 120.0  # per region
 PAYLOAD_TIMEOUT_S = 300.0  # per region
 CHECK_TIMEOUT_S = 300.0
 _MARKER_OK = re.compile(rb"[A-Za-z0-9:._-]{8,200}")
-
-
-@dataclass
-class RegionReport:
-    """One region in the report (`--json` regions[]); the caller fills backing_path and persisted.
-
-    The fields observe() sets depend on how the guest enumerated its devices, which can change from
-    one boot to the next (/dev/pmem1 may come back as /dev/pmem2): they always describe the last
-    facts read. fs_uuid and namespace_uuid name the same filesystem and namespace on every boot.
-    """
-
-    name: str
-    model: str
-    size_bytes: int
-    usable_bytes: int | None
-    backing_path: str | None
-    guest_device: str | None  # /dev/pmemN as of the last facts read; may change between boots
-    namespace_mode: str | None
-    filesystem: str | None
-    mountpoint: str | None
-    dax: bool | None
-    xip_ok: bool | None  # None: not checked (filesystem none, not mounted)
-    data_ok: bool | None  # None: not checked (filesystem none, read-only)
-    persisted: bool | None = None  # None: no power cycle ran
-    persisted_reason: str | None = None  # why persisted is False, when it is
-    payload_path: str | None = None  # for the power-cycle re-check
-    payload_sha256: str | None = None
-    marker: str | None = None  # ASCII; starts the payload file, so the host can find it
-    marker_offset: int | None = None  # where the caller found the marker in the backing volume
-    fs_uuid: str | None = None  # the filesystem's UUID (stable; /etc/fstab mounts by it)
-    namespace_uuid: str | None = None  # ndctl's namespace uuid (stable); None for a raw label-less namespace
-
-    def observe(self, state: RegionState | None) -> None:
-        """Take every enumeration-dependent field from `state`, the region as the guest shows it
-        now (None: the guest shows no region at its NFIT handle or PCI address)."""
-        self.guest_device = state.guest_device if state else None
-        self.usable_bytes = state.usable_bytes if state else None
-        self.namespace_mode = state.namespace_mode if state else None
-        self.namespace_uuid = state.namespace_uuid if state else None
-        self.fs_uuid = state.fs_uuid if state else None
-        self.mountpoint = state.mountpoint if state else None
-        if self.filesystem != "none":  # `filesystem: none` in the spec: reported as such, whatever blkid says
-            self.filesystem = state.filesystem if state else None
 
 
 @dataclass(frozen=True)
@@ -175,12 +133,6 @@ def _payload_of(raw: dict[str, Any]) -> Payload | None:
     return Payload(str(p["path"]), str(p["sha256"]), str(p["sha256_read"])) if p else None
 
 
-def probe_dax(session: Runner, region: RegionPlan, mountpoint: str) -> DaxProbe:
-    (result,) = run_jobs(session, [Job(region, probe_mount=mountpoint)])
-    assert result.probe is not None
-    return result.probe
-
-
 def new_marker(guest: str, region: str) -> bytes:
     """Unique per guest, region and run; ASCII so it survives argv and JSON."""
     return f"NVMPROV-MARKER:{guest}:{region}:{uuid.uuid4().hex}".encode()
@@ -201,25 +153,6 @@ def payload_path(region: RegionPlan) -> str:
     if region.mount is None:
         raise GuestError(f"region {region.name} has no mount point to write a payload to")
     return region.mount.rstrip("/") + "/" + PAYLOAD_NAME
-
-
-def _write(session: Runner, region: RegionPlan, marker: bytes) -> Payload:
-    (result,) = run_jobs(session, [Job(region, marker=marker)])
-    assert result.payload is not None
-    return result.payload
-
-
-def write_payload(session: Runner, region: RegionPlan, marker: bytes) -> tuple[str, str]:
-    """Write marker + 16 MiB random to the region's mount, fsync, sync; return (path, sha256)."""
-    payload = _write(session, region, marker)
-    if not payload.ok:
-        raise VerifyError(f"region {region.name}: {payload.path} read back differs from what was written")
-    return payload.path, payload.sha256
-
-
-def check_payload(session: Runner, path: str, sha256: str) -> bool:
-    """True when the file exists in the guest and its sha256 is `sha256`."""
-    return sha256_of_files(session, [path])[path] == sha256
 
 
 def sha256_of_files(session: Runner, paths: list[str]) -> dict[str, str | None]:

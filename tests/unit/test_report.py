@@ -31,7 +31,7 @@ def test_json_has_the_documented_schema() -> None:
     data = json.loads(render_json(Report([guest(region())])))
     assert data["schema_version"] == 1 and data["ok"] is True
     g = data["guests"][0]
-    assert set(g) == {"name", "ok", "error", "accel", "ssh", "regions", "timings_s"}
+    assert set(g) == {"name", "ok", "error", "accel", "ssh", "regions", "timings_s", "notes"}
     assert set(g["ssh"]) == {"host", "port", "user", "identity_file", "known_hosts"}
     documented = {"name", "model", "size_bytes", "usable_bytes", "backing_path", "guest_device", "namespace_mode",
                   "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted", "fs_uuid", "namespace_uuid"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nvmprov import image, resources, seed
+from nvmprov.cli import exit_status
 from nvmprov.errors import HostError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ def test_missing_recipe_fails_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyP
             call()
         assert str(info.value).startswith(f"{gone} does not exist: ")
         assert "install nvmprov editable from a checkout (scripts/setup.sh" in str(info.value)
-        assert info.value.exit_code == 3
+        assert exit_status(info.value) == 3
 
 
 def test_a_recipe_without_its_files_is_not_digested(tmp_path: Path) -> None:

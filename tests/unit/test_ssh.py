@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -235,23 +234,6 @@ def test_run_timeout_raises_guest_timeout(session: ssh.Session) -> None:
         session.run("sleep 10", timeout_s=0.5)
     assert time.monotonic() - start < 3
     assert session.run("echo still usable").stdout == "still usable\n"
-
-
-def test_put_writes_atomically_with_mode(session: ssh.Session, tmp_path: Path) -> None:
-    target = tmp_path / "dir with space" / "file's name"
-    target.parent.mkdir()
-    session.put(b"first", str(target), mode=0o600)
-    assert target.read_bytes() == b"first"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    session.put(b"\x00second\xff", str(target), mode=0o640)
-    assert target.read_bytes() == b"\x00second\xff"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o640
-    assert sorted(p.name for p in target.parent.iterdir()) == ["file's name"]  # no temp file left
-
-
-def test_put_into_missing_directory_fails_cleanly(session: ssh.Session, tmp_path: Path) -> None:
-    with pytest.raises(RemoteCommandError):
-        session.put(b"x", str(tmp_path / "missing" / "f"))
 
 
 def test_sock_factory_is_used(sshd: Sshd) -> None:

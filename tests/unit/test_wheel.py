@@ -67,13 +67,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     where = "import sysconfig; print(sysconfig.get_path('purelib'))"
     purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c", where], capture_output=True, text=True,
                                   check=True).stdout.strip())
-    # The project's dependencies, as this interpreter has them installed: appended after the venv's
-    # own site-packages, and their .pth files (an editable nvmprov among them) are not run.
-    (purelib / "zz-nvmprov-test-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
                           "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)],
                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
+    # Only now the project's dependencies, as this interpreter has them installed (before, pip would
+    # have seen an nvmprov installed there and skipped the wheel): appended after the venv's own
+    # site-packages, and their .pth files (an editable nvmprov among them) are not run.
+    (purelib / "zz-nvmprov-test-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
     workdir = tmp / "elsewhere"
     workdir.mkdir()

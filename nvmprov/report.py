@@ -241,5 +241,7 @@ def render_junit(report: Report) -> str:
             time=f"{total_s:.2f}",
         )
         suite.extend(cases)
+        if g.notes:  # e.g. "rollback left: ...": where a CI page shows a suite's output
+            ET.SubElement(suite, "system-out").text = "\n".join(f"note: {n}" for n in g.notes)
     ET.indent(suites)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"

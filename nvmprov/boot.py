@@ -41,18 +41,14 @@ def panic_in(log_text: str) -> bool:
     return any(marker in log_text for marker in PANIC_MARKERS)
 
 
-def check_boot(name: str, log_path: str, *, active: bool) -> None:
-    """Raise at once when the serial log shows a panic or the domain is no longer running."""
-    check_boot_text(name, read_tail(log_path, max_lines=200), active=active)
-
-
 def tail_lines(text: str, max_lines: int) -> str:
     """The last MAX_LINES lines of a serial log, without the guest's escape sequences and controls."""
     return "\n".join(clean(text.replace("\r", "")).splitlines()[-max_lines:])
 
 
 def check_boot_text(name: str, tail: str, *, active: bool) -> None:
-    """check_boot on a log tail read elsewhere (a remote hypervisor's log, read over its SSH)."""
+    """Raise at once when the serial log's tail (read here, or on a remote hypervisor over its SSH)
+    shows a panic, or the domain is no longer running."""
     if panic_in(tail):
         raise GuestError(
             f"guest {name} panicked while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])

@@ -182,12 +182,15 @@ def list_text(*, connect: str | None, fmt: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:
-    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several)."""
+def verify_one(
+    name: str, *, connect: str | None, power_cycle: bool, progress: Progress, report: GuestReport | None = None
+) -> GuestReport:
+    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several),
+    filling REPORT (a new one by default); an error other than the guest's passes, REPORT kept."""
     from . import agent
     from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
-    g = GuestReport(name=name)
+    g = report if report is not None else GuestReport(name=name)
     with _connection(connect) as conn, state.lock(name):
         m = managed(conn, name)
         files = state.guest_files(name)

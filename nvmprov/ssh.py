@@ -251,18 +251,6 @@ class Session:
             raise RemoteCommandError(command, rc, result.stderr)
         return result
 
-    def put(self, data: bytes, path: str, mode: int = 0o644, sudo: bool = False) -> None:
-        """Write `data` to `path` atomically (temporary file in the same directory, then rename)."""
-        self.run(
-            'd=$(dirname -- %s) && t=$(mktemp "$d/.nvmprov.XXXXXX") && cat > "$t" '
-            '&& chmod %s "$t" && mv -f -- "$t" %s || { rm -f -- "$t"; exit 1; }',
-            path,
-            format(mode, "o"),
-            path,
-            sudo=sudo,
-            stdin=data,
-        )
-
     def close(self) -> None:
         self._client.close()
 

@@ -14,11 +14,11 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, remote, seed, ssh, state, storage, testhooks, virt
+from . import boot, domain, host, image, remote, seed, ssh, state, storage, virt
 from . import plan as planmod
-from .errors import GuestError, HostError, NvmprovError, SpecError, UsageError, VirtError
+from .errors import GuestError, HostError, SpecError, UsageError, VirtError
 from .progress import Progress
-from .report import GuestReport, SshInfo
+from .report import GuestReport, SshInfo, error_message
 from .rollback import Rollback
 from .uris import DEFAULT_POOL_DIR, effective_uri, pool_dir_for  # here too: callers import them from workflow
 
@@ -53,18 +53,22 @@ class CreateOptions:
 # create
 
 
-def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestReport:
-    """Create (or, when it exists with the same spec, re-verify) one guest. Never raises for guest
-    failures: the report carries the error; NvmprovError subclasses for spec/host problems pass."""
-    report = GuestReport(name=spec.name)
+def create(
+    spec: GuestSpec, opts: CreateOptions, progress: Progress, *, report: GuestReport | None = None
+) -> GuestReport:
+    """Create (or, when it exists with the same spec, re-verify) one guest, filling REPORT (a new one
+    by default) as it goes. Never raises for guest failures: the report carries the error. Anything
+    else (spec, host, lock, a signal, a bug) passes, after the report was marked failed and saved:
+    the caller prints that same report, with whatever the run had filled in (ssh, accel, notes)."""
+    report = report if report is not None else GuestReport(name=spec.name)
     with state.lock(spec.name):
         conn = virt.connect(effective_uri(spec.connect, opts.connect))
         try:
             _create_locked(conn, spec, opts, progress, report)
         except (UsageError, SpecError):
             raise  # bad input changed nothing, the last report included
-        except (NvmprovError, KeyboardInterrupt) as exc:
-            report.fail(progress.last_phase("create"), str(exc) or "interrupted by SIGINT")
+        except BaseException as exc:
+            report.fail(progress.last_phase("create"), error_message(exc))
             report.timings_s = dict(progress.timings_s)
             save_report(report, progress)
             raise
@@ -288,7 +292,7 @@ def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str, u
         uuid=dom_uuid, ssh_port=md.ssh_port, pool_dir=pool_dir,
         console_log=boot.console_log_path(the_plan.name, uri),
     )
-    return domain.render(testhooks.kernel_cmdline(the_plan), ctx, metadata=md)
+    return domain.render(the_plan, ctx, metadata=md)
 
 
 def _define_with_port(
@@ -421,7 +425,8 @@ def open_session(
             return boot.read_tail(log_path, max_lines=max_lines)
         return boot.tail_lines(hop.read_tail(log_path), max_lines)
 
-    def abort_check() -> None:
+    def abort_check() -> None:  # between SSH attempts: a boot that cannot succeed, or a cancelled fleet
+        progress.checkpoint()
         boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
 
     target = ssh.SshTarget(

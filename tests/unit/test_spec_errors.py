@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nvmprov import spec
+from nvmprov.cli import exit_status
 from nvmprov.errors import SpecError
 
 B = "name: demo\npmem:\n  - name: data\n    size: 512MiB\n"   # a valid guest to extend
@@ -266,7 +267,7 @@ def test_bad_input_gives_one_positioned_error(text: str, expected: str) -> None:
     with pytest.raises(SpecError) as info:
         spec.loads(text, "g.yaml")
     assert str(info.value) == expected
-    assert info.value.exit_code == 2
+    assert exit_status(info.value) == 2
 
 
 def test_the_valid_base_is_valid() -> None:

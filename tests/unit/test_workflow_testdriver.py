@@ -20,7 +20,7 @@ import libvirt
 import pytest
 
 from nvmprov import domain, guests, image, plan, spec, state, storage, workflow
-from nvmprov.errors import GuestError, HostError, SpecError, UsageError
+from nvmprov.errors import GuestError, HostError, Interrupted, SpecError, UsageError
 from nvmprov.progress import Progress
 
 URI = "test:///default"
@@ -271,3 +271,30 @@ def test_a_missing_image_stays_a_host_error_after_the_vetting(conn) -> None:
         workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
     names = [v.name() for v in storage.pool_of(conn, "nvmprov").listAllVolumes(0)]
     assert not [n for n in names if n.startswith("wf-noimage")], "the backing volume made first is rolled back"
+
+# 5: a create that raises still prints the report it filled (ssh, accel, notes), through the CLI
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (HostError("QEMU refused to start: no space left on device"), 3),
+    (Interrupted("interrupted by SIGTERM"), 130),
+], ids=["host", "interrupt"])
+def test_json_after_a_failed_create_is_the_report_the_run_filled(conn, monkeypatch, capsys, tmp_path,
+                                                                 exc: BaseException, status: int) -> None:
+    from nvmprov import cli
+
+    def refuse(_dom: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(workflow.virt, "start", refuse)
+    name = f"wf-json-{exc.__class__.__name__.lower()}"
+    conn.made.append(name)  # the test driver refuses undefine's NVRAM flag: the rollback leaves the domain
+    path = tmp_path / "guest.yaml"
+    path.write_text(SPEC_TEXT.format(name=name))
+    assert cli.main(["create", str(path), "--connect", URI, "--json"]) == status
+    out, _err = capsys.readouterr()
+    (g,) = json.loads(out)["guests"]
+    assert g["ok"] is False and g["error"]["phase"] == "start" and str(exc) in g["error"]["message"]
+    assert g["accel"] == "tcg" and g["ssh"]["host"] == "127.0.0.1" and g["ssh"]["port"] > 0
+    assert g["regions"] == []  # the run failed before verify: nothing to say about them yet
+    assert g["notes"] and g["notes"][0].startswith("rollback left: domain " + name)

@@ -822,7 +822,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         if isinstance(exc, SpecError):
-            sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse
+            from .textsafe import clean
+
+            # FILE:LINE:COL: field: problem; fix -- what editors parse; a spec is untrusted text
+            sys.stderr.write(f"{clean(str(exc))}\n")
         elif status == EXIT_INTERRUPTED:
             _error(f"{str(exc) or 'interrupted'}; {_aftermath(args)}")
         elif status == EXIT_SOFTWARE:

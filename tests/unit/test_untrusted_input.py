@@ -254,6 +254,13 @@ def test_an_oversized_number_exits_2_with_its_position(tmp_path: Path) -> None:
     assert err.startswith(f"{path}:2:8: vcpus: ")
 
 
+def test_a_spec_error_never_carries_escape_sequences_from_the_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "g\x1b]0;owned\x07\x1b[2J.yaml"
+    path.write_text("name: a\nvcpus: 0\n" + T)
+    err = _one_line_exit_2(_run("validate", str(path), tmp_path=tmp_path))
+    assert "\x1b" not in err and "\x07" not in err and "vcpus" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. mounts, users, fix hints
 

@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import GuestError, HostError
+from .textsafe import clean
 
 PANIC_MARKERS = ("Kernel panic", "end Kernel panic", "Unable to mount root fs")
 LOG_DIR = "/var/log/libvirt/qemu"
 SSH_PORT_RANGE = range(40022, 40922)
+COPY_MAX_BYTES = 4 * 1024 * 1024  # virtlogd rotates at 2 MiB; a guest could print without end
 
 
 def console_log_path(name: str, uri: str | None = None) -> str:
@@ -32,24 +34,21 @@ def read_tail(path: str, *, max_lines: int = 25) -> str:
             text = fh.read().decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.replace("\r", "").splitlines()[-max_lines:])
+    return tail_lines(text, max_lines)
 
 
 def panic_in(log_text: str) -> bool:
     return any(marker in log_text for marker in PANIC_MARKERS)
 
 
-def check_boot(name: str, log_path: str, *, active: bool) -> None:
-    """Raise at once when the serial log shows a panic or the domain is no longer running."""
-    check_boot_text(name, read_tail(log_path, max_lines=200), active=active)
-
-
 def tail_lines(text: str, max_lines: int) -> str:
-    return "\n".join(text.replace("\r", "").splitlines()[-max_lines:])
+    """The last MAX_LINES lines of a serial log, without the guest's escape sequences and controls."""
+    return "\n".join(clean(text.replace("\r", "")).splitlines()[-max_lines:])
 
 
 def check_boot_text(name: str, tail: str, *, active: bool) -> None:
-    """check_boot on a log tail read elsewhere (a remote hypervisor's log, read over its SSH)."""
+    """Raise at once when the serial log's tail (read here, or on a remote hypervisor over its SSH)
+    shows a panic, or the domain is no longer running."""
     if panic_in(tail):
         raise GuestError(
             f"guest {name} panicked while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])
@@ -61,9 +60,13 @@ def check_boot_text(name: str, tail: str, *, active: bool) -> None:
 
 
 def copy_log(log_path: str, dest: Path) -> None:
+    """Keep the end of the serial log (at most COPY_MAX_BYTES) as cleaned text, mode 0600."""
+    from .state import write_private
+
     try:
-        dest.write_bytes(Path(log_path).read_bytes())
-        dest.chmod(0o600)
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - COPY_MAX_BYTES))
+            write_private(dest, clean(fh.read().decode(errors="replace")))
     except OSError:
         pass
 

@@ -1,7 +1,9 @@
 """Command line: parse arguments, call one function per subcommand, map errors to exit codes.
 
-Only this module prints errors or exits. Imports happen inside the commands that need them (libvirt
-and paramiko, but also report, state and traceback), so `--help`, `validate` and `render` start fast.
+Only this module prints errors or exits, and only exit_status() decides a status (twine's model):
+from the exception a command raised, from the report it produced, or from a fleet's outcomes.
+Imports happen inside the commands that need them (libvirt and paramiko, but also report, state
+and traceback), so `--help`, `validate` and `render` start fast.
 """
 
 from __future__ import annotations
@@ -18,15 +20,57 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import HostError, Interrupted, NvmprovError, SpecError, UsageError
+from .errors import GuestError, HostError, Interrupted, SpecError, UsageError
 
 if TYPE_CHECKING:
+    from .fleet import FleetResult
     from .plan import HostFacts
     from .progress import Progress
     from .report import GuestReport, Report
     from .spec import GuestSpec
 
-EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# The README's exit status table. EXIT_SOFTWARE (sysexits' EX_SOFTWARE): an exception nvmprov did
+# not expect, i.e. a bug; one line on stderr, the traceback with --debug.
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_HOST, EXIT_GUEST, EXIT_SOFTWARE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 70, 130
+
+# The exception tree -> status; the first class that matches wins.
+_EXIT_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (Interrupted, EXIT_INTERRUPTED),
+    (KeyboardInterrupt, EXIT_INTERRUPTED),
+    (UsageError, EXIT_USAGE),
+    (SpecError, EXIT_USAGE),
+    (HostError, EXIT_HOST),
+    (GuestError, EXIT_GUEST),
+)
+
+
+def exit_status(outcome: BaseException | Report | FleetResult) -> int:
+    """The exit map: the one place a status is decided, for single guests and fleets alike.
+
+    An exception by its class (anything outside the tree, a bare NvmprovError included, is a bug:
+    EXIT_SOFTWARE). A report: 0 when ok, EXIT_GUEST when a guest has an error, EXIT_VERIFY when only
+    checks failed. A fleet: EXIT_INTERRUPTED when cancelled, else each failed guest's status by the
+    same rules (from what ended its run, else from its report), one status when they all agree,
+    else EXIT_GUEST.
+    """
+    from .report import Report
+
+    if isinstance(outcome, BaseException):
+        return next((status for cls, status in _EXIT_BY_ERROR if isinstance(outcome, cls)), EXIT_SOFTWARE)
+    if isinstance(outcome, Report):
+        if outcome.ok:
+            return EXIT_OK
+        return EXIT_GUEST if any(g.error for g in outcome.guests) else EXIT_VERIFY
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    statuses = {
+        exit_status(o.error if o.error is not None else Report(guests=[o.report]))
+        for o in outcome.outcomes
+        if not o.report.ok
+    }
+    if not statuses:
+        return EXIT_OK
+    return statuses.pop() if len(statuses) == 1 else EXIT_GUEST
 
 
 class _Parser(argparse.ArgumentParser):
@@ -339,7 +383,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for note in region.notes:
                 _note(f"{g.name}: region {region.name}: {note}")
     names = ", ".join(g.name for g in loaded.guests)
-    print(f"{args.file}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
+    print(f"{loaded.path}: ok ({len(loaded.guests)} guest{'s' if len(loaded.guests) != 1 else ''}: {names})")
     return EXIT_OK
 
 
@@ -385,24 +429,27 @@ def _note(message: str) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from . import spec
-    from .workflow import CreateOptions, create
+    from .workflow import CreateOptions, create, vet_image
 
     loaded = spec.load(args.file)
     guests = [loaded.guest(args.guest)] if args.guest else loaded.guests
     opts = CreateOptions(
         until=args.until or "all", power_cycle=not args.no_power_cycle, reformat=args.reformat,
-        keep_on_failure=args.keep_on_failure, connect=args.connect, spec_path=os.path.abspath(args.file),
+        keep_on_failure=args.keep_on_failure, connect=args.connect,
+        spec_path=None if args.file == spec.STDIN else os.path.abspath(args.file),
     )
+    for g in guests:  # every image of a fleet before any guest is made: bad input changes nothing
+        vet_image(g, opts)
     from .progress import Progress
-    from .report import Report
+    from .report import GuestReport, Report
 
     log = _open_log(args.log_file)
     try:
         if len(guests) > 1:
             return _create_fleet(guests, opts, args, log)
         g = guests[0]
-        progress = Progress(log=log)
-        report = _reported(g.name, progress, args, lambda: create(g, opts, progress), phase="create")
+        progress, report = Progress(log=log), GuestReport(name=g.name)
+        _reported(report, progress, args, lambda: create(g, opts, progress, report=report), phase="create")
     finally:
         if log:
             log.close()
@@ -418,20 +465,23 @@ def _open_log(path: str | None) -> IO[str] | None:
         raise UsageError(f"--log-file {path}: {exc.strerror}; give a file in a writable directory") from None
 
 
-def _reported(name: str, progress: Progress, args: argparse.Namespace, run: Callable[[], GuestReport], *,
-              phase: str) -> GuestReport:
-    """run() -> the guest's report. An error that escapes it (host, lock, signal, ...) still gives
-    CI its --json/--junit report -- the guest failed in the phase it was in -- then goes on to main."""
+def _reported(report: GuestReport, progress: Progress, args: argparse.Namespace, run: Callable[[], object], *,
+              phase: str) -> None:
+    """run() fills REPORT. An error that escapes it (host, lock, signal, a bug, ...) still gives CI
+    that report on --json/--junit -- with what the run had filled in (ssh, accel, regions, notes)
+    and the phase it failed in -- then goes on to main's exit map."""
     try:
-        return run()
-    except (NvmprovError, KeyboardInterrupt) as exc:
+        run()
+    except (UsageError, SpecError):
+        raise  # bad input: nothing ran, nothing to report
+    except BaseException as exc:
         if getattr(args, "json", False) or getattr(args, "junit", None):
-            from .report import GuestReport, Report
+            from .report import Report, error_message
 
-            failed = GuestReport(name=name)
-            failed.fail(progress.last_phase(phase), str(exc) or "interrupted by SIGINT")
-            failed.timings_s = dict(progress.timings_s)
-            _emit_machine(Report(guests=[failed]), args)
+            if report.error is None:
+                report.fail(progress.last_phase(phase), error_message(exc))
+            report.timings_s = report.timings_s or dict(progress.timings_s)
+            _emit_machine(Report(guests=[report]), args)
         raise
 
 
@@ -452,7 +502,7 @@ def _emit_fleet(result: object, args: argparse.Namespace) -> int:
     (sys.stderr if getattr(args, "json", False) else sys.stdout).write("\n" + fleet.summary(result))
     if result.interrupted:
         _error(f"{result.interrupted}; {_aftermath(args)}")
-    return result.exit_code()
+    return exit_status(result)
 
 
 def _emit_machine(report: Report, args: argparse.Namespace) -> None:
@@ -477,10 +527,7 @@ def _emit(report: object, args: argparse.Namespace) -> int:
     _emit_machine(report, args)
     if not getattr(args, "json", False):
         sys.stdout.write(render_text(report))
-    if report.ok:
-        return EXIT_OK
-    errors = [g.error for g in report.guests if g.error]
-    return EXIT_GUEST if errors else EXIT_VERIFY
+    return exit_status(report)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -494,11 +541,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _emit_fleet(fleet.verify([n for n, _c in targets], connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr, connect_of=dict(targets)), args)
     from .progress import Progress
-    from .report import Report
+    from .report import GuestReport, Report
 
     (name, connect), progress = targets[0], Progress()
-    report = _reported(name, progress, args, phase="verify", run=lambda: guests.verify_one(
-        name, connect=connect, power_cycle=args.power_cycle, progress=progress))
+    report = GuestReport(name=name)
+    _reported(report, progress, args, phase="verify", run=lambda: guests.verify_one(
+        name, connect=connect, power_cycle=args.power_cycle, progress=progress, report=report))
     return _emit(Report(guests=[report]), args)
 
 
@@ -788,28 +836,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupted)
     try:
         return COMMANDS[args.command](args)
-    except NvmprovError as exc:
+    except BrokenPipeError:
+        return EXIT_OK  # the reader went away (`nvmprov list | head`): not an error
+    except BaseException as exc:
+        if not isinstance(exc, Exception | KeyboardInterrupt):
+            raise  # SystemExit (argparse, --help) and GeneratorExit keep their own meaning
+        status = exit_status(exc)
         if args.debug:
             import traceback
 
             traceback.print_exc()
         if isinstance(exc, SpecError):
-            sys.stderr.write(f"{exc}\n")  # FILE:LINE:COL: field: problem; fix -- what editors parse
-        elif isinstance(exc, Interrupted):
-            _error(f"{exc}; {_aftermath(args)}")
+            from .textsafe import clean
+
+            # FILE:LINE:COL: field: problem; fix -- what editors parse; a spec is untrusted text
+            sys.stderr.write(f"{clean(str(exc))}\n")
+        elif status == EXIT_INTERRUPTED:
+            _error(f"{str(exc) or 'interrupted'}; {_aftermath(args)}")
+        elif status == EXIT_SOFTWARE:
+            where = "" if args.debug else "; run again with --debug for the traceback"
+            _error(f"unexpected {type(exc).__name__}: {_first_line(exc)} (a bug in nvmprov{where})")
         else:
             _error(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _error(f"interrupted; {_aftermath(args)}")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK
+        return status
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or ["(no message)"])[0]
 
 
 def _error(message: str) -> None:
+    from .textsafe import clean
+
     red = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-    first, *rest = message.splitlines() or [""]
+    first, *rest = clean(message).splitlines() or [""]  # messages may quote a guest
     line = f"nvmprov: error: {first}"
     sys.stderr.write((f"\x1b[31m{line}\x1b[0m" if red else line) + "\n")
     for extra in rest:

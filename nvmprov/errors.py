@@ -1,24 +1,19 @@
-"""One exception tree. Only the CLI entry point turns these into a message and an exit status."""
+"""One exception tree. Only the CLI entry point turns these into a message and an exit status
+(cli.exit_status: the exit map; an exception outside this tree is a bug there)."""
 
 from __future__ import annotations
 
 
 class NvmprovError(Exception):
-    """Base of every error nvmprov raises on purpose. `exit_code` is what the CLI exits with."""
-
-    exit_code = 1
+    """Base of every error nvmprov raises on purpose; raise one of its subclasses."""
 
 
 class UsageError(NvmprovError):
     """Bad command-line arguments or an operation that makes no sense for the given guest."""
 
-    exit_code = 2
-
 
 class SpecError(NvmprovError):
     """A guest file that does not validate. Printed as FILE:LINE:COL: field.path: problem; fix."""
-
-    exit_code = 2
 
     def __init__(
         self,
@@ -52,8 +47,6 @@ class SpecError(NvmprovError):
 class HostError(NvmprovError):
     """The hypervisor side failed: libvirt unreachable, pool full, a volume in the way, ..."""
 
-    exit_code = 3
-
 
 class VirtError(HostError):
     """A libvirt call failed (define, start, attach, ...)."""
@@ -70,8 +63,6 @@ class LockedError(HostError):
 class GuestError(NvmprovError):
     """Inside the guest: boot failed, SSH refused or timed out, a remote command failed."""
 
-    exit_code = 4
-
 
 class GuestTimeout(GuestError):
     """A named deadline passed while waiting on the guest."""
@@ -84,17 +75,11 @@ class RemoteCommandError(GuestError):
         self.command = command
         self.exit_status = exit_status
         self.stderr = stderr
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        from .textsafe import clean
+
+        tail = "\n".join(clean(stderr).strip().splitlines()[-5:])  # the guest's words, no escapes
         super().__init__(f"guest command failed (exit {exit_status}): {command}" + (f": {tail}" if tail else ""))
-
-
-class VerifyError(NvmprovError):
-    """A verification failed: DAX not active, checksum mismatch, data lost after a power cycle."""
-
-    exit_code = 1
 
 
 class Interrupted(NvmprovError):
     """SIGINT or SIGTERM arrived; what this run made has been rolled back (unless --keep-on-failure)."""
-
-    exit_code = 130

@@ -2,8 +2,10 @@
 
 Each guest runs the ordinary single-guest workflow with its own libvirt connection, lock and
 progress prefix, so a failing guest is rolled back alone. Signals arrive in the main thread: it
-sets a cancel event, every worker raises Interrupted at its next progress line (between phases,
-between SSH attempts), rolls back what it made, and the main thread waits for those rollbacks.
+cancels the fleet's CancelToken; every worker raises Interrupted at its next checkpoint (the start
+of a phase, between SSH attempts; never inside a rollback), rolls back what it made, and the main
+thread waits for those rollbacks. What each guest ended with (its report, the exception that ended
+it) goes back to the CLI, whose exit map alone turns it into a status.
 """
 
 from __future__ import annotations
@@ -16,16 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, cast
 
-from .errors import HostError, Interrupted, NvmprovError
-from .progress import Progress
-from .report import GuestReport, Report
+from .errors import Interrupted, NvmprovError
+from .progress import CancelToken, Progress
+from .report import GuestReport, Report, error_message
 
 if TYPE_CHECKING:
     from .spec import GuestSpec
     from .workflow import CreateOptions
 
-# Lines a rollback prints (rollback.py, workflow.py): a cancel never interrupts an undo in progress.
-ROLLBACK_LINES = ("rolled back", "could not roll back", "keeping what was made")
 POLL_S = 0.2  # how often the main thread looks up from waiting (signals land between looks)
 ROLLBACK_WAIT_S = 600.0  # after a signal: how long the main thread waits for the workers' rollbacks
 
@@ -56,30 +56,12 @@ class LineStream(io.TextIOBase):
         return False
 
 
-class CancellableProgress(Progress):
-    """Progress whose next line raises Interrupted once the fleet is cancelled. It raises only
-    once: the rollback that follows reports through the same object and must not be cut short."""
-
-    def __init__(self, cancel: threading.Event, stream: IO[str], *, prefix: str, log: IO[str] | None = None) -> None:
-        super().__init__(stream, prefix=prefix, log=log)
-        self._cancel = cancel
-        self._raised = False
-
-    def line(self, message: str) -> None:
-        super().line(message)
-        if message.startswith(ROLLBACK_LINES):  # already undoing (its own failure): let it finish
-            self._raised = True
-        if self._cancel.is_set() and not self._raised:
-            self._raised = True
-            raise Interrupted("interrupted: the fleet was cancelled")  # rolled back, or kept (--keep-on-failure)
-
-
 @dataclass
 class Outcome:
     """What became of one guest of the fleet."""
 
-    report: GuestReport
-    exit_code: int = 0  # the NvmprovError class's exit code when the guest failed outside the workflow
+    report: GuestReport  # the one the guest's run filled, also when it raised
+    error: BaseException | None = None  # what ended the run when it raised (the CLI maps it to a status)
     wall_s: float = 0.0
 
 
@@ -91,20 +73,11 @@ class FleetResult:
     parallel: int
     interrupted: str | None = None  # the signal's message when the run was cancelled
 
-    def exit_code(self) -> int:
-        """0 when every guest is ok; else one code when all failures agree, else 4 (guest)."""
-        if self.interrupted:
-            return Interrupted.exit_code
-        codes = {o.exit_code or (4 if o.report.error else 1) for o in self.outcomes if not o.report.ok}
-        if not codes:
-            return 0
-        return codes.pop() if len(codes) == 1 else 4
-
 
 @dataclass
 class _Job:
     name: str
-    run: Callable[[Progress], GuestReport]
+    run: Callable[[Progress, GuestReport], GuestReport]
     outcome: Outcome | None = None
     started: bool = False
     thread: threading.Thread | None = None
@@ -114,26 +87,23 @@ class _Job:
 def _run_job(job: _Job, progress: Progress) -> None:
     began = time.monotonic()
     report = GuestReport(name=job.name)
-    code = 0
+    error: BaseException | None = None
     try:
-        report = job.run(progress)
-    except NvmprovError as exc:
-        # Host/spec errors leave workflow.create as exceptions (after its own rollback); in a
-        # fleet they are this guest's failure, not the others'.
-        report.fail(progress.last_phase("create"), str(exc))
-        report.timings_s = dict(progress.timings_s)
-        code = exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - a bug in one guest's run must not hide the others' results
-        report.fail(progress.last_phase("create"), f"{type(exc).__name__}: {exc}")
-        report.timings_s = dict(progress.timings_s)
-        code = HostError.exit_code
+        report = job.run(progress, report)
+    except Exception as exc:  # noqa: BLE001 - one guest's failure (a bug included) must not hide the others'
+        # Host/spec errors leave workflow.create as exceptions (after its own rollback), with the
+        # report it filled; in a fleet they are this guest's failure, not the others'.
+        if report.error is None:
+            report.fail(progress.last_phase("create"), error_message(exc))
+        report.timings_s = report.timings_s or dict(progress.timings_s)
+        error = exc
     finally:
-        job.outcome = Outcome(report, code, round(time.monotonic() - began, 1))
+        job.outcome = Outcome(report, error, round(time.monotonic() - began, 1))
         job.done.set()
 
 
 def run_parallel(
-    jobs: Sequence[tuple[str, Callable[[Progress], GuestReport]]],
+    jobs: Sequence[tuple[str, Callable[[Progress, GuestReport], GuestReport]]],
     *,
     parallel: int,
     stream: IO[str],
@@ -145,14 +115,14 @@ def run_parallel(
     back, and this returns once they did (result.interrupted says so)."""
     began = time.monotonic()
     shared = cast(IO[str], LineStream(stream))
-    cancel = threading.Event()
+    cancel = CancelToken()
     queue = [_Job(name, run) for name, run in jobs]
     interrupted: str | None = None
     try:
         _schedule(queue, parallel, cancel, shared, log, on_start)
     except (KeyboardInterrupt, Interrupted) as exc:
         interrupted = (str(exc) or "interrupted").split(";")[0]  # "interrupted by SIGTERM"
-        cancel.set()
+        cancel.cancel(f"{interrupted}: the fleet was cancelled")
         _wait_for_rollbacks(queue, shared)
     outcomes = [_outcome_of(job, interrupted) for job in queue]
     report = Report(guests=[o.report for o in outcomes])
@@ -162,7 +132,7 @@ def run_parallel(
 def _schedule(
     queue: list[_Job],
     parallel: int,
-    cancel: threading.Event,
+    cancel: CancelToken,
     stream: IO[str],
     log: IO[str] | None,
     on_start: Callable[[str], None] | None,
@@ -172,7 +142,7 @@ def _schedule(
         running = [j for j in queue if j.started and not j.done.is_set()]
         while pending and len(running) < parallel:
             job = pending.pop(0)
-            progress = CancellableProgress(cancel, stream, prefix=f"{job.name}: ", log=log)
+            progress = Progress(stream, prefix=f"{job.name}: ", log=log, cancel=cancel)
             job.thread = threading.Thread(target=_run_job, args=(job, progress), name=f"nvmprov-{job.name}",
                                           daemon=True)
             job.started = True
@@ -214,7 +184,7 @@ def _outcome_of(job: _Job, interrupted: str | None) -> Outcome:
         report.fail("queued", f"not started: {interrupted or 'the fleet stopped'}")
     else:
         report.fail("rollback", "still running when nvmprov gave up waiting; `nvmprov destroy` it")
-    return Outcome(report, Interrupted.exit_code if interrupted else HostError.exit_code)
+    return Outcome(report, Interrupted(interrupted or "the fleet stopped"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +197,8 @@ def create(
     """Create every guest of a fleet, PARALLEL at a time; each guest fails and rolls back alone."""
     from . import workflow
 
-    def job(g: GuestSpec) -> Callable[[Progress], GuestReport]:
-        return lambda progress: workflow.create(g, opts, progress)
+    def job(g: GuestSpec) -> Callable[[Progress, GuestReport], GuestReport]:
+        return lambda progress, report: workflow.create(g, opts, progress, report=report)
 
     return run_parallel([(g.name, job(g)) for g in guests], parallel=parallel, stream=stream, log=log)
 
@@ -241,11 +211,12 @@ def verify(
     its own hypervisor when CONNECT_OF names one (a fleet's `connect:`)."""
     from . import guests as guestsmod
 
-    def job(name: str) -> Callable[[Progress], GuestReport]:
+    def job(name: str) -> Callable[[Progress, GuestReport], GuestReport]:
         uri = connect_of.get(name, connect) if connect_of is not None else connect
 
-        def run(progress: Progress) -> GuestReport:
-            return guestsmod.verify_one(name, connect=uri, power_cycle=power_cycle, progress=progress)
+        def run(progress: Progress, report: GuestReport) -> GuestReport:
+            return guestsmod.verify_one(name, connect=uri, power_cycle=power_cycle, progress=progress,
+                                        report=report)
         return run
 
     return run_parallel([(n, job(n)) for n in names], parallel=parallel, stream=stream)

@@ -72,11 +72,17 @@ def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
     from dataclasses import replace
 
     from . import image, plan
-    from .spec import GuestSpec
+    from .spec import load_recorded
 
     if md.spec_json is None:
         raise HostError(f"the nvmprov metadata of this domain holds no spec (made by nvmprov {md.version}?)")
-    spec = GuestSpec.model_validate(json.loads(md.spec_json))
+    try:
+        spec, broken = load_recorded(json.loads(md.spec_json))
+    except ValueError:
+        raise HostError("the spec in this domain's nvmprov metadata is not JSON; recreate the guest") from None
+    for rule in broken:  # made before the rule: warned about, used as it is, nothing changed
+        Progress(prefix=f"{spec.name}: ").line(f"warning: the spec this guest was made with breaks a rule added "
+                                               f"since: {rule}; the guest is left as it is")
     pool = storage.pool_of(conn, spec.pool)
     facts = host.facts(conn, storage.pool_path(pool))
     if spec.image == "builtin":
@@ -317,12 +323,15 @@ def list_all_text(*, fmt: str, connect: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def verify_one(name: str, *, connect: str | None, power_cycle: bool, progress: Progress) -> GuestReport:
-    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several)."""
+def verify_one(
+    name: str, *, connect: str | None, power_cycle: bool, progress: Progress, report: GuestReport | None = None
+) -> GuestReport:
+    """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several),
+    filling REPORT (a new one by default); an error other than the guest's passes, REPORT kept."""
     from . import agent
     from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
-    g = GuestReport(name=name)
+    g = report if report is not None else GuestReport(name=name)
     with _connection(connect) as conn, state.lock(name, hv=identity.of(conn)):
         m = managed(conn, name)
         files = m.files
@@ -387,16 +396,19 @@ def openssh_argv(
 
 
 def console_text(name: str, *, connect: str | None) -> str:
+    """The guest's serial log, without its escape sequences and control characters (the guest
+    wrote it: it must not drive the user's terminal)."""
     from . import remote
+    from .textsafe import clean
 
     with _connection(connect) as conn:
         managed(conn, name)
         path = boot.console_log_path(name, conn.getURI())
         hop = remote.hypervisor_for(conn.getURI())
     if hop is not None:  # the log is on the hypervisor
-        return hop.read_tail(path, max_bytes=16 * 1024 * 1024)
+        return clean(hop.read_tail(path, max_bytes=16 * 1024 * 1024))
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
+            return clean(fh.read())
     except OSError as exc:
         raise HostError(f"cannot read the serial log of {name} at {path}: {exc.strerror}") from None

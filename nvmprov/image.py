@@ -52,7 +52,23 @@ Progress = Callable[[str], None]
 
 
 def _recipe_files(recipe_dir: Path) -> list[Path]:
-    return sorted(p for p in require(recipe_dir, *RECIPE_REQUIRED).rglob("*") if p.is_file())
+    """The recipe's files, without the bytecode Python leaves beside a .py file (pip compiles
+    apply_seed.py when it installs the wheel; a test importing it does the same in a checkout)."""
+    files = require(recipe_dir, *RECIPE_REQUIRED).rglob("*")
+    return sorted(p for p in files if p.is_file() and "__pycache__" not in p.relative_to(recipe_dir).parts)
+
+
+def stage_recipe(dest: Path, recipe_dir: Path | None = None) -> Path:
+    """Copy exactly the files recipe_digest() digests to DEST (modes kept): what the image is made
+    from is what its name says, whatever else lies beside the recipe."""
+    import shutil
+
+    recipe_dir = recipe_dir or RECIPE_DIR
+    for path in _recipe_files(recipe_dir):
+        target = dest / path.relative_to(recipe_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return dest
 
 
 def recipe_digest(recipe_dir: Path | None = None) -> str:
@@ -283,7 +299,7 @@ def build_local(build_dir: Path, progress: Progress) -> LocalImage:
             "/etc/apt/sources.list.d/; the image is made from the host's own Debian 12 mirror: add one"
         )
     root = build_dir / "root"
-    recipe = require(RECIPE_DIR, *RECIPE_REQUIRED)
+    recipe = stage_recipe(build_dir / "recipe")
     hook = f'sh {_shq(str(recipe / "customize.sh"))} "$1" {_shq(str(recipe))}'
     t = time.monotonic()
     _run(

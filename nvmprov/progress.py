@@ -1,6 +1,9 @@
 """Progress on stderr: one line per phase with elapsed seconds; a live spinner on a TTY.
 
-Library code reports through a Progress object handed to it; it never prints by itself.
+Library code reports through a Progress object handed to it; it never prints by itself. A
+Progress may also carry a fleet's CancelToken: checkpoint() raises Interrupted once it is
+cancelled, at each phase's start (a stage boundary) and between SSH attempts, but never while
+rolling_back() (an undo must run to its end).
 """
 
 from __future__ import annotations
@@ -12,14 +15,43 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
-from . import testhooks
+from .errors import Interrupted
+from .textsafe import clean
+
+
+class CancelToken:
+    """Set once by whoever stops a fleet (the main thread, on a signal); read by every guest's run
+    at its checkpoints. Nothing else cancels: no progress line or message text does."""
+
+    def __init__(self, reason: str = "interrupted: the fleet was cancelled") -> None:
+        self._event = threading.Event()
+        self.reason = reason
+
+    def cancel(self, reason: str | None = None) -> None:
+        if reason:
+            self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
 
 
 class Progress:
-    def __init__(self, stream: IO[str] | None = None, *, prefix: str = "", log: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        prefix: str = "",
+        log: IO[str] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.prefix = prefix
         self.log = log
+        self.cancel = cancel
+        self._undoing = 0  # rolling_back() depth: no checkpoint raises inside
+        self._raised = False  # a cancel raises once; what follows is the run's own way out
         self.start = time.monotonic()
         self.timings_s: dict[str, float] = {}
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -30,7 +62,7 @@ class Progress:
         return time.monotonic() - self.start
 
     def line(self, message: str) -> None:
-        text = f"[{self.elapsed_s():6.1f}s] {self.prefix}{message}"
+        text = f"[{self.elapsed_s():6.1f}s] {self.prefix}{clean(message)}"  # lines may quote the guest
         with self._lock:
             # Progress is best effort: a reader that went away (closed pipe, dead terminal) once
             # raised BrokenPipeError out of a rollback and left the guest's volumes behind.
@@ -47,6 +79,22 @@ class Progress:
     def __call__(self, message: str) -> None:
         self.line(message)
 
+    def checkpoint(self) -> None:
+        """A stage boundary: raise Interrupted when the fleet was cancelled (once, never mid-rollback)."""
+        if self.cancel is not None and self.cancel.cancelled and not self._undoing and not self._raised:
+            self._raised = True
+            raise Interrupted(self.cancel.reason)
+
+    @contextlib.contextmanager
+    def rolling_back(self) -> Iterator[None]:
+        """An undo in progress: checkpoints inside do not raise, and none after it either."""
+        self._undoing += 1
+        try:
+            yield
+        finally:
+            self._undoing -= 1
+            self._raised = True  # cancelled or not, the run is on its way out
+
     def last_phase(self, default: str) -> str:
         """The phase that ran (or failed) last: where an error belongs in the report."""
         return next(reversed(self.timings_s), default)
@@ -54,9 +102,9 @@ class Progress:
     @contextlib.contextmanager
     def phase(self, name: str, detail: str = "") -> Iterator[None]:
         """Time a phase; its duration lands in timings_s[name]."""
+        self.checkpoint()
         began = time.monotonic()
         self.line(f"{name}: {detail}" if detail else f"{name} ...")
-        testhooks.pause_at(name, self.line)  # inert unless a fault test set NVMPROV_TEST_PAUSE_AT
         stop = threading.Event()
         spinner = None
         if self._tty:
@@ -88,11 +136,3 @@ class Progress:
         with self._lock:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
-
-
-class Quiet(Progress):
-    """Progress that records timings but prints nothing (tests, library use)."""
-
-    def line(self, message: str) -> None:
-        if self.log is not None:
-            self.log.write(message + "\n")

@@ -1,4 +1,10 @@
-"""The report of a run: text table, JSON (schema_version 1, documented in the README), JUnit XML."""
+"""The report of a run: the one schema (this module), rendered as a text table, JSON, JUnit XML.
+
+The JSON is the dataclasses below, field for field (Report.to_dict): adding a field to SshInfo,
+GuestReport or RegionReport adds it to `--json`, the saved report.json and the README's example is
+all that is left to update. schema_version rule: a new field keeps the version (readers ignore keys
+they do not know); renaming, removing or changing the meaning or type of a field bumps it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,14 @@ import dataclasses
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-SCHEMA_VERSION = 1
+from .textsafe import clean, clean_tree
+
+if TYPE_CHECKING:
+    from .agent.converge import RegionState
+
+SCHEMA_VERSION = 1  # bump only for a change that is not additive (see above)
 
 # What each region field must be for the region to count as verified.
 REGION_CHECKS = ("dax", "xip_ok", "data_ok", "persisted")
@@ -24,19 +35,63 @@ class SshInfo:
 
 
 @dataclass
+class RegionReport:
+    """One region in the report (`--json` regions[]); the caller fills backing_path and persisted.
+
+    The fields observe() sets depend on how the guest enumerated its devices, which can change from
+    one boot to the next (/dev/pmem1 may come back as /dev/pmem2): they always describe the last
+    facts read. fs_uuid and namespace_uuid name the same filesystem and namespace on every boot.
+    """
+
+    name: str
+    model: str
+    size_bytes: int
+    usable_bytes: int | None
+    backing_path: str | None
+    guest_device: str | None  # /dev/pmemN as of the last facts read; may change between boots
+    namespace_mode: str | None
+    filesystem: str | None
+    mountpoint: str | None
+    dax: bool | None
+    xip_ok: bool | None  # None: not checked (filesystem none, not mounted)
+    data_ok: bool | None  # None: not checked (filesystem none, read-only)
+    persisted: bool | None = None  # None: no power cycle ran
+    persisted_reason: str | None = None  # why persisted is False, when it is
+    payload_path: str | None = None  # for the power-cycle re-check
+    payload_sha256: str | None = None
+    marker: str | None = None  # ASCII; starts the payload file, so the host can find it
+    marker_offset: int | None = None  # where the caller found the marker in the backing volume
+    fs_uuid: str | None = None  # the filesystem's UUID (stable; /etc/fstab mounts by it)
+    namespace_uuid: str | None = None  # ndctl's namespace uuid (stable); None for a raw label-less namespace
+
+    def observe(self, state: RegionState | None) -> None:
+        """Take every enumeration-dependent field from `state`, the region as the guest shows it
+        now (None: the guest shows no region at its NFIT handle or PCI address)."""
+        self.guest_device = state.guest_device if state else None
+        self.usable_bytes = state.usable_bytes if state else None
+        self.namespace_mode = state.namespace_mode if state else None
+        self.namespace_uuid = state.namespace_uuid if state else None
+        self.fs_uuid = state.fs_uuid if state else None
+        self.mountpoint = state.mountpoint if state else None
+        if self.filesystem != "none":  # `filesystem: none` in the spec: reported as such, whatever blkid says
+            self.filesystem = state.filesystem if state else None
+
+
+
+@dataclass
 class GuestReport:
     name: str
     ok: bool = False
     error: dict[str, str] | None = None  # {"phase": ..., "message": ...}
     accel: str | None = None
     ssh: SshInfo | None = None
-    regions: list[Any] = field(default_factory=list)  # agent.verify.RegionReport (dataclasses)
+    regions: list[Any] = field(default_factory=list)  # RegionReport; attach's foreign regions: dicts
     timings_s: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. "rollback left: ..." after a failed rollback
 
     def fail(self, phase: str, message: str) -> None:
         self.ok = False
-        self.error = {"phase": phase, "message": message}
+        self.error = {"phase": phase, "message": clean(message)}  # may quote the guest
 
     def settle(self) -> None:
         """ok = no error and every region check that ran passed (persisted None = not checked)."""
@@ -44,6 +99,18 @@ class GuestReport:
             self.ok = False
             return
         self.ok = all(_region_ok(_as_dict(r)) for r in self.regions)
+
+
+def error_message(exc: BaseException) -> str:
+    """What a report's error says about an exception: nvmprov's own by their message (they are
+    written for people), an interrupt as such, anything else (a bug) with its type."""
+    from .errors import NvmprovError
+
+    if isinstance(exc, NvmprovError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted by SIGINT"
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -82,19 +149,11 @@ class Report:
 
 
 def _guest_dict(g: GuestReport) -> dict[str, Any]:
-    return {
-        "name": g.name,
-        "ok": g.ok,
-        "error": g.error,
-        "accel": g.accel,
-        "ssh": dataclasses.asdict(g.ssh) if g.ssh else None,
-        "regions": [_as_dict(r) for r in g.regions],
-        "timings_s": g.timings_s,
-    }
+    return dataclasses.asdict(g)  # every field, in declaration order; regions and ssh recursively
 
 
 def render_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, sort_keys=False)
+    return json.dumps(clean_tree(report.to_dict()), indent=2, sort_keys=False)  # guest text: no escapes
 
 
 def _fmt_bool(value: Any) -> str:
@@ -151,7 +210,7 @@ def render_text(report: Report) -> str:
             lines.append(f"  note: {note}")
     overall = "all guests ok" if report.ok else "FAILED"
     lines.append(overall)
-    return "\n".join(lines) + "\n"
+    return clean("\n".join(lines)) + "\n"  # region fields and errors quote the guest
 
 
 def render_junit(report: Report) -> str:
@@ -184,5 +243,11 @@ def render_junit(report: Report) -> str:
             time=f"{total_s:.2f}",
         )
         suite.extend(cases)
+        if g.notes:  # e.g. "rollback left: ...": where a CI page shows a suite's output
+            ET.SubElement(suite, "system-out").text = "\n".join(f"note: {n}" for n in g.notes)
+    for el in suites.iter():  # valid XML 1.0 whatever the guest printed (ElementTree does not check)
+        el.text = clean(el.text) if el.text else el.text
+        for key, value in el.attrib.items():
+            el.set(key, clean(value))
     ET.indent(suites)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"

@@ -1,8 +1,10 @@
-"""Files nvmprov reads from the checkout's top-level templates/ (image recipe, cloud-init).
+"""Files nvmprov reads from its templates (image recipe, cloud-init).
 
-templates/ sits beside the package, not inside it, so only an editable install (scripts/setup.sh:
-`pip install -e CHECKOUT`) can find it. A wheel or plain `pip install .` leaves it out; without this
-check recipe_digest() globbed nothing and silently named a different image.
+They live in the checkout's top-level templates/, and the wheel ships that directory inside the
+package as nvmprov/templates/ (pyproject.toml maps it as package data). TEMPLATES_ROOT is the
+package's copy when there is one (an installed wheel), else the checkout's (a checkout, an editable
+install). require() still checks: a copy without them must say so, not digest an empty recipe into
+a different image name.
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ from pathlib import Path
 
 from .errors import HostError
 
-TEMPLATES_ROOT = Path(__file__).resolve().parent.parent / "templates"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def templates_root(package: Path = _PACKAGE) -> Path:
+    """PACKAGE/templates when it exists (installed), else templates/ beside the package (checkout)."""
+    installed = package / "templates"
+    return installed if installed.is_dir() else package.parent / "templates"
+
+
+TEMPLATES_ROOT = templates_root()
 
 
 def require(directory: Path, *files: str) -> Path:
@@ -19,8 +30,8 @@ def require(directory: Path, *files: str) -> Path:
     missing = [directory] if not directory.is_dir() else [directory / f for f in files if not (directory / f).is_file()]
     if missing:
         raise HostError(
-            f"{missing[0]} does not exist: nvmprov reads its templates from the templates/ directory of its "
-            "checkout, which a non-editable install leaves out; install nvmprov editable from a checkout "
-            "(scripts/setup.sh, or pip install -e CHECKOUT)"
+            f"{missing[0]} does not exist: nvmprov reads its templates from nvmprov/templates/ in an installed "
+            "package, or from templates/ in its checkout; reinstall nvmprov (pip install CHECKOUT, or "
+            "scripts/setup.sh for an editable install), or restore the missing file"
         )
     return directory

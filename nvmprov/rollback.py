@@ -22,12 +22,13 @@ class Rollback:
     def run(self) -> list[str]:
         """Undo in reverse order; an undo that fails is reported and the rest still run."""
         problems = []
-        while self._undo:
-            what, undo = self._undo.pop()
-            try:
-                undo()
-                self.progress.line(f"rolled back: {what}")
-            except Exception as exc:  # noqa: BLE001 - keep undoing the rest
-                problems.append(f"{what}: {exc}")
-                self.progress.line(f"could not roll back {what}: {exc}")
+        with self.progress.rolling_back():  # a fleet's cancel never cuts an undo short
+            while self._undo:
+                what, undo = self._undo.pop()
+                try:
+                    undo()
+                    self.progress.line(f"rolled back: {what}")
+                except Exception as exc:  # noqa: BLE001 - keep undoing the rest
+                    problems.append(f"{what}: {exc}")
+                    self.progress.line(f"could not roll back {what}: {exc}")
         return problems

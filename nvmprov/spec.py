@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import posixpath
 import re
+import stat
 import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, BinaryIO, Literal, get_args, get_origin
 from urllib.parse import unquote
 
 import yaml
@@ -29,10 +31,12 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
-from .errors import SpecError, UsageError
+from .diskimage import file_kind
+from .errors import HostError, SpecError, UsageError
 from .sizes import GiB, KiB, MiB, TiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
 
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
@@ -65,11 +69,16 @@ _URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]{0,500}")
 # A spec file is shared: its `connect` must not make libvirt (or nvmprov's own ProxyCommand) run a
 # program of the file's choosing. qemu+ext runs ?command=, the ssh transport runs ?command= as its
 # ssh and ?netcat= on the hypervisor; such URIs are for --connect, which the user types themselves.
+# Nor may it name a local file (the test driver reads any file as XML and libvirt's error quoted its
+# first line: `test:///etc/shadow` printed a password hash) or lower the transport's trust (host
+# keys not checked, keys or sockets of its choosing, unencrypted +tcp). Issue 12.
 _URI_DRIVERS = ("qemu", "test")          # test:///default: libvirt's in-process test driver
-_URI_TRANSPORTS = ("", "unix", "ssh", "tls", "tcp")
+_URI_TRANSPORTS = ("", "unix", "ssh", "tls")
 _URI_PROGRAM_PARAMS = ("command", "netcat")
-_URI_PARAMS = ("socket", "keyfile", "known_hosts", "known_hosts_verify", "no_verify", "no_tty", "pkipath",
-               "sshauth", "mode", "proxy", "tls_priority")
+_URI_TRUST_PARAMS = ("socket", "keyfile", "known_hosts", "known_hosts_verify", "no_verify", "pkipath", "tls_priority")
+_URI_PARAMS = ("no_tty", "sshauth", "mode", "proxy")
+_QEMU_PATHS = ("/system", "/session")
+RULE_CONNECT = "a spec's connect names no local file and lowers no transport trust"
 _CONNECT_ELSEWHERE = "pass such a URI with --connect on the command line instead"
 _IMAGE_SUFFIXES = (".qcow2", ".img", ".raw")
 
@@ -81,10 +90,60 @@ _SYSTEM_DIRS = frozenset(("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv
 
 
 # ---------------------------------------------------------------------------------------------
+# rules added when specs became untrusted input (issue 12)
+
+RECORDED = "nvmprov.recorded"   # validation context key: the warnings list of a recorded spec
+
+
+class _TrustRule(ValueError):
+    """A rule added in issue 12. A new spec that breaks it is refused; the spec recorded in an
+    existing guest's metadata (made before the rule) still loads, with a warning naming RULE."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+def _recorded_warnings(info: ValidationInfo | None) -> list[str] | None:
+    context = info.context if info is not None else None
+    return context.get(RECORDED) if isinstance(context, dict) else None
+
+
+def _lenient(check: Callable[[Any], Any]) -> Callable[[Any, ValidationInfo], Any]:
+    """CHECK as a field validator whose _TrustRule refusals become warnings for a recorded spec."""
+
+    def run(value: Any, info: ValidationInfo) -> Any:
+        try:
+            return check(value)
+        except _TrustRule as e:
+            warnings = _recorded_warnings(info)
+            if warnings is None:
+                raise
+            warnings.append(f"{e.rule!r}: {e}")
+            return value
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
 # sizes
 
 
-def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False) -> int:
+def _example(minimum: int) -> str:
+    """A size to suggest where any would do: 512MiB, or the smallest allowed when that is more."""
+    return format_size(max(512 * MiB, round_up(minimum, MiB)))
+
+
+def _with_unit(digits: str, minimum: int) -> str:
+    """The fix for a size written without a unit: NMiB, NGiB or NB, the first that is allowed here."""
+    n = int(digits)
+    for unit, factor in (("MiB", MiB), ("GiB", GiB), ("B", 1)):
+        if minimum <= n * factor <= MAX_SIZE_BYTES:
+            return f"{n}{unit}"
+    return _example(minimum)
+
+
+def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False, minimum: int = 1) -> int:
     """Bytes of a size with a binary unit: "512MiB", "1G", "4096B" (B = bytes, explicitly).
 
     Refused: no unit (YAML 1024 and "1024" alike: bytes or MiB? QEMU guesses, we don't), decimal
@@ -96,7 +155,14 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False)
     if isinstance(text, int):
         if text == 0 and allow_zero:
             return 0
-        raise ValueError(f"{what} {text} has no unit; write it with one of {_UNIT_HELP}, e.g. {abs(text)}MiB")
+        if text == 0:
+            raise ValueError(f"{what} 0 is zero; give a positive size, e.g. {_example(minimum)}")
+        if text < 0:
+            raise ValueError(f"{what} {text} is negative; sizes are positive, e.g. {_example(minimum)}")
+        if text >= 10**MAX_SIZE_DIGITS:
+            raise ValueError(f"{what} is larger than {format_size(MAX_SIZE_BYTES)}; check the unit")
+        raise ValueError(f"{what} {text} has no unit; write it with one of {_UNIT_HELP}, "
+                         f"e.g. {_with_unit(str(text), minimum)}")
     m = _SIZE_RE.fullmatch(text.strip())
     if m is None:
         raise ValueError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 512MiB")
@@ -108,13 +174,14 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False)
     if m["frac"]:
         number += Fraction(int(m["frac"]), 10 ** len(m["frac"]))
     if m["sign"] == "-" and number != 0:
-        raise ValueError(f"{what} {text!r} is negative; sizes are positive, e.g. 512MiB")
+        raise ValueError(f"{what} {text!r} is negative; sizes are positive, e.g. {_example(minimum)}")
     if number == 0:
         if allow_zero:
             return 0
-        raise ValueError(f"{what} {text!r} is zero; give a positive size, e.g. 512MiB")
+        raise ValueError(f"{what} {text!r} is zero; give a positive size, e.g. {_example(minimum)}")
     if not unit:
-        raise ValueError(f"{what} {text!r} has no unit; write it with one of {_UNIT_HELP}, e.g. {m['int']}MiB")
+        raise ValueError(f"{what} {text!r} has no unit; write it with one of {_UNIT_HELP}, "
+                         f"e.g. {_with_unit(m['int'], minimum)}")
     if unit in _DECIMAL_UNITS:
         raise ValueError(
             f"{what} {text!r} uses a decimal unit; nvmprov sizes are binary: write {m['int']}{_DECIMAL_UNITS[unit]}"
@@ -134,12 +201,15 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False)
 def _describe(value: object) -> str:
     if value is None:
         return "an empty value"
-    return f"{type(value).__name__} {value!r}"
+    shown = repr(value) if not isinstance(value, int) or abs(value) < 10**MAX_SIZE_DIGITS else "(a huge number)"
+    if len(shown) > 40:  # never echo a long value back at length
+        shown = f"{shown[:24]}... ({len(shown)} characters)"
+    return f"{type(value).__name__} {shown}"
 
 
 def _size(what: str, *, minimum: int = 1, multiple: int = 1, allow_zero: bool = False) -> Callable[[Any], int]:
     def check(value: Any) -> int:
-        n = parse_size(value, what=what, allow_zero=allow_zero)
+        n = parse_size(value, what=what, allow_zero=allow_zero, minimum=minimum)
         if n == 0:
             return n
         if n < minimum:
@@ -206,12 +276,22 @@ def _check_abs_path(value: str, what: str, example: str) -> None:
         raise ValueError(f"{what} is {len(value)} characters long; use at most 255")
 
 
+RULE_MOUNT = "no mount over /root or the login user's home"
+
+
+def _under(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree + "/")
+
+
 def _check_mount(value: str | None) -> str | None:
     if value is None:
         return None
     _check_abs_path(value, "mount", "/mnt/data")
     if value in _SYSTEM_DIRS or any(value.startswith(t + "/") for t in _SYSTEM_TREES):
         raise ValueError(f"mount {value!r} is a system directory; use a directory of its own, e.g. /mnt/data")
+    if _under(value, "/root"):  # /root/.ssh/authorized_keys would be hidden at the next boot
+        raise _TrustRule(RULE_MOUNT, f"mount {value!r} is root's home (or in it); a filesystem there hides its "
+                         "files, such as .ssh/authorized_keys; use a directory of its own, e.g. /mnt/data")
     return value
 
 
@@ -234,8 +314,8 @@ def _regex_checker(pattern: re.Pattern[str], what: str, hint: str) -> Callable[[
 
 
 def _check_connect(value: str) -> str:
-    """A libvirt URI a spec file may name: the qemu (or test) driver over a transport that runs no
-    program of the URI's choosing, and no query parameter that names one."""
+    """A libvirt URI a spec file may name: the qemu driver (or test:///default) over a transport
+    that runs no program of the URI's choosing, names no local file and lowers no trust."""
     _regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system")(value)
     scheme, rest = value.split("://", 1)
     driver, _, transport = scheme.partition("+")
@@ -245,30 +325,74 @@ def _check_connect(value: str) -> str:
     if transport == "ext":
         raise ValueError(f"connect {value!r} uses transport 'ext', which runs the program named by command=; "
                          f"a spec file may not name programs: {_CONNECT_ELSEWHERE}")
-    if transport not in _URI_TRANSPORTS:
-        raise ValueError(f"connect {value!r} uses transport {transport!r}; a spec file may use {driver}:// or "
-                         f"{driver}+unix://, +ssh://, +tls://, +tcp://, or {_CONNECT_ELSEWHERE}")
     authority = rest.split("/", 1)[0].rpartition("@")
     if any(part.startswith("-") for part in (authority[0], authority[2])):
         raise ValueError(f"connect {value!r} has a user or host starting with '-' (it would reach ssh as an "
                          "option); write the host name, e.g. qemu+ssh://root@host/system")
     query = rest.partition("?")[2].partition("#")[0]
     # libvirt splits parameters at '&' or ';', percent-decodes their names and ignores their case
-    for item in re.split(r"[&;]", query) if query else ():
-        param = unquote(item.partition("=")[0]).lower()
+    params = [unquote(item.partition("=")[0]).lower() for item in re.split(r"[&;]", query)] if query else []
+    for param in params:
         if param in _URI_PROGRAM_PARAMS:
             raise ValueError(f"connect {value!r} sets {param}=, which makes libvirt run that program; "
                              f"a spec file may not name programs: {_CONNECT_ELSEWHERE}")
-        if param not in _URI_PARAMS:
+    for param in params:
+        if param not in _URI_PARAMS + _URI_TRUST_PARAMS:
             raise ValueError(f"connect {value!r} sets {param!r}, which a spec file may not set; "
                              f"use only {', '.join(_URI_PARAMS)}, or {_CONNECT_ELSEWHERE}")
+    _check_connect_trust(value, driver, transport, rest, params)
     return value
+
+
+def _check_connect_trust(value: str, driver: str, transport: str, rest: str, params: list[str]) -> None:
+    """RULE_CONNECT, the rules added in issue 12 (a recorded spec that breaks them still loads)."""
+    path = "/" + rest.partition("?")[0].partition("#")[0].split("/", 1)[-1] if "/" in rest else ""
+    if driver == "test" and value != "test:///default":
+        raise _TrustRule(RULE_CONNECT, f"connect {value!r}: of the test driver a spec file may name only "
+                         "test:///default (any other path is a file libvirt reads); use test:///default")
+    if driver == "qemu" and path.rstrip("/") not in _QEMU_PATHS:
+        raise _TrustRule(RULE_CONNECT, f"connect {value!r} names the path {path or '(none)'!r}; the QEMU driver "
+                         "has /system and /session: use qemu:///system or qemu+ssh://host/system")
+    if transport == "tcp":
+        raise _TrustRule(RULE_CONNECT, f"connect {value!r} uses +tcp, which is neither encrypted nor authenticated; "
+                         f"use qemu+ssh://host/system or qemu+tls://host/system, or {_CONNECT_ELSEWHERE}")
+    if transport not in _URI_TRANSPORTS:
+        raise ValueError(f"connect {value!r} uses transport {transport!r}; a spec file may use {driver}:// or "
+                         f"{driver}+unix://, +ssh://, +tls://, or {_CONNECT_ELSEWHERE}")
+    for param in params:
+        if param in _URI_TRUST_PARAMS:
+            raise _TrustRule(RULE_CONNECT, f"connect {value!r} sets {param}=, which names a local file or lowers "
+                             "the transport's trust (host keys, certificates, keys, sockets); a spec file may not "
+                             f"set it: drop it and use ~/.ssh/config for the hypervisor, or {_CONNECT_ELSEWHERE}")
+
+
+# RULE_USER: the login user is made (or, when it exists, given nvmprov's key and sudo) by the seed.
+# A system account there gets a login shell's key and sudo: refused are the names Debian's
+# base-passwd reserves (passwd.master and group.master), the accounts the packages of the built-in
+# image and of common cloud images create, and every name in the system-account conventions
+# `_name` and `systemd-name`.
+RULE_USER = "ssh.user is no system account"
+_SYSTEM_USERS = frozenset((
+    # base-passwd 3.6 (Debian 12) passwd.master and group.master
+    "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data", "backup",
+    "list", "irc", "gnats", "nobody", "adm", "tty", "disk", "kmem", "dialout", "fax", "voice", "cdrom", "floppy",
+    "tape", "sudo", "audio", "dip", "operator", "src", "shadow", "utmp", "video", "sasl", "plugdev", "staff",
+    "users", "nogroup",
+    # made by packages: openssh-server, dbus, systemd, polkitd, tpm2, uuid-runtime, rpcbind, nfs, exim,
+    # dnsmasq, rsyslog, ntp, postfix, chrony, qemu-guest-agent's and cloud images' usual extras
+    "sshd", "messagebus", "polkitd", "tss", "uuidd", "statd", "Debian-exim", "dnsmasq", "syslog", "ntp", "ntpsec",
+    "postfix", "tcpdump", "avahi", "colord", "usbmux", "landscape", "pollinate", "lxd", "dhcpcd", "libvirt-qemu",
+    "libvirt-dnsmasq", "nvmprov-seed",
+))
 
 
 def _check_user(value: str) -> str:
     _regex_checker(_USER_RE, "user", "use a Linux user name: a-z, 0-9, '_' or '-', up to 32")(value)
     if value == "root":
         raise ValueError("user 'root' is not allowed; nvmprov makes its own login user with sudo, e.g. nvmprov")
+    if value in _SYSTEM_USERS or value.startswith(("_", "systemd-")):
+        raise _TrustRule(RULE_USER, f"user {value!r} is a system account (Debian's base-passwd reserves it, or a "
+                         "package makes it) and would get a login key and sudo; use a user of its own, e.g. nvmprov")
     return value
 
 
@@ -306,7 +430,7 @@ def _check_volume(value: str | None) -> str | None:
 
 class SshSpec(BaseModel):
     model_config = _CONFIG
-    user: Annotated[str, AfterValidator(_check_user)] = "nvmprov"
+    user: Annotated[str, AfterValidator(_lenient(_check_user))] = "nvmprov"
 
 
 class NetworkSpec(BaseModel):
@@ -355,7 +479,7 @@ class RegionSpec(BaseModel):
     readonly: bool = False
     host_pmem: bool = False
     filesystem: Literal["ext4", "xfs", "none"] = "ext4"
-    mount: Annotated[str | None, AfterValidator(_check_mount)] = None
+    mount: Annotated[str | None, AfterValidator(_lenient(_check_mount))] = None
     # An existing volume of the pool to use as the backing (adopt): nvmprov never deletes it unless
     # told to (destroy/detach --purge-adopted). None: nvmprov makes and owns GUEST-pmem-REGION.raw.
     volume: Annotated[str | None, AfterValidator(_check_volume)] = None
@@ -385,11 +509,17 @@ class RegionSpec(BaseModel):
             return
         size, label = format_size(self.size_bytes), format_size(self.label_bytes)
         if self.label_bytes >= self.size_bytes:
+            fix = "use 128KiB"  # ... and a size that leaves a whole region beside it (a hint must be right)
+            if self.size_bytes - MIN_LABEL_BYTES < MIN_REGION_BYTES:
+                fix += f" with size >= {format_size(MIN_REGION_BYTES + MIN_LABEL_BYTES)}"
             raise _Problem(f"label {label} is not smaller than size {size}; the label is carved out of the region: "
-                           "use 128KiB", "label")
+                           f"{fix}", "label")
         if self.size_bytes - self.label_bytes < MIN_REGION_BYTES:
+            fix = f"use size >= {format_size(self.label_bytes + MIN_REGION_BYTES)}"
+            if self.label_bytes > MIN_LABEL_BYTES:
+                fix += f" or a label of {format_size(MIN_LABEL_BYTES)}"
             raise _Problem(f"label {label} leaves less than {format_size(MIN_REGION_BYTES)} of the {size} region; "
-                           "use a smaller label or a larger size", "label")
+                           f"{fix}", "label")
 
     def _check_filesystem(self) -> None:
         if self.readonly and self.filesystem != "none":
@@ -434,7 +564,7 @@ class GuestSpec(BaseModel):
     image: Annotated[str, AfterValidator(_check_image)] = "builtin"
     firmware: Literal["auto", "direct", "bios", "efi"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    connect: Annotated[str, AfterValidator(_check_connect)] = "qemu:///system"
+    connect: Annotated[str, AfterValidator(_lenient(_check_connect))] = "qemu:///system"
     pool: PoolName = "nvmprov"
     ssh: SshSpec = Field(default_factory=SshSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
@@ -443,12 +573,26 @@ class GuestSpec(BaseModel):
     pmem: list[RegionSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _guest_rules(self) -> GuestSpec:
+    def _guest_rules(self, info: ValidationInfo) -> GuestSpec:
         if self.firmware == "direct" and self.image != "builtin":
             raise _Problem("direct kernel boot needs image: builtin (a user image boots its own kernel); "
                            "use firmware: auto, bios or efi", "firmware")
         self._check_regions()
+        self._check_home_mounts(_recorded_warnings(info))
         return self
+
+    def _check_home_mounts(self, warnings: list[str] | None) -> None:
+        """RULE_MOUNT for the login user's home: nvmprov logs in with the key kept there."""
+        home = f"/home/{self.ssh.user}"
+        for i, r in enumerate(self.pmem):
+            if r.mount is None or not _under(r.mount, home):
+                continue
+            message = (f"mount {r.mount!r} is the login user's home ({home}) or in it; a filesystem there hides "
+                       "its .ssh/authorized_keys and nvmprov cannot log in after the next boot; "
+                       "use a directory of its own, e.g. /mnt/data")
+            if warnings is None:
+                raise _Problem(message, "pmem", i, "mount")
+            warnings.append(f"{RULE_MOUNT!r}: {message}")
 
     def _check_regions(self) -> None:
         names: dict[str, int] = {}
@@ -482,6 +626,9 @@ class GuestSpec(BaseModel):
             raise _Problem(f"{n_virtio} virtio-pmem regions; at most {MAX_VIRTIO_PMEM} fit (one PCIe port each)",
                            "pmem")
         total = len(self.pmem) + self.hotplug.slots
+        if len(self.pmem) > MAX_MEMORY_SLOTS:
+            raise _Problem(f"{len(self.pmem)} regions; QEMU allows {MAX_MEMORY_SLOTS} memory slots: use at most "
+                           f"{MAX_MEMORY_SLOTS} regions, with hotplug: {{slots: 0}}", "pmem")
         if total > MAX_MEMORY_SLOTS:
             raise _Problem(f"{len(self.pmem)} regions + {self.hotplug.slots} hotplug slots = {total} memory slots; "
                            f"QEMU allows {MAX_MEMORY_SLOTS}: use slots <= {MAX_MEMORY_SLOTS - len(self.pmem)}",
@@ -685,7 +832,16 @@ def _convert(node: yaml.Node, path: Path_, display: str, pos: _Positions) -> Any
     if isinstance(node, yaml.SequenceNode) and node.tag == _TAG + "seq":
         return [_convert(item, (*path, i), _join(display, i), pos) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_TAGS:
-        return yaml.constructor.SafeConstructor().construct_object(node)
+        if node.tag == _TAG + "int" and len(node.value.strip("+-_ ").lstrip("0")) > MAX_SIZE_DIGITS:
+            # Python refuses to make an int of 4300+ digits (a ValueError traceback, exit 1, once)
+            raise _YamlProblem(f"a whole number of {len(node.value)} characters is far too large; numbers here "
+                               f"have at most {MAX_SIZE_DIGITS} digits (see docs/spec.md for this key's range)",
+                               node.start_mark, display)
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(node)
+        except (ValueError, OverflowError, yaml.constructor.ConstructorError):
+            raise _YamlProblem("this value cannot be read as a number, true/false or text; quote it if it is text",
+                               node.start_mark, display) from None
     raise _YamlProblem(f"YAML tag {node.tag} is not allowed; nvmprov reads plain values only", node.start_mark,
                        display)
 
@@ -742,19 +898,20 @@ def _line_col(text: str, offset: int) -> tuple[int, int]:
 # loading
 
 
-def load(path: str | Path) -> SpecFile:
-    """Read and validate a guest file; every failure is one SpecError naming the file."""
-    name = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SpecError("no such file; check the path", file=name) from None
-    except IsADirectoryError:
-        raise SpecError("is a directory; give a guest YAML file", file=name) from None
-    except OSError as e:
-        raise SpecError(f"cannot read it ({e.strerror}); check its permissions", file=name) from None
-    if len(data) > MAX_FILE_BYTES:
-        raise SpecError(f"is {len(data)} bytes; a guest file is at most {MAX_FILE_BYTES}", file=name)
+STDIN = "-"              # `nvmprov validate -`: the spec on standard input
+STDIN_NAME = "<stdin>"   # how errors name it
+
+
+def load(path: str | Path, *, stdin: BinaryIO | None = None) -> SpecFile:
+    """Read and validate a guest file (`-`: standard input); every failure is one SpecError naming
+    the file. A spec is untrusted input: only a regular file or standard input is read, never more
+    than MAX_FILE_BYTES of it, and a FIFO, device or directory is refused without opening it."""
+    if str(path) == STDIN:
+        name = STDIN_NAME
+        data = _read_capped(stdin if stdin is not None else sys.stdin.buffer, name)
+    else:
+        name = str(path)
+        data = _read_regular(name)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -763,6 +920,61 @@ def load(path: str | Path) -> SpecFile:
         raise SpecError(f"is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8", file=name, line=line,
                         col=col) from None
     return loads(text, filename=name)
+
+
+def _read_regular(name: str) -> bytes:
+    """The bytes of the regular file NAME (links followed), refused before reading when it is
+    something else or larger than MAX_FILE_BYTES; never blocks (a FIFO is never opened)."""
+    try:
+        before = os.stat(name)
+    except FileNotFoundError:
+        raise SpecError("no such file; check the path", file=name) from None
+    except OSError as e:
+        raise SpecError(f"cannot read it ({e.strerror}); check the path and its permissions", file=name) from None
+    if not stat.S_ISREG(before.st_mode):
+        raise SpecError(f"is {file_kind(before.st_mode)}, not a regular file; give a guest YAML file, or - to read "
+                        "it from standard input", file=name)
+    if before.st_size > MAX_FILE_BYTES:
+        raise SpecError(f"is {before.st_size} bytes; a guest file is at most {MAX_FILE_BYTES}", file=name)
+    try:
+        # O_NONBLOCK: had NAME become a FIFO since the stat, opening it would wait for a writer
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SpecError(f"cannot read it ({e.strerror}); check its permissions", file=name) from None
+    with os.fdopen(fd, "rb") as fh:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise SpecError("changed while being opened; give a guest YAML file that stays put", file=name)
+        return _read_capped(fh, name)
+
+
+def _read_capped(stream: BinaryIO, name: str) -> bytes:
+    """At most MAX_FILE_BYTES from STREAM; one byte more is refused (a pipe is read up to the cap)."""
+    try:
+        data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise SpecError(f"cannot read it ({e.strerror})", file=name) from None
+    if data is None:  # a non-blocking stream with nothing ready
+        data = b""
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(f"is more than {MAX_FILE_BYTES} bytes; a guest file is at most {MAX_FILE_BYTES}", file=name)
+    return data
+
+
+def load_recorded(data: object) -> tuple[GuestSpec, list[str]]:
+    """The spec recorded in an existing guest's metadata. The rules added since it may have been
+    made (issue 12: RULE_CONNECT, RULE_MOUNT, RULE_USER) do not refuse it: each one it breaks comes
+    back as a warning naming the rule, and the guest is left as it is. Any other problem is a
+    HostError (the record is damaged), never a traceback."""
+    warnings: list[str] = []
+    try:
+        return GuestSpec.model_validate(data, context={RECORDED: warnings}), warnings
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise HostError(f"the spec recorded in this guest's nvmprov metadata does not validate ({where}: "
+                        f"{_message(first, (first.get('ctx') or {}).get('error'))}); recreate the guest "
+                        "from its spec file") from None
 
 
 def loads(text: str, filename: str = "<string>") -> SpecFile:
@@ -966,11 +1178,12 @@ _BOOL_WORDS = {"true": "true", "yes": "true", "on": "true", "false": "false", "n
 def _type_fix(kind: str, value: object, loc: Path_) -> str:
     """The "what would be right" half of a type error."""
     if kind == "int_type":
-        if isinstance(value, str) and _WHOLE_RE.fullmatch(value):
-            return f"write {int(value)} without quotes"
+        if isinstance(value, str):
+            whole = _WHOLE_RE.fullmatch(value) and len(value.strip()) <= MAX_SIZE_DIGITS
+            return _whole_number_fix(int(value) if whole else None, loc, quoted=True)
         if isinstance(value, float) and value.is_integer():
-            return f"write {int(value)}"
-        return "write a whole number without quotes, e.g. 1" if isinstance(value, str) else "write a whole number"
+            return _whole_number_fix(int(value), loc, quoted=False)
+        return _whole_number_fix(None, loc, quoted=False)
     if kind == "bool_type":
         word = _BOOL_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
         return f"write {word} without quotes" if word else "write true or false"
@@ -1004,26 +1217,58 @@ def _kind(value: object) -> str:
     return "text"
 
 
-def _keys_of(loc: Path_) -> list[str]:
-    """The YAML keys valid at a location (by walking the models)."""
+def _model_at(loc: Path_) -> type[BaseModel] | None:
+    """The model of the mapping at a location (by walking the models); None for a plain value."""
     model: type[BaseModel] = GuestSpec
     for part in loc:
         if isinstance(part, int):
             continue
-        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        info = _field_of(model, part)
         if info is None:
-            return []
+            return None
         ann = info.annotation
         while get_origin(ann) is not None and not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             inner = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
             if not inner:
-                return []
+                return None
             ann = inner[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
+            return None
         model = ann
+    return model
+
+
+def _field_of(model: type[BaseModel], key: str | int) -> Any:
+    return next((f for n, f in model.model_fields.items() if (f.alias or n) == key), None)
+
+
+def _keys_of(loc: Path_) -> list[str]:
+    """The YAML keys valid at a location (by walking the models)."""
+    model = _model_at(loc)
+    if model is None:
+        return []
     keys = [f.alias or n for n, f in model.model_fields.items()]
     return [*keys, "version", "guests", "defaults"] if not loc else keys
+
+
+def _int_bounds(loc: Path_) -> tuple[int | None, int | None]:
+    """The (ge, le) of the whole-number field at LOC, as its model declares them."""
+    model = _model_at(loc[:-1]) if loc else None
+    info = _field_of(model, loc[-1]) if model is not None else None
+    metadata = info.metadata if info is not None else []
+    return (next((m.ge for m in metadata if hasattr(m, "ge")), None),
+            next((m.le for m in metadata if hasattr(m, "le")), None))
+
+
+def _whole_number_fix(n: int | None, loc: Path_, quoted: bool) -> str:
+    """"write N" when N is allowed at LOC, else the range that is (a hint must be right)."""
+    lo, hi = _int_bounds(loc)
+    tail = " without quotes" if quoted else ""
+    if n is not None and (lo is None or n >= lo) and (hi is None or n <= hi):
+        return f"write {n}{tail}"
+    if lo is not None and hi is not None:
+        return f"write a whole number from {lo} to {hi}{tail}"
+    return f"write a whole number{tail}, e.g. {lo if lo is not None else 1}"
 
 
 def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:

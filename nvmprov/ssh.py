@@ -20,6 +20,7 @@ from types import TracebackType
 import paramiko
 
 from nvmprov.errors import GuestError, GuestTimeout, RemoteCommandError
+from nvmprov.textsafe import clean, clean_bytes
 
 log = logging.getLogger(__name__)
 # paramiko logs every failed banner exchange with a traceback at ERROR; without a handler Python
@@ -135,7 +136,7 @@ def connect(
         try:
             return Session(_connect_once(target, pinned, client_key, deadline), target)
         except _Retry as e:
-            last_error = str(e)
+            last_error = clean(str(e))  # may quote the guest's SSH banner
         if progress is not None and time.monotonic() >= next_report_s:
             progress(f"ssh {target.host}:{target.port} attempt {attempt}: {last_error}")
             next_report_s = time.monotonic() + ATTEMPT_REPORT_EVERY_S
@@ -245,22 +246,10 @@ class Session:
         wire = wrap_sudo(command) if sudo and not self.is_root else command
         log.debug("guest %s:%s run: %s", self.target.host, self.target.port, wire)
         rc, out, err = self._exec(wire, stdin, Deadline(f"command {command[:60]}", timeout_s))
-        result = Result(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), command)
+        result = Result(rc, clean_bytes(out), clean_bytes(err), command)  # guest text: no escapes, no controls
         if check and rc != 0:
             raise RemoteCommandError(command, rc, result.stderr)
         return result
-
-    def put(self, data: bytes, path: str, mode: int = 0o644, sudo: bool = False) -> None:
-        """Write `data` to `path` atomically (temporary file in the same directory, then rename)."""
-        self.run(
-            'd=$(dirname -- %s) && t=$(mktemp "$d/.nvmprov.XXXXXX") && cat > "$t" '
-            '&& chmod %s "$t" && mv -f -- "$t" %s || { rm -f -- "$t"; exit 1; }',
-            path,
-            format(mode, "o"),
-            path,
-            sudo=sudo,
-            stdin=data,
-        )
 
     def close(self) -> None:
         self._client.close()

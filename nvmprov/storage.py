@@ -342,23 +342,17 @@ def create_overlay_for_path(
 ) -> libvirt.virStorageVol:
     """A qcow2 overlay on an image file outside the pool (a user's own cloud image).
 
-    The image's format and virtual size are read from the file's header, so the file must be
-    readable here (a local hypervisor).
+    The image is vetted (nvmprov.diskimage: a regular file holding a qcow2 or raw disk image, its
+    backing chain too) and its format and virtual size read from its header, so the file must be
+    readable here (a local hypervisor). The overlay names the file itself, links resolved.
     """
-    fmt, size = _probe_local_image(image_path)
-    return _overlay(pool, name, image_path, fmt, capacity_bytes, size)
+    from . import diskimage
 
-
-def _probe_local_image(path: str) -> tuple[str, int]:
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-            size = f.seek(0, os.SEEK_END)
-    except OSError as e:
-        raise StorageError(f"image {path}: {e.strerror}; give the path of a qcow2 or raw disk image") from None
-    if head[:4] == b"QFI\xfb":
-        return "qcow2", int.from_bytes(head[24:32], "big")  # qcow2 header: virtual size at byte 24
-    return "raw", size
+        image = diskimage.vet(image_path)
+    except diskimage.ImageRefused as e:  # create vetted it already: this is the file changing since
+        raise StorageError(str(e)) from None
+    return _overlay(pool, name, image.path, image.format, capacity_bytes, image.virtual_bytes)
 
 
 def _overlay(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import libvirt
 
@@ -25,12 +24,19 @@ def connect(uri: str) -> libvirt.virConnect:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise HostError(
-            f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; "
+            f"cannot connect to libvirt at {uri}: {first_line(exc.get_error_message())}; "
             "is libvirtd running? (scripts/setup.sh starts it)"
         ) from None
     if conn is None:  # older bindings returned None instead of raising
         raise HostError(f"cannot connect to libvirt at {uri}")
     return conn
+
+
+def first_line(message: str | None, max_chars: int = 300) -> str:
+    """libvirt's reason without what it quotes: a file it failed to parse is quoted on the lines
+    after the first (`test:///etc/shadow` printed the file's first line, a password hash)."""
+    line = (message or "").strip().splitlines()[:1]
+    return line[0][:max_chars] if line else "no reason given"
 
 
 def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
@@ -182,50 +188,3 @@ def references(domain_xml: str) -> tuple[set[str], set[tuple[str, str]]]:
             if el.tag == "source" and el.get("pool") and el.get("volume"):
                 volumes.add((el.get("pool", ""), el.get("volume", "")))
     return paths, volumes
-
-
-@dataclass(frozen=True)
-class Memory:
-    """Guest physical layout as libvirt reports it."""
-
-    memory_bytes: int
-    max_memory_bytes: int
-    slots: int
-    used_slots: int
-    numa_cells: int
-    acpi: bool
-    has_nvdimm: bool
-
-
-def memory_layout(domain_xml: str) -> Memory:
-    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
-    def size(el: ET.Element | None) -> int:
-        if el is None or not el.text:
-            return 0
-        return int(el.text) * _unit(el.get("unit", "KiB"))
-
-    max_el = root.find("maxMemory")
-    devices = root.findall("./devices/memory")
-    return Memory(
-        memory_bytes=sum(_cell_bytes(c) for c in root.findall("./cpu/numa/cell")) or size(root.find("memory")),
-        max_memory_bytes=size(max_el),
-        slots=int(max_el.get("slots", "0")) if max_el is not None else 0,
-        used_slots=len(devices),
-        numa_cells=len(root.findall("./cpu/numa/cell")),
-        acpi=root.find("./features/acpi") is not None,
-        has_nvdimm=any(d.get("model") == "nvdimm" for d in devices),
-    )
-
-
-def _cell_bytes(cell: ET.Element) -> int:
-    return int(cell.get("memory", "0")) * _unit(cell.get("unit", "KiB"))
-
-
-_UNITS = {
-    "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
-}
-
-
-def _unit(name: str) -> int:
-    return _UNITS[name.lower()]

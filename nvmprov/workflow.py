@@ -14,11 +14,11 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, identity, image, ledger, remote, seed, ssh, state, storage, testhooks, virt
+from . import boot, domain, host, identity, image, ledger, remote, seed, ssh, state, storage, virt
 from . import plan as planmod
-from .errors import GuestError, HostError, NvmprovError, SpecError, UsageError, VirtError
+from .errors import GuestError, HostError, SpecError, UsageError, VirtError
 from .progress import Progress
-from .report import GuestReport, SshInfo
+from .report import GuestReport, SshInfo, error_message
 from .rollback import Rollback
 from .uris import DEFAULT_POOL_DIR, effective_uri, pool_dir_for  # here too: callers import them from workflow
 
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 Until = Literal["define", "start", "ssh", "all"]
 POWER_OFF_TIMEOUT_S = 30
 HOSTFWD_ERRORS = ("host forwarding rule", "Could not set up host forwarding")
+# What `network: {outbound: true}` opens (QEMU user networking with restrict=off): said on every create.
+OUTBOUND_NOTICE = (
+    "network.outbound: true: the guest can open connections to any address this host can reach, "
+    "including this host's own loopback services (127.0.0.1 here is 10.0.2.2 in the guest: databases, "
+    "admin ports, libvirt's TCP socket if any); set outbound: false unless the guest needs a package mirror"
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,14 @@ class CreateOptions:
 # create
 
 
-def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestReport:
-    """Create (or, when it exists with the same spec, re-verify) one guest. Never raises for guest
-    failures: the report carries the error; NvmprovError subclasses for spec/host problems pass."""
-    report = GuestReport(name=spec.name)
+def create(
+    spec: GuestSpec, opts: CreateOptions, progress: Progress, *, report: GuestReport | None = None
+) -> GuestReport:
+    """Create (or, when it exists with the same spec, re-verify) one guest, filling REPORT (a new one
+    by default) as it goes. Never raises for guest failures: the report carries the error. Anything
+    else (spec, host, lock, a signal, a bug) passes, after the report was marked failed and saved:
+    the caller prints that same report, with whatever the run had filled in (ssh, accel, notes)."""
+    report = report if report is not None else GuestReport(name=spec.name)
     state.check_name(spec.name)
     conn = virt.connect(effective_uri(spec.connect, opts.connect))
     try:
@@ -62,8 +72,8 @@ def create(spec: GuestSpec, opts: CreateOptions, progress: Progress) -> GuestRep
                     _create_locked(conn, spec, opts, progress, report)
             except (UsageError, SpecError):
                 raise  # bad input changed nothing, the last report included
-            except (NvmprovError, KeyboardInterrupt) as exc:
-                report.fail(progress.last_phase("create"), str(exc) or "interrupted by SIGINT")
+            except BaseException as exc:
+                report.fail(progress.last_phase("create"), error_message(exc))
                 report.timings_s = dict(progress.timings_s)
                 save_report(report, progress, hv)
                 raise
@@ -96,6 +106,7 @@ def _create_locked(
         # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
         # here, before the pool is made or the image built (minutes). It needs no pool, only names.
         pool_dir = pool_dir_for(spec.pool, conn.getURI())
+        vet_image(spec, opts)  # again: a library caller may not have (cli.cmd_create did, for the fleet)
         facts = host.facts(conn, pool_dir)
         if spec.image == "builtin":
             facts = replace(facts, builtin_volumes=image.builtin_volume_names())
@@ -107,6 +118,8 @@ def _create_locked(
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)
+    if the_plan.network_outbound:
+        progress.line(OUTBOUND_NOTICE)
     for region in the_plan.regions:
         for note in region.notes:
             progress.line(f"region {region.name}: {note}")
@@ -149,6 +162,21 @@ def _create_locked(
             return
         raise
     report.settle()
+
+
+def vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
+    """A user image is untrusted input (nvmprov.diskimage): one that is there but is no disk image
+    (a link to a host file, a FIFO, a device, a bad backing chain) is refused before anything is
+    made (exit 2). A path with nothing at all there stays what it was, a host condition: the
+    overlay step fails on it (exit 3) and the run is rolled back (docs/reliability.md)."""
+    if spec.image == "builtin" or not os.path.lexists(spec.image):
+        return
+    from . import diskimage
+
+    try:
+        diskimage.vet(spec.image)
+    except diskimage.ImageRefused as e:
+        raise SpecError(f"guest {spec.name}: {e}", file=opts.spec_path or "<spec>") from None
 
 
 def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domain.Metadata, progress: Progress) -> None:
@@ -283,7 +311,7 @@ def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str, u
         uuid=dom_uuid, ssh_port=md.ssh_port, pool_dir=pool_dir,
         console_log=boot.console_log_path(the_plan.name, uri),
     )
-    return domain.render(testhooks.kernel_cmdline(the_plan), ctx, metadata=md)
+    return domain.render(the_plan, ctx, metadata=md)
 
 
 def _define_with_port(
@@ -453,7 +481,8 @@ def open_session(
             return boot.read_tail(log_path, max_lines=max_lines)
         return boot.tail_lines(hop.read_tail(log_path), max_lines)
 
-    def abort_check() -> None:
+    def abort_check() -> None:  # between SSH attempts: a boot that cannot succeed, or a cancelled fleet
+        progress.checkpoint()
         boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
 
     target = ssh.SshTarget(
@@ -596,7 +625,7 @@ def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles
     """The spec paths that differ from the spec the guest was made with. libvirt's copy (the domain
     metadata) is the record, so this works from any machine; the local state file is only the
     fallback for domains whose metadata predates spec_json."""
-    from .spec import GuestSpec as Model
+    from .spec import load_recorded
 
     try:
         if md.spec_json is not None:
@@ -605,8 +634,8 @@ def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles
             recorded = files.spec_json.read_text()
         else:
             raise FileNotFoundError
-        old = Model.model_validate(json.loads(recorded))
-    except (OSError, ValueError):
+        old, _broken = load_recorded(json.loads(recorded))
+    except (OSError, ValueError, HostError):
         return ["(the guest's metadata does not hold the spec it was made with)"]
     return spec.diff(old) or ["(digest differs)"]
 
@@ -623,5 +652,5 @@ from . import agent  # noqa: E402
 
 __all__ = [
     "DEFAULT_POOL_DIR", "CreateOptions", "create", "effective_uri", "open_session", "pool_dir_for", "power_cycle_proof",
-    "save_report", "start_guest",
+    "save_report", "start_guest", "vet_image",
 ]

@@ -19,6 +19,7 @@ packages=(
     mmdebstrap e2fsprogs xfsprogs openssh-client make
     libxml2-utils   # xmllint, which virt-xml-validate runs (the golden XML tests)
     openssh-server  # sshd for the SSH session tests (a throwaway one on loopback) and qemu+ssh tests
+    python3-setuptools python3-wheel  # the host tier builds nvmprov's wheel offline (tests/unit/test_wheel.py)
 )
 
 step() { printf 'setup: %s\n' "$*"; }

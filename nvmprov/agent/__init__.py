@@ -8,14 +8,12 @@ agent.after_power_cycle(session, plan, reports)   # never creates a namespace or
 
 from nvmprov.agent.converge import Recheck, RegionState, Runner, apply, describe, gather, recheck
 from nvmprov.agent.verify import (
-    RegionReport,
     after_power_cycle,
-    check_payload,
     new_marker,
     sync,
     verify,
-    write_payload,
 )
+from nvmprov.report import RegionReport
 
 __all__ = [
     "Recheck",
@@ -24,12 +22,10 @@ __all__ = [
     "Runner",
     "after_power_cycle",
     "apply",
-    "check_payload",
     "describe",
     "gather",
     "new_marker",
     "recheck",
     "sync",
     "verify",
-    "write_payload",
 ]

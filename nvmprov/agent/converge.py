@@ -55,7 +55,7 @@ class RegionState:
     guest_region: str  # "region0"
     namespace: str | None  # "namespace0.0"; None for a region without one
     namespace_mode: str | None  # "fsdax", "raw" (virtio-pmem, read-only), ...
-    guest_device: str | None  # "/dev/pmem0"
+    guest_device: str | None  # "/dev/pmem0": enumeration order, may differ on the next boot
     usable_bytes: int | None  # the namespace's size (fsdax: after the page map), else the device's
     device_dax: bool  # the block device supports DAX (/sys/block/X/queue/dax)
     filesystem: str | None  # what blkid finds on the device
@@ -63,6 +63,8 @@ class RegionState:
     mountpoint: str | None  # where it is mounted now (None: not mounted)
     mount_dax: bool  # mounted with dax=always
     commands_run: tuple[str, ...] = ()
+    # ndctl's uuid (fsdax: from its info block; None: a raw label-less one); stable across boots
+    namespace_uuid: str | None = None
 
 
 def guest_program(name: str) -> bytes:
@@ -181,7 +183,7 @@ def apply(
 class Recheck:
     """The regions after a power cut: as they came back, or why they cannot count as persisted."""
 
-    states: dict[str, RegionState]
+    states: dict[str, RegionState]  # every region the guest still shows, lost ones included, as it shows it
     lost: dict[str, str]  # region name -> the reason (what the guest showed, what it would have taken)
 
 
@@ -221,11 +223,18 @@ def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | No
                 continue
             pending += [c for c in commands if c not in pending]  # one modprobe for several regions
         if not pending:
-            return Recheck({r.name: describe(facts, r) for r in plan.regions if r.name not in lost}, lost)
+            return Recheck({r.name: s for r in plan.regions if (s := _describe_if_found(facts, r)) is not None}, lost)
     raise GuestError(
         f"after the power cycle the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
         + "; ".join(c.render() for c in pending)
     )
+
+
+def _describe_if_found(facts: GuestFacts, region: RegionPlan) -> RegionState | None:
+    try:
+        return describe(facts, region)
+    except GuestError:  # the guest shows no region at its NFIT handle / PCI address (any more)
+        return None
 
 
 def _lost_reason(facts: GuestFacts, region: RegionPlan, unsafe: list[Command]) -> str:
@@ -301,4 +310,5 @@ def describe(facts: GuestFacts, region: RegionPlan, commands_run: tuple[str, ...
         mountpoint=mount.target if mount else None,
         mount_dax=bool(mount and mount.dax),
         commands_run=commands_run,
+        namespace_uuid=ns.uuid if ns else None,
     )

@@ -23,8 +23,9 @@ from typing import Any
 
 from nvmprov.agent.converge import RegionState, Runner, recheck, run_program
 from nvmprov.agent.facts import parse_fincore, parse_statx
-from nvmprov.errors import GuestError, VerifyError
+from nvmprov.errors import GuestError
 from nvmprov.plan import Plan, RegionPlan
+from nvmprov.report import RegionReport
 
 PAYLOAD_BYTES = 16 * 1024 * 1024
 PAYLOAD_NAME = ".nvmprov-payload"
@@ -36,30 +37,6 @@ PROBE_TIMEOUT_S = 120.0  # per region
 PAYLOAD_TIMEOUT_S = 300.0  # per region
 CHECK_TIMEOUT_S = 300.0
 _MARKER_OK = re.compile(rb"[A-Za-z0-9:._-]{8,200}")
-
-
-@dataclass
-class RegionReport:
-    """One region in the report (`--json` regions[]); the caller fills backing_path and persisted."""
-
-    name: str
-    model: str
-    size_bytes: int
-    usable_bytes: int | None
-    backing_path: str | None
-    guest_device: str | None
-    namespace_mode: str | None
-    filesystem: str | None
-    mountpoint: str | None
-    dax: bool | None
-    xip_ok: bool | None  # None: not checked (filesystem none, not mounted)
-    data_ok: bool | None  # None: not checked (filesystem none, read-only)
-    persisted: bool | None = None  # None: no power cycle ran
-    persisted_reason: str | None = None  # why persisted is False, when it is
-    payload_path: str | None = None  # for the power-cycle re-check
-    payload_sha256: str | None = None
-    marker: str | None = None  # ASCII; starts the payload file, so the host can find it
-    marker_offset: int | None = None  # where the caller found the marker in the backing volume
 
 
 @dataclass(frozen=True)
@@ -156,12 +133,6 @@ def _payload_of(raw: dict[str, Any]) -> Payload | None:
     return Payload(str(p["path"]), str(p["sha256"]), str(p["sha256_read"])) if p else None
 
 
-def probe_dax(session: Runner, region: RegionPlan, mountpoint: str) -> DaxProbe:
-    (result,) = run_jobs(session, [Job(region, probe_mount=mountpoint)])
-    assert result.probe is not None
-    return result.probe
-
-
 def new_marker(guest: str, region: str) -> bytes:
     """Unique per guest, region and run; ASCII so it survives argv and JSON."""
     return f"NVMPROV-MARKER:{guest}:{region}:{uuid.uuid4().hex}".encode()
@@ -182,25 +153,6 @@ def payload_path(region: RegionPlan) -> str:
     if region.mount is None:
         raise GuestError(f"region {region.name} has no mount point to write a payload to")
     return region.mount.rstrip("/") + "/" + PAYLOAD_NAME
-
-
-def _write(session: Runner, region: RegionPlan, marker: bytes) -> Payload:
-    (result,) = run_jobs(session, [Job(region, marker=marker)])
-    assert result.payload is not None
-    return result.payload
-
-
-def write_payload(session: Runner, region: RegionPlan, marker: bytes) -> tuple[str, str]:
-    """Write marker + 16 MiB random to the region's mount, fsync, sync; return (path, sha256)."""
-    payload = _write(session, region, marker)
-    if not payload.ok:
-        raise VerifyError(f"region {region.name}: {payload.path} read back differs from what was written")
-    return payload.path, payload.sha256
-
-
-def check_payload(session: Runner, path: str, sha256: str) -> bool:
-    """True when the file exists in the guest and its sha256 is `sha256`."""
-    return sha256_of_files(session, [path])[path] == sha256
 
 
 def sha256_of_files(session: Runner, paths: list[str]) -> dict[str, str | None]:
@@ -231,6 +183,7 @@ def after_power_cycle(
     check = recheck(session, plan, progress=progress)
     to_read: list[RegionReport] = []
     for r in regions:
+        r.observe(check.states.get(r.name))  # this boot's /dev/pmemN, not the first boot's
         reason = check.lost.get(r.name)
         if reason is not None:
             r.persisted, r.persisted_reason = False, reason
@@ -283,16 +236,17 @@ def _prepare(guest: str, region: RegionPlan, state: RegionState) -> tuple[Region
         name=region.name,
         model=region.model,
         size_bytes=region.size_bytes,
-        usable_bytes=state.usable_bytes,
+        usable_bytes=None,
         backing_path=None,
-        guest_device=state.guest_device,
-        namespace_mode=state.namespace_mode,
-        filesystem=state.filesystem if region.filesystem != "none" else "none",
-        mountpoint=state.mountpoint,
+        guest_device=None,
+        namespace_mode=None,
+        filesystem="none" if region.filesystem == "none" else None,
+        mountpoint=None,
         dax=None,
         xip_ok=None,
         data_ok=None,
     )
+    report.observe(state)
     # An nvdimm region is DAX only through an fsdax namespace (raw and sector modes have no page map;
     # a raw pmem device may still show queue/dax); virtio-pmem has no namespace modes of its own.
     mode_ok = region.model != "nvdimm" or state.namespace_mode == "fsdax"

@@ -22,10 +22,11 @@ PREFIX = "e2e-"
 
 
 def nvmprov(*args: str, check: bool = False, timeout_s: float = 1500, env: dict[str, str] | None = None,
-            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI as a user would, in a child process."""
+            stdin: str | None = None, entry: str = "nvmprov") -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would, in a child process. ENTRY "tests.faultcli": the same CLI
+    with the fault tests' hooks (NVMPROV_TEST_* in ENV), which the product itself never reads."""
     proc = subprocess.run(
-        [sys.executable, "-m", "nvmprov", *args],
+        [sys.executable, "-m", entry, *args],
         capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env={**os.environ, **(env or {})},
         input=stdin,
     )

@@ -20,7 +20,7 @@ POOL_DIR = Path("/var/lib/nvmprov/pool")
 
 REGION_FIELDS = {
     "name", "model", "size_bytes", "usable_bytes", "backing_path", "guest_device", "namespace_mode",
-    "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted",
+    "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted", "fs_uuid", "namespace_uuid",
 }
 
 
@@ -51,6 +51,7 @@ def test_create_mixed_proves_every_region(mixed_guest: Created) -> None:
         assert isinstance(region["marker_offset"], int) and region["marker_offset"] >= 0, region
         assert 0 < region["usable_bytes"] <= region["size_bytes"], region
         assert region["guest_device"].startswith("/dev/pmem"), region
+        assert re.fullmatch(r"[0-9a-f-]{36}", region["fs_uuid"]), region  # the name that survives a reboot
         if region["model"] == "nvdimm":
             assert region["namespace_mode"] == "fsdax"
         assert os.path.exists(region["backing_path"])
@@ -69,12 +70,19 @@ def test_junit_report_has_no_failures(mixed_guest: Created) -> None:
 
 
 def test_guest_sees_dax_mounts_over_ssh(mixed_guest: Created) -> None:
+    """Matched by identity (the filesystem UUID), never by /dev/pmemN order, which can change between boots."""
     proc = nvmprov("ssh", mixed_guest.name, "--", "cat", "/proc/mounts")
     assert proc.returncode == 0, proc.stderr
+    sources = {}
     for region in mixed_guest.guest["regions"]:
         source, _target, _fstype, options = mount_line(proc.stdout, region["mountpoint"])
-        assert source == region["guest_device"], (source, region)
         assert "dax=always" in options.split(","), options  # not dax=never / dax=inode
+        sources[region["name"]] = source
+    uuids = blkid_uuids(mixed_guest.name, sorted(set(sources.values())))
+    for region in mixed_guest.guest["regions"]:
+        assert uuids[sources[region["name"]]] == region["fs_uuid"], (sources, uuids, region)
+        # the report describes the boot the guest is in now (after the power cycle), not the first one
+        assert sources[region["name"]] == region["guest_device"], (sources, region)
 
 
 def mount_line(mounts: str, target: str) -> tuple[str, str, str, str]:
@@ -82,14 +90,24 @@ def mount_line(mounts: str, target: str) -> tuple[str, str, str, str]:
     return fields[0], fields[1], fields[2], fields[3]
 
 
+def blkid_uuids(name: str, devices: list[str]) -> dict[str, str]:
+    """Device -> filesystem UUID, paired by blkid's own DEVNAME line, not by the order of its output."""
+    out = nvmprov("ssh", name, "--", "sudo", "blkid", "-s", "UUID", "-o", "export", *devices, check=True).stdout
+    pairs = {}
+    for block in out.strip().split("\n\n"):
+        values = dict(ln.split("=", 1) for ln in block.splitlines() if "=" in ln)
+        pairs[values["DEVNAME"]] = values.get("UUID", "")
+    return pairs
+
+
 def test_fstab_mounts_each_region_by_uuid_with_nofail(mixed_guest: Created) -> None:
     fstab = nvmprov("ssh", mixed_guest.name, "--", "cat", "/etc/fstab", check=True).stdout
-    blkid = nvmprov("ssh", mixed_guest.name, "--", "sudo", "blkid", "-s", "UUID", "-o", "export",
-                    *[r["guest_device"] for r in mixed_guest.guest["regions"]], check=True).stdout
-    uuids = re.findall(r"^UUID=(\S+)$", blkid, re.M)
-    assert len(uuids) == len(mixed_guest.guest["regions"]), blkid
-    for region, uuid in zip(mixed_guest.guest["regions"], uuids, strict=True):
-        entry = next(ln.split() for ln in fstab.splitlines() if ln.split()[:1] == [f"UUID={uuid}"])
+    mounts = nvmprov("ssh", mixed_guest.name, "--", "cat", "/proc/mounts", check=True).stdout
+    regions = mixed_guest.guest["regions"]
+    by_device = blkid_uuids(mixed_guest.name, [mount_line(mounts, r["mountpoint"])[0] for r in regions])
+    for region in regions:
+        assert region["fs_uuid"] in by_device.values(), (region, by_device)  # the filesystem mounted there
+        entry = next(ln.split() for ln in fstab.splitlines() if ln.split()[:1] == [f"UUID={region['fs_uuid']}"])
         assert entry[1] == region["mountpoint"] and entry[2] == region["filesystem"], entry
         assert {"dax", "nofail"} <= set(entry[3].split(",")), entry
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import ledger, sizes, testhooks
+from nvmprov import ledger, sizes
+from tests import faultcli
 
 from .conftest import REPO, _require_host, guest_state_dir, nvmprov, write_spec
 
@@ -267,9 +268,9 @@ class PausedCreate:
 
     def __init__(self, spec_path: Path, phase: str, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvmprov", "create", str(spec_path), "--json", *extra],
+            [sys.executable, "-m", "tests.faultcli", "create", str(spec_path), "--json", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            env={**os.environ, testhooks.PAUSE_ENV: phase},
+            env={**os.environ, faultcli.PAUSE_ENV: phase},
             preexec_fn=_default_sigint,  # noqa: PLW1509 - a single-threaded signal reset only
         )
         self.lines: list[str] = []
@@ -281,7 +282,7 @@ class PausedCreate:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
-            if testhooks.PAUSED_LINE in line:
+            if faultcli.PAUSED_LINE in line:
                 self.paused.set()
 
     def wait_paused(self, timeout_s: float = PAUSE_WAIT_S) -> None:
@@ -410,7 +411,7 @@ def test_kernel_panic_fails_fast_with_the_console_tail(tmp_path: Path, cleanup: 
     path = write_spec(tmp_path, name, small(name, timeouts={"boot_s": 300}))
     began = time.monotonic()
     proc = nvmprov("create", str(path), "--until", "ssh", "--json",
-                   env={testhooks.CMDLINE_ENV: "rdinit=/nonexistent"})
+                   env={faultcli.CMDLINE_ENV: "rdinit=/nonexistent"}, entry="tests.faultcli")
     took_s = time.monotonic() - began
     assert proc.returncode == 4, proc.stderr
     message = report_error(proc)

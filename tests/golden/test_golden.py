@@ -38,6 +38,7 @@ def _validate(xml: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool, str(f), "domain"], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.host  # virt-xml-validate: libvirt-clients and libxml2-utils (scripts/setup.sh)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 @pytest.mark.parametrize("virtio_in_config", [False, True], ids=["defined", "with-virtio-pmem"])
 def test_virt_xml_validate(case: Case, virtio_in_config: bool, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from nvmprov import agent, workflow
 from nvmprov.agent import RegionReport, after_power_cycle
+from nvmprov.agent.facts import parse_guest_facts
 from nvmprov.plan import Plan
 
 from .test_agent_steps import LABEL, FakeGuest, FakeNs, MiB, plan_of, region
@@ -214,3 +215,50 @@ def test_power_cycle_proof_never_runs_apply(monkeypatch: pytest.MonkeyPatch) -> 
     assert fast.marker_offset is None and fast.marker not in marker_searches  # no host search for a lost region
     assert (labelled.persisted, labelled.marker_offset, v.persisted) == (True, 155189248, True)
     assert getattr(session, "closed", False)
+
+
+# --- enumeration changes between boots ------------------------------------------------------------------
+
+
+def renumber(g: FakeGuest, names: dict[str, str]) -> None:
+    """The guest enumerates its pmem block devices in another order on this boot (as a kernel may)."""
+    for r in g.regions.values():
+        for ns in r.namespaces:
+            if ns.blockdev in names:
+                ns.blockdev = names[ns.blockdev]
+    g.fs = {names.get(dev, dev): fs for dev, fs in g.fs.items()}
+
+
+def test_report_names_the_devices_of_the_boot_after_the_power_cycle() -> None:
+    """First boot: fast=/dev/pmem0, labelled=/dev/pmem1; after the cut they come back swapped. The report
+    must say what the guest has now, and keep the names that do not change (filesystem and namespace UUID)."""
+    g, reports = provisioned()
+    for r in reports:
+        r.observe(agent.describe(parse_guest_facts(g.facts_json()), THREE.region(r.name)))
+    first = {r.name: (r.guest_device, r.fs_uuid, r.namespace_uuid) for r in reports}
+    assert (first["fast"][0], first["labelled"][0]) == ("/dev/pmem0", "/dev/pmem1")
+    after_cut_renumbered(g, {"pmem0": "pmem1", "pmem1": "pmem0"})
+    after_power_cycle(g, THREE, reports)
+    fast, labelled, v = reports
+    assert (fast.persisted, labelled.persisted, v.persisted) == (True, True, True)
+    assert (fast.guest_device, labelled.guest_device, v.guest_device) == ("/dev/pmem1", "/dev/pmem0", "/dev/pmem2")
+    for r in reports:  # the stable names are the same as on the first boot
+        assert (r.fs_uuid, r.namespace_uuid) == first[r.name][1:], r.name
+        assert r.fs_uuid is not None, r.name
+    assert labelled.namespace_uuid is not None and fast.namespace_uuid is not None  # fsdax: in the info block
+    mounts = {target: source for source, target, *_ in g.mounts}
+    assert {r.mountpoint: r.guest_device for r in reports} == mounts
+
+
+def test_report_of_a_region_gone_after_the_cycle_names_no_device() -> None:
+    g, reports = provisioned()
+    after_cut(g)
+    del g.regions["region2"]  # virtio-pmem did not come back; its old /dev/pmem2 names nothing now
+    after_power_cycle(g, THREE, reports)
+    v = reports[2]
+    assert (v.persisted, v.guest_device, v.mountpoint, v.fs_uuid) == (False, None, None, None)
+
+
+def after_cut_renumbered(g: FakeGuest, names: dict[str, str]) -> None:
+    renumber(g, names)
+    after_cut(g)

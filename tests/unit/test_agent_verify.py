@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov.agent import RegionState, check_payload, verify, write_payload
+from nvmprov.agent import RegionState, verify
 from nvmprov.agent.converge import guest_program
-from nvmprov.agent.verify import PAYLOAD_BYTES, parse_probe, probe_dax
+from nvmprov.agent.verify import PAYLOAD_BYTES, Job, parse_probe, run_jobs, sha256_of_files
 from nvmprov.errors import GuestError
 from nvmprov.ssh import Result, render_command
 
@@ -92,7 +92,9 @@ def test_verify_without_dax_fails_dax_and_xip_but_writes_data(tmp_path: Path) ->
 
 
 def test_probe_here_shows_pages_for_both_copies(tmp_path: Path) -> None:
-    probe = probe_dax(LocalRunner(), region(mount=str(tmp_path)), str(tmp_path))
+    (result,) = run_jobs(LocalRunner(), [Job(region(mount=str(tmp_path)), probe_mount=str(tmp_path))])
+    probe = result.probe
+    assert probe is not None and result.payload is None
     assert (probe.exec_rc_dax, probe.exec_rc_root) == (0, 0)
     assert probe.pages_dax and probe.pages_dax > 0 and probe.pages_root and probe.pages_root > 0
     assert not probe.statx_dax and not probe.statx_dax_root and probe.error is None
@@ -100,24 +102,27 @@ def test_probe_here_shows_pages_for_both_copies(tmp_path: Path) -> None:
 
 
 def test_payload_roundtrip_and_check(tmp_path: Path) -> None:
+    """What verify writes and what the power-cycle re-check reads back: the same product paths."""
     runner = LocalRunner()
     r = region(mount=str(tmp_path))
-    path, sha = write_payload(runner, r, b"NVMPROV-MARKER:test:1234")
-    assert check_payload(runner, path, sha)
-    assert not check_payload(runner, path, "0" * 64)
+    (result,) = run_jobs(runner, [Job(r, marker=b"NVMPROV-MARKER:test:1234")])
+    assert result.payload is not None and result.payload.ok and result.probe is None
+    path, sha = result.payload.path, result.payload.sha256
+    assert sha256_of_files(runner, [path]) == {path: sha}
     with open(path, "r+b") as f:  # one flipped byte
         f.seek(1000)
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 1]))
-    assert not check_payload(runner, path, sha)
-    assert not check_payload(runner, str(tmp_path / "missing"), sha)
+    missing = str(tmp_path / "missing")
+    sums = sha256_of_files(runner, [path, missing])
+    assert sums[path] not in (None, sha) and sums[missing] is None
 
 
 @pytest.mark.parametrize("marker", [b"short", b"has space in it", b"quote'injection;rm -rf", b"\x00\x01nul-bytes"])
 def test_marker_must_be_plain_ascii(tmp_path: Path, marker: bytes) -> None:
     with pytest.raises(GuestError, match="marker must be"):
-        write_payload(LocalRunner(), region(mount=str(tmp_path)), marker)
+        run_jobs(LocalRunner(), [Job(region(mount=str(tmp_path)), marker=marker)])
 
 
 def test_filesystem_none_and_readonly_write_nothing(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from nvmprov import attach, domain, domxml, plan, spec
+from nvmprov.cli import exit_status
 from nvmprov.errors import UsageError
 from nvmprov.sizes import GiB, MiB
 
@@ -210,11 +211,12 @@ HOTPLUGGABLE = """\
 
 
 def test_stopped_foreign_domain_refuses_virtio_pmem_before_making_anything() -> None:
+    import io
     import uuid
 
     import libvirt
 
-    from nvmprov.progress import Quiet
+    from nvmprov.progress import Progress
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open("test:///default")
@@ -224,10 +226,10 @@ def test_stopped_foreign_domain_refuses_virtio_pmem_before_making_anything() -> 
         pools_before = sorted(conn.listAllStoragePools(0), key=lambda p: p.name())
         vols_before = {p.name(): sorted(p.listVolumes()) for p in pools_before if p.isActive()}
         with pytest.raises(UsageError) as info:
-            attach.attach(conn, name, req(model="virtio-pmem", live=False, config=False), Quiet())
+            attach.attach(conn, name, req(model="virtio-pmem", live=False, config=False), Progress(io.StringIO()))
         assert f"virtio-pmem attaches live only on this libvirt: start {name} first" in str(info.value)
         assert "nothing was changed" in str(info.value)
-        assert info.value.exit_code == 2
+        assert exit_status(info.value) == 2
         pools_after = sorted(conn.listAllStoragePools(0), key=lambda p: p.name())
         assert [p.name() for p in pools_after] == [p.name() for p in pools_before], "no pool defined"
         assert {p.name(): sorted(p.listVolumes()) for p in pools_after if p.isActive()} == vols_before

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from nvmprov import cli, fleet, guests, workflow
-from nvmprov.errors import HostError, Interrupted, LockedError
+from nvmprov.errors import HostError, Interrupted, LockedError, SpecError, UsageError
 from nvmprov.progress import Progress
-from nvmprov.report import GuestReport, Report
+from nvmprov.report import GuestReport, RegionReport, Report, SshInfo
 
 GUEST_YAML = """\
 version: 1
@@ -54,9 +54,17 @@ def fleet_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def failing_create(exc: BaseException, phase: str = "volumes"):
-    def create(_g: object, _opts: object, progress: Progress) -> None:
+    """A create that fills its report as the real one does (accel, ssh, a region, a note), then raises."""
+    def create(_g: object, _opts: object, progress: Progress, *, report: GuestReport) -> None:
         with progress.phase("host"):
-            pass
+            report.accel = "tcg"
+        report.ssh = SshInfo("127.0.0.1", 40022, "nvmprov", "/k", "/kh")
+        report.regions.append(RegionReport(
+            name="data", model="nvdimm", size_bytes=1 << 30, usable_bytes=None, backing_path="/p/demo-data.raw",
+            guest_device=None, namespace_mode=None, filesystem="ext4", mountpoint=None, dax=None, xip_ok=None,
+            data_ok=None,
+        ))
+        report.notes.append("rollback left: volume demo-pmem-data.raw: in use")
         with progress.phase(phase):
             raise exc
     return create
@@ -79,6 +87,10 @@ def test_create_that_raises_still_writes_json_and_junit(spec_file: Path, tmp_pat
     assert g["name"] == "demo" and g["ok"] is False
     assert g["error"]["phase"] == "volumes" and g["error"]["message"]
     assert set(g["timings_s"]) == {"host", "volumes"}
+    # the report the run filled, not a new empty one
+    assert g["accel"] == "tcg" and g["ssh"]["port"] == 40022
+    assert [r["name"] for r in g["regions"]] == ["data"] and g["regions"][0]["backing_path"] == "/p/demo-data.raw"
+    assert g["notes"] == ["rollback left: volume demo-pmem-data.raw: in use"]
     assert "nvmprov: error:" in err
     suite = ET.parse(junit).getroot().find("testsuite")  # noqa: S314 - our own file
     assert suite is not None and suite.get("name") == "demo" and suite.get("failures") == "1"
@@ -121,7 +133,7 @@ def test_interrupted_create_says_whether_it_rolled_back_or_kept(spec_file: Path,
 
 
 def _interrupted_fleet(*_a: object, parallel: int, **_k: object) -> fleet.FleetResult:
-    outcomes = [fleet.Outcome(GuestReport(name=n), 130, 1.0) for n in ("a", "b")]
+    outcomes = [fleet.Outcome(GuestReport(name=n), Interrupted("interrupted by SIGTERM"), 1.0) for n in ("a", "b")]
     for o in outcomes:
         o.report.fail("start", "interrupted: the fleet was cancelled")
     return fleet.FleetResult(Report(guests=[o.report for o in outcomes]), outcomes, 2.0, parallel,
@@ -140,9 +152,8 @@ def test_junit_dir_gone_after_the_check_is_an_error_line_not_a_traceback(spec_fi
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
-    def create(g: object, _opts: object, _progress: Progress) -> GuestReport:
+    def create(g: object, _opts: object, _progress: Progress, *, report: GuestReport) -> GuestReport:
         out_dir.rmdir()  # someone cleaned up the directory while the guest was being made
-        report = GuestReport(name="demo")
         report.settle()
         return report
 
@@ -161,7 +172,7 @@ def _finished_fleet(guests: list, _opts: object, *, parallel: int, **_k: object)
     for g in guests:
         report = GuestReport(name=g.name)
         report.settle()
-        outcomes.append(fleet.Outcome(report, 0, 1.0))
+        outcomes.append(fleet.Outcome(report, None, 1.0))
     return fleet.FleetResult(Report(guests=[o.report for o in outcomes]), outcomes, 1.5, parallel)
 
 
@@ -175,3 +186,49 @@ def test_fleet_summary_goes_to_stderr_with_json(fleet_file: Path, monkeypatch, c
     assert "2/2 guests ok" not in other
     if as_json:
         assert [g["name"] for g in json.loads(out)["guests"]] == ["a", "b"]  # stdout stays pure JSON
+
+
+# the exit map: an exception nvmprov did not expect has its own status, one line, a traceback on --debug
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_unexpected_exception_exits_70_with_one_line(spec_file: Path, monkeypatch, capsys, debug: bool) -> None:
+    monkeypatch.setattr(workflow, "create", failing_create(ZeroDivisionError("division by zero")))
+    argv = [*(["--debug"] if debug else []), "create", str(spec_file), "--json"]
+    assert cli.main(argv) == cli.EXIT_SOFTWARE == 70
+    out, err = capsys.readouterr()
+    (g,) = json.loads(out)["guests"]  # CI still gets the report
+    assert g["error"] == {"phase": "volumes", "message": "unexpected ZeroDivisionError: division by zero"}
+    lines = err.splitlines()
+    assert lines[-1].startswith("nvmprov: error: unexpected ZeroDivisionError: division by zero (a bug in nvmprov")
+    if debug:
+        assert "Traceback (most recent call last):" in err
+    else:
+        assert "Traceback" not in err and lines[-1].endswith("run again with --debug for the traceback)")
+
+
+@pytest.mark.parametrize(("outcome", "status"), [
+    (HostError("x"), 3), (LockedError("x"), 3), (Interrupted("x"), 130), (KeyboardInterrupt(), 130),
+    (ValueError("x"), 70), (UsageError("x"), 2), (SpecError("x"), 2),
+])
+def test_exit_map_by_exception(outcome: BaseException, status: int) -> None:
+    assert cli.exit_status(outcome) == status
+
+
+def test_exit_map_by_report() -> None:
+    ok, failed, check = GuestReport(name="a"), GuestReport(name="b"), GuestReport(name="c")
+    ok.settle()
+    failed.fail("ssh", "refused")
+    check.regions.append({"name": "r", "dax": False})
+    check.settle()
+    assert [cli.exit_status(Report(guests=gs)) for gs in ([ok], [ok, failed], [ok, check], [])] == [0, 4, 1, 1]
+
+
+def test_a_recorded_spec_that_no_longer_validates_is_a_host_error(monkeypatch) -> None:
+    from nvmprov import domain
+
+    md = domain.Metadata.__new__(domain.Metadata)
+    object.__setattr__(md, "spec_json", '{"name": "demo", "pmem": "not a list"}')
+    object.__setattr__(md, "version", "0.0.1")
+    with pytest.raises(HostError, match="does not validate"):
+        guests.plan_from_metadata(None, md)  # type: ignore[arg-type]

@@ -11,9 +11,11 @@ import time
 import pytest
 
 from nvmprov import fleet
+from nvmprov.cli import exit_status
 from nvmprov.errors import GuestError, HostError, Interrupted, UsageError
-from nvmprov.progress import Progress
+from nvmprov.progress import CancelToken, Progress
 from nvmprov.report import GuestReport
+from nvmprov.rollback import Rollback
 
 
 def ok_report(name: str) -> GuestReport:
@@ -33,21 +35,26 @@ class Tracker:
         self.rolled_back: list[str] = []
 
     def job(self, name: str, *, work_s: float = 0.3, fail: BaseException | None = None):
-        def run(progress: Progress) -> GuestReport:
+        def run(progress: Progress, report: GuestReport) -> GuestReport:
             with self.lock:
                 self.running += 1
                 self.peak = max(self.peak, self.running)
                 self.started.append(name)
+            report.accel = "tcg"  # filled before anything fails: the fleet must keep it
+            undo = Rollback(progress)
+            undo.add("everything", lambda: progress.checkpoint())  # a checkpoint inside a rollback: inert
             try:
                 end = time.monotonic() + work_s
-                while time.monotonic() < end:  # a create reporting progress between its steps
-                    progress.line("working")
-                    time.sleep(0.02)
+                while time.monotonic() < end:  # a create's stages, each a checkpoint
+                    with progress.phase("step"):
+                        progress.line("working")
+                        time.sleep(0.02)
                 if fail is not None:
                     raise fail
-                return ok_report(name)
+                report.settle()
+                return report
             except Interrupted:
-                progress.line("rolled back: everything")  # must not raise a second time
+                assert undo.run() == []
                 with self.lock:
                     self.rolled_back.append(name)
                 raise
@@ -70,7 +77,7 @@ def test_at_most_parallel_jobs_run_at_once_and_all_finish() -> None:
     assert t.peak == 2
     assert [o.report.name for o in result.outcomes] == [f"g{i}" for i in range(5)]  # spec order, not finish order
     assert all(o.report.ok for o in result.outcomes)
-    assert result.exit_code() == 0
+    assert exit_status(result) == 0
     # five 0.3 s jobs two at a time: about 0.9 s, well under the 1.5 s one at a time
     assert result.wall_s < 1.4
 
@@ -83,7 +90,7 @@ def test_a_failing_guest_fails_alone_with_its_exit_code() -> None:
     assert by_name["a"].report.ok and by_name["c"].report.ok
     assert not by_name["b"].report.ok
     assert by_name["b"].report.error is not None and "pool full" in by_name["b"].report.error["message"]
-    assert result.exit_code() == 3
+    assert exit_status(result) == 3
     assert not result.report.ok
 
 
@@ -92,18 +99,18 @@ def test_mixed_failures_exit_4_and_a_bug_is_reported_not_raised() -> None:
     jobs = [("a", t.job("a", fail=UsageError("bad"))), ("b", t.job("b", fail=ZeroDivisionError("oops")))]
     result = fleet.run_parallel(jobs, parallel=2, stream=io.StringIO())
     messages = {o.report.name: o.report.error["message"] for o in result.outcomes if o.report.error}
-    assert messages["b"] == "ZeroDivisionError: oops"
-    assert result.exit_code() == 4
+    assert messages["b"] == "unexpected ZeroDivisionError: oops"
+    assert isinstance(result.outcomes[1].error, ZeroDivisionError)  # for the exit map
+    assert exit_status(result) == 4
 
 
 def test_guest_error_in_report_counts_as_guest_failure() -> None:
-    def failed(progress: Progress) -> GuestReport:
-        g = GuestReport(name="x")
-        g.fail("ssh", str(GuestError("no ssh")))
-        return g
+    def failed(progress: Progress, report: GuestReport) -> GuestReport:
+        report.fail("ssh", str(GuestError("no ssh")))
+        return report
 
     result = fleet.run_parallel([("x", failed)], parallel=1, stream=io.StringIO())
-    assert result.exit_code() == 4
+    assert exit_status(result) == 4
 
 
 def test_progress_lines_are_whole_and_prefixed() -> None:
@@ -114,7 +121,7 @@ def test_progress_lines_are_whole_and_prefixed() -> None:
     lines = out.getvalue().splitlines()
     assert lines
     for line in lines:
-        assert line.startswith("[") and ("] alpha: working" in line or "] beta: working" in line), line
+        assert line.startswith("[") and ("] alpha: " in line or "] beta: " in line), line
 
 
 def test_sigint_rolls_back_running_guests_and_never_starts_queued_ones() -> None:
@@ -132,7 +139,7 @@ def test_sigint_rolls_back_running_guests_and_never_starts_queued_ones() -> None
     result = fleet.run_parallel(jobs, parallel=2, stream=io.StringIO())
     assert time.monotonic() - began < 10  # not the 30 s the jobs would take
     assert result.interrupted
-    assert result.exit_code() == 130
+    assert exit_status(result) == 130
     assert sorted(t.rolled_back) == ["g0", "g1"]
     assert t.started == ["g0", "g1"]
     phases = {o.report.name: o.report.error["phase"] for o in result.outcomes if o.report.error}
@@ -140,14 +147,23 @@ def test_sigint_rolls_back_running_guests_and_never_starts_queued_ones() -> None
     assert t.running == 0  # run_parallel returned only after the rollbacks ended
 
 
-def test_cancellable_progress_raises_once() -> None:
-    cancel = threading.Event()
-    p = fleet.CancellableProgress(cancel, io.StringIO(), prefix="x: ")
-    p.line("fine")
-    cancel.set()
-    with pytest.raises(Interrupted):
-        p.line("next step")
-    p.line("rolled back: volume")  # the rollback's own lines pass
+def test_cancel_token_raises_once_at_a_checkpoint_and_never_on_a_line() -> None:
+    cancel = CancelToken()
+    p = Progress(io.StringIO(), prefix="x: ", cancel=cancel)
+    p.checkpoint()
+    cancel.cancel("interrupted by SIGINT: the fleet was cancelled")
+    p.line("interrupted? no: a line is never a cancellation point")
+    with pytest.raises(Interrupted, match="interrupted by SIGINT"), p.phase("next"):
+        raise AssertionError("a cancelled run must not enter its next stage")
+    p.checkpoint()  # raised once: what follows is the run's own way out
+
+
+def test_the_failed_guest_keeps_what_its_run_filled_in() -> None:
+    t = Tracker()
+    result = fleet.run_parallel([("b", t.job("b", work_s=0, fail=HostError("pool full")))], parallel=1,
+                                stream=io.StringIO())
+    (o,) = result.outcomes
+    assert o.report.accel == "tcg" and o.report.error is not None and "pool full" in o.report.error["message"]
 
 
 def test_summary_table_names_each_guest_and_the_totals() -> None:
@@ -170,11 +186,21 @@ def test_no_signal_handler_left_changed() -> None:
 
 
 def test_a_rollback_already_running_is_not_interrupted() -> None:
-    cancel = threading.Event()
+    cancel = CancelToken()
     out = io.StringIO()
-    p = fleet.CancellableProgress(cancel, out, prefix="x: ")
-    p.line("rolled back: running guest x")  # this guest failed on its own and is undoing
-    cancel.set()
-    p.line("rolled back: volume x-seed.iso")
-    p.line("some later line")  # the undo must run to its end: no Interrupted from here on
-    assert out.getvalue().count("x: ") == 3
+    p = Progress(out, prefix="x: ", cancel=cancel)
+    undo = Rollback(p)
+    steps: list[str] = []
+
+    def undo_step(what: str) -> None:
+        cancel.cancel()  # the signal lands in the middle of this guest's own rollback
+        p.checkpoint()
+        with p.phase(what):  # even a phase inside a rollback is not a cancellation point
+            steps.append(what)
+
+    undo.add("volume x-data.raw", lambda: undo_step("data"))
+    undo.add("volume x-seed.iso", lambda: undo_step("seed"))
+    assert undo.run() == []
+    assert steps == ["seed", "data"]
+    assert out.getvalue().count("rolled back: ") == 2
+    p.checkpoint()  # and after it: the run is on its way out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from nvmprov import boot, host, state
 from nvmprov.errors import GuestError, LockedError
-from nvmprov.progress import Quiet
+from nvmprov.progress import Progress
 from nvmprov.rollback import Rollback
 
 CAPS = """<capabilities><host><cpu><arch>x86_64</arch><model>kvm64</model>{features}</cpu></host>
@@ -38,11 +39,16 @@ def test_kvm_facts_ignores_other_arches() -> None:
     assert host.kvm_facts(caps) == (False, True)
 
 
+def check(name: str, log_path: str, *, active: bool) -> None:
+    """What workflow.open_session does between SSH attempts, on a local serial log."""
+    boot.check_boot_text(name, boot.read_tail(log_path, max_lines=200), active=active)
+
+
 def test_panic_detected_in_console_tail(tmp_path) -> None:
     log = tmp_path / "serial.log"
     log.write_text("Booting\n[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
     with pytest.raises(GuestError, match="panicked") as info:
-        boot.check_boot("g", str(log), active=True)
+        check("g", str(log), active=True)
     assert "Unable to mount root fs" in str(info.value)
 
 
@@ -50,15 +56,15 @@ def test_dead_domain_reported_with_tail(tmp_path) -> None:
     log = tmp_path / "serial.log"
     log.write_text("line one\nline two\n")
     with pytest.raises(GuestError, match="stopped while booting") as info:
-        boot.check_boot("g", str(log), active=False)
+        check("g", str(log), active=False)
     assert "line two" in str(info.value)
 
 
 def test_healthy_boot_passes(tmp_path) -> None:
     log = tmp_path / "serial.log"
     log.write_text("Linux version 6.1\n")
-    boot.check_boot("g", str(log), active=True)
-    boot.check_boot("g", str(tmp_path / "missing.log"), active=True)
+    check("g", str(log), active=True)
+    check("g", str(tmp_path / "missing.log"), active=True)
 
 
 def test_free_port_skips_claimed_and_listening_ports() -> None:
@@ -108,7 +114,7 @@ def test_guest_files_are_private(tmp_path, monkeypatch) -> None:
 
 def test_rollback_undoes_in_reverse_and_survives_failures() -> None:
     done: list[str] = []
-    undo = Rollback(Quiet())
+    undo = Rollback(Progress(io.StringIO()))
     undo.add("a", lambda: done.append("a"))
     undo.add("broken", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     undo.add("c", lambda: done.append("c"))
@@ -120,7 +126,7 @@ def test_rollback_undoes_in_reverse_and_survives_failures() -> None:
 
 def test_committed_rollback_undoes_nothing() -> None:
     done: list[str] = []
-    undo = Rollback(Quiet())
+    undo = Rollback(Progress(io.StringIO()))
     undo.add("a", lambda: done.append("a"))
     undo.commit()
     assert undo.run() == [] and done == []

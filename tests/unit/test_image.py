@@ -4,6 +4,7 @@ build itself is proven by tests/e2e/test_image_boot.py)."""
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
 import uuid
 
@@ -116,6 +117,18 @@ def test_digest_follows_new_files_and_exec_bit(recipe):
     assert second != first
     (recipe / "customize.sh").chmod(0o644)
     assert image.recipe_digest(recipe) != second
+
+
+def test_bytecode_beside_the_recipe_is_neither_digested_nor_staged(recipe, tmp_path):
+    first = image.recipe_digest(recipe)
+    cache = recipe / "files" / "usr" / "local" / "lib" / "nvmprov" / "__pycache__"
+    cache.mkdir(exist_ok=True)  # a test that imported apply_seed.py from the checkout may have made it already
+    (cache / "apply_seed.cpython-311.pyc").write_bytes(b"\x00bytecode")  # what pip's install leaves
+    assert image.recipe_digest(recipe) == first
+    staged = image.stage_recipe(tmp_path / "staged", recipe)
+    assert image.recipe_digest(staged) == first
+    assert not list(staged.rglob("__pycache__"))
+    assert os.access(staged / "customize.sh", os.X_OK)
 
 
 def test_volume_names_carry_the_digest():

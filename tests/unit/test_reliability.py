@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import plan, spec, state, testhooks
+import nvmprov
+from nvmprov import domain, plan, spec, state
+from nvmprov.cli import exit_status
 from nvmprov.errors import Interrupted, UsageError
 from nvmprov.progress import Progress
+from tests import faultcli
 
 HOSTILE_NAMES = ["../x", "a/b", "x/../../etc/passwd", ".hidden", "-rf", "", "A", "a b", "a\x00b", "ａ",
                  "dеmo", "a" * 64, "x;rm -rf /", "<x>&"]
@@ -27,7 +30,7 @@ def test_lock_refuses_names_that_are_not_guest_names(name: str, tmp_path: Path, 
     monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
     with pytest.raises(UsageError, match="is not an nvmprov guest name") as info, state.lock(name):
         pass
-    assert info.value.exit_code == 2
+    assert exit_status(info.value) == 2
     assert not (tmp_path / "state").exists(), "a refused name must not create any file"
 
 
@@ -61,33 +64,30 @@ def _alarm_raises_interrupted(after_s: float) -> None:
     signal.setitimer(signal.ITIMER_REAL, after_s)
 
 
-def test_pause_hook_waits_at_its_phase_until_a_signal(monkeypatch) -> None:
-    monkeypatch.setenv(testhooks.PAUSE_ENV, "volumes")
+def test_pause_hook_waits_at_its_phase_until_a_signal() -> None:
     lines: list[str] = []
     old = signal.getsignal(signal.SIGALRM)
     try:
         _alarm_raises_interrupted(0.3)
         began = time.monotonic()
         with pytest.raises(Interrupted):
-            testhooks.pause_at("volumes", lines.append)
+            faultcli.pause_at("volumes", "volumes", lines.append)
         assert time.monotonic() - began < 5
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert lines and lines[0].startswith(f"{testhooks.PAUSED_LINE} volumes (pid ")
+    assert lines and lines[0].startswith(f"{faultcli.PAUSED_LINE} volumes (pid ")
 
 
-def test_pause_hook_is_inert_elsewhere(monkeypatch) -> None:
+def test_pause_hook_is_inert_elsewhere() -> None:
     lines: list[str] = []
-    monkeypatch.delenv(testhooks.PAUSE_ENV, raising=False)
-    testhooks.pause_at("volumes", lines.append)
-    monkeypatch.setenv(testhooks.PAUSE_ENV, "start")
-    testhooks.pause_at("volumes", lines.append)
+    faultcli.pause_at("volumes", None, lines.append)
+    faultcli.pause_at("volumes", "start", lines.append)
     assert lines == []
 
 
-def test_progress_phase_pauses_before_its_body_runs(monkeypatch) -> None:
-    monkeypatch.setenv(testhooks.PAUSE_ENV, "define")
+def test_progress_phase_pauses_before_its_body_runs() -> None:
+    restore = faultcli.install({faultcli.PAUSE_ENV: "define"})
     out = io.StringIO()
     ran: list[str] = []
     old = signal.getsignal(signal.SIGALRM)
@@ -98,8 +98,12 @@ def test_progress_phase_pauses_before_its_body_runs(monkeypatch) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        restore()
     assert ran == [], "the phase's side effects must not have started when the test signals"
-    assert f"{testhooks.PAUSED_LINE} define" in out.getvalue()
+    assert f"{faultcli.PAUSED_LINE} define" in out.getvalue()
+    with Progress(io.StringIO()).phase("define"):  # restored: the product never pauses
+        ran.append("body")
+    assert ran == ["body"]
 
 
 def _direct_plan() -> plan.Plan:
@@ -108,15 +112,30 @@ def _direct_plan() -> plan.Plan:
     return plan.build(g, facts)
 
 
-def test_kernel_cmdline_hook_appends_only_when_asked(monkeypatch) -> None:
+def test_kernel_cmdline_hook_appends_only_when_asked() -> None:
     the_plan = _direct_plan()
     assert the_plan.kernel_cmdline
-    monkeypatch.delenv(testhooks.CMDLINE_ENV, raising=False)
-    assert testhooks.kernel_cmdline(the_plan) is the_plan
-    monkeypatch.setenv(testhooks.CMDLINE_ENV, "rdinit=/nonexistent")
-    assert testhooks.kernel_cmdline(the_plan).kernel_cmdline == f"{the_plan.kernel_cmdline} rdinit=/nonexistent"
+    assert faultcli.kernel_cmdline(the_plan, "") is the_plan
+    assert faultcli.kernel_cmdline(the_plan, "rdinit=/nonexistent").kernel_cmdline == (
+        f"{the_plan.kernel_cmdline} rdinit=/nonexistent"
+    )
     firmware_boot = replace(the_plan, kernel_cmdline=None)
-    assert testhooks.kernel_cmdline(firmware_boot) is firmware_boot
+    assert faultcli.kernel_cmdline(firmware_boot, "rdinit=/nonexistent") is firmware_boot
+    ctx = domain.RenderContext(uuid="00000000-0000-4000-8000-000000000000", ssh_port=2222, pool_dir="/p",
+                               console_log="/l")
+    restore = faultcli.install({faultcli.CMDLINE_ENV: "rdinit=/nonexistent"})
+    try:
+        assert "rdinit=/nonexistent" in domain.render(the_plan, ctx)
+    finally:
+        restore()
+    assert "rdinit=/nonexistent" not in domain.render(the_plan, ctx)
+
+
+def test_no_product_module_reads_test_hooks() -> None:
+    package = Path(nvmprov.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "NVMPROV_TEST" not in text and "testhooks" not in text, path
 
 
 class _GoneReader(io.StringIO):

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.host  # ruff and bandit: the lint extra (tox -e host), not .[test]
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

@@ -31,10 +31,10 @@ def test_json_has_the_documented_schema() -> None:
     data = json.loads(render_json(Report([guest(region())])))
     assert data["schema_version"] == 1 and data["ok"] is True
     g = data["guests"][0]
-    assert set(g) == {"name", "ok", "error", "accel", "ssh", "regions", "timings_s"}
+    assert set(g) == {"name", "ok", "error", "accel", "ssh", "regions", "timings_s", "notes"}
     assert set(g["ssh"]) == {"host", "port", "user", "identity_file", "known_hosts"}
     documented = {"name", "model", "size_bytes", "usable_bytes", "backing_path", "guest_device", "namespace_mode",
-                  "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted"}
+                  "filesystem", "mountpoint", "dax", "xip_ok", "data_ok", "persisted", "fs_uuid", "namespace_uuid"}
     assert documented <= set(g["regions"][0])
 
 
@@ -82,3 +82,15 @@ def test_why_a_region_is_not_persisted_is_shown() -> None:
     assert json.loads(render_json(report))["guests"][0]["regions"][0]["persisted_reason"] is None
     failures = [f for f in ET.fromstring(render_junit(report)).iter("failure")]
     assert [f.text for f in failures] == [reason]
+
+
+def test_notes_reach_json_and_junit() -> None:
+    g = guest(region())
+    g.notes.append("rollback left: volume demo-pmem-data.raw: in use")
+    report = Report([g])
+    assert json.loads(render_json(report))["guests"][0]["notes"] == g.notes
+    suite = ET.fromstring(render_junit(report)).find("testsuite")
+    assert suite is not None
+    out = suite.find("system-out")
+    assert out is not None and out.text == "note: rollback left: volume demo-pmem-data.raw: in use"
+    assert suite.get("tests") == "4"  # a note is not a test case

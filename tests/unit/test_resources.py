@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nvmprov import image, resources, seed
+from nvmprov.cli import exit_status
 from nvmprov.errors import HostError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +29,8 @@ def test_missing_recipe_fails_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyP
         with pytest.raises(HostError) as info:
             call()
         assert str(info.value).startswith(f"{gone} does not exist: ")
-        assert "install nvmprov editable from a checkout (scripts/setup.sh" in str(info.value)
-        assert info.value.exit_code == 3
+        assert "reinstall nvmprov (pip install CHECKOUT, or scripts/setup.sh" in str(info.value)
+        assert exit_status(info.value) == 3
 
 
 def test_a_recipe_without_its_files_is_not_digested(tmp_path: Path) -> None:
@@ -45,8 +46,17 @@ def test_missing_cloud_init_templates_fail_loudly(tmp_path: Path, monkeypatch: p
         seed._template("user-data.yaml")
 
 
+def test_templates_come_from_the_package_when_it_has_them(tmp_path: Path) -> None:
+    package = tmp_path / "site" / "nvmprov"
+    (package / "templates").mkdir(parents=True)
+    assert resources.templates_root(package) == package / "templates"  # an installed wheel
+    (package / "templates").rmdir()
+    assert resources.templates_root(package) == tmp_path / "site" / "templates"  # a checkout
+    assert resources.TEMPLATES_ROOT == REPO / "templates"  # this checkout (no nvmprov/templates/ in it)
+
+
 def test_a_copy_of_the_package_without_templates_says_how_to_install(tmp_path: Path) -> None:
-    # what `pip install .` (not -e) leaves: the package in site-packages, no templates/ beside it
+    # a damaged copy: the package in site-packages without its templates/
     site = tmp_path / "site"
     shutil.copytree(REPO / "nvmprov", site / "nvmprov", ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "nvmprov", "render", str(REPO / "examples" / "guest.yaml")],

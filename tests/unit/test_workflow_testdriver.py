@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import libvirt
 import pytest
 
 from nvmprov import domain, guests, identity, image, ledger, plan, spec, state, storage, workflow
-from nvmprov.errors import GuestError, HostError, UsageError
+from nvmprov.errors import GuestError, HostError, Interrupted, SpecError, UsageError
 from nvmprov.progress import Progress
 
 URI = "test:///default"
@@ -208,6 +209,105 @@ def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert report.error is not None and report.error["phase"] == "ssh"
     assert not _files(g.name).dir.exists()
+
+
+# issue 12: a user image is vetted before anything is made; a recorded spec that breaks a rule
+# added since still loads, with a warning naming the rule
+
+
+@pytest.mark.parametrize("kind", ["link-to-host-file", "qcow2-backed-by-host-file", "fifo"])
+def test_create_until_define_refuses_an_image_that_is_no_disk_image(conn, tmp_path, kind) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$notarealhash:20228:0:99999:7:::\n")
+    image = tmp_path / ("x.qcow2" if kind.startswith("qcow2") else "x.raw")
+    if kind == "link-to-host-file":
+        image.symlink_to(secret)
+    elif kind == "fifo":
+        os.mkfifo(image)
+    else:
+        name = str(secret).encode()
+        header = b"QFI\xfb" + (2).to_bytes(4, "big") + (72).to_bytes(8, "big") + len(name).to_bytes(4, "big")
+        header += (16).to_bytes(4, "big") + (1 << 30).to_bytes(8, "big")
+        image.write_bytes(header.ljust(72, b"\0") + name + bytes(1024))
+    g = guest_spec("wf-badimage", f"image: {image}\nfirmware: bios\n")
+    opts = workflow.CreateOptions(connect=URI, until="define", spec_path="/specs/g.yaml")
+    with pytest.raises(SpecError) as info:
+        workflow.create(g, opts, quiet())
+    assert str(info.value).startswith(f"/specs/g.yaml: guest wf-badimage: image {image}"), info.value
+    assert "notarealhash" not in str(info.value)
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-badimage")
+    names = [v.name() for v in storage.pool_of(conn, "nvmprov").listAllVolumes(0)]
+    assert not [n for n in names if n.startswith("wf-badimage")], names
+    assert not _files("wf-badimage").dir.exists()
+
+
+def test_a_recorded_spec_breaking_a_new_rule_warns_and_changes_nothing(conn, monkeypatch, capsys) -> None:
+    g = guest_spec("wf-recorded")
+    old = g.canonical()
+    old["ssh"]["user"] = "daemon"
+    old["pmem"][0]["mount"] = "/root/data"
+    define_managed(conn, g, spec_json=json.dumps(old))
+    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    before = conn.lookupByName("wf-recorded").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    m = guests.managed(conn, "wf-recorded")
+    assert m.plan.ssh_user == "daemon"
+    err = capsys.readouterr().err
+    warned = "wf-recorded: warning: the spec this guest was made with breaks a rule added since: "
+    assert warned + repr(spec.RULE_USER) in err
+    assert repr(spec.RULE_MOUNT) in err and "Traceback" not in err
+    assert conn.lookupByName("wf-recorded").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+
+
+def test_create_says_what_outbound_opens_host_loopback_included(conn) -> None:
+    out = io.StringIO()
+    g = guest_spec("wf-outbound", "network: {outbound: true}\n")
+    workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), Progress(out))
+    conn.made.append("wf-outbound")  # type: ignore[attr-defined]
+    assert "loopback services (127.0.0.1 here is 10.0.2.2 in the guest" in out.getvalue()
+    out = io.StringIO()
+    workflow.create(guest_spec("wf-closed"), workflow.CreateOptions(connect=URI, until="define"), Progress(out))
+    conn.made.append("wf-closed")  # type: ignore[attr-defined]
+    assert "10.0.2.2" not in out.getvalue()
+
+
+def test_a_missing_image_stays_a_host_error_after_the_vetting(conn) -> None:
+    """Nothing at the path is not a hostile file: the overlay step fails (exit 3) and rolls back, as
+    before issue 12 (tests/e2e/test_faults.py uses it to provoke a rollback)."""
+    g = guest_spec("wf-noimage", "image: /nope.qcow2\nfirmware: bios\n")
+    conn.made.append(g.name)  # the test driver refuses undefine's NVRAM flag: the domain stays, the rest goes
+    with pytest.raises(HostError, match="image /nope.qcow2: No such file or directory"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    names = [v.name() for v in storage.pool_of(conn, "nvmprov").listAllVolumes(0)]
+    assert not [n for n in names if n.startswith("wf-noimage")], "the backing volume made first is rolled back"
+
+# 5: a create that raises still prints the report it filled (ssh, accel, notes), through the CLI
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (HostError("QEMU refused to start: no space left on device"), 3),
+    (Interrupted("interrupted by SIGTERM"), 130),
+], ids=["host", "interrupt"])
+def test_json_after_a_failed_create_is_the_report_the_run_filled(conn, monkeypatch, capsys, tmp_path,
+                                                                 exc: BaseException, status: int) -> None:
+    from nvmprov import cli
+
+    def refuse(_dom: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(workflow.virt, "start", refuse)
+    name = f"wf-json-{exc.__class__.__name__.lower()}"
+    conn.made.append(name)  # the test driver refuses undefine's NVRAM flag: the rollback leaves the domain
+    path = tmp_path / "guest.yaml"
+    path.write_text(SPEC_TEXT.format(name=name))
+    assert cli.main(["create", str(path), "--connect", URI, "--json"]) == status
+    out, _err = capsys.readouterr()
+    (g,) = json.loads(out)["guests"]
+    assert g["ok"] is False and g["error"]["phase"] == "start" and str(exc) in g["error"]["message"]
+    assert g["accel"] == "tcg" and g["ssh"]["host"] == "127.0.0.1" and g["ssh"]["port"] > 0
+    assert g["regions"] == []  # the run failed before verify: nothing to say about them yet
+    assert g["notes"] and g["notes"][0].startswith("rollback left: domain " + name)
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -20,7 +24,7 @@ import pytest
 
 from nvmprov import identity
 
-from .conftest import _require_host, nvmprov, write_spec
+from .conftest import REPO, _require_host, nvmprov, write_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -126,53 +130,123 @@ def test_one_guest_name_on_two_hypervisors_keeps_two_states(tmp_path: Path, sess
         nvmprov("destroy", TWIN, "--purge", "--yes")
 
 
-def fleet_file(tmp_path: Path, session_uri: str, *, image: str | None) -> tuple[Path, list[str]]:
-    """Two guests, one on each hypervisor (their own `connect:`)."""
+HV2 = "e2e-hv2"   # an ssh_config alias of the user's: the system libvirtd through a loopback sshd of the test
+
+
+@dataclass
+class FleetUser:
+    """nvmprov-e2e, who reaches two hypervisors from spec files alone (spec files may not name
+    sockets, programs or key files): its own session libvirtd (qemu:///session) and the system
+    libvirtd as root through a loopback sshd (qemu+ssh://e2e-hv2/system, resolved by its
+    ~/.ssh/config)."""
+
+    name: str
+    env: list[str]
+    image: Path
+
+    def nvmprov(self, *args: str, timeout_s: float = 1500) -> subprocess.CompletedProcess[str]:
+        argv = ["runuser", "-u", self.name, "--", *self.env, sys.executable, "-m", "nvmprov", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def fleet_user(session) -> Iterator[FleetUser]:
+    from .test_remote import _free_port, _keygen, _wait_listening
+
+    _session_uri, _env, image = session
+    pw = pwd.getpwnam(USER)
+    d = Path(pw.pw_dir) / "t2-hypervisors" / "ssh"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    port = _free_port()
+    _keygen(d / "host_key")
+    _keygen(d / "id")
+    shutil.copy(d / "id.pub", d / "authorized_keys")
+    (d / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nAllowTcpForwarding yes\nStrictModes no\n")
+    host_key = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    for f in ("id", "id.pub", "known_hosts"):
+        os.chown(d / f, pw.pw_uid, pw.pw_gid)
+    os.chown(d, pw.pw_uid, pw.pw_gid)
+    ssh_dir = Path(pw.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(ssh_dir, pw.pw_uid, pw.pw_gid)
+    config = ssh_dir / "config"
+    config.write_text(f"Host {HV2}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/id\n"
+                      f"  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n")
+    os.chown(config, pw.pw_uid, pw.pw_gid)
+    config.chmod(0o600)
+    Path("/run/sshd").mkdir(exist_ok=True)
+    subprocess.run(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True)
+    try:
+        _wait_listening(port, 30)
+        runtime = f"/run/user/{pw.pw_uid}"
+        env = ["env", "-i", f"HOME={pw.pw_dir}", f"USER={USER}", f"XDG_RUNTIME_DIR={runtime}",
+               "PATH=/usr/bin:/bin:/usr/sbin", "LC_ALL=C.UTF-8"]
+        yield FleetUser(USER, env, image)
+    finally:
+        pid = int((d / "sshd.pid").read_text()) if (d / "sshd.pid").exists() else None
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)  # the sshd this fixture started, by its pid
+        config.unlink(missing_ok=True)
+
+
+def fleet_file(user: FleetUser, *, image: str | None) -> tuple[Path, list[str]]:
+    """Two guests, one on each hypervisor, each placed by its own `connect:`."""
     names = ["e2e-hv-f1", "e2e-hv-f2"]
-    guests: list[dict[str, object]] = [{"name": names[0]}, {"name": names[1], "connect": session_uri}]
+    guests: list[dict[str, object]] = [{"name": names[0], "connect": "qemu:///session"},
+                                       {"name": names[1], "connect": f"qemu+ssh://{HV2}/system"}]
     defaults: dict[str, object] = {"memory": "1GiB", "pmem": [{"name": "data", "size": "64MiB"}]}
     if image:
         defaults["image"] = image
-    path = tmp_path / "fleet.yaml"
+    path = user.image.parent / "fleet.yaml"
     path.write_text(json.dumps({"version": 1, "defaults": defaults, "guests": guests}))
+    path.chmod(0o644)
     return path, names
 
 
-def test_a_fleet_on_two_hypervisors_is_listed_and_destroyed_with_f(tmp_path: Path, session) -> None:
+def rows_of(user: FleetUser) -> dict[str, str]:
+    proc = user.nvmprov("list", "--all", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return {r["name"]: r["uri"] for r in json.loads(proc.stdout)}
+
+
+def test_a_fleet_on_two_hypervisors_is_listed_and_destroyed_with_f(fleet_user: FleetUser) -> None:
     """No boot: created `--until define`; `list --all` and `destroy -f` follow each guest's connect."""
-    session_uri, env, image = session
-    path, names = fleet_file(tmp_path, session_uri, image=str(image))
+    path, names = fleet_file(fleet_user, image=str(fleet_user.image))
     try:
-        proc = nvmprov("create", str(path), "--until", "define", env=env)
+        proc = fleet_user.nvmprov("create", str(path), "--until", "define")
         assert proc.returncode == 0, proc.stderr
-        rows = json.loads(nvmprov("list", "--all", "--format", "json", env=env).stdout)
-        where = {r["name"]: r["uri"] for r in rows if r["name"] in names}
-        assert where[names[0]] == SYSTEM and where[names[1]] == session_uri
-        proc = nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+        where = rows_of(fleet_user)
+        assert where[names[0]] == "qemu:///session" and where[names[1]] == f"qemu+ssh://{HV2}/system"
+        assert names[1] in listed(SYSTEM)                      # really on the system libvirtd
+        proc = fleet_user.nvmprov("destroy", "-f", str(path), "--purge", "--yes")
         assert proc.returncode == 0, proc.stderr
-        assert names[0] not in listed(SYSTEM) and names[1] not in listed(session_uri, env)
+        assert not set(names) & set(rows_of(fleet_user)) and names[1] not in listed(SYSTEM)
     finally:
-        nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+        fleet_user.nvmprov("destroy", "-f", str(path), "--purge", "--yes")
 
 
-def test_a_fleet_on_two_hypervisors_is_verified_and_destroyed_with_f(tmp_path: Path, session) -> None:
-    """Boots two guests (one per hypervisor, the built-in image imported into the session pool):
-    `verify -f` proves both, each on its own hypervisor, and `destroy -f` removes both.
-    About 3-5 minutes under TCG on a 2-core host."""
-    session_uri, env, _image = session
-    imported = nvmprov("image", "import", "/var/lib/nvmprov/pool", "--connect", session_uri, env=env)
+def test_a_fleet_on_two_hypervisors_is_verified_and_destroyed_with_f(fleet_user: FleetUser) -> None:
+    """Boots two guests, one per hypervisor (the built-in image imported into the user's session
+    pool; the system one uses root's): `verify -f` proves both, each where its `connect:` says,
+    and `destroy -f` removes both. About 3-5 minutes under TCG on a 2-core host."""
+    imported = fleet_user.nvmprov("image", "import", "/var/lib/nvmprov/pool", "--connect", "qemu:///session")
     assert imported.returncode == 0, imported.stderr
-    path, names = fleet_file(tmp_path, session_uri, image=None)
+    path, names = fleet_file(fleet_user, image=None)
     try:
-        proc = nvmprov("create", str(path), "--no-power-cycle", "--parallel", "2", env=env)
+        proc = fleet_user.nvmprov("create", str(path), "--no-power-cycle", "--parallel", "2")
         assert proc.returncode == 0, proc.stderr[-4000:]
-        proc = nvmprov("verify", "-f", str(path), "--json", env=env)
+        proc = fleet_user.nvmprov("verify", "-f", str(path), "--json")
         assert proc.returncode == 0, proc.stderr[-4000:]
         report = json.loads(proc.stdout)
         assert report["ok"] is True and {g["name"] for g in report["guests"]} == set(names)
         assert all(r["dax"] and r["data_ok"] for g in report["guests"] for r in g["regions"])
-        proc = nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+        proc = fleet_user.nvmprov("destroy", "-f", str(path), "--purge", "--yes")
         assert proc.returncode == 0, proc.stderr
-        assert names[0] not in listed(SYSTEM) and names[1] not in listed(session_uri, env)
+        assert not set(names) & set(rows_of(fleet_user))
     finally:
-        nvmprov("destroy", "-f", str(path), "--purge", "--yes", env=env)
+        fleet_user.nvmprov("destroy", "-f", str(path), "--purge", "--yes")

@@ -278,35 +278,52 @@ def list_text(*, connect: str | None, fmt: str) -> str:
 def list_all(current: str | None = None) -> list[dict[str, object]]:
     """The guests of every hypervisor nvmprov keeps state for (state.known_hypervisors), each row
     with the URI it was reached by and its state; a hypervisor that does not answer gives rows
-    from its state directories, state "unreachable"."""
+    from its state directories, state "unreachable". The hypervisor of this command's URI first;
+    every hypervisor once, whatever URIs reach it."""
     from .workflow import effective_uri
 
-    uris = [h["uri"] for h in state.known_hypervisors()]
-    uris.append(effective_uri(virt.DEFAULT_URI, current))
     rows: list[dict[str, object]] = []
     seen: set[str] = set()
-    for uri in dict.fromkeys(uris):
+    targets = [("", effective_uri(virt.DEFAULT_URI, current))]
+    targets += [(h["key"], h["uri"]) for h in state.known_hypervisors()]
+    for key, uri in targets:
+        if key in seen:
+            continue
+        if key and not _replayable(uri):
+            # typed once on --connect; a recorded URI that makes libvirt run a program is not replayed
+            rows += [{"name": d.name, "uri": uri, "state": "not asked"} for d in _state_dirs(key)]
+            continue
         try:
             conn = virt.connect(uri)
         except HostError:
-            rows += [{"name": d.name, "uri": uri, "state": "unreachable"} for d in _state_dirs(uri)]
+            rows += [{"name": d.name, "uri": uri, "state": "unreachable"} for d in _state_dirs(key)]
             continue
         try:
-            key = identity.of(conn).key
-            if key in seen:
-                continue  # another URI of a hypervisor already listed
-            seen.add(key)
-            rows += [{**row, "uri": uri} for row in list_guests(conn)]
+            reached = identity.of(conn).key
+            if reached not in seen:
+                seen.add(reached)
+                rows += [{**row, "uri": uri} for row in list_guests(conn)]
         finally:
             conn.close()
+        seen.add(key)
     return sorted(rows, key=lambda r: (str(r["uri"]), str(r["name"])))
 
 
-def _state_dirs(uri: str) -> list[Path]:
-    for h in state.known_hypervisors():
-        if h["uri"] == uri:
-            return sorted(p for p in (state.state_root() / "hypervisors" / h["key"] / "guests").glob("*") if p.is_dir())
-    return []
+def _replayable(uri: str) -> bool:
+    """A URI a spec file could name (no program, socket or key file of its choosing)."""
+    from .spec import _check_connect
+
+    try:
+        _check_connect(uri)
+    except ValueError:
+        return False
+    return True
+
+
+def _state_dirs(key: str) -> list[Path]:
+    if not key:
+        return []
+    return sorted(p for p in (state.state_root() / "hypervisors" / key / "guests").glob("*") if p.is_dir())
 
 
 def list_all_text(*, fmt: str, connect: str | None = None) -> str:

@@ -147,3 +147,20 @@ def test_detach_purge_deletes_only_what_nvmprov_made_for_that_domain(conn, pool)
     assert purge("adopted.raw", adopted=True) == (True, [])
     assert purge("old.raw", made=("old.raw",)) == (True, [])   # a guest made before the ledger: its metadata
     assert sorted(v.name() for v in pool.listAllVolumes(0) if not v.name().startswith("nvmprov-")) == ["foreign.raw"]
+
+
+def test_list_all_shows_each_hypervisor_once_and_replays_no_program(tmp_path, monkeypatch) -> None:
+    from nvmprov import guests, state
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    here = identity.Hypervisor("u", "default", "test:///default")
+    state.guest_files("g1", here)                       # the current one, recorded under its own key
+    away = identity.Hypervisor("h", "system", "qemu+ssh://root@hv9/system?command=/tmp/evil", "m2")
+    state.guest_files("g2", away)                       # reached once with --connect and a program
+    gone = identity.Hypervisor("h", "system", "qemu+unix:///system?socket=/nonexistent/sock", "m3")
+    state.guest_files("g3", gone)
+    rows = guests.list_all("test:///default")
+    by_name = {r["name"]: (r["state"], r["uri"]) for r in rows}
+    assert by_name["g2"] == ("not asked", away.uri)     # libvirt never ran /tmp/evil
+    assert by_name["g3"] == ("not asked", gone.uri)     # a socket named once on --connect: not replayed either
+    assert "g1" not in by_name                           # no domain g1 on the test driver: not a guest there

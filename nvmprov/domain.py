@@ -151,7 +151,9 @@ def _metadata_element(md: Metadata) -> ET.Element:
     _sub(root, _m("ssh"), port=str(md.ssh_port), user=md.ssh_user)
     regions = _sub(root, _m("regions"))
     for r in md.regions:
-        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None}
+        # `adopted` only when true: the metadata of every other region stays as it was
+        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS
+                 if getattr(r, n) is not None and not (n == "adopted" and not r.adopted)}
         region = _sub(regions, _m("region"), **attrs)
         for note in r.notes:
             _sub(region, _m("note"), note)
@@ -173,7 +175,7 @@ def metadata_xml(md: Metadata) -> str:
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
                "expected_usable_bytes"}
-_BOOL_FIELDS = {"readonly", "host_pmem"}
+_BOOL_FIELDS = {"readonly", "host_pmem", "adopted"}
 
 
 def _region_from(el: ET.Element) -> RegionPlan:
@@ -186,6 +188,7 @@ def _region_from(el: ET.Element) -> RegionPlan:
         elif name in values:
             values[name] = text
     values["notes"] = tuple(n.text or "" for n in el.iterfind(_m("note")))
+    values["adopted"] = values["adopted"] is True
     return RegionPlan(**values)  # type: ignore[arg-type]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from .errors import HostError
+from .naming import backing_volume
 from .sizes import DIMM_ALIGN_BYTES, backing_bytes_for, expected_usable_bytes, format_size, round_up
 
 if TYPE_CHECKING:  # spec imports this module's neighbours; only the type is needed here
@@ -64,6 +65,7 @@ class RegionPlan:
     expected_usable_bytes: int    # best estimate of what the guest can use (fsdax namespace / pmem dev)
     notes: tuple[str, ...] = ()   # e.g. "size rounded up from ... to ..."
     pci_bus: int | None = None    # virtio-pmem: libvirt index of that root port (the <address bus=...>)
+    adopted: bool = False         # the spec named the volume (`volume:`): made elsewhere, never deleted unasked
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,8 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         allocation=r.allocation,
         filesystem=r.filesystem,
         mount=r.mount,
-        volume=f"{guest}-pmem-{r.name}.raw",
+        volume=r.volume or backing_volume(guest, r.name),
+        adopted=r.volume is not None,
         alias=f"ua-pmem-{r.name}",
         dimm_slot=dimm_slot if r.model == "nvdimm" else None,
         pci_slot=FIRST_PORT_PCI_SLOT + port if port is not None else None,

@@ -163,15 +163,15 @@ def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: P
     files = state.adopt_legacy(name, hyper, dom.UUIDString())
     pool = storage.pool_of(conn, md.pool)
     # nvmprov before the ledger recorded what it made in the domain only, which goes now: move it over
-    ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
+    book = ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
+    not_ours = [r.volume for r in md.regions if not ledger.may_delete(book.get(r.volume), hv, name, adopted_too=True)]
     virt.power_off(dom)
     virt.undefine(dom)
     progress.line("domain stopped and undefined")
     _delete_owned(pool, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted, progress=progress)
-    for region in md.regions:
-        entry = ledger.read(pool).get(region.volume)
-        if purge and (entry is None or not entry.belongs_to(hv, name)):
-            progress.line(f"kept volume {region.volume}: nvmprov did not make it for {name} (it deletes only its own)")
+    for volume in not_ours:
+        if purge and storage.lookup(pool, volume) is not None:
+            progress.line(f"kept volume {volume}: nvmprov did not make it for {name} (it deletes only its own)")
     shutil.rmtree(files.dir, ignore_errors=True)
 
 

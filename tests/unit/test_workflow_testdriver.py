@@ -369,3 +369,16 @@ def test_an_adopted_volume_is_used_and_handed_back_not_deleted(conn) -> None:
     assert kept == [] and storage.lookup(pool, "mine.raw") is not None
     assert ledger.read(pool).get("mine.raw") is None                        # handed back
     assert storage.lookup(pool, "wf-own-adopt-root.qcow2") is None          # its own overlay: deleted
+
+
+def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatch) -> None:
+    """The 'kept volume X: nvmprov did not make it' line is for volumes not ours that still exist."""
+    monkeypatch.setattr(guests.virt, "undefine", lambda dom: dom.undefine())  # the test driver takes no flags
+    g = guest_spec("wf-own-purge")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    out = io.StringIO()
+    guests.destroy_one(conn, g.name, purge=True, progress=Progress(out))
+    assert "deleted backing volume wf-own-purge-pmem-data.raw" in out.getvalue()
+    assert "kept volume" not in out.getvalue(), out.getvalue()
+    assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None

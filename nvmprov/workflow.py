@@ -292,9 +292,22 @@ def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePoo
                 f"backing volume {region.volume} of region {region.name} is used by domain(s) "
                 f"{', '.join(users)}; give the region another name or detach it there first"
             )
-        if not region.adopted and storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
+        if region.adopted:
+            _check_adoptable(pool, book, _Owner(pool, hv, the_plan.name), region)
+        elif storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
                 book.get(region.volume), hv, the_plan.name):
             raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name))
+
+
+def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _Owner,
+                     region: planmod.RegionPlan) -> None:
+    """An adopted `volume:` must exist: nvmprov makes no volume under a name the spec chose."""
+    if storage.lookup(pool, region.volume) is None:
+        raise HostError(
+            f"volume {region.volume} named by `volume:` under region {region.name} of guest {owner.name} does not "
+            f"exist in storage pool {pool.name()!r} ({storage.pool_path(pool)}); an adopted volume is made "
+            "elsewhere: create it first, or drop `volume:` and nvmprov makes and owns one"
+        )
 
 
 def _used_ports(conn: libvirt.virConnect) -> set[int]:
@@ -367,7 +380,9 @@ def _make_volumes(
         _record(dom, md)
 
     for region in the_plan.regions:
-        if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
+        made_now = not region.adopted and storage.make_backing(
+            pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None
+        if made_now:
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")
         else:
@@ -397,7 +412,10 @@ def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> 
     """A volume of the region's name exists: use it when nvmprov made it for this guest (data kept
     by `destroy`), or when the spec names it (`volume:`, adopted); refuse anything else."""
     pool = owner.pool
-    entry = ledger.read(pool).get(region.volume)
+    book = ledger.read(pool)
+    entry = book.get(region.volume)
+    if region.adopted:
+        _check_adoptable(pool, book, owner, region)
     ours = ledger.may_delete(entry, owner.hv, owner.name)
     if not ours and not region.adopted:
         raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name))

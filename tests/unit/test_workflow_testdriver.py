@@ -382,3 +382,30 @@ def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatc
     assert "deleted backing volume wf-own-purge-pmem-data.raw" in out.getvalue()
     assert "kept volume" not in out.getvalue(), out.getvalue()
     assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None
+
+
+def _adopting(name: str, volume: str) -> spec.GuestSpec:
+    return spec.loads(SPEC_TEXT.format(name=name).replace("mount: /mnt/data",
+                                                          f"mount: /mnt/data\n    volume: {volume}")).guests[0]
+
+
+def test_an_adopted_volume_that_does_not_exist_is_refused_before_anything_is_made(conn) -> None:
+    g = _adopting("wf-own-ghost", "ghost.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match=r"volume ghost.raw named by `volume:` under region data .* does not exist"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    pool = _pool(conn)
+    assert storage.lookup(pool, "ghost.raw") is None
+    assert ledger.read(pool).get("ghost.raw") is None
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName(g.name)
+
+
+def test_an_adopted_volume_that_vanishes_after_the_check_is_not_made(conn, monkeypatch) -> None:
+    g = _adopting("wf-own-ghost2", "ghost2.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    monkeypatch.setattr(workflow, "_check_backing_volumes", lambda *_a: None)
+    with pytest.raises(HostError, match="ghost2.raw named by `volume:`.* does not exist"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert storage.lookup(_pool(conn), "ghost2.raw") is None
+    assert ledger.read(_pool(conn)).get("ghost2.raw") is None

@@ -308,6 +308,14 @@ def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _
             f"exist in storage pool {pool.name()!r} ({storage.pool_path(pool)}); an adopted volume is made "
             "elsewhere: create it first, or drop `volume:` and nvmprov makes and owns one"
         )
+    entry = book.get(region.volume)
+    if entry is not None and not entry.belongs_to(owner.hv, owner.name):
+        raise HostError(
+            f"volume {region.volume} named by `volume:` under region {region.name} of guest {owner.name} is "
+            f"recorded as guest {entry.guest}'s (hypervisor {entry.hypervisor}) in the ownership ledger of storage "
+            f"pool {pool.name()!r}; one volume has one owner: name another volume, or let {entry.guest} give it up "
+            f"first (`nvmprov destroy {entry.guest}` hands an adopted volume back, `--purge` deletes a made one)"
+        )
 
 
 def _used_ports(conn: libvirt.virConnect) -> set[int]:

@@ -409,3 +409,30 @@ def test_an_adopted_volume_that_vanishes_after_the_check_is_not_made(conn, monke
         workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
     assert storage.lookup(_pool(conn), "ghost2.raw") is None
     assert ledger.read(_pool(conn)).get("ghost2.raw") is None
+
+
+def test_adopting_a_volume_the_ledger_holds_for_another_guest_is_refused(conn) -> None:
+    pool, hv = _pool(conn), identity.of(conn).key
+    _plant(conn, "theirs.raw")
+    for other in (ledger.Entry("theirs.raw", "other", hv, "backing"),
+                  ledger.Entry("theirs.raw", "other", hv, "backing", adopted=True),
+                  ledger.Entry("theirs.raw", "wf-own-steal", "libvirtd-elsewhere", "backing")):
+        ledger.record(pool, other)
+        g = _adopting("wf-own-steal", "theirs.raw")
+        conn.made.append(g.name)  # type: ignore[attr-defined]
+        with pytest.raises(HostError, match=rf"theirs.raw named by `volume:`.* recorded as guest {other.guest}'s"):
+            workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+        assert ledger.read(pool).get("theirs.raw") == other          # its record is untouched
+        assert storage.lookup(pool, "theirs.raw") is not None
+
+
+def test_adopting_is_refused_at_volume_time_too(conn, monkeypatch) -> None:
+    pool, hv = _pool(conn), identity.of(conn).key
+    _plant(conn, "theirs2.raw")
+    ledger.record(pool, ledger.Entry("theirs2.raw", "other", hv, "backing"))
+    monkeypatch.setattr(workflow, "_check_backing_volumes", lambda *_a: None)
+    g = _adopting("wf-own-steal2", "theirs2.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match="recorded as guest other's"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert ledger.read(pool).get("theirs2.raw") == ledger.Entry("theirs2.raw", "other", hv, "backing")

@@ -601,7 +601,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.format == "ansible":
             raise UsageError("--all lists several hypervisors; an inventory is per hypervisor: drop --all or use "
                              "--format json")
-        sys.stdout.write(guests.list_all_text(fmt=args.format))
+        sys.stdout.write(guests.list_all_text(fmt=args.format, connect=args.connect))
         return EXIT_OK
     sys.stdout.write(guests.list_text(connect=args.connect, fmt=args.format))
     return EXIT_OK

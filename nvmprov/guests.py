@@ -302,11 +302,11 @@ def list_all(current: str | None = None) -> list[dict[str, object]]:
             reached = identity.of(conn).key
             if reached not in seen:
                 seen.add(reached)
-                rows += [{**row, "uri": uri} for row in list_guests(conn)]
+                rows += [{**row, "uri": uri} for row in list_guests(conn)]  # sorted by name
         finally:
             conn.close()
         seen.add(key)
-    return sorted(rows, key=lambda r: (str(r["uri"]), str(r["name"])))
+    return rows  # hypervisor by hypervisor, the current one first; by name within each
 
 
 def _replayable(uri: str) -> bool:

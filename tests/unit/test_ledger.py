@@ -164,3 +164,28 @@ def test_list_all_shows_each_hypervisor_once_and_replays_no_program(tmp_path, mo
     assert by_name["g2"] == ("not asked", away.uri)     # libvirt never ran /tmp/evil
     assert by_name["g3"] == ("not asked", gone.uri)     # a socket named once on --connect: not replayed either
     assert "g1" not in by_name                           # no domain g1 on the test driver: not a guest there
+
+
+def test_list_all_puts_the_current_hypervisor_first_whatever_the_uris(tmp_path, monkeypatch) -> None:
+    from nvmprov import guests, state
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(guests, "list_guests", lambda _conn: [{"name": "b-here"}, {"name": "z-here"}])
+    gone = identity.Hypervisor("h", "system", "qemu+unix:///system?socket=/nonexistent/sock", "m3")
+    state.guest_files("a-away", gone)                   # its URI sorts before test:///default
+    rows = guests.list_all("test:///default")
+    assert [r["name"] for r in rows] == ["b-here", "z-here", "a-away"]
+
+
+def test_list_all_follows_connect(monkeypatch) -> None:
+    from nvmprov import cli, guests
+
+    asked: list[str | None] = []
+
+    def list_all_text(*, fmt: str, connect: str | None = None) -> str:
+        asked.append(connect)
+        return ""
+
+    monkeypatch.setattr(guests, "list_all_text", list_all_text)
+    assert cli.main(["list", "--all", "--connect", "test:///default"]) == 0
+    assert asked == ["test:///default"]

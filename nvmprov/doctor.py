@@ -226,14 +226,15 @@ def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[s
 
 
 def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
-    """The volumes nvmprov made on this hypervisor (ledger.py) that no domain uses. Adopted volumes
-    (the spec named them) only when ONLY names one exactly: nvmprov did not make them."""
-    from . import identity, ledger
+    """The volumes nvmprov made on this hypervisor (ledger.py) that no domain uses, and built-in
+    images of earlier recipes that no overlay or domain uses. Adopted volumes (the spec named them)
+    only when ONLY names one exactly: nvmprov did not make them."""
+    from . import identity, image, ledger
 
     hv = identity.of(conn).key
-    owned = [e.volume for e in ledger.read(pool).entries
-             if e.hypervisor == hv and (not e.adopted or e.volume == only)]
     vols = {v.name(): v for v in pool.listAllVolumes(0)}
+    owned = [e.volume for e in ledger.read(pool).entries
+             if e.hypervisor == hv and (not e.adopted or e.volume == only)] + image.stale_volume_names(vols)
     names = leftover_names(owned, vols, _referenced(conn, pool), only=only)
     return [Leftover(n, vols[n].path(), int(vols[n].info()[2])) for n in names]
 

@@ -78,3 +78,24 @@ def test_prune_does_not_offer_a_volume_a_domain_uses_by_pool_and_name(conn, pool
         assert [left.name for left in doctor.leftovers(conn, pool)] == ["gone-pmem-data.raw"]
     finally:
         dom.undefine()
+
+
+def test_prune_offers_stale_built_in_images_no_overlay_uses_never_the_current_one(conn, pool) -> None:
+    from nvmprov import image
+
+    current = image.builtin_volume_names()
+    stale = "nvmprov-debian12-000000000000"
+    for name in (*current, f"{stale}.qcow2", f"{stale}-vmlinuz", f"{stale}-initrd.img",
+                 "nvmprov-debian12-111111111111.qcow2", "nvmprov-debian12-notadigest.qcow2"):
+        if storage.lookup(pool, name) is None:
+            storage.make_backing(pool, name, MiB, allocation="sparse")
+    dom = conn.defineXML(DOMAIN.format(name="old-image-user", pool=pool.name(),
+                                       volume="nvmprov-debian12-111111111111.qcow2"))
+    try:
+        offered = [left.name for left in doctor.leftovers(conn, pool)]
+    finally:
+        dom.undefine()
+    assert [n for n in offered if n.startswith("nvmprov-debian12-")] == [
+        f"{stale}-initrd.img", f"{stale}-vmlinuz", f"{stale}.qcow2"]
+    assert doctor.prune(conn, pool.name(), [f"{stale}.qcow2", current[0]]) == [f"{stale}.qcow2"]
+    assert storage.lookup(pool, current[0]) is not None

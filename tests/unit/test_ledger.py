@@ -189,3 +189,29 @@ def test_list_all_follows_connect(monkeypatch) -> None:
     monkeypatch.setattr(guests, "list_all_text", list_all_text)
     assert cli.main(["list", "--all", "--connect", "test:///default"]) == 0
     assert asked == ["test:///default"]
+
+
+class _NoSecrets:
+    """A qemu connection whose daemon will not give nvmprov its identity secret."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def getCapabilities(self) -> str:  # noqa: N802 - libvirt's name
+        return "<capabilities><host><uuid>57dbc5b1-46d8-439b-ad5a-533cd39e71cc</uuid></host></capabilities>"
+
+    def getURI(self) -> str:  # noqa: N802 - libvirt's name
+        return self.uri
+
+    def secretLookupByUsage(self, *_a: object) -> None:  # noqa: N802 - libvirt's name
+        import libvirt
+
+        raise libvirt.libvirtError("operation forbidden: read only access prevents virSecretLookupByUsage")
+
+
+def test_a_qemu_daemon_without_its_identity_secret_is_an_error_not_a_host_uuid_key() -> None:
+    from nvmprov.errors import HostError
+
+    with pytest.raises(HostError, match=r"identity secret .* on qemu\+ssh://root@h/system: .*read only access"):
+        identity.of(_NoSecrets("qemu+ssh://root@h/system"))  # type: ignore[arg-type]
+    assert identity.of(_NoSecrets("test:///default")).key == "57dbc5b1-46d8-439b-ad5a-533cd39e71cc-default"  # type: ignore[arg-type]

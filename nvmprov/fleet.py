@@ -230,17 +230,24 @@ def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: I
     from . import identity, state
 
     failures = []
-    with guestsmod.connection(connect) as conn:
-        hv = identity.of(conn)
-        for name in names:
-            progress = Progress(stream, prefix=f"{name}: ")
-            try:
-                with state.lock(name, hv=hv):
-                    guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
-                                          purge_adopted=purge_adopted)
-            except NvmprovError as exc:
-                progress.line(f"not destroyed: {exc}")
-                failures.append(f"{name}: {exc}")
+    left = list(names)
+    try:
+        with guestsmod.connection(connect) as conn:
+            hv = identity.of(conn)
+            while left:
+                name = left.pop(0)
+                progress = Progress(stream, prefix=f"{name}: ")
+                try:
+                    with state.lock(name, hv=hv):
+                        guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
+                                              purge_adopted=purge_adopted)
+                except NvmprovError as exc:
+                    progress.line(f"not destroyed: {exc}")
+                    failures.append(f"{name}: {exc}")
+    except NvmprovError as exc:  # its hypervisor did not answer: the guests of other hypervisors go on
+        for name in left:
+            Progress(stream, prefix=f"{name}: ").line(f"not destroyed: {exc}")
+            failures.append(f"{name}: {exc}")
     return failures
 
 

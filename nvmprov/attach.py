@@ -292,6 +292,8 @@ def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress
 
     with domain_lock(conn, name):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
+        if not request.region:
+            request = with_default_name(dom, request)
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         if md is None:
             return _attach_foreign(conn, dom, request, progress)
@@ -715,11 +717,10 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
     return deleted
 
 
-def with_default_name(conn: libvirt.virConnect, name: str, request: AttachRequest) -> AttachRequest:
-    """--name not given: hp0, hp1, ... the first not used by the domain."""
+def with_default_name(dom: libvirt.virDomain, request: AttachRequest) -> AttachRequest:
+    """--name not given: hp0, hp1, ... the first not used by the domain (read under its lock)."""
     from . import domain, virt
 
-    dom = virt.require(conn, name)
     config_xml = virt.xml_desc(dom, inactive=True)
     d, live = domxml.parse(config_xml), domxml.parse(virt.xml_desc(dom))
     md = domain.parse_metadata(config_xml)

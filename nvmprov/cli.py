@@ -704,8 +704,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
     )
     conn = _admin_conn(args.connect)
     try:
-        if not request.region:
-            request = attach.with_default_name(conn, name, request)
         report = attach.attach(conn, name, request, Progress())
     finally:
         conn.close()

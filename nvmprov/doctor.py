@@ -225,13 +225,15 @@ def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[s
     return names | {p.rsplit("/", 1)[-1] for p in paths}
 
 
-def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
+def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None,
+              hv: str | None = None) -> list[Leftover]:
     """The volumes nvmprov made on this hypervisor (ledger.py) that no domain uses, and built-in
     images of earlier recipes that no overlay or domain uses. Adopted volumes (the spec named them)
-    only when ONLY names one exactly: nvmprov did not make them."""
+    only when ONLY names one exactly: nvmprov did not make them. HV: the hypervisor's key, when the
+    caller already asked."""
     from . import identity, image, ledger
 
-    hv = identity.of(conn).key
+    hv = hv or identity.of(conn).key
     vols = {v.name(): v for v in pool.listAllVolumes(0)}
     owned = [e.volume for e in ledger.read(pool).entries
              if e.hypervisor == hv and (not e.adopted or e.volume == only)] + image.stale_volume_names(vols)
@@ -247,7 +249,7 @@ def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str 
     pool = storage.pool_of(conn, pool_name)
     hv = identity.of(conn).key
     with state.pool_lock(hv, pool_name, exclusive=True):
-        still = {v.name for v in leftovers(conn, pool, only=only)}
+        still = {v.name for v in leftovers(conn, pool, only=only, hv=hv)}
         deleted = [name for name in names if name in still and storage.delete(pool, name)]
         gone = [e.volume for e in ledger.read(pool).entries
                 if e.hypervisor == hv and storage.lookup(pool, e.volume) is None]

@@ -239,7 +239,7 @@ def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: I
                 progress = Progress(stream, prefix=f"{name}: ")
                 try:
                     with state.lock(name, hv=hv):
-                        guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
+                        guestsmod.destroy_one(conn, hv, name, purge=purge, progress=progress, missing_ok=True,
                                               purge_adopted=purge_adopted)
                 except NvmprovError as exc:
                     progress.line(f"not destroyed: {exc}")

@@ -280,7 +280,7 @@ def test_the_default_region_name_is_picked_under_the_domain_lock(conn, monkeypat
     held: list[bool] = [False]
 
     @contextlib.contextmanager
-    def lock(_conn, _name):  # type: ignore[no-untyped-def]
+    def lock(_conn, _name, _hv):  # type: ignore[no-untyped-def]
         held[0] = True
         yield
         held[0] = False

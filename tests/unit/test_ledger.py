@@ -136,7 +136,7 @@ def test_detach_purge_deletes_only_what_nvmprov_made_for_that_domain(conn, pool)
     def purge(volume: str, *, adopted: bool = False, made: tuple[str, ...] = ()) -> tuple[bool, list[str]]:
         notes: list[str] = []
         done = attach._maybe_purge(conn, pool.name(), volume, f"{base}/{volume}",
-                                   attach._Purge(True, adopted), notes, owner=("web", made))
+                                   attach._Purge(True, adopted), notes, owner=(hv, "web", made))
         return done, notes
 
     assert purge("made.raw") == (True, [])
@@ -170,7 +170,7 @@ def test_list_all_puts_the_current_hypervisor_first_whatever_the_uris(tmp_path, 
     from nvmprov import guests, state
 
     monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
-    monkeypatch.setattr(guests, "list_guests", lambda _conn: [{"name": "b-here"}, {"name": "z-here"}])
+    monkeypatch.setattr(guests, "list_guests", lambda _conn, _hv=None: [{"name": "b-here"}, {"name": "z-here"}])
     gone = identity.Hypervisor("h", "system", "qemu+unix:///system?socket=/nonexistent/sock", "m3")
     state.guest_files("a-away", gone)                   # its URI sorts before test:///default
     rows = guests.list_all("test:///default")

@@ -378,7 +378,7 @@ def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatc
     conn.made.append(g.name)  # type: ignore[attr-defined]
     assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
     out = io.StringIO()
-    guests.destroy_one(conn, g.name, purge=True, progress=Progress(out))
+    guests.destroy_one(conn, identity.of(conn), g.name, purge=True, progress=Progress(out))
     assert "deleted backing volume wf-own-purge-pmem-data.raw" in out.getvalue()
     assert "kept volume" not in out.getvalue(), out.getvalue()
     assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None
@@ -436,3 +436,22 @@ def test_adopting_is_refused_at_volume_time_too(conn, monkeypatch) -> None:
     with pytest.raises(HostError, match="recorded as guest other's"):
         workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
     assert ledger.read(pool).get("theirs2.raw") == ledger.Entry("theirs2.raw", "other", hv, "backing")
+
+
+def test_create_and_destroy_ask_the_hypervisor_its_identity_once(conn, monkeypatch) -> None:
+    """Each identity.of is a capabilities call and a secret lookup: a round trip over qemu+ssh."""
+    monkeypatch.setattr(guests.virt, "undefine", lambda dom: dom.undefine())  # the test driver takes no flags
+    asked: list[str] = []
+    real = identity.of
+
+    def of(c):  # type: ignore[no-untyped-def]
+        asked.append(c.getURI())
+        return real(c)
+
+    monkeypatch.setattr(identity, "of", of)
+    g = guest_spec("wf-once")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    assert len(asked) == 1
+    guests.destroy([g.name], connect=URI, purge=True)
+    assert len(asked) == 2

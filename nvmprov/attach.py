@@ -26,7 +26,7 @@ from .sizes import DIMM_ALIGN_BYTES, KiB, backing_bytes_for, expected_usable_byt
 if TYPE_CHECKING:
     import libvirt
 
-    from . import identity
+    from . import identity, ledger
     from .domain import Metadata
     from .plan import Plan
     from .progress import Progress
@@ -584,14 +584,8 @@ class DetachResult:
     notes: list[str]
 
 
-@dataclass(frozen=True)
-class _Purge:
-    volume: bool = False    # --purge: the backing volume, when nvmprov made it
-    adopted: bool = False   # --purge-adopted: also one the spec adopted
-
-
-def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: bool,
-           progress: Progress, purge_adopted: bool = False) -> DetachResult:
+def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: ledger.Purge,
+           progress: Progress) -> DetachResult:
     from . import domain, identity, virt
 
     hv = identity.of(conn)
@@ -599,11 +593,11 @@ def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, conf
         dom = virt.require(conn, name)
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         return _detach(conn, hv.key, dom, md, region, live=live, config=config,
-                       purge=_Purge(purge or purge_adopted, purge_adopted), progress=progress)
+                       purge=purge, progress=progress)
 
 
 def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
-            config: bool, purge: _Purge, progress: Progress) -> DetachResult:
+            config: bool, purge: ledger.Purge, progress: Progress) -> DetachResult:
     from . import domain, virt
 
     name, alias = dom.name(), f"ua-pmem-{region}"
@@ -689,7 +683,7 @@ def _path_of(domain_xml: str, alias: str) -> str | None:
     return d.path if d else None
 
 
-def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: _Purge,
+def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: ledger.Purge,
                  notes: list[str], *, owner: tuple[str, str, tuple[str, ...]]) -> bool:
     """Delete the region's volume when asked, no domain uses it and nvmprov made it for this domain
     (the ledger, or the guest's metadata for guests made before it); an adopted one only when asked."""
@@ -697,7 +691,7 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
 
     if volume is None:
         return False
-    if not purge.volume:
+    if not purge.volumes:
         notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
                      "deletes it once no domain uses it")
         return False

@@ -23,6 +23,7 @@ from .progress import CancelToken, Progress
 from .report import GuestReport, Report, error_message
 
 if TYPE_CHECKING:
+    from . import ledger
     from .spec import GuestSpec
     from .workflow import CreateOptions
 
@@ -222,8 +223,7 @@ def verify(
     return run_parallel([(n, job(n)) for n in names], parallel=parallel, stream=stream)
 
 
-def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: IO[str],
-            purge_adopted: bool = False) -> list[str]:
+def destroy(names: Sequence[str], *, connect: str | None, purge: ledger.Purge, stream: IO[str]) -> list[str]:
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
     from . import guests as guestsmod
@@ -239,8 +239,7 @@ def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: I
                 progress = Progress(stream, prefix=f"{name}: ")
                 try:
                     with state.lock(name, hv=hv):
-                        guestsmod.destroy_one(conn, hv, name, purge=purge, progress=progress, missing_ok=True,
-                                              purge_adopted=purge_adopted)
+                        guestsmod.destroy_one(conn, hv, name, purge=purge, progress=progress, missing_ok=True)
                 except NvmprovError as exc:
                     progress.line(f"not destroyed: {exc}")
                     failures.append(f"{name}: {exc}")

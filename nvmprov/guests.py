@@ -139,25 +139,23 @@ def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress:
             virt.power_off(dom)
 
 
-def destroy(names: list[str], *, connect: str | None, purge: bool, purge_adopted: bool = False) -> None:
+def destroy(names: list[str], *, connect: str | None, purge: ledger.Purge) -> None:
     with _connection(connect) as conn:
         hv = identity.of(conn)
         for name in names:
             with state.lock(name, hv=hv):
-                destroy_one(conn, hv, name, purge=purge, purge_adopted=purge_adopted,
-                            progress=Progress(prefix=f"{name}: "))
+                destroy_one(conn, hv, name, purge=purge, progress=Progress(prefix=f"{name}: "))
 
 
-def destroy_one(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: bool, progress: Progress,
-                purge_adopted: bool = False, missing_ok: bool = False) -> None:
+def destroy_one(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: ledger.Purge,
+                progress: Progress, missing_ok: bool = False) -> None:
     """Stop and undefine NAME, delete the volumes nvmprov made for it (backing volumes only with
     --purge, adopted ones only with --purge-adopted). Already destroyed: what nvmprov kept for it.
     HYPER: the hypervisor CONN reaches."""
     hv = hyper.key
     dom = virt.lookup(conn, name)
     if dom is None:
-        _destroy_kept(conn, hyper, name, purge=purge or purge_adopted, purge_adopted=purge_adopted,
-                      progress=progress, missing_ok=missing_ok)
+        _destroy_kept(conn, hyper, name, purge=purge, progress=progress, missing_ok=missing_ok)
         return
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
@@ -170,22 +168,21 @@ def destroy_one(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str,
     virt.power_off(dom)
     virt.undefine(dom)
     progress.line("domain stopped and undefined")
-    _delete_owned(pool, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted, progress=progress)
+    _delete_owned(pool, hv, name, purge=purge, progress=progress)
     for volume in not_ours:
-        if purge and storage.lookup(pool, volume) is not None:
+        if purge.volumes and storage.lookup(pool, volume) is not None:
             progress.line(f"kept volume {volume}: nvmprov did not make it for {name} (it deletes only its own)")
     shutil.rmtree(files.dir, ignore_errors=True)
 
 
-def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bool, purge_adopted: bool,
+def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: ledger.Purge,
                   progress: Progress) -> list[str]:
     """Delete what the ledger holds for NAME: overlays and seeds always, backing volumes with PURGE,
     adopted ones with PURGE_ADOPTED (else handed back: kept and no longer recorded). Returns what
     is kept for NAME."""
     deleted, kept, handed_back = [], [], []
     for entry in ledger.read(pool).of(hv, name):
-        delete = entry.kind != "backing" or (purge_adopted if entry.adopted else purge)
-        if delete:
+        if purge.deletes(entry):
             if storage.delete(pool, entry.volume):
                 deleted.append(entry.volume)
                 what = "adopted backing volume" if entry.adopted else "backing volume" if entry.kind == "backing" \
@@ -207,7 +204,7 @@ def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bo
     return kept
 
 
-def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: bool, purge_adopted: bool,
+def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: ledger.Purge,
                   progress: Progress, missing_ok: bool) -> None:
     """NAME has no domain any more: the volumes nvmprov kept for it (in any pool with a ledger)."""
     found, hv = False, hyper.key
@@ -215,7 +212,7 @@ def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: st
         if ledger.read(pool).of(hv, name):
             found = True
             progress.line(f"no domain named {name} on {conn.getURI()}; in pool {pool.name()} nvmprov kept:")
-            _delete_owned(pool, hv, name, purge=purge, purge_adopted=purge_adopted, progress=progress)
+            _delete_owned(pool, hv, name, purge=purge, progress=progress)
     files = state.guest_files(name, hyper, create=False)
     if files.dir.is_dir():
         found = True

@@ -180,6 +180,23 @@ def in_the_way(pool: libvirt.virStoragePool, volume: str, owner: str, region: st
             f"(virsh vol-delete --pool {pool.name()} {volume}, after saving its data)")
 
 
+@dataclass(frozen=True)
+class Purge:
+    """What destroy and detach may delete beyond overlays and seeds. --purge-adopted implies
+    --purge: `asked` is the one place that says so."""
+
+    volumes: bool = False   # --purge: backing volumes nvmprov made
+    adopted: bool = False   # --purge-adopted: also the volumes the spec adopted (volume:)
+
+    @classmethod
+    def asked(cls, purge: bool, purge_adopted: bool) -> Purge:
+        return cls(volumes=purge or purge_adopted, adopted=purge_adopted)
+
+    def deletes(self, entry: Entry) -> bool:
+        """Whether this purge deletes ENTRY (one nvmprov holds for the guest being destroyed)."""
+        return entry.kind != "backing" or (self.adopted if entry.adopted else self.volumes)
+
+
 def may_delete(entry: Entry | None, hypervisor: str, owner: str, *, adopted_too: bool = False) -> bool:
     """Only what nvmprov made for OWNER on this hypervisor; an adopted volume only when asked."""
     if entry is None or not entry.belongs_to(hypervisor, owner):

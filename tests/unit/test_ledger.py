@@ -136,7 +136,7 @@ def test_detach_purge_deletes_only_what_nvmprov_made_for_that_domain(conn, pool)
     def purge(volume: str, *, adopted: bool = False, made: tuple[str, ...] = ()) -> tuple[bool, list[str]]:
         notes: list[str] = []
         done = attach._maybe_purge(conn, pool.name(), volume, f"{base}/{volume}",
-                                   attach._Purge(True, adopted), notes, owner=(hv, "web", made))
+                                   ledger.Purge.asked(True, adopted), notes, owner=(hv, "web", made))
         return done, notes
 
     assert purge("made.raw") == (True, [])
@@ -215,3 +215,14 @@ def test_a_qemu_daemon_without_its_identity_secret_is_an_error_not_a_host_uuid_k
     with pytest.raises(HostError, match=r"identity secret .* on qemu\+ssh://root@h/system: .*read only access"):
         identity.of(_NoSecrets("qemu+ssh://root@h/system"))  # type: ignore[arg-type]
     assert identity.of(_NoSecrets("test:///default")).key == "57dbc5b1-46d8-439b-ad5a-533cd39e71cc-default"  # type: ignore[arg-type]
+
+
+def test_purge_adopted_implies_purge_and_each_purge_deletes_its_own_kinds() -> None:
+    assert ledger.Purge.asked(False, True) == ledger.Purge(volumes=True, adopted=True)
+    assert ledger.Purge.asked(True, False) == ledger.Purge(volumes=True, adopted=False)
+    made, adopted = ledger.Entry("v", "g", "h", "backing"), ledger.Entry("a", "g", "h", "backing", adopted=True)
+    overlay = ledger.Entry("o", "g", "h", "overlay")
+    table = {ledger.Purge(): (True, False, False), ledger.Purge.asked(True, False): (True, True, False),
+             ledger.Purge.asked(False, True): (True, True, True)}
+    for purge, expect in table.items():
+        assert (purge.deletes(overlay), purge.deletes(made), purge.deletes(adopted)) == expect

@@ -365,7 +365,7 @@ def test_an_adopted_volume_is_used_and_handed_back_not_deleted(conn) -> None:
     pool, hv = _pool(conn), identity.of(conn).key
     entry = ledger.read(pool).get("mine.raw")
     assert entry is not None and entry.adopted and entry.belongs_to(hv, g.name)
-    kept = guests._delete_owned(pool, hv, g.name, purge=True, purge_adopted=False, progress=quiet())
+    kept = guests._delete_owned(pool, hv, g.name, purge=ledger.Purge.asked(True, False), progress=quiet())
     assert kept == [] and storage.lookup(pool, "mine.raw") is not None
     assert ledger.read(pool).get("mine.raw") is None                        # handed back
     assert storage.lookup(pool, "wf-own-adopt-root.qcow2") is None          # its own overlay: deleted
@@ -378,7 +378,7 @@ def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatc
     conn.made.append(g.name)  # type: ignore[attr-defined]
     assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
     out = io.StringIO()
-    guests.destroy_one(conn, identity.of(conn), g.name, purge=True, progress=Progress(out))
+    guests.destroy_one(conn, identity.of(conn), g.name, purge=ledger.Purge(volumes=True), progress=Progress(out))
     assert "deleted backing volume wf-own-purge-pmem-data.raw" in out.getvalue()
     assert "kept volume" not in out.getvalue(), out.getvalue()
     assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None
@@ -453,5 +453,5 @@ def test_create_and_destroy_ask_the_hypervisor_its_identity_once(conn, monkeypat
     conn.made.append(g.name)  # type: ignore[attr-defined]
     assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
     assert len(asked) == 1
-    guests.destroy([g.name], connect=URI, purge=True)
+    guests.destroy([g.name], connect=URI, purge=ledger.Purge(volumes=True))
     assert len(asked) == 2

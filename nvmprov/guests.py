@@ -310,10 +310,10 @@ def list_all(current: str | None = None) -> list[dict[str, object]]:
 
 def _replayable(uri: str) -> bool:
     """A URI a spec file could name (no program, socket or key file of its choosing)."""
-    from .spec import _check_connect
+    from .spec import check_connect
 
     try:
-        _check_connect(uri)
+        check_connect(uri)
     except ValueError:
         return False
     return True

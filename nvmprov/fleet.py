@@ -178,14 +178,21 @@ def _wait_for_rollbacks(queue: list[_Job], stream: IO[str]) -> None:
 
 
 def _outcome_of(job: _Job, interrupted: str | None) -> Outcome:
+    """A job's outcome; one that has none was cut off by INTERRUPTED (a signal). Without a signal
+    every job ends with an outcome: one missing is nvmprov's bug (EXIT_SOFTWARE), not an interrupt."""
     if job.outcome is not None:
         return job.outcome
     report = GuestReport(name=job.name)
-    if not job.started:
-        report.fail("queued", f"not started: {interrupted or 'the fleet stopped'}")
+    if interrupted is None:
+        error: BaseException = RuntimeError(f"the fleet ended without an outcome for {job.name} (a bug in nvmprov)")
+        report.fail("queued" if not job.started else "create", str(error))
+    elif not job.started:
+        error = Interrupted(interrupted)
+        report.fail("queued", f"not started: {interrupted}")
     else:
+        error = Interrupted(interrupted)
         report.fail("rollback", "still running when nvmprov gave up waiting; `nvmprov destroy` it")
-    return Outcome(report, Interrupted(interrupted or "the fleet stopped"))
+    return Outcome(report, error)
 
 
 # ---------------------------------------------------------------------------------------------

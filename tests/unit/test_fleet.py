@@ -227,3 +227,16 @@ def test_destroy_f_goes_on_past_a_hypervisor_that_does_not_answer(tmp_path, monk
         cli.cmd_destroy(type("Args", (), {"purge": False, "purge_adopted": False, "yes": True, "file": "x.yaml"})())
     assert asked == ["test:///nonexistent/nvmprov-no-such-file.xml", "test:///default"]
     assert "b: " in stream.getvalue() and "no such domain" in stream.getvalue()
+
+
+def test_a_job_without_outcome_is_an_interrupt_only_when_there_was_one() -> None:
+    from nvmprov.cli import EXIT_INTERRUPTED, EXIT_SOFTWARE
+
+    def never(_p: Progress, r: GuestReport) -> GuestReport:
+        return r
+
+    cut = fleet._outcome_of(fleet._Job("a", never), "interrupted by SIGTERM")
+    assert isinstance(cut.error, Interrupted) and exit_status(cut.error) == EXIT_INTERRUPTED
+    lost = fleet._outcome_of(fleet._Job("b", never), None)
+    assert not isinstance(lost.error, Interrupted) and exit_status(lost.error) == EXIT_SOFTWARE  # type: ignore[arg-type]
+    assert "a bug in nvmprov" in lost.report.error["message"]  # type: ignore[index]

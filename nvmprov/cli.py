@@ -784,7 +784,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     conn = _admin_conn(args.connect)
     try:
         pool = storage.pool_of(conn, storage.DEFAULT_POOL)
-        found = doctor.leftovers(conn, pool, only=args.only)
+        found = doctor.candidates(conn, pool, only=args.only)
         if not args.json:
             for v in found:
                 print(f"unused: {v.path} ({doctor.human(v.allocation_bytes)} on disk)")

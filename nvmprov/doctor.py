@@ -241,6 +241,17 @@ def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str 
     return [Leftover(n, vols[n].path(), int(vols[n].info()[2])) for n in names]
 
 
+def candidates(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
+    """What `prune` lists: leftovers, after the volumes of guests made before the ledger were
+    recorded (ledger.migrate; the pool held shared, as a create holds it)."""
+    from . import identity, ledger, state
+
+    hv = identity.of(conn).key
+    with state.pool_lock(hv, pool.name()):
+        ledger.migrate(conn, pool, hv)
+    return leftovers(conn, pool, only=only, hv=hv)
+
+
 def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str | None = None) -> list[str]:
     """Delete NAMES after checking again, with the pool held exclusively (no create or attach runs),
     that nvmprov made them and nothing references them; forget ledger entries whose volume is gone."""
@@ -249,6 +260,7 @@ def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str 
     pool = storage.pool_of(conn, pool_name)
     hv = identity.of(conn).key
     with state.pool_lock(hv, pool_name, exclusive=True):
+        ledger.migrate(conn, pool, hv)  # guests made before the ledger: their volumes are recorded first
         still = {v.name for v in leftovers(conn, pool, only=only, hv=hv)}
         deleted = [name for name in names if name in still and storage.delete(pool, name)]
         gone = [e.volume for e in ledger.read(pool).entries

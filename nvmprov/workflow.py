@@ -117,6 +117,8 @@ def _create_locked(
         if spec.image == "builtin" and not image.is_built(pool):
             progress.line("built-in guest image missing: building it (about 2-4 minutes)")
             image.build(conn, spec.pool, progress=progress.line)
+        for volume in ledger.migrate(conn, pool, hv.key):  # guests made before the ledger (pool held shared)
+            progress.line(f"ownership ledger: recorded {volume} as made by nvmprov (its domain's metadata says so)")
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)
@@ -299,7 +301,8 @@ def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Pl
             _check_adoptable(pool, book, owner, region)
         elif storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
                 book.get(region.volume), hv, the_plan.name):
-            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name))
+            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name,
+                                              guest=the_plan.name))
 
 
 def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _Owner,
@@ -429,7 +432,7 @@ def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> 
         _check_adoptable(pool, book, owner, region)
     ours = ledger.may_delete(entry, owner.hv, owner.name)
     if not ours and not region.adopted:
-        raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name))
+        raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name, guest=owner.name))
     storage.check_reusable(pool, storage.volume(pool, region.volume), region.backing_bytes)
     if ours:
         return "reusing its own"

@@ -455,3 +455,63 @@ def test_create_and_destroy_ask_the_hypervisor_its_identity_once(conn, monkeypat
     assert len(asked) == 1
     guests.destroy([g.name], connect=URI, purge=ledger.Purge(volumes=True))
     assert len(asked) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# guests made before the ledger: their domain's metadata is the record, moved at first contact
+
+
+def define_legacy(conn: libvirt.virConnect, g: spec.GuestSpec, volumes: tuple[tuple[str, str], ...]) -> None:
+    """A guest an nvmprov before the ledger made: VOLUMES recorded in its metadata only."""
+    the_plan = plan.build(g, replace(FACTS, builtin_volumes=image.builtin_volume_names()))
+    md = replace(domain.Metadata.from_plan(the_plan, ssh_port=2222, spec_json=g.model_dump_json(by_alias=True)),
+                 complete=True, volumes=volumes)
+    ctx = domain.RenderContext(uuid=str(uuid.uuid4()), ssh_port=2222, pool_dir="/default-pool")
+    conn.defineXML(domain.render(the_plan, ctx, metadata=md))
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+
+
+def test_migrate_records_what_legacy_domains_made_and_nothing_else(conn) -> None:
+    pool, hv = _pool(conn), identity.of(conn).key
+    g = guest_spec("wf-legacy")
+    for name in ("wf-legacy-pmem-data.raw", "wf-legacy-extra.raw", "wf-legacy-theirs.raw"):
+        _plant(conn, name)
+    ledger.record(pool, ledger.Entry("wf-legacy-theirs.raw", "other", hv, "backing"))
+    define_legacy(conn, g, (("wf-legacy-pmem-data.raw", "backing"), ("wf-legacy-extra.raw", "backing"),
+                            ("wf-legacy-gone.raw", "backing"), ("wf-legacy-theirs.raw", "backing")))
+    assert sorted(ledger.migrate(conn, pool, hv)) == ["wf-legacy-extra.raw", "wf-legacy-pmem-data.raw"]
+    book = ledger.read(pool)
+    assert book.get("wf-legacy-pmem-data.raw") == ledger.Entry("wf-legacy-pmem-data.raw", g.name, hv, "backing")
+    assert book.get("wf-legacy-gone.raw") is None                                   # not there: not recorded
+    assert book.get("wf-legacy-theirs.raw") == ledger.Entry("wf-legacy-theirs.raw", "other", hv, "backing")
+    assert ledger.migrate(conn, pool, hv) == []                                      # once
+    generation = ledger.read(pool).generation
+    ledger.migrate(conn, pool, hv)
+    assert ledger.read(pool).generation == generation                               # nothing rewritten
+
+
+def test_create_and_prune_migrate_legacy_guests_first(conn) -> None:
+    from nvmprov import doctor
+
+    pool, hv = _pool(conn), identity.of(conn).key
+    old = guest_spec("wf-legacy2")
+    _plant(conn, "wf-legacy2-pmem-data.raw")
+    _plant(conn, "wf-legacy2-pmem-dropped.raw")   # a region its spec no longer has: no device uses it
+    define_legacy(conn, old, (("wf-legacy2-pmem-data.raw", "backing"), ("wf-legacy2-pmem-dropped.raw", "backing")))
+    g = guest_spec("wf-legacy2-next")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    assert ledger.read(pool).get("wf-legacy2-pmem-data.raw") is not None        # create migrated it
+    ledger.forget(pool, hv, ["wf-legacy2-pmem-data.raw", "wf-legacy2-pmem-dropped.raw"])
+    offered = [v.name for v in doctor.candidates(conn, pool)]
+    assert "wf-legacy2-pmem-dropped.raw" in offered and "wf-legacy2-pmem-data.raw" not in offered  # in use
+    ledger.forget(pool, hv, ["wf-legacy2-pmem-dropped.raw"])
+    assert doctor.prune(conn, pool.name(), ["wf-legacy2-pmem-dropped.raw"]) == ["wf-legacy2-pmem-dropped.raw"]
+
+
+def test_a_volume_under_the_name_nvmprov_gave_before_the_ledger_gets_the_adopt_hint(conn) -> None:
+    pool = _pool(conn)
+    hint = "if an nvmprov before the ownership ledger kept it for this guest, adopt it with `volume: a-pmem-b.raw`"
+    assert hint in ledger.in_the_way(pool, "a-pmem-b.raw", "guest a", "b", guest="a")
+    assert "before the ownership ledger" not in ledger.in_the_way(pool, "x.raw", "guest a", "b", guest="a")
+    assert "before the ownership ledger" not in ledger.in_the_way(pool, "a-pmem-b.raw", "domain a", "b", attach=True)

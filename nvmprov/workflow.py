@@ -314,13 +314,17 @@ def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _
             f"exist in storage pool {pool.name()!r} ({storage.pool_path(pool)}); an adopted volume is made "
             "elsewhere: create it first, or drop `volume:` and nvmprov makes and owns one"
         )
+    _refuse_if_held_by_another(book, owner, region)
+
+
+def _refuse_if_held_by_another(book: ledger.Ledger, owner: _Owner, region: planmod.RegionPlan) -> None:
     entry = book.get(region.volume)
     if entry is not None and not entry.belongs_to(owner.hv, owner.name):
         raise HostError(
             f"volume {region.volume} named by `volume:` under region {region.name} of guest {owner.name} is "
             f"recorded as guest {entry.guest}'s (hypervisor {entry.hypervisor}) in the ownership ledger of storage "
-            f"pool {pool.name()!r}; one volume has one owner: name another volume, or let {entry.guest} give it up "
-            f"first (`nvmprov destroy {entry.guest}` hands an adopted volume back, `--purge` deletes a made one)"
+            f"pool {owner.pool.name()!r}; one volume has one owner: name another volume, or let {entry.guest} give "
+            f"it up first (`nvmprov destroy {entry.guest}` hands an adopted volume back, `--purge` deletes a made one)"
         )
 
 
@@ -437,7 +441,11 @@ def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> 
     if ours:
         return "reusing its own"
     if entry is None or not entry.belongs_to(owner.hv, owner.name):
-        ledger.record(pool, ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
+        def adopt(now: ledger.Ledger) -> ledger.Ledger:  # checked again under the ledger's lock
+            _refuse_if_held_by_another(now, owner, region)
+            return now.with_entry(ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
+
+        ledger.update(pool, owner.hv, adopt)
         undo.add(f"adoption of volume {region.volume} (the volume is kept)",
                  lambda: _unadopt(owner, region.volume, entry))
     return "adopting"

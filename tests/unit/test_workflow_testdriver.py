@@ -515,3 +515,22 @@ def test_a_volume_under_the_name_nvmprov_gave_before_the_ledger_gets_the_adopt_h
     assert hint in ledger.in_the_way(pool, "a-pmem-b.raw", "guest a", "b", guest="a")
     assert "before the ownership ledger" not in ledger.in_the_way(pool, "x.raw", "guest a", "b", guest="a")
     assert "before the ownership ledger" not in ledger.in_the_way(pool, "a-pmem-b.raw", "domain a", "b", attach=True)
+
+
+def test_adopting_is_refused_when_another_guest_records_the_volume_just_before(conn, monkeypatch) -> None:
+    """The adoption is decided again under the ledger's lock: no take-over in between."""
+    pool, hv = _pool(conn), identity.of(conn).key
+    _plant(conn, "theirs3.raw")
+    monkeypatch.setattr(workflow, "_check_backing_volumes", lambda *_a: None)
+    real = workflow._check_adoptable
+
+    def check_then_someone_adopts(p, book, owner, region):  # type: ignore[no-untyped-def]
+        real(p, book, owner, region)  # passes: nobody holds it yet; then another create adopts it first
+        ledger.update(p, hv, lambda b: b.with_entry(ledger.Entry("theirs3.raw", "other", hv, "backing", True)))
+
+    monkeypatch.setattr(workflow, "_check_adoptable", check_then_someone_adopts)
+    g = _adopting("wf-own-steal3", "theirs3.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match="recorded as guest other's"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert ledger.read(pool).get("theirs3.raw") == ledger.Entry("theirs3.raw", "other", hv, "backing", True)

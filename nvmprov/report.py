@@ -77,7 +77,6 @@ class RegionReport:
             self.filesystem = state.filesystem if state else None
 
 
-
 @dataclass
 class GuestReport:
     name: str

@@ -560,8 +560,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from . import guests
-
     names = _names(args)
     if args.purge and not args.yes:
         if not sys.stdin.isatty():
@@ -577,7 +575,11 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         if failures:
             raise HostError(f"{len(failures)} of {len(names)} guests not destroyed: " + "; ".join(failures))
         return EXIT_OK
-    guests.destroy(names, connect=args.connect, purge=args.purge)
+    from . import api
+    from .progress import Progress
+
+    for name in names:
+        api.destroy(name, purge=args.purge, connect=args.connect, progress=Progress(prefix=f"{name}: "))
     return EXIT_OK
 
 
@@ -665,33 +667,26 @@ def _admin_conn(connect: str | None):
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from . import attach, spec
+    from . import api, spec
     from .progress import Progress
 
-    name = _domain_arg(args.domain)
-    try:
+    try:  # here, not in api.attach: the message names the option
         size = spec.parse_size(args.size, what="--size")
         label = spec.parse_size(args.label, what="--label") if args.label else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    request = attach.AttachRequest(
-        region=args.region or "", size_bytes=size, model=args.model, label_bytes=label,
+    report = api.attach(
+        _domain_arg(args.domain), size, region=args.region, model=args.model, label=label,
         filesystem=args.filesystem, mount=args.mount, allocation=args.allocation, live=args.live, config=args.config,
+        connect=args.connect, progress=Progress(),
     )
-    conn = _admin_conn(args.connect)
-    try:
-        if not request.region:
-            request = attach.with_default_name(conn, name, request)
-        report = attach.attach(conn, name, request, Progress())
-    finally:
-        conn.close()
     return _emit(report, args)
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
     import json
 
-    from . import attach
+    from . import api
     from .progress import Progress
 
     name = _domain_arg(args.domain)
@@ -701,12 +696,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
         if input(f"delete the backing volume of {args.region}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing detached")
             return EXIT_OK
-    conn = _admin_conn(args.connect)
-    try:
-        result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=args.purge,
-                               progress=Progress())
-    finally:
-        conn.close()
+    result = api.detach(name, args.region, live=args.live, config=args.config, purge=args.purge,
+                        connect=args.connect, progress=Progress())
     if args.json:
         print(json.dumps(result.__dict__, indent=2))
     else:

@@ -330,24 +330,30 @@ class _Registry:
         existed = False
         try:
             existed = api.exists(name, connect=self.connect)
-            progress("exists: re-verifying it (no boot)" if existed else "creating it (a TCG boot takes about a "
-                     "minute, the power-cycle proof another)")
+            progress("exists: re-verifying it (no boot)" if existed else
+                     "creating it (under TCG a boot takes a minute or two" + (", the power-cycle proof another)"
+                                                                              if power_cycle else ")"))
             report = api.create(source, guest=guest, power_cycle=power_cycle, connect=self.connect,
                                 keep_on_failure=self.keep, progress=run).guests[0]
         except Exception as exc:  # noqa: BLE001 - a bug too fails the tests that need the guest, once
-            failed = GuestReport(name=name)
-            failed.fail(run.last_phase("create"), error_message(exc))
-            record = {"failed": _failure_text(failed, self.connect), "created": False, "spec_json": spec_json}
-            self._write(name, record)
-            return record
-        if not report.ok:
-            # A new guest that failed was rolled back by create (kept with --nvmprov-keep); an existing
-            # one is left as it was: nothing of it is this run's to destroy.
-            record = {"failed": _failure_text(report, self.connect), "created": False, "spec_json": spec_json}
+            report = GuestReport(name=name)
+            report.fail(run.last_phase("create"), error_message(exc))
+        # A new guest that failed is rolled back by create (kept with --nvmprov-keep), but one whose
+        # checks failed stays, as with the CLI: it is this run's, and destroyed at its end.
+        created = not existed and (report.ok or self._still_there(name))
+        record: dict[str, Any] = {"created": created, "spec_json": spec_json}
+        if report.ok:
+            record["report"] = dataclasses.asdict(report)
         else:
-            record = {"created": not existed, "spec_json": spec_json, "report": dataclasses.asdict(report)}
+            record["failed"] = _failure_text(report, self.connect)
         self._write(name, record)
         return record
+
+    def _still_there(self, name: str) -> bool:
+        try:
+            return api.exists(name, connect=self.connect)
+        except NvmprovError:
+            return False
 
     def release(self, g: Guest) -> None:
         """The end of a fixture's scope: without xdist, the last user of a guest this run created destroys

@@ -84,6 +84,8 @@ def create(spec: api.SpecSource, *, guest: str | None = None, power_cycle: bool 
         report.fail(**conf["fail"])
         return Report(guests=[report])  # a new guest that failed was rolled back
     _set_guests(guests() | {g.name})
+    if conf.get("check_fails"):  # a check that fails leaves the guest, as workflow.create does
+        report.regions[0].dax = False
     report.settle()
     return Report(guests=[report])
 

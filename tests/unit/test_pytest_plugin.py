@@ -202,6 +202,17 @@ def test_a_failing_guest_fails_its_tests_with_the_phase_and_console_tail(pyteste
     assert of(fake, "destroy") == []  # nothing of it is left to destroy: create rolled back
 
 
+def test_a_new_guest_whose_check_failed_fails_its_tests_and_is_still_destroyed(pytester, fake) -> None:
+    configure(fake, check_fails=True)
+    factory(pytester)
+    pytester.makepyfile(test_one="def test_a(pmem):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", PLUGIN)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*nvmprov guest pt-guest failed in phase verify*", "*region data: dax false*"])
+    assert [(d["name"], d["purge"]) for d in of(fake, "destroy")] == [("pt-guest", True)]
+    assert plugin_fake.guests(fake) == set()
+
+
 def test_an_error_raised_names_the_phase_it_was_in(pytester, fake) -> None:
     configure(fake, **{"raise": "libvirt: cannot start pt-guest: no space left on device"})
     factory(pytester)

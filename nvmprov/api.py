@@ -95,6 +95,7 @@ def create(
     connect: str | None = None,
     progress: ProgressCallback | Progress | None = None,
     cancel: CancelToken | None = None,
+    report: GuestReport | None = None,
 ) -> Report:
     """Create one guest, boot it, set its regions up and verify them (`nvmprov create`); when it
     exists with the same spec, re-verify it instead (no power cycle, nothing re-made). A changed spec
@@ -102,7 +103,9 @@ def create(
 
     SPEC: a file path or a mapping (see load_spec); GUEST picks one guest of a fleet file. UNTIL stops
     after "define", "start" or "ssh". POWER_CYCLE: also cut the power and prove the data survived (a
-    second boot). CONNECT overrides the spec's libvirt URI.
+    second boot). CONNECT overrides the spec's libvirt URI. REPORT: a GuestReport to fill as the run
+    goes, for a caller that wants it also when create raises: it then holds what the run had learned
+    (ssh, accel, notes such as "rollback left: ...") and the phase it failed in, as `--json` prints it.
     """
     from .workflow import CreateOptions
     from .workflow import create as create_guest
@@ -112,7 +115,10 @@ def create(
         until=until, power_cycle=power_cycle, reformat=reformat, keep_on_failure=keep_on_failure, connect=connect,
         spec_path=None if isinstance(spec, Mapping) else os.path.abspath(os.fspath(spec)),
     )
-    report = GuestReport(name=g.name)
+    if report is None:
+        report = GuestReport(name=g.name)
+    elif report.name != g.name:
+        raise UsageError(f"the report given is guest {report.name}'s, the spec makes {g.name}")
     create_guest(g, opts, _progress(progress, cancel), report=report)
     return Report(guests=[report])
 

@@ -327,17 +327,18 @@ class _Registry:
         """Create or re-verify NAME (the lock held); the record says what became of it, a failure included
         (the other workers fail at once with the same words instead of trying again)."""
         run = Progress(sink=progress)
+        report = GuestReport(name=name)
         existed = False
         try:
             existed = api.exists(name, connect=self.connect)
             progress("exists: re-verifying it (no boot)" if existed else
                      "creating it (under TCG a boot takes a minute or two" + (", the power-cycle proof another)"
                                                                               if power_cycle else ")"))
-            report = api.create(source, guest=guest, power_cycle=power_cycle, connect=self.connect,
-                                keep_on_failure=self.keep, progress=run).guests[0]
+            api.create(source, guest=guest, power_cycle=power_cycle, connect=self.connect, keep_on_failure=self.keep,
+                       progress=run, report=report)
         except Exception as exc:  # noqa: BLE001 - a bug too fails the tests that need the guest, once
-            report = GuestReport(name=name)
-            report.fail(run.last_phase("create"), error_message(exc))
+            if report.error is None:  # create marks its own failures; not one before it began
+                report.fail(run.last_phase("create"), error_message(exc))
         # A new guest that failed is rolled back by create (kept with --nvmprov-keep), but one whose
         # checks failed stays, as with the CLI: it is this run's, and destroyed at its end.
         created = not existed and (report.ok or self._still_there(name))
@@ -394,6 +395,7 @@ class _Registry:
 def _failure_text(report: GuestReport, connect: str | None) -> str:
     error = report.error or {"phase": "verify", "message": "a check failed"}
     lines = [f"nvmprov guest {report.name} failed in phase {error['phase']}: {error['message']}"]
+    lines += [f"  note: {note}" for note in report.notes]  # e.g. "rollback left: ..."
     for r in report.regions:
         failed = [c for c in ("dax", "xip_ok", "data_ok", "persisted") if getattr(r, c, None) is False]
         if failed:

@@ -68,7 +68,8 @@ def _report(name: str, spec: Any, *, persisted: bool | None) -> GuestReport:
 
 
 def create(spec: api.SpecSource, *, guest: str | None = None, power_cycle: bool = True, connect: str | None = None,
-           keep_on_failure: bool = False, progress: Any = None, **_: Any) -> Report:
+           keep_on_failure: bool = False, progress: Any = None, report: GuestReport | None = None,
+           **_: Any) -> Report:
     g = api.load_spec(spec, guest=guest)
     existed = g.name in guests()
     _log("create", name=g.name, power_cycle=power_cycle, connect=connect, keep=keep_on_failure, existed=existed)
@@ -76,18 +77,25 @@ def create(spec: api.SpecSource, *, guest: str | None = None, power_cycle: bool 
     run = progress if isinstance(progress, Progress) else Progress(sink=progress or (lambda _line: None))
     with run.phase("host"):
         pass
+    filled = report if report is not None else GuestReport(name=g.name)
     if "raise" in conf:
-        with run.phase("start"):
-            raise HostError(conf["raise"])
-    report = _report(g.name, g, persisted=None if existed or not power_cycle else True)
+        filled.notes.append("rollback left: volume x")
+        try:
+            with run.phase("start"):
+                raise HostError(conf["raise"])
+        except HostError as exc:
+            filled.fail(run.last_phase("create"), str(exc))  # as workflow.create does before it re-raises
+            raise
+    made = _report(g.name, g, persisted=None if existed or not power_cycle else True)
+    filled.accel, filled.ssh, filled.regions = made.accel, made.ssh, made.regions
     if "fail" in conf:
-        report.fail(**conf["fail"])
-        return Report(guests=[report])  # a new guest that failed was rolled back
+        filled.fail(**conf["fail"])
+        return Report(guests=[filled])  # a new guest that failed was rolled back
     _set_guests(guests() | {g.name})
     if conf.get("check_fails"):  # a check that fails leaves the guest, as workflow.create does
-        report.regions[0].dax = False
-    report.settle()
-    return Report(guests=[report])
+        filled.regions[0].dax = False
+    filled.settle()
+    return Report(guests=[filled])
 
 
 def verify(name: str, *, power_cycle: bool = False, connect: str | None = None, **_: Any) -> Report:

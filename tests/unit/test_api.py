@@ -17,7 +17,7 @@ import pytest
 from nvmprov import api, state, storage, workflow
 from nvmprov.errors import GuestError, Interrupted, SpecError, UsageError, VirtError
 from nvmprov.progress import CancelToken
-from nvmprov.report import Report
+from nvmprov.report import GuestReport, Report
 
 from .test_workflow_testdriver import URI, conn  # noqa: F401 - the test driver fixture
 
@@ -80,8 +80,12 @@ def test_keyboard_interrupt_rolls_back_and_goes_on_to_the_caller(conn, monkeypat
     monkeypatch.setattr(workflow, "open_session", ctrl_c)
     conn.made.append("api-ctrlc")
     lines: list[str] = []
+    filled = GuestReport(name="api-ctrlc")
     with pytest.raises(KeyboardInterrupt):
-        api.create(mapping("api-ctrlc"), connect=URI, progress=lines.append)
+        api.create(mapping("api-ctrlc"), connect=URI, progress=lines.append, report=filled)
+    # what the run had learned, for a caller that prints a report anyway (the CLI's --json)
+    assert filled.error == {"phase": "ssh", "message": "interrupted by SIGINT"}
+    assert filled.ssh is not None and filled.accel is not None
     names = [v.name() for v in storage.pool_of(conn, "nvmprov").listAllVolumes(0)]
     assert not [n for n in names if n.startswith("api-ctrlc")], names
     assert not state.guest_files("api-ctrlc", create=False).dir.exists()

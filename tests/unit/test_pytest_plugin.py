@@ -219,7 +219,8 @@ def test_an_error_raised_names_the_phase_it_was_in(pytester, fake) -> None:
     pytester.makepyfile(test_one="def test_a(pmem):\n    pass\n")
     result = pytester.runpytest_inprocess("-p", PLUGIN)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*nvmprov guest pt-guest failed in phase start: libvirt: cannot start pt-guest*"])
+    result.stdout.fnmatch_lines(["*nvmprov guest pt-guest failed in phase start: libvirt: cannot start pt-guest*",
+                                 "*note: rollback left: volume x*"])
     assert "Traceback" not in result.stdout.str()
 
 

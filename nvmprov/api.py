@@ -130,15 +130,17 @@ def verify(
     connect: str | None = None,
     progress: ProgressCallback | Progress | None = None,
     cancel: CancelToken | None = None,
+    report: GuestReport | None = None,
 ) -> Report:
     """Run the in-guest checks again on a guest nvmprov made (`nvmprov verify`), starting it when it
-    is shut off; POWER_CYCLE also cuts its power and proves the data survived."""
+    is shut off; POWER_CYCLE also cuts its power and proves the data survived. A guest's failure is
+    in the report; REPORT as for create."""
     from .guests import verify_one
     from .state import check_name
 
-    report = verify_one(check_name(name), connect=connect, power_cycle=power_cycle,
-                        progress=_progress(progress, cancel))
-    return Report(guests=[report])
+    filled = verify_one(check_name(name), connect=connect, power_cycle=power_cycle,
+                        progress=_progress(progress, cancel), report=report)
+    return Report(guests=[filled])
 
 
 def destroy(

@@ -526,8 +526,6 @@ def _emit(report: object, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from . import guests
-
     names = _names(args)
     if len(names) > 1:
         from . import fleet
@@ -535,12 +533,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         parallel = args.parallel or fleet.default_parallel(len(names))
         return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr), args)
+    from . import api
     from .progress import Progress
     from .report import GuestReport, Report
 
     name, progress = names[0], Progress()
     report = GuestReport(name=name)
-    _reported(report, progress, args, phase="verify", run=lambda: guests.verify_one(
+    _reported(report, progress, args, phase="verify", run=lambda: api.verify(
         name, connect=args.connect, power_cycle=args.power_cycle, progress=progress, report=report))
     return _emit(Report(guests=[report]), args)
 

@@ -128,3 +128,13 @@ def test_destroy_of_a_missing_guest(conn) -> None:  # noqa: F811
 
 def test_console_tail_never_raises() -> None:
     assert api.console_tail("api-no-such-guest-anywhere") == ""
+
+
+def test_a_callback_that_fails_does_not_stop_the_run(conn, capsys) -> None:  # noqa: F811
+    def broken(_line: str) -> None:
+        raise RuntimeError("the caller's logging is broken")
+
+    report = api.create(mapping("api-broken-cb"), until="define", connect=URI, progress=broken)
+    conn.made.append("api-broken-cb")
+    assert report.ok, report
+    assert capsys.readouterr() == ("", "")

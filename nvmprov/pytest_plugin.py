@@ -258,11 +258,14 @@ class _Registry:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if self.is_worker or self.config.get_verbosity() < 1:
             reporter = None
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
 
         def line(text: str) -> None:
             log.info("%s: %s", name, text)
             if reporter is not None:
-                reporter.write_line(f"nvmprov {name}: {text}")
+                # past pytest's output capture (it holds fd 1 while a fixture sets up), as live logging does
+                with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                    reporter.write_line(f"nvmprov {name}: {text}")
 
         return line
 

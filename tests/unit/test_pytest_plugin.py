@@ -108,6 +108,14 @@ def test_the_options_are_in_help(pytester: pytest.Pytester) -> None:
         assert option in result.stdout.str()
 
 
+def test_with_v_the_phases_reach_the_terminal_past_the_capture(pytester, fake) -> None:
+    factory(pytester)
+    pytester.makepyfile(test_one="def test_it(pmem):\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", PLUGIN, "-v")  # a real process: fd capture as in CI
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["nvmprov pt-guest: creating it*", "nvmprov pt-guest: host done in*"])
+
+
 # ---------------------------------------------------------------------------------------------
 # create, re-verify, destroy
 

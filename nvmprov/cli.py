@@ -531,8 +531,6 @@ def _emit(report: object, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from . import guests
-
     targets = _targets(args)
     if len(targets) > 1:
         from . import fleet
@@ -540,12 +538,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         parallel = args.parallel or fleet.default_parallel(len(targets))
         return _emit_fleet(fleet.verify([n for n, _c in targets], connect=args.connect, power_cycle=args.power_cycle,
                                         parallel=parallel, stream=sys.stderr, connect_of=dict(targets)), args)
+    from . import api
     from .progress import Progress
     from .report import GuestReport, Report
 
     (name, connect), progress = targets[0], Progress()
     report = GuestReport(name=name)
-    _reported(report, progress, args, phase="verify", run=lambda: guests.verify_one(
+    _reported(report, progress, args, phase="verify", run=lambda: api.verify(
         name, connect=connect, power_cycle=args.power_cycle, progress=progress, report=report))
     return _emit(Report(guests=[report]), args)
 
@@ -689,31 +688,26 @@ def _admin_conn(connect: str | None):
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from . import attach, spec
+    from . import api, spec
     from .progress import Progress
 
-    name = _domain_arg(args.domain)
-    try:
+    try:  # here, not in api.attach: the message names the option
         size = spec.parse_size(args.size, what="--size")
         label = spec.parse_size(args.label, what="--label") if args.label else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    request = attach.AttachRequest(
-        region=args.region or "", size_bytes=size, model=args.model, label_bytes=label,
+    report = api.attach(
+        _domain_arg(args.domain), size, region=args.region, model=args.model, label=label,
         filesystem=args.filesystem, mount=args.mount, allocation=args.allocation, live=args.live, config=args.config,
+        connect=args.connect, progress=Progress(),
     )
-    conn = _admin_conn(args.connect)
-    try:
-        report = attach.attach(conn, name, request, Progress())
-    finally:
-        conn.close()
     return _emit(report, args)
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
     import json
 
-    from . import attach
+    from . import api
     from .progress import Progress
 
     name = _domain_arg(args.domain)
@@ -726,12 +720,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
         if input(f"delete the backing volume of {args.region}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing detached")
             return EXIT_OK
-    conn = _admin_conn(args.connect)
-    try:
-        result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=purge,
-                               progress=Progress())
-    finally:
-        conn.close()
+    result = api.detach(name, args.region, live=args.live, config=args.config, purge=args.purge,
+                        purge_adopted=args.purge_adopted, connect=args.connect, progress=Progress())
     if args.json:
         print(json.dumps(result.__dict__, indent=2))
     else:

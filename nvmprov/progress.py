@@ -1,9 +1,10 @@
 """Progress on stderr: one line per phase with elapsed seconds; a live spinner on a TTY.
 
 Library code reports through a Progress object handed to it; it never prints by itself. A
-Progress may also carry a fleet's CancelToken: checkpoint() raises Interrupted once it is
-cancelled, at each phase's start (a stage boundary) and between SSH attempts, but never while
-rolling_back() (an undo must run to its end).
+Progress with a SINK hands each line to that callable instead of writing to a stream (nvmprov.api:
+a caller's callback, or `logging`; no spinner then). A Progress may also carry a fleet's
+CancelToken: checkpoint() raises Interrupted once it is cancelled, at each phase's start (a stage
+boundary) and between SSH attempts, but never while rolling_back() (an undo must run to its end).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from .errors import Interrupted
@@ -45,8 +46,10 @@ class Progress:
         prefix: str = "",
         log: IO[str] | None = None,
         cancel: CancelToken | None = None,
+        sink: Callable[[str], None] | None = None,
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self.sink = sink  # gets each line (prefix + message, no elapsed time) instead of the stream
         self.prefix = prefix
         self.log = log
         self.cancel = cancel
@@ -54,7 +57,7 @@ class Progress:
         self._raised = False  # a cancel raises once; what follows is the run's own way out
         self.start = time.monotonic()
         self.timings_s: dict[str, float] = {}
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._tty = sink is None and bool(getattr(self.stream, "isatty", lambda: False)())
         self._lock = threading.Lock()
         self._status: str | None = None
 
@@ -62,15 +65,22 @@ class Progress:
         return time.monotonic() - self.start
 
     def line(self, message: str) -> None:
-        text = f"[{self.elapsed_s():6.1f}s] {self.prefix}{clean(message)}"  # lines may quote the guest
+        body = f"{self.prefix}{clean(message)}"  # lines may quote the guest
+        text = f"[{self.elapsed_s():6.1f}s] {body}"
+        if self.sink is not None:
+            # Best effort like the stream: a caller's callback that fails must not cut a run, or its
+            # rollback, short. Called outside the lock: a callback may report through this Progress.
+            with contextlib.suppress(Exception):
+                self.sink(body)
         with self._lock:
-            # Progress is best effort: a reader that went away (closed pipe, dead terminal) once
-            # raised BrokenPipeError out of a rollback and left the guest's volumes behind.
-            with contextlib.suppress(OSError, ValueError):
-                if self._tty and self._status is not None:
-                    self.stream.write("\r\x1b[2K")
-                self.stream.write(text + "\n")
-                self.stream.flush()
+            if self.sink is None:
+                # Progress is best effort: a reader that went away (closed pipe, dead terminal) once
+                # raised BrokenPipeError out of a rollback and left the guest's volumes behind.
+                with contextlib.suppress(OSError, ValueError):
+                    if self._tty and self._status is not None:
+                        self.stream.write("\r\x1b[2K")
+                    self.stream.write(text + "\n")
+                    self.stream.flush()
             if self.log is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self.log.write(text + "\n")

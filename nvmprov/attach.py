@@ -492,6 +492,10 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
         if asked_config:
             notes.append("virtio-pmem is kept in nvmprov's metadata, not the libvirt config: nvmprov start "
                          "hot-plugs it after every start")
+    # before the recorded spec's own rule, which would name the spec key instead of --numa-node
+    node_problems = _node_problems(domxml.parse(virt.xml_desc(dom, inactive=not request.live)), request)
+    if node_problems:
+        raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", node_problems)
     new_plan, spec_json = _managed_plan(conn, md, request)
     region = new_plan.region(request.region)
     problems = _problems(dom, request, running)

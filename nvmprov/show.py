@@ -145,7 +145,9 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
         name = _region_name(dev.alias)
         where = "+".join(w for w, on in (("live", dev.alias in live_aliases), ("config", dev.alias in cfg_aliases))
                          if on)
-        view = RegionView(name, dev.model, dev.size_bytes, None, where, dev.path, numa_node=dev.node)
+        # an nvdimm without <node> is on node 0 (QEMU's default); virtio-pmem has no node
+        on = dev.node if dev.node is not None or dev.model != "nvdimm" else 0
+        view = RegionView(name, dev.model, dev.size_bytes, None, where, dev.path, numa_node=on)
         if dev.base is not None and running and dev.alias in live_aliases:
             view.guest_start = dev.base
             view.guest_end = dev.base + dev.size_bytes - (dev.label_bytes or 0) - 1

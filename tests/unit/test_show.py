@@ -95,3 +95,9 @@ def test_topology_nodes_their_ram_cpus_and_regions() -> None:
 
 def test_a_probe_without_target_node_still_parses() -> None:
     assert [r.target_node for r in show.parse_probe(PROBE).regions] == [None, None]
+
+
+def test_an_nvdimm_without_a_node_element_is_on_node_0() -> None:
+    config = domain.render(NUMA_PLAN, CTX, metadata=NUMA_MD).replace("<node>0</node>", "")
+    mm = show.build_map(config, config, running=False, md=None)
+    assert [(n.id, n.regions) for n in mm.nodes] == [(0, ["near"]), (1, ["far"])]

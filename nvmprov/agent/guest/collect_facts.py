@@ -110,7 +110,7 @@ def regions():
             "size": read(path + "/size"),
             "read_only": read(path + "/read_only"),
             # the node the firmware (NFIT proximity domain) put the region on; numa_node is only the
-            # nearest online node with CPUs and memory, so it is not the placement
+            # nearest online node, so it need not be the placement
             "target_node": read(path + "/target_node"),
             "numa_node": read(path + "/numa_node"),
             "mappings": [read(f"{path}/mapping{i}") for i in range(count)],

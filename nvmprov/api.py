@@ -191,13 +191,15 @@ def attach(
     allocation: Literal["full", "sparse"] = "full",
     live: bool = False,
     config: bool = False,
+    numa_node: int = 0,
     connect: str | None = None,
     progress: ProgressCallback | Progress | None = None,
 ) -> Report:
     """Add a region to a libvirt domain (`nvmprov attach`); on a guest nvmprov made, also format,
     mount and verify it. SIZE and LABEL: bytes or a size text ("512MiB"). REGION defaults to the
-    first free hpN. Neither LIVE nor CONFIG: what lasts and works on this domain. What the domain
-    cannot take raises UsageError naming each change it needs; nothing is changed then."""
+    first free hpN; NUMA_NODE is an nvdimm's guest node. Neither LIVE nor CONFIG: what lasts and works
+    on this domain. What the domain cannot take raises UsageError naming each change it needs; nothing
+    is changed then."""
     from . import attach as attachmod
     from . import guests
     from . import spec as specmod
@@ -209,7 +211,7 @@ def attach(
         raise UsageError(str(exc)) from None
     request = attachmod.AttachRequest(
         region=region or "", size_bytes=size_bytes, model=model, label_bytes=label_bytes, filesystem=filesystem,
-        mount=mount, allocation=allocation, live=live, config=config,
+        mount=mount, allocation=allocation, live=live, config=config, numa_node=numa_node,
     )
     with guests.connection(connect) as conn:  # an empty REGION: attach picks hpN under the domain's lock
         return attachmod.attach(conn, domain, request, _progress(progress))

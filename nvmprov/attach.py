@@ -47,6 +47,7 @@ class AttachRequest:
     live: bool = False                     # resolved targets (see targets())
     config: bool = False
     virtio_pmem_in_config: bool = False    # HostFacts.virtio_pmem_in_config (libvirt >= 9.5)
+    numa_node: int = 0                     # the guest NUMA node (nvdimm <target><node>); the domain needs that cell
 
     @property
     def backing_bytes(self) -> int:
@@ -108,6 +109,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
         problems += _virtio_pmem_problems(d, request)
     if request.model != "nvdimm" and request.label_bytes is not None:
         problems.append("--label is for nvdimm only; drop it or use --model nvdimm")
+    problems += _node_problems(d, request)
     if d.device(f"ua-pmem-{request.region}") is not None:
         problems.append(f"domain {name} already has a region named {request.region} (alias ua-pmem-{request.region}); "
                         "choose another --name")
@@ -145,6 +147,22 @@ def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]
                         f"<numa><cell id='0' cpus='0-N' memory='{_kib(d.ram_bytes)}' unit='KiB'/></numa> under <cpu> "
                         f"(virsh edit {name}){after}")
     return problems
+
+
+def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+    """--numa-node: an nvdimm only (libvirt 9.0 refuses a node on virtio-pmem), and a node the domain has."""
+    if request.numa_node == 0:
+        return []   # node 0: the default, and what libvirt gives a device without <node>
+    if request.model != "nvdimm":
+        return ["--numa-node is for nvdimm only: libvirt 9.0 refuses a NUMA node on virtio-pmem (\"virtio-pmem "
+                "does not support NUMA nodes\"; QEMU 7.2's virtio-pmem-pci has none); drop it or use --model nvdimm"]
+    if d.numa_cells == 0 or d.cell(request.numa_node) is not None:
+        return []   # no cell at all is reported by _memory_problems
+    have = ", ".join(str(c.id) for c in d.cells)
+    return [f"domain {d.name} has no NUMA node {request.numa_node} (its nodes: {have}) and a memory device lands in "
+            f"an existing one: use --numa-node {have.split(', ')[-1]} or lower; nodes are fixed at start, so more need "
+            f"another <cell> under <cpu><numa> (virsh edit {d.name}, then power it off and start it; an nvmprov guest: "
+            "numa_nodes: in its spec, recreated)"]
 
 
 def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
@@ -189,6 +207,7 @@ def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: s
         pci_slot=(port.slot if port and port.slot is not None else FIRST_PORT_PCI_SLOT) if port else None,
         pci_bus=port.index if port else None,
         expected_usable_bytes=expected_usable_bytes(request.model, request.backing_bytes, label),
+        numa_node=request.numa_node if request.model == "nvdimm" else 0,
     )
 
 
@@ -230,11 +249,13 @@ def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
         raw["label"] = format_size(request.label_bytes)
     if request.mount is not None:
         raw["mount"] = request.mount
+    if request.numa_node != 0:
+        raw["numa_node"] = request.numa_node
     try:
         return RegionSpec.model_validate(raw).model_dump(mode="json", by_alias=True)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "region"
+        where = ".".join(str(p) for p in err["loc"]).replace("_", "-") or "region"
         msg = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
         raise UsageError(f"--{where}: {msg}") from None
 
@@ -427,6 +448,7 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
         "name": region.name, "model": region.model, "size_bytes": region.size_bytes,
         "usable_bytes": region.expected_usable_bytes, "backing_path": f"{pool_dir}/{volume}",
         "alias": region.alias, "attached": _where(request.live, request.config), "guest_device": None,
+        "numa_node": region.numa_node if region.model == "nvdimm" else None,
     })
     if request.live and not request.config:
         g.notes.append(f"attached live only: the region leaves {name} when it stops; attach it again after a start")
@@ -470,6 +492,10 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
         if asked_config:
             notes.append("virtio-pmem is kept in nvmprov's metadata, not the libvirt config: nvmprov start "
                          "hot-plugs it after every start")
+    # before the recorded spec's own rule, which would name the spec key instead of --numa-node
+    node_problems = _node_problems(domxml.parse(virt.xml_desc(dom, inactive=not request.live)), request)
+    if node_problems:
+        raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", node_problems)
     new_plan, spec_json = _managed_plan(conn, md, request)
     region = new_plan.region(request.region)
     problems = _problems(dom, request, running)

@@ -286,6 +286,8 @@ def _attach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filesystem", choices=["ext4", "xfs", "none"], help="managed guests: default ext4")
     p.add_argument("--mount", help="managed guests: default /mnt/REGION")
     p.add_argument("--allocation", choices=["full", "sparse"], default="full")
+    p.add_argument("--numa-node", type=int, default=0, metavar="N",
+                   help="nvdimm: the guest NUMA node (default 0); the domain must have that cell")
     p.add_argument("--live", action="store_true", help="attach to the running domain")
     p.add_argument("--config", action="store_true", help="attach to the persistent config (next start)")
     p.add_argument("--connect")
@@ -699,7 +701,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     report = api.attach(
         _domain_arg(args.domain), size, region=args.region, model=args.model, label=label,
         filesystem=args.filesystem, mount=args.mount, allocation=args.allocation, live=args.live, config=args.config,
-        connect=args.connect, progress=Progress(),
+        numa_node=args.numa_node, connect=args.connect, progress=Progress(),
     )
     return _emit(report, args)
 

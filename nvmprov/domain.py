@@ -105,7 +105,7 @@ def _region_element(region: RegionPlan, pool_dir: str) -> ET.Element:
     target = _sub(mem, "target")
     _sub(target, "size", _kib(region.backing_bytes), unit="KiB")
     if region.model == "nvdimm":
-        _sub(target, "node", "0")
+        _sub(target, "node", str(region.numa_node))
         if region.label_bytes:
             label = _sub(target, "label")
             _sub(label, "size", _kib(region.label_bytes), unit="KiB")
@@ -152,8 +152,10 @@ def _metadata_element(md: Metadata) -> ET.Element:
     regions = _sub(root, _m("regions"))
     for r in md.regions:
         # `adopted` only when true: the metadata of every other region stays as it was
+        # `numa_node` only off node 0: likewise
         attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS
-                 if getattr(r, n) is not None and not (n == "adopted" and not r.adopted)}
+                 if getattr(r, n) is not None and not (n == "adopted" and not r.adopted)
+                 and not (n == "numa_node" and r.numa_node == 0)}
         region = _sub(regions, _m("region"), **attrs)
         for note in r.notes:
             _sub(region, _m("note"), note)
@@ -174,7 +176,7 @@ def metadata_xml(md: Metadata) -> str:
 
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
-               "expected_usable_bytes"}
+               "expected_usable_bytes", "numa_node"}
 _BOOL_FIELDS = {"readonly", "host_pmem", "adopted"}
 
 
@@ -189,6 +191,7 @@ def _region_from(el: ET.Element) -> RegionPlan:
             values[name] = text
     values["notes"] = tuple(n.text or "" for n in el.iterfind(_m("note")))
     values["adopted"] = values["adopted"] is True
+    values["numa_node"] = values["numa_node"] or 0
     return RegionPlan(**values)  # type: ignore[arg-type]
 
 
@@ -248,8 +251,14 @@ def _cpu(dom: ET.Element, plan: Plan) -> None:
         cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
         _sub(cpu, "model", plan.cpu_model, fallback="allow")
     numa = _sub(cpu, "numa")
-    # One cell holds all vCPUs and RAM; memory devices need a NUMA node to land in.
-    _sub(numa, "cell", id="0", cpus=f"0-{plan.vcpus - 1}", memory=_kib(plan.memory_bytes), unit="KiB")
+    # Memory devices need a NUMA node to land in: one cell per node of the plan (one by default,
+    # with all vCPUs and RAM). A memory-only node is a cell without cpus (libvirt 9.0 takes it).
+    for cell in plan.numa:
+        el = _sub(numa, "cell", id=str(cell.id))
+        if cell.cpuset is not None:
+            el.set("cpus", cell.cpuset)
+        el.set("memory", _kib(cell.memory_bytes))
+        el.set("unit", "KiB")
 
 
 def _disks(devices: ET.Element, plan: Plan, ctx: RenderContext) -> None:

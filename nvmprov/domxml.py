@@ -30,6 +30,16 @@ class MemDevice:
     base: int | None            # <address ... base='0x...'> guest physical address, live XML only
     pci_bus: int | None         # <address type='pci' bus=N>
     shared: bool                # access='shared'
+    node: int | None = None     # <target><node>: the guest NUMA node (None: not given)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One <cpu><numa><cell>: a guest NUMA node."""
+
+    id: int
+    memory_bytes: int
+    cpus: str | None            # libvirt's cpuset ('0-1', '0,2'); None: a node with memory and no CPUs
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class DomainFacts:
     devices: tuple[MemDevice, ...]
     root_ports: tuple[RootPort, ...]
     used_buses: frozenset[int]  # PCI buses some device sits on
+    cells: tuple[Cell, ...] = ()
 
     @property
     def q35(self) -> bool:
@@ -82,6 +93,9 @@ class DomainFacts:
         used = {d.dimm_slot for d in self.devices if d.dimm_slot is not None}
         return next((s for s in range(self.slots) if s not in used), None)
 
+    def cell(self, node: int) -> Cell | None:
+        return next((c for c in self.cells if c.id == node), None)
+
     def device(self, alias: str) -> MemDevice | None:
         return next((d for d in self.devices if d.alias == alias), None)
 
@@ -111,7 +125,14 @@ def _mem_device(el: ET.Element) -> MemDevice:
         base=_int(addr.get("base")) if addr is not None else None,
         pci_bus=_int(addr.get("bus")) if addr is not None and addr.get("type") == "pci" else None,
         shared=el.get("access") == "shared",
+        node=_int(el.findtext("target/node")),
     )
+
+
+def _cell(el: ET.Element, index: int) -> Cell:
+    return Cell(id=_int(el.get("id")) if el.get("id") is not None else index,  # type: ignore[arg-type]
+                memory_bytes=int(el.get("memory", "0")) * _UNITS[el.get("unit", "KiB").lower()],
+                cpus=el.get("cpus") or None)
 
 
 def _root_port(el: ET.Element) -> RootPort:
@@ -152,4 +173,5 @@ def parse(domain_xml: str) -> DomainFacts:
         devices=devices,
         root_ports=ports,
         used_buses=frozenset(used_buses),
+        cells=tuple(_cell(c, i) for i, c in enumerate(cells)),
     )

@@ -66,6 +66,21 @@ class RegionPlan:
     notes: tuple[str, ...] = ()   # e.g. "size rounded up from ... to ..."
     pci_bus: int | None = None    # virtio-pmem: libvirt index of that root port (the <address bus=...>)
     adopted: bool = False         # the spec named the volume (`volume:`): made elsewhere, never deleted unasked
+    numa_node: int = 0            # guest NUMA node (nvdimm <target><node>); virtio-pmem: always 0
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    """One guest NUMA node: its share of the RAM and its vCPUs (none: a memory-only node)."""
+
+    id: int
+    memory_bytes: int
+    cpus: tuple[int, ...]         # vCPU numbers, contiguous; () for a node with memory and no CPUs
+
+    @property
+    def cpuset(self) -> str | None:
+        """libvirt's cpus='0-1' form (one vCPU: '0-0'); None for a memory-only node (a cell without cpus)."""
+        return f"{self.cpus[0]}-{self.cpus[-1]}" if self.cpus else None
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,7 @@ class Plan:
     memory_bytes: int
     max_memory_bytes: int         # RAM + all regions + hotplug headroom
     memory_slots: int             # regions + hotplug slots
-    numa_cells: int
+    numa_cells: int               # len(cells)
     boot: Boot
     image: str                    # "builtin" or absolute path of a user image
     disk_bytes: int
@@ -102,6 +117,12 @@ class Plan:
     regions: tuple[RegionPlan, ...] = field(default_factory=tuple)
     # Empty pcie-root-ports after the virtio-pmem ones, so virtio-pmem can be hot-plugged later.
     spare_root_ports: int = 0
+    # The guest NUMA nodes (numa_layout); () in plans built by hand: one cell with everything.
+    cells: tuple[NumaCell, ...] = ()
+
+    @property
+    def numa(self) -> tuple[NumaCell, ...]:
+        return self.cells or (NumaCell(0, self.memory_bytes, tuple(range(self.vcpus))),)
 
     @property
     def nvdimm_regions(self) -> tuple[RegionPlan, ...]:
@@ -144,6 +165,7 @@ def build(spec: GuestSpec, facts: HostFacts) -> Plan:
     base, kernel, initrd = facts.builtin_volumes or DEFAULT_BUILTIN_VOLUMES
     builtin = spec.image == "builtin"
     n_ports = sum(1 for r in regions if r.model == "virtio-pmem")
+    cells = numa_layout(spec.memory_bytes, spec.vcpus, spec.numa_nodes)
     return Plan(
         name=spec.name,
         spec_digest=spec.digest(),
@@ -157,7 +179,7 @@ def build(spec: GuestSpec, facts: HostFacts) -> Plan:
         memory_bytes=spec.memory_bytes,
         max_memory_bytes=max_memory_bytes(spec.memory_bytes, regions, spec.hotplug.headroom_bytes),
         memory_slots=len(regions) + spec.hotplug.slots,
-        numa_cells=1,
+        numa_cells=len(cells),
         boot=boot,
         image=spec.image,
         disk_bytes=spec.disk_bytes,
@@ -176,7 +198,23 @@ def build(spec: GuestSpec, facts: HostFacts) -> Plan:
         ssh_timeout_s=spec.timeouts.ssh_s,
         regions=regions,
         spare_root_ports=min(spec.hotplug.slots, LAST_PORT_PCI_SLOT - FIRST_PORT_PCI_SLOT + 1 - n_ports),
+        cells=cells,
     )
+
+
+def numa_layout(memory_bytes: int, vcpus: int, nodes: int) -> tuple[NumaCell, ...]:
+    """The rule (docs/spec.md): the RAM in equal shares, one per node (spec validation makes sure it
+    divides into whole 2MiB blocks); the vCPUs in contiguous blocks from node 0, the first
+    `vcpus % nodes` nodes one more than the rest. With fewer vCPUs than nodes the last nodes get
+    none: memory-only nodes, as a real machine's pmem node (vcpus: 1, numa_nodes: 2 -> node 0 has
+    CPU 0, node 1 none)."""
+    share, extra = divmod(vcpus, nodes)
+    cells, first = [], 0
+    for node in range(nodes):
+        count = share + (1 if node < extra else 0)
+        cells.append(NumaCell(node, memory_bytes // nodes, tuple(range(first, first + count))))
+        first += count
+    return tuple(cells)
 
 
 def choose_accel(wanted: str, facts: HostFacts) -> tuple[Accel, str | None]:
@@ -243,6 +281,7 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         mount=r.mount,
         volume=r.volume or backing_volume(guest, r.name),
         adopted=r.volume is not None,
+        numa_node=r.numa_node,
         alias=f"ua-pmem-{r.name}",
         dimm_slot=dimm_slot if r.model == "nvdimm" else None,
         pci_slot=FIRST_PORT_PCI_SLOT + port if port is not None else None,

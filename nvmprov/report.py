@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1  # bump only for a change that is not additive (see above)
 
 # What each region field must be for the region to count as verified.
-REGION_CHECKS = ("dax", "xip_ok", "data_ok", "persisted")
+REGION_CHECKS = ("dax", "xip_ok", "data_ok", "persisted", "node_ok")
 
 
 @dataclass
@@ -63,6 +63,9 @@ class RegionReport:
     marker_offset: int | None = None  # where the caller found the marker in the backing volume
     fs_uuid: str | None = None  # the filesystem's UUID (stable; /etc/fstab mounts by it)
     namespace_uuid: str | None = None  # ndctl's namespace uuid (stable); None for a raw label-less namespace
+    numa_node: int | None = None  # the spec's node (nvdimm); None: not checked (virtio-pmem has no node)
+    target_node: int | None = None  # the node the guest kernel shows (sysfs regionN/target_node; -1: none)
+    node_ok: bool | None = None  # target_node == numa_node; None: not checked (no numa_node, or no sysfs value)
 
     def observe(self, state: RegionState | None) -> None:
         """Take every enumeration-dependent field from `state`, the region as the guest shows it
@@ -73,6 +76,9 @@ class RegionReport:
         self.namespace_uuid = state.namespace_uuid if state else None
         self.fs_uuid = state.fs_uuid if state else None
         self.mountpoint = state.mountpoint if state else None
+        self.target_node = state.target_node if state else None
+        if self.numa_node is not None:
+            self.node_ok = None if self.target_node is None else self.target_node == self.numa_node
         if self.filesystem != "none":  # `filesystem: none` in the spec: reported as such, whatever blkid says
             self.filesystem = state.filesystem if state else None
 
@@ -124,6 +130,11 @@ def _region_ok(region: dict[str, Any]) -> bool:
         if value is False:
             return False
     return True
+
+
+def node_reason(region: dict[str, Any]) -> str:
+    return (f"region {region.get('name')}: on NUMA node {region.get('target_node')} in the guest "
+            f"(sysfs target_node), the spec puts it on node {region.get('numa_node')}")
 
 
 def failed_checks(region: Any) -> list[str]:
@@ -200,9 +211,11 @@ def render_text(report: Report) -> str:
             for row in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
         for r in g.regions:
-            reason = _as_dict(r).get("persisted_reason")
-            if reason:
-                lines.append(f"  {reason}")
+            d = _as_dict(r)
+            if d.get("persisted_reason"):
+                lines.append(f"  {d['persisted_reason']}")
+            if d.get("node_ok") is False:
+                lines.append(f"  {node_reason(d)}")
         if g.timings_s:
             lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in g.timings_s.items()))
         for note in g.notes:
@@ -233,6 +246,8 @@ def render_junit(report: Report) -> str:
                     fail = ET.SubElement(case, "failure", message=f"{check} failed for region {d.get('name')}")
                     if check == "persisted" and d.get("persisted_reason"):
                         fail.text = str(d["persisted_reason"])
+                    if check == "node_ok":
+                        fail.text = node_reason(d)
                 cases.append(case)
         total_s = sum(g.timings_s.values())
         suite = ET.SubElement(

@@ -1,8 +1,10 @@
 """`nvmprov show NAME`: a guest's memory map as a person wants it.
 
-RAM and every region with its guest physical address range (from inside the guest when nvmprov can
-log in: /proc/iomem and /sys/bus/nd/devices/regionN; else from libvirt's live XML where it has a
-base address), model, size and usable bytes, free slots, hotplug headroom and SSH coordinates.
+The NUMA topology (each node's RAM, vCPUs and regions; the node the guest kernel shows a region on,
+when nvmprov can log in), RAM and every region with its guest physical address range (from inside
+the guest when nvmprov can log in: /proc/iomem and /sys/bus/nd/devices/regionN; else from
+libvirt's live XML where it has a base address), model, size and usable bytes, free slots,
+hotplug headroom and SSH coordinates.
 Building the map is pure (build_map, parse_probe); only show() talks to libvirt and the guest.
 """
 
@@ -33,7 +35,8 @@ for r in /sys/bus/nd/devices/region*; do
   m=$(cut -d, -f1 "$r/mapping0" 2>/dev/null)
   [ -n "$m" ] && h=$(cat "/sys/bus/nd/devices/$m/nfit/handle" 2>/dev/null || echo -)
   b=$(ls -d "$r"/*/block/* 2>/dev/null | sed 's#.*/##' | tr '\n' ',')
-  echo "region $(basename "$r") $(cat "$r/resource") $(cat "$r/size") $h $(readlink -f "$r") ${b:--}"
+  n=$(cat "$r/target_node" 2>/dev/null || echo -)
+  echo "region $(basename "$r") $(cat "$r/resource") $(cat "$r/size") $h $(readlink -f "$r") ${b:--} ${n:--}"
 done
 """
 
@@ -46,6 +49,7 @@ class GuestRegion:
     nfit_handle: int | None
     sysfs: str
     blockdevs: tuple[str, ...]
+    target_node: int | None = None   # regionN/target_node (None: the kernel shows none)
 
     def pci_slot(self) -> int | None:
         """Slot on pcie.0 of the device or of its root port (first hop under pci0000:00)."""
@@ -68,10 +72,12 @@ def parse_probe(text: str) -> Probe:
             ram.append((int(lo, 16), int(hi, 16)))
         elif parts[:1] == ["region"] and len(parts) >= 7:
             _, dev, start, size, handle, sysfs, blocks = parts[:7]
+            node = parts[7] if len(parts) > 7 else "-"
             regions.append(GuestRegion(
                 dev=dev, start=int(start, 0), size_bytes=int(size),
                 nfit_handle=None if handle == "-" else int(handle, 0), sysfs=sysfs,
                 blockdevs=tuple(b for b in blocks.split(",") if b and b != "-"),
+                target_node=int(node) if re.fullmatch(r"-?[0-9]+", node) else None,
             ))
     return Probe(tuple(ram), tuple(regions))
 
@@ -88,6 +94,18 @@ class RegionView:
     guest_end: int | None = None
     guest_region: str | None = None  # region0
     guest_device: str | None = None  # /dev/pmem0
+    numa_node: int | None = None     # <target><node> in libvirt's XML (else the recorded plan's); None: none
+    target_node: int | None = None   # the node the guest kernel shows it on (sysfs target_node)
+
+
+@dataclass
+class NodeView:
+    """One guest NUMA node: its RAM, its vCPUs (None: memory only) and the regions placed on it."""
+
+    id: int
+    memory_bytes: int
+    cpus: str | None
+    regions: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +116,7 @@ class MemoryMap:
     ram_bytes: int
     ram_ranges: list[tuple[int, int]] = field(default_factory=list)
     regions: list[RegionView] = field(default_factory=list)
+    nodes: list[NodeView] = field(default_factory=list)
     max_memory_bytes: int = 0
     slots: int = 0
     free_slots: int = 0
@@ -126,7 +145,9 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
         name = _region_name(dev.alias)
         where = "+".join(w for w, on in (("live", dev.alias in live_aliases), ("config", dev.alias in cfg_aliases))
                          if on)
-        view = RegionView(name, dev.model, dev.size_bytes, None, where, dev.path)
+        # an nvdimm without <node> is on node 0 (QEMU's default); virtio-pmem has no node
+        on = dev.node if dev.node is not None or dev.model != "nvdimm" else 0
+        view = RegionView(name, dev.model, dev.size_bytes, None, where, dev.path, numa_node=on)
         if dev.base is not None and running and dev.alias in live_aliases:
             view.guest_start = dev.base
             view.guest_end = dev.base + dev.size_bytes - (dev.label_bytes or 0) - 1
@@ -134,12 +155,19 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
     for r in md.regions if md else ():
         view = views.get(r.name) or RegionView(r.name, r.model, r.backing_bytes, None, "recorded", None)
         view.usable_bytes = r.expected_usable_bytes
+        if view.numa_node is None and r.model == "nvdimm":
+            view.numa_node = r.numa_node
         views[r.name] = view
+    nodes = [NodeView(c.id, c.memory_bytes, c.cpus) for c in now.cells]
+    for view in views.values():
+        node = next((n for n in nodes if n.id == view.numa_node), None)
+        if node is not None:
+            node.regions.append(view.name)
     return MemoryMap(
         name=now.name, state="running" if running else "shut off", managed=md is not None,
         ram_bytes=now.ram_bytes, regions=list(views.values()), max_memory_bytes=now.max_memory_bytes,
         slots=now.slots, free_slots=now.free_slots, headroom_bytes=now.headroom_bytes,
-        free_root_ports=len(now.free_root_ports),
+        free_root_ports=len(now.free_root_ports), nodes=nodes,
     )
 
 
@@ -160,6 +188,7 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
             view.guest_start, view.guest_end = g.start, g.start + g.size_bytes - 1
             view.guest_region = g.dev
             view.guest_device = f"/dev/{g.blockdevs[0]}" if g.blockdevs else None
+            view.target_node = g.target_node
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +208,31 @@ def _range(start: int | None, end: int | None) -> str:
     return "-" if start is None or end is None else f"0x{start:011x}-0x{end:011x}"
 
 
+def _node_lines(mm: MemoryMap) -> list[str]:
+    """One line per NUMA node: RAM, vCPUs, regions (with the guest's node where it was read)."""
+    by_name = {v.name: v for v in mm.regions}
+
+    def region(name: str) -> str:
+        seen = by_name[name].target_node
+        return name if seen is None else f"{name} (guest: node {seen})"
+
+    lines = []
+    for n in mm.nodes:
+        cpus = f"vCPUs {n.cpus}" if n.cpus else "no vCPUs (memory only)"
+        regions = ", ".join(region(r) for r in n.regions) or "-"
+        lines.append(f"  NUMA node {n.id:<2} {_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
+    placed = {r for n in mm.nodes for r in n.regions}
+    off = [region(v.name) for v in mm.regions if v.name not in placed]
+    if mm.nodes and off:
+        lines.append(f"  no NUMA node (virtio-pmem has none in libvirt): {', '.join(off)}")
+    return lines
+
+
 def render_text(mm: MemoryMap) -> str:
     lines = [f"{mm.name}: {mm.state}" + ("" if mm.managed else " (not managed by nvmprov)")]
     ram = ", ".join(_range(a, b) for a, b in mm.ram_ranges) or "-"
     lines.append(f"  RAM          {_size(mm.ram_bytes):>10}  {ram}")
+    lines += _node_lines(mm)
     headers = ("region", "model", "size", "usable", "guest physical range", "device", "attached", "backing")
     rows = [(v.name, v.model, _size(v.size_bytes), _size(v.usable_bytes), _range(v.guest_start, v.guest_end),
              v.guest_device or v.guest_region or "-", v.where, v.backing_path or "-") for v in mm.regions]

@@ -52,6 +52,9 @@ LABEL_MULTIPLE_BYTES = 4 * KiB
 XFS_MIN_USABLE_BYTES = 300 * MiB   # Debian 12's mkfs.xfs refuses smaller filesystems
 MAX_MEMORY_SLOTS = 256             # QEMU's limit of memory slots on x86
 MAX_VIRTIO_PMEM = 14               # each gets a pcie-root-port on pcie.0 slots 0x10..0x1d
+MAX_NUMA_NODES = 8                 # a test topology; QEMU allows 128, TCG on 2 cores wants few
+NUMA_NODE_RAM_ALIGN_BYTES = 2 * MiB  # each node's RAM is a backend of its own, in whole 2MiB blocks
+MIN_NUMA_NODE_RAM_BYTES = 128 * MiB  # a node's RAM share: the kernel boots on node 0's alone
 
 _UNITS = {"b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
 _DECIMAL_UNITS = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
@@ -483,6 +486,8 @@ class RegionSpec(BaseModel):
     # An existing volume of the pool to use as the backing (adopt): nvmprov never deletes it unless
     # told to (destroy/detach --purge-adopted). None: nvmprov makes and owns GUEST-pmem-REGION.raw.
     volume: Annotated[str | None, AfterValidator(_check_volume)] = None
+    # The guest NUMA node the region sits on (nvdimm <target><node>); < the guest's numa_nodes.
+    numa_node: int = Field(0, ge=0, le=MAX_NUMA_NODES - 1)
 
     @model_validator(mode="after")
     def _region_rules(self) -> RegionSpec:
@@ -503,6 +508,12 @@ class RegionSpec(BaseModel):
                            "readonly")
         if self.host_pmem:
             raise _Problem("host_pmem is for nvdimm only; use model: nvdimm", "host_pmem")
+        if self.numa_node != 0:
+            # libvirt 9.0 refuses <target><node> on virtio-pmem ("virtio-pmem does not support NUMA
+            # nodes", measured with virsh define) and QEMU 7.2's virtio-pmem-pci has no node property.
+            raise _Problem("only an nvdimm takes a NUMA node: libvirt 9.0 refuses a NUMA node on virtio-pmem "
+                           "('virtio-pmem does not support NUMA nodes'; QEMU 7.2's virtio-pmem-pci has none); "
+                           "remove numa_node or use model: nvdimm", "numa_node")
 
     def _check_label(self) -> None:
         if self.label_bytes is None:
@@ -558,6 +569,8 @@ class GuestSpec(BaseModel):
     )
     # One vCPU: TCG runs each vCPU as a host thread and these CI hosts have 2 cores for several guests.
     vcpus: int = Field(1, ge=1, le=64)
+    # Guest NUMA nodes; RAM and vCPUs are spread over them by numa_layout() (docs/spec.md).
+    numa_nodes: int = Field(1, ge=1, le=MAX_NUMA_NODES)
     disk_bytes: Annotated[int, BeforeValidator(_size("disk", minimum=MIN_DISK_BYTES, multiple=MiB)), _Ser] = Field(
         8 * GiB, alias="disk"
     )
@@ -578,8 +591,26 @@ class GuestSpec(BaseModel):
             raise _Problem("direct kernel boot needs image: builtin (a user image boots its own kernel); "
                            "use firmware: auto, bios or efi", "firmware")
         self._check_regions()
+        self._check_numa()
         self._check_home_mounts(_recorded_warnings(info))
         return self
+
+    def _check_numa(self) -> None:
+        """The rule of numa_layout() must be able to place the RAM; each region on an existing node."""
+        n = self.numa_nodes
+        if n > 1:
+            share, align = self.memory_bytes // n, NUMA_NODE_RAM_ALIGN_BYTES
+            if self.memory_bytes % (n * align) or share < MIN_NUMA_NODE_RAM_BYTES:
+                fix = max(round_up(self.memory_bytes, n * align), n * MIN_NUMA_NODE_RAM_BYTES)
+                raise _Problem(
+                    f"{n} nodes cannot share memory {format_size(self.memory_bytes)}: each node takes an equal "
+                    f"share in whole {format_size(align)} blocks and at least {format_size(MIN_NUMA_NODE_RAM_BYTES)}; "
+                    f"use memory: {format_size(fix)} or fewer numa_nodes", "numa_nodes")
+        for i, r in enumerate(self.pmem):
+            if r.numa_node >= n:
+                raise _Problem(f"numa_node {r.numa_node} does not exist: the guest has numa_nodes: {n} "
+                               f"(nodes 0..{n - 1}); use numa_node: {n - 1} or numa_nodes: {r.numa_node + 1}",
+                               "pmem", i, "numa_node")
 
     def _check_home_mounts(self, warnings: list[str] | None) -> None:
         """RULE_MOUNT for the login user's home: nvmprov logs in with the key kept there."""
@@ -644,9 +675,14 @@ class GuestSpec(BaseModel):
         """The fully-defaulted guest as JSON-able data (sizes as canonical strings such as 1GiB).
         A region without `volume:` has no such key, so digests of earlier guests stay the same."""
         data = self.model_dump(mode="json", by_alias=True)
+        # Keys at their defaults that older guests never had: their digests stay the same.
+        if data.get("numa_nodes") == 1:
+            data.pop("numa_nodes")
         for region in data["pmem"]:
             if region.get("volume") is None:
                 region.pop("volume", None)
+            if region.get("numa_node") == 0:
+                region.pop("numa_node")
         return data
 
     def digest(self) -> str:

@@ -65,6 +65,7 @@ class RegionState:
     commands_run: tuple[str, ...] = ()
     # ndctl's uuid (fsdax: from its info block; None: a raw label-less one); stable across boots
     namespace_uuid: str | None = None
+    target_node: int | None = None  # the guest region's sysfs target_node (None: the kernel shows none)
 
 
 def guest_program(name: str) -> bytes:
@@ -311,4 +312,5 @@ def describe(facts: GuestFacts, region: RegionPlan, commands_run: tuple[str, ...
         mount_dax=bool(mount and mount.dax),
         commands_run=commands_run,
         namespace_uuid=ns.uuid if ns else None,
+        target_node=guest.target_node,
     )

@@ -313,6 +313,10 @@ class Region:
     read_only: bool
     mappings: tuple[Mapping, ...]
     namespaces: tuple[NdNamespace, ...]
+    # regionN/target_node: the node the region is placed on (NFIT proximity domain); None when the
+    # kernel does not show it, -1 for no node. regionN/numa_node is only the nearest online node.
+    target_node: int | None = None
+    numa_node: int | None = None
 
     @property
     def active_namespace(self) -> NdNamespace | None:
@@ -390,7 +394,19 @@ def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) 
         read_only=raw.get("read_only") == "1",
         mappings=mappings,
         namespaces=listed.namespaces if listed else (),
+        target_node=parse_node(raw.get("target_node")),
+        numa_node=parse_node(raw.get("numa_node")),
     )
+
+
+def parse_node(text: str | None) -> int | None:
+    """A sysfs node number ("1\n", "-1" for none); None when absent or not a number."""
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
 
 
 def blkid_verdict(blkid: dict[str, Any]) -> tuple[Blkid | None, BlkidFailure | None]:

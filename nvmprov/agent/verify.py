@@ -245,6 +245,7 @@ def _prepare(guest: str, region: RegionPlan, state: RegionState) -> tuple[Region
         dax=None,
         xip_ok=None,
         data_ok=None,
+        numa_node=region.numa_node if region.model == "nvdimm" else None,
     )
     report.observe(state)
     # An nvdimm region is DAX only through an fsdax namespace (raw and sector modes have no page map;

@@ -65,7 +65,7 @@ def test_junit_report_has_no_failures(mixed_guest: Created) -> None:
     junit = mixed_guest.spec_path.parent / f"{mixed_guest.name}.junit.xml"
     root = ET.parse(junit).getroot()
     cases = root.findall(".//testcase")
-    assert len(cases) == 4 * len(mixed_guest.guest["regions"])
+    assert len(cases) == 5 * len(mixed_guest.guest["regions"])   # dax, xip_ok, data_ok, persisted, node_ok
     assert not root.findall(".//failure")
 
 

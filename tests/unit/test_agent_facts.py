@@ -390,3 +390,22 @@ def test_blockdev_region_from_sysfs_path() -> None:
         None,
     )
     assert dev.region == "region0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1\n", 1), ("0", 0), ("-1\n", -1), (None, None), ("", None), ("node1", None)],
+)
+def test_sysfs_node(text: str | None, expected: int | None) -> None:
+    assert F.parse_node(text) == expected
+
+
+def test_region_nodes_come_from_sysfs() -> None:
+    raw = json.loads(fixture("real-facts-nvdimms-ready.json"))
+    first = sorted(raw["regions"])[0]
+    raw["regions"][first].update(target_node="1\n", numa_node="0\n")
+    facts = F.parse_guest_facts(json.dumps(raw))
+    assert (facts.regions[first].target_node, facts.regions[first].numa_node) == (1, 0)
+    # captures from collectors before issue 19 have neither: not known
+    old = F.parse_guest_facts(fixture("real-facts-nvdimms-ready.json"))
+    assert (old.regions[first].target_node, old.regions[first].numa_node) == (None, None)

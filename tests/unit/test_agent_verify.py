@@ -251,3 +251,11 @@ def test_verify_of_three_regions_is_one_guest_program_run(tmp_path: Path) -> Non
     assert [(r["name"], r["probe"], r["payload"]["size_bytes"]) for r in request["regions"]] == [  # type: ignore[index,union-attr]
         (n, str(m), PAYLOAD_BYTES) for n, m in zip("abc", mounts, strict=True)
     ]
+
+
+def test_the_region_node_is_checked_against_sysfs_target_node() -> None:
+    on_one = replace(region("raw", fs="none", mount=None), numa_node=1)
+    plan = plan_of(on_one, region("far", slot=1, fs="none", mount=None))
+    got = verify(LocalRunner(), plan, [replace(state("raw", None, fs=None, device_dax=True), target_node=1),
+                                       replace(state("far", None, fs=None, device_dax=True), target_node=1)])
+    assert [(r.numa_node, r.target_node, r.node_ok) for r in got] == [(1, 1, True), (0, 1, False)]

@@ -300,3 +300,37 @@ def test_the_default_region_name_is_picked_under_the_domain_lock(conn, monkeypat
     with pytest.raises(UsageError, match="stop here"):
         attach.attach(conn, "test", request, None)  # type: ignore[arg-type]
     assert picked == [(True, "hp0")]
+
+
+NUMA_GUEST = """\
+name: g
+numa_nodes: 2
+hotplug: {slots: 2, headroom: 1GiB}
+pmem:
+  - {name: nv, size: 256MiB}
+"""
+
+
+def test_numa_node_needs_a_cell_of_the_domain_and_an_nvdimm() -> None:
+    two = managed_xml(NUMA_GUEST)
+    assert attach.attach_problems(two, req(size_bytes=256 * MiB, numa_node=1), running=True) == []
+    (problem,) = attach.attach_problems(managed_xml(), req(size_bytes=256 * MiB, numa_node=1), running=True)
+    assert problem.startswith("domain g has no NUMA node 1 (its nodes: 0) and a memory device lands in an existing "
+                              "one: use --numa-node 0 or lower;")
+    (problem,) = attach.attach_problems(two, req(size_bytes=64 * MiB, model="virtio-pmem", numa_node=1),
+                                        running=True)
+    assert problem.startswith("--numa-node is for nvdimm only: libvirt 9.0 refuses a NUMA node on virtio-pmem")
+
+
+def test_numa_node_reaches_the_device_xml_the_recorded_spec_and_the_report_entry() -> None:
+    d = domxml.parse(managed_xml(NUMA_GUEST))
+    assert [(c.id, c.cpus) for c in d.cells] == [(0, "0-0"), (1, None)]
+    n = attach.foreign_region_plan(d, req(numa_node=1), "x-pmem-new.raw")
+    assert n.numa_node == 1 and "<node>1</node>" in domain.region_device_xml(n, "/p")
+    g = spec.loads(NUMA_GUEST).guests[0]
+    entry = attach.region_spec(req(region="far", size_bytes=128 * MiB, numa_node=1), managed=True)
+    after = plan.build(spec.GuestSpec.model_validate(json.loads(
+        attach.managed_spec_json(g.model_dump_json(by_alias=True), entry, 128 * MiB))), FACTS)
+    assert after.region("far").numa_node == 1
+    with pytest.raises(UsageError, match=r"--numa-node: "):
+        attach.region_spec(req(numa_node=-1), managed=True)

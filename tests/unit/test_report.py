@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -60,8 +61,8 @@ def test_junit_one_case_per_check_with_failures_and_skips() -> None:
     xml = render_junit(Report([guest(region(persisted=None), region(name="b", dax=False))]))
     root = ET.fromstring(xml)
     suite = root.find("testsuite")
-    assert suite is not None and suite.get("tests") == "8"
-    assert suite.get("failures") == "1" and suite.get("skipped") == "1"
+    assert suite is not None and suite.get("tests") == "10"   # node_ok: not checked (no numa_node)
+    assert suite.get("failures") == "1" and suite.get("skipped") == "3"
     failed = [c for c in root.iter("testcase") if c.find("failure") is not None]
     assert [(c.get("classname"), c.get("name")) for c in failed] == [("nvmprov.demo.b", "dax")]
 
@@ -93,4 +94,32 @@ def test_notes_reach_json_and_junit() -> None:
     assert suite is not None
     out = suite.find("system-out")
     assert out is not None and out.text == "note: rollback left: volume demo-pmem-data.raw: in use"
-    assert suite.get("tests") == "4"  # a note is not a test case
+    assert suite.get("tests") == "5"  # a note is not a test case
+
+
+def test_a_region_on_another_node_fails_with_the_nodes_named() -> None:
+    from nvmprov.agent.converge import RegionState
+
+    state = RegionState(name="data", model="nvdimm", guest_region="region0", namespace="namespace0.0",
+                        namespace_mode="fsdax", guest_device="/dev/pmem0", usable_bytes=1, device_dax=True,
+                        filesystem="ext4", fs_uuid=None, mountpoint="/mnt/data", mount_dax=True, target_node=0)
+    wrong = region(numa_node=1)
+    wrong.observe(state)
+    assert (wrong.target_node, wrong.node_ok) == (0, False) and failed_checks(wrong) == ["node_ok"]
+    g = guest(wrong)
+    assert g.ok is False
+    reason = "region data: on NUMA node 0 in the guest (sysfs target_node), the spec puts it on node 1"
+    assert f"  {reason}" in render_text(Report([g])).splitlines()
+    fail = ET.fromstring(render_junit(Report([g]))).find("testsuite/testcase[@name='node_ok']/failure")
+    assert fail is not None and fail.text == reason
+    data = json.loads(render_json(Report([g])))["guests"][0]["regions"][0]
+    assert (data["numa_node"], data["target_node"], data["node_ok"]) == (1, 0, False)
+    right = region(numa_node=0)
+    right.observe(state)
+    assert right.node_ok is True and guest(right).ok is True
+    unknown = region(numa_node=0)   # a kernel without regionN/target_node: not checked
+    unknown.observe(dataclasses.replace(state, target_node=None))
+    assert unknown.node_ok is None
+    virtio = region(model="virtio-pmem")  # no numa_node: the node is reported, never checked
+    virtio.observe(state)
+    assert (virtio.target_node, virtio.node_ok) == (0, None)

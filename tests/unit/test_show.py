@@ -56,3 +56,48 @@ def test_stopped_guest_lists_virtio_pmem_as_recorded() -> None:
     config = domain.render(PLAN, CTX, metadata=MD)
     mm = show.build_map(config, config, running=False, md=MD)
     assert {v.name: v.where for v in mm.regions} == {"nv": "config", "vp": "recorded"}
+
+
+NUMA = spec.loads("""\
+name: n
+vcpus: 1
+numa_nodes: 2
+pmem:
+  - {name: near, size: 256MiB}
+  - {name: far, size: 256MiB, numa_node: 1}
+  - {name: vp, size: 128MiB, model: virtio-pmem}
+""").guests[0]
+NUMA_PLAN = plan.build(NUMA, FACTS)
+NUMA_MD = domain.Metadata.from_plan(NUMA_PLAN, ssh_port=2222)
+NUMA_PROBE = """\
+ram 00001000-0009fbff
+region region0 0x140000000 268435456 0x1 /sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/region0 pmem0, 0
+region region1 0x150000000 268435456 0x2 /sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/region1 pmem1, 1
+region region2 0x108000000 134217728 - /sys/devices/pci0000:00/0000:00:10.0/0000:01:00.0/virtio3/ndbus1/r2 pmem2, -1
+"""
+
+
+def test_topology_nodes_their_ram_cpus_and_regions() -> None:
+    config = domain.render(NUMA_PLAN, CTX, metadata=NUMA_MD)
+    live = domain.render(NUMA_PLAN, replace(CTX, include_virtio_pmem=True), metadata=NUMA_MD)
+    mm = show.build_map(live, config, running=True, md=NUMA_MD)
+    assert [(n.id, n.memory_bytes, n.cpus, n.regions) for n in mm.nodes] == [
+        (0, 512 * MiB, "0-0", ["near"]), (1, 512 * MiB, None, ["far"])]
+    assert {v.name: v.numa_node for v in mm.regions} == {"near": 0, "far": 1, "vp": None}
+    show.merge_probe(mm, show.parse_probe(NUMA_PROBE), NUMA_MD)
+    assert {v.name: v.target_node for v in mm.regions} == {"near": 0, "far": 1, "vp": -1}
+    lines = show.render_text(mm).splitlines()
+    assert "  NUMA node 0     512 MiB  vCPUs 0-0               regions: near (guest: node 0)" in lines
+    assert "  NUMA node 1     512 MiB  no vCPUs (memory only)  regions: far (guest: node 1)" in lines
+    assert "  no NUMA node (virtio-pmem has none in libvirt): vp (guest: node -1)" in lines
+    assert mm.to_dict()["nodes"][1] == {"id": 1, "memory_bytes": 512 * MiB, "cpus": None, "regions": ["far"]}
+
+
+def test_a_probe_without_target_node_still_parses() -> None:
+    assert [r.target_node for r in show.parse_probe(PROBE).regions] == [None, None]
+
+
+def test_an_nvdimm_without_a_node_element_is_on_node_0() -> None:
+    config = domain.render(NUMA_PLAN, CTX, metadata=NUMA_MD).replace("<node>0</node>", "")
+    mm = show.build_map(config, config, running=False, md=None)
+    assert [(n.id, n.regions) for n in mm.nodes] == [(0, ["near"]), (1, ["far"])]

@@ -10,7 +10,7 @@ argv: nothing (read facts only), or one JSON object {"steps": [...], "modules": 
 Every nvdimm bus is then waited on (reading its wait_probe attribute, as ndctl does: the kernel
 registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug).
 Then everything the agent needs in the same round trip (each costs a second or more under TCG):
-modules, `ndctl list`, the sysfs topology (regions, their DIMM mappings, NFIT handles,
+modules, `ndctl list`, the sysfs topology (regions, their NUMA nodes, DIMM mappings, NFIT handles,
 block devices), blkid of each pmem block device, /proc/self/mounts and /etc/fstab.
 Values are raw text; the host parses them, so this stays dumb and old-python friendly.
 Nothing but the given steps and the module loading changes the guest.
@@ -109,6 +109,10 @@ def regions():
             "path": os.path.realpath(path),
             "size": read(path + "/size"),
             "read_only": read(path + "/read_only"),
+            # the node the firmware (NFIT proximity domain) put the region on; numa_node is only the
+            # nearest online node, so it need not be the placement
+            "target_node": read(path + "/target_node"),
+            "numa_node": read(path + "/numa_node"),
             "mappings": [read(f"{path}/mapping{i}") for i in range(count)],
         }
     return out

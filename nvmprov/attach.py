@@ -477,7 +477,7 @@ def _run_agent(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan,
             with progress.phase("agent"):
                 states = agent.apply(session, only)
             with progress.phase("verify"):
-                g.regions = agent.verify(session, only, states)
+                g.regions = agent.verify(session, only, states, write_tails=True)  # the region is new
         finally:
             session.close()
     except GuestError as exc:

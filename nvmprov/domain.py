@@ -141,6 +141,13 @@ def _attr(value: object) -> str:
     return str(value)
 
 
+def _default(r: RegionPlan, name: str) -> bool:
+    """Fields added in issue 17 are left out at their default, so earlier guests' metadata reads the same."""
+    if name == "mode":
+        return r.mode == ("raw" if r.readonly else "fsdax")
+    return name == "reserved_tail" and not r.reserved_tail
+
+
 def _metadata_element(md: Metadata) -> ET.Element:
     root = ET.Element(_m("guest"), version=md.version)
     spec = _sub(root, _m("spec"), md.spec_json, digest=md.spec_digest)
@@ -151,7 +158,7 @@ def _metadata_element(md: Metadata) -> ET.Element:
     _sub(root, _m("ssh"), port=str(md.ssh_port), user=md.ssh_user)
     regions = _sub(root, _m("regions"))
     for r in md.regions:
-        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None}
+        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None and not _default(r, n)}
         region = _sub(regions, _m("region"), **attrs)
         for note in r.notes:
             _sub(region, _m("note"), note)
@@ -172,8 +179,8 @@ def metadata_xml(md: Metadata) -> str:
 
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
-               "expected_usable_bytes"}
-_BOOL_FIELDS = {"readonly", "host_pmem"}
+               "expected_usable_bytes", "align_bytes"}
+_BOOL_FIELDS = {"readonly", "host_pmem", "reserved_tail"}
 
 
 def _region_from(el: ET.Element) -> RegionPlan:
@@ -186,6 +193,9 @@ def _region_from(el: ET.Element) -> RegionPlan:
         elif name in values:
             values[name] = text
     values["notes"] = tuple(n.text or "" for n in el.iterfind(_m("note")))
+    values["reserved_tail"] = bool(values["reserved_tail"])
+    if values["mode"] is None and values["model"] == "nvdimm":  # left out at its default (or made before modes)
+        values["mode"] = "raw" if values["readonly"] else "fsdax"
     return RegionPlan(**values)  # type: ignore[arg-type]
 
 

@@ -10,8 +10,9 @@ argv: nothing (read facts only), or one JSON object {"steps": [...], "modules": 
 Every nvdimm bus is then waited on (reading its wait_probe attribute, as ndctl does: the kernel
 registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug).
 Then everything the agent needs in the same round trip (each costs a second or more under TCG):
-modules, `ndctl list`, the sysfs topology (regions, their DIMM mappings, NFIT handles,
-block devices), blkid of each pmem block device, /proc/self/mounts and /etc/fstab.
+modules, `ndctl list`, the sysfs topology (regions with their DIMM mappings and persistence
+domain, NFIT handles, block devices, device-dax character devices), blkid of each pmem block
+device, /proc/self/mounts and /etc/fstab.
 Values are raw text; the host parses them, so this stays dumb and old-python friendly.
 Nothing but the given steps and the module loading changes the guest.
 """
@@ -24,7 +25,7 @@ import re
 import subprocess
 import sys
 
-MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "virtio_pmem")
+MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem")
 ND = "/sys/bus/nd/devices/"
 KERNEL_LOG_LINES = 40
 # Why a namespace did not come up is only in the kernel log ("... misaligned, unable to map").
@@ -110,6 +111,18 @@ def regions():
             "size": read(path + "/size"),
             "read_only": read(path + "/read_only"),
             "mappings": [read(f"{path}/mapping{i}") for i in range(count)],
+            "persistence_domain": read(path + "/persistence_domain"),  # absent: the kernel shows none
+        }
+    return out
+
+
+def daxdevs():
+    out = {}
+    for path in sorted(glob.glob("/sys/bus/dax/devices/dax*")):
+        out[os.path.basename(path)] = {
+            "path": os.path.realpath(path),
+            "size": read(path + "/size"),
+            "align": read(path + "/align"),
         }
     return out
 
@@ -152,6 +165,7 @@ def main(argv):
         "regions": regions(),
         "nmems": nmems(),
         "blockdevs": blockdevs(),
+        "daxdevs": daxdevs(),
         "mounts": read("/proc/self/mounts") or "",
         "fstab": read("/etc/fstab") or "",
         "kernel_log": kernel_log(),

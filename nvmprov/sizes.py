@@ -94,7 +94,8 @@ def expected_usable_bytes(
     """What the guest will be able to use of a region (an estimate the report compares against).
 
     nvdimm: the region is the backing minus the label area (QEMU puts the label at the end);
-    a labelled namespace is aligned down to 16 MiB, a label-less one spans the region. Then the
+    a labelled namespace is aligned down to 16 MiB, a label-less one spans the region (so does
+    the raw namespace a region shows before it has labels, which is what raw mode keeps). Then the
     mode (None: fsdax, raw when readonly): fsdax and devdax take their page map
     (fsdax_usable_bytes), sector its BTT metadata (btt_usable_bytes), raw nothing. `tail`: minus
     the reserved tail of a region nvmprov proves without a filesystem.
@@ -102,12 +103,14 @@ def expected_usable_bytes(
     """
     if model == "virtio-pmem":
         return backing_bytes
+    mode = mode or ("raw" if readonly else "fsdax")
     namespace = backing_bytes
     if label_bytes:
         namespace = align_down(backing_bytes - label_bytes, LABELLED_NS_ALIGN_BYTES)
-    mode = mode or ("raw" if readonly else "fsdax")
     if mode == "raw":
-        usable = namespace
+        # the label-less raw namespace the kernel shows spans the whole region (measured: a 128MiB
+        # region with a 2MiB label -> 132120576 bytes), labels or not: nvmprov makes no namespace
+        usable = backing_bytes - (label_bytes or 0)
     elif mode == "sector":
         usable = btt_usable_bytes(namespace)
     else:

@@ -117,6 +117,7 @@ class Job:
     marker: bytes | None = None
     map_sync_path: str | None = None  # a directory on the region's filesystem, or a devdax device
     map_sync_length: int = MAP_SYNC_FILE_BYTES
+    map_sync_device: bool = False  # map_sync_path is the device itself (devdax), not a directory
     tail: Tail | None = None
 
     def request(self) -> dict[str, Any]:
@@ -126,8 +127,7 @@ class Job:
             payload = {"path": payload_path(self.region), "marker": self.marker.decode(), "size_bytes": PAYLOAD_BYTES}
         map_sync = None
         if self.map_sync_path is not None:
-            map_sync = {"path": self.map_sync_path, "device": self.map_sync_path.startswith("/dev/"),
-                        "length": self.map_sync_length}
+            map_sync = {"path": self.map_sync_path, "device": self.map_sync_device, "length": self.map_sync_length}
         tail = None
         if self.tail is not None:
             if self.tail.marker is not None:
@@ -343,8 +343,7 @@ def _take(guest: str, report: RegionReport, job: Job, result: JobResult) -> None
 def _tail_of_state(region: RegionPlan, state: RegionState, marker: bytes | None) -> Tail | None:
     if not region.reserved_tail or state.guest_device is None or state.tail_offset is None:
         return None
-    return Tail(state.guest_device, state.tail_offset, devdax=state.guest_device.startswith("/dev/dax"),
-                marker=marker)
+    return Tail(state.guest_device, state.tail_offset, devdax=state.namespace_mode == "devdax", marker=marker)
 
 
 def _prepare(
@@ -370,13 +369,14 @@ def _prepare(
     marker = new_marker(guest, region.name)
     if mode == "devdax":
         # The character device is DAX by definition; nothing else shows it (no filesystem, no probe).
-        report.dax = state.guest_device is not None and state.guest_device.startswith("/dev/dax")
+        report.dax = state.guest_device is not None and state.device_dax
         tail = _tail_of_state(region, state, marker if write_tails else None)
         if not report.dax or tail is None:
             report.data_ok = False
             return report, None
         length = state.align_bytes or RESERVED_TAIL_BYTES
-        return report, Job(region, map_sync_path=state.guest_device, map_sync_length=length, tail=tail)
+        return report, Job(region, map_sync_path=state.guest_device, map_sync_length=length, map_sync_device=True,
+                           tail=tail)
     # sector (BTT) and raw namespaces are not DAX by design: dax does not apply (None), never False.
     not_dax = mode in ("sector", "raw")
     # An nvdimm region is DAX only through an fsdax namespace (raw and sector modes have no page map;

@@ -310,7 +310,10 @@ def verify(
     reports: list[RegionReport] = []
     jobs: list[tuple[RegionReport, Job]] = []
     for region in plan.regions:
-        report, job = _prepare(plan.name, region, by_name[region.name], write_tails=write_tails)
+        state = by_name[region.name]
+        # A namespace made in this run is new too (e.g. a region attached while the guest was stopped)
+        made = write_tails or any(c.startswith("ndctl create-namespace") for c in state.commands_run)
+        report, job = _prepare(plan.name, region, state, write_tails=made)
         reports.append(report)
         if job is not None:
             jobs.append((report, job))

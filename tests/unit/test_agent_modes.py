@@ -260,3 +260,20 @@ def test_sector_and_raw_filesystems_get_a_payload_and_map_sync_but_no_dax_probe(
     (report,) = verify(LocalRunner(), plan_of(r), [st])
     assert (report.dax, report.xip_ok, report.data_ok, report.map_sync) == (None, None, True, False)
     assert report.payload_path == f"{tmp_path}/.nvmprov-payload"
+
+
+def test_a_labelled_region_gets_its_labels_then_the_mode() -> None:
+    from .test_agent_steps import LABEL, _labelled_blank, _labelled_initialised
+
+    r = region(fs="none", mount=None, mode="devdax", label=LABEL)
+    blank = _labelled_blank()
+    blank.modules |= {"dax_pmem", "device_dax"}
+    assert first_phase(blank, r) == [
+        "ndctl disable-region region0", "ndctl init-labels -f nmem0", "ndctl enable-region region0",
+        "ndctl create-namespace -r region0 -m devdax -a 2097152",
+    ]
+    ready = _labelled_initialised()
+    ready.modules |= {"nd_btt"}
+    assert first_phase(ready, region(mode="sector", label=LABEL)) == ["ndctl create-namespace -r region0 -m sector"]
+    # raw keeps the label-less raw namespace a blank labelled region shows: nothing to run
+    assert first_phase(_labelled_blank(), region(fs="none", mount=None, mode="raw", label=LABEL)) == []

@@ -11,8 +11,9 @@ port but a domain with virtio-pmem in its config cannot start; QEMU cannot hot-u
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -165,9 +166,15 @@ def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list
 
 
 def volume_name(domain_name: str, region: str) -> str:
-    """nvmprov's backing-volume name; a foreign domain's name is folded into nvmprov's alphabet."""
-    safe = re.sub(r"[^a-z0-9-]+", "-", domain_name.lower()).strip("-") or "domain"
-    return f"{safe}-pmem-{region}.raw"
+    """The backing volume of a region attached to a domain nvmprov did not make: one per (domain,
+    region), never another's (naming.foreign_backing_volume escapes, it does not fold)."""
+    from .naming import foreign_backing_volume, too_long
+
+    volume = foreign_backing_volume(domain_name, region)
+    if too_long(volume):
+        raise UsageError(f"the volume name for domain {domain_name!r} would be {len(volume.encode())} bytes, more than "
+                         "a file name takes; rename the domain (virsh domrename) or give a shorter --name")
+    return volume
 
 
 def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
@@ -290,14 +297,29 @@ def refuse(what: str, problems: list[str]) -> UsageError:
 def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress: Progress) -> Report:
     """Attach one region to domain NAME; `request.live/config` as the user gave them (both False:
     the default for this domain, see targets())."""
-    from . import domain, state, virt
+    from . import domain, virt
 
-    dom = virt.require(conn, name)
-    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
-    if md is None:
-        return _attach_foreign(conn, dom, request, progress)
-    with state.lock(state.check_name(name)):
+    with domain_lock(conn, name):  # before reading what will change, foreign domains included
+        dom = virt.require(conn, name)
+        md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+        if md is None:
+            return _attach_foreign(conn, dom, request, progress)
         return _attach_managed(conn, dom, md, request, progress)
+
+
+@contextlib.contextmanager
+def domain_lock(conn: libvirt.virConnect, name: str) -> Iterator[None]:
+    """The lock of domain NAME: a guest name's own lock (the one create and destroy take), or, for a
+    name nvmprov would not give a guest, a lock under its escaped name."""
+    from . import identity, naming, state
+
+    hv = identity.of(conn)
+    if state.valid_name(name):
+        with state.lock(name, hv=hv):
+            yield
+    else:
+        with state.lock(naming.escape(name)[:200], what="domain", hv=hv):
+            yield
 
 
 def _resolve(dom: libvirt.virDomain, request: AttachRequest, conn: libvirt.virConnect) -> tuple[AttachRequest, bool]:
@@ -340,22 +362,29 @@ def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None
                         "or detach it there first")
 
 
-def _make_backing(pool: libvirt.virStoragePool, region: RegionPlan, progress: Progress) -> bool:
-    """Create the region's volume (create's rules: full allocation, 0600, never overwritten); True
-    when this run made it."""
-    from . import storage
+def _make_backing(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, progress: Progress) -> bool:
+    """Create the region's volume (create's rules: full allocation, 0600, exclusive, recorded as made
+    for this domain); True when this run made it. An existing one is used only when nvmprov made it
+    for this domain (a region detached earlier, its data kept); anything else is refused."""
+    from . import identity, ledger, storage
 
-    existed = storage.volume_exists(pool, region.volume)
-    storage.create_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation)
-    verb = "reusing existing" if existed else "created"
-    progress.line(f"region {region.name}: {verb} backing volume {region.volume} ({region.backing_bytes} bytes)")
-    return not existed
+    hv, owner = identity.of(dom.connect()).key, dom.name()
+    if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
+        ledger.record(pool, ledger.Entry(region.volume, owner, hv, "backing"))
+        progress.line(f"region {region.name}: created backing volume {region.volume} ({region.backing_bytes} bytes)")
+        return True
+    if not ledger.may_delete(ledger.read(pool).get(region.volume), hv, owner):
+        raise HostError(ledger.in_the_way(pool, region.volume, f"domain {owner}", region.name, attach=True))
+    storage.check_reusable(pool, storage.volume(pool, region.volume), region.backing_bytes)
+    progress.line(f"region {region.name}: reusing its own backing volume {region.volume} ({region.backing_bytes} "
+                  "bytes)")
+    return False
 
 
 def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, pool_dir: str, made: bool, *,
           live: bool, config: bool, progress: Progress) -> None:
     """Attach the device; a failure removes the volume this run made."""
-    from . import domain, storage, virt
+    from . import domain, identity, ledger, storage, virt
 
     if not (live or config):
         return
@@ -366,6 +395,7 @@ def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPl
     except BaseException:
         if made:
             storage.delete(pool, region.volume)
+            ledger.forget(pool, identity.of(dom.connect()).key, [region.volume])
             progress.line(f"rolled back: volume {region.volume}")
         raise
 
@@ -376,7 +406,7 @@ def _where(live: bool, config: bool) -> str:
 
 def _attach_foreign(conn: libvirt.virConnect, dom: libvirt.virDomain, request: AttachRequest,
                     progress: Progress) -> Report:
-    from . import virt
+    from . import identity, state, virt
 
     name = dom.name()
     if request.filesystem not in (None, "none") or request.mount:
@@ -397,8 +427,9 @@ def _attach_foreign(conn: libvirt.virConnect, dom: libvirt.virDomain, request: A
     _check_volume_free(conn, f"{pool_dir}/{volume}", volume)
     facts = domxml.parse(virt.xml_desc(dom, inactive=not request.live))
     region = foreign_region_plan(facts, request, volume)
-    made = _make_backing(pool, region, progress)
-    _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
+    with state.pool_lock(identity.of(conn).key, pool.name()):  # held against prune until a domain uses it
+        made = _make_backing(dom, pool, region, progress)
+        _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
     g = GuestReport(name=name, timings_s=dict(progress.timings_s))
     g.regions.append({
         "name": region.name, "model": region.model, "size_bytes": region.size_bytes,
@@ -433,7 +464,7 @@ def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest
 
 def _attach_managed(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata, request: AttachRequest,
                     progress: Progress) -> Report:
-    from . import domain, state, virt
+    from . import domain, identity, state, virt
 
     name = dom.name()
     if any(r.name == request.region for r in md.regions):
@@ -456,13 +487,14 @@ def _attach_managed(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metada
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", problems)
     pool, pool_dir = _pool(conn, md.pool)
     _check_volume_free(conn, f"{pool_dir}/{region.volume}", region.volume)
-    made = _make_backing(pool, region, progress)
-    _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
+    with state.pool_lock(identity.of(conn).key, pool.name()):  # held against prune until a domain uses it
+        made = _make_backing(dom, pool, region, progress)
+        _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
     new_md = replace(md, spec_json=spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
     if made:
         new_md = new_md.with_volume(region.volume, "backing")
     virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
-    files = state.guest_files(name)
+    files = state.adopt_legacy(name, identity.of(conn), dom.UUIDString())
     state.write_private(files.spec_json, spec_json)
     progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
     g = GuestReport(name=name, accel=new_plan.accel, notes=notes,
@@ -559,20 +591,25 @@ class DetachResult:
     notes: list[str]
 
 
-def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: bool,
-           progress: Progress) -> DetachResult:
-    from . import domain, state, virt
+@dataclass(frozen=True)
+class _Purge:
+    volume: bool = False    # --purge: the backing volume, when nvmprov made it
+    adopted: bool = False   # --purge-adopted: also one the spec adopted
 
-    dom = virt.require(conn, name)
-    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
-    if md is None:
-        return _detach(conn, dom, None, region, live=live, config=config, purge=purge, progress=progress)
-    with state.lock(state.check_name(name)):
-        return _detach(conn, dom, md, region, live=live, config=config, purge=purge, progress=progress)
+
+def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: bool,
+           progress: Progress, purge_adopted: bool = False) -> DetachResult:
+    from . import domain, virt
+
+    with domain_lock(conn, name):  # before reading what will change, foreign domains included
+        dom = virt.require(conn, name)
+        md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+        return _detach(conn, dom, md, region, live=live, config=config,
+                       purge=_Purge(purge or purge_adopted, purge_adopted), progress=progress)
 
 
 def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
-            config: bool, purge: bool, progress: Progress) -> DetachResult:
+            config: bool, purge: _Purge, progress: Progress) -> DetachResult:
     from . import domain, virt
 
     name, alias = dom.name(), f"ua-pmem-{region}"
@@ -627,7 +664,8 @@ def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | Non
             notes.append(f"{region} stays in the running guest until {name} is powered off; the next start "
                          "does not plug it")
     volume = recorded.volume if recorded else (path.rsplit("/", 1)[-1] or None)
-    deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes)
+    made = tuple(v for v, _kind in md.volumes) if md else ()  # guests made before the ledger recorded it here
+    deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes, owner=(name, made))
     progress.line(f"{region}: detached ({', '.join(done)})")
     return DetachResult(name, region, done, volume, deleted, notes)
 
@@ -657,13 +695,15 @@ def _path_of(domain_xml: str, alias: str) -> str | None:
     return d.path if d else None
 
 
-def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: bool,
-                 notes: list[str]) -> bool:
-    from . import storage, virt
+def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: _Purge,
+                 notes: list[str], *, owner: tuple[str, tuple[str, ...]]) -> bool:
+    """Delete the region's volume when asked, no domain uses it and nvmprov made it for this domain
+    (the ledger, or the guest's metadata for guests made before it); an adopted one only when asked."""
+    from . import identity, ledger, storage, virt
 
     if volume is None:
         return False
-    if not purge:
+    if not purge.volume:
         notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
                      "deletes it once no domain uses it")
         return False
@@ -676,7 +716,17 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
     if path and not path.startswith(storage.pool_path(pool) + "/"):
         notes.append(f"kept {path}: it is not in nvmprov's pool {pool_name}")
         return False
-    return storage.delete(pool, volume)
+    hv, (name, made) = identity.of(conn).key, owner
+    entry = ledger.read(pool).get(volume)
+    ours = ledger.may_delete(entry, hv, name, adopted_too=purge.adopted) or (entry is None and volume in made)
+    if not ours:
+        why = ("the spec adopted it (volume:); --purge-adopted deletes it" if entry is not None and entry.adopted
+               else f"nvmprov did not make it for {name}, and deletes only its own")
+        notes.append(f"kept {volume}: {why}")
+        return False
+    deleted = storage.delete(pool, volume)
+    ledger.forget(pool, hv, [volume])
+    return deleted
 
 
 def with_default_name(conn: libvirt.virConnect, name: str, request: AttachRequest) -> AttachRequest:

@@ -236,13 +236,17 @@ def _stop_args(p: argparse.ArgumentParser) -> None:
 
 def _destroy_args(p: argparse.ArgumentParser) -> None:
     _add_guest_selector(p)
-    p.add_argument("--purge", action="store_true", help="also delete the backing volumes (the region data)")
+    p.add_argument("--purge", action="store_true", help="also delete the backing volumes nvmprov made (region data)")
+    p.add_argument("--purge-adopted", action="store_true",
+                   help="--purge, and also delete the volumes the spec adopted (volume:), which nvmprov did not make")
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
 
 
 def _list_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json", "ansible"], default="table",
                    help="ansible: an inventory (JSON, Ansible's YAML layout) to save and pass to ansible -i")
+    p.add_argument("--all", action="store_true",
+                   help="the guests of every hypervisor nvmprov keeps state for, each with its URI (table, json)")
     p.add_argument("--connect")
 
 
@@ -296,7 +300,8 @@ def _detach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("region", metavar="REGION")
     p.add_argument("--live", action="store_true", help="from the running domain (virtio-pmem only)")
     p.add_argument("--config", action="store_true", help="from the persistent config (gone at next start)")
-    p.add_argument("--purge", action="store_true", help="also delete the backing volume")
+    p.add_argument("--purge", action="store_true", help="also delete the backing volume, when nvmprov made it")
+    p.add_argument("--purge-adopted", action="store_true", help="--purge, even when the spec adopted it (volume:)")
     p.add_argument("--yes", action="store_true", help="do not ask before --purge deletes data")
     p.add_argument("--connect")
     p.add_argument("--json", action="store_true")
@@ -531,41 +536,45 @@ def _emit(report: object, args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from . import guests
 
-    names = _names(args)
-    if len(names) > 1:
+    targets = _targets(args)
+    if len(targets) > 1:
         from . import fleet
 
-        parallel = args.parallel or fleet.default_parallel(len(names))
-        return _emit_fleet(fleet.verify(names, connect=args.connect, power_cycle=args.power_cycle,
-                                        parallel=parallel, stream=sys.stderr), args)
+        parallel = args.parallel or fleet.default_parallel(len(targets))
+        return _emit_fleet(fleet.verify([n for n, _c in targets], connect=args.connect, power_cycle=args.power_cycle,
+                                        parallel=parallel, stream=sys.stderr, connect_of=dict(targets)), args)
     from .progress import Progress
     from .report import GuestReport, Report
 
-    name, progress = names[0], Progress()
+    (name, connect), progress = targets[0], Progress()
     report = GuestReport(name=name)
     _reported(report, progress, args, phase="verify", run=lambda: guests.verify_one(
-        name, connect=args.connect, power_cycle=args.power_cycle, progress=progress, report=report))
+        name, connect=connect, power_cycle=args.power_cycle, progress=progress, report=report))
     return _emit(Report(guests=[report]), args)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     from . import guests
 
-    guests.start(_names(args), connect=args.connect)
+    for connect, names in _by_connect(_targets(args)).items():  # -f: each guest where its `connect:` says
+        guests.start(names, connect=connect)
     return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from . import guests
 
-    guests.stop(_names(args), connect=args.connect, force=args.force, timeout_s=args.timeout_s)
+    for connect, names in _by_connect(_targets(args)).items():
+        guests.stop(names, connect=connect, force=args.force, timeout_s=args.timeout_s)
     return EXIT_OK
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     from . import guests
 
-    names = _names(args)
+    targets = _targets(args)
+    names = [n for n, _c in targets]
+    args.purge = args.purge or args.purge_adopted
     if args.purge and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--purge deletes the backing volumes (region data); add --yes to confirm")
@@ -576,17 +585,27 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     if args.file:  # a fleet: guests already gone are skipped, one failure does not stop the rest
         from . import fleet
 
-        failures = fleet.destroy(names, connect=args.connect, purge=args.purge, stream=sys.stderr)
+        failures = []
+        for connect, group in _by_connect(targets).items():  # each guest where its `connect:` says
+            failures += fleet.destroy(group, connect=connect, purge=args.purge, stream=sys.stderr,
+                                      purge_adopted=args.purge_adopted)
         if failures:
             raise HostError(f"{len(failures)} of {len(names)} guests not destroyed: " + "; ".join(failures))
         return EXIT_OK
-    guests.destroy(names, connect=args.connect, purge=args.purge)
+    for connect, group in _by_connect(targets).items():
+        guests.destroy(group, connect=connect, purge=args.purge, purge_adopted=args.purge_adopted)
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from . import guests
 
+    if args.all:
+        if args.format == "ansible":
+            raise UsageError("--all lists several hypervisors; an inventory is per hypervisor: drop --all or use "
+                             "--format json")
+        sys.stdout.write(guests.list_all_text(fmt=args.format))
+        return EXIT_OK
     sys.stdout.write(guests.list_text(connect=args.connect, fmt=args.format))
     return EXIT_OK
 
@@ -630,24 +649,29 @@ def cmd_image(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _names(args: argparse.Namespace) -> list[str]:
-    names = list(args.names or [])
+def _targets(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(guest, URI) of every guest named: names typed go to --connect; each guest of -f FILE goes
+    where its own `connect:` says (a fleet may span hypervisors), unless --connect overrides."""
+    from .state import check_name
+    from .uris import SYSTEM_URI
+
+    targets: list[tuple[str, str | None]] = [(n, args.connect) for n in args.names or []]
     if args.file:
         from . import spec
 
-        loaded = spec.load(args.file).guests
-        names += [g.name for g in loaded]
-        if not args.connect:  # -f FILE acts where the file's guests live (its `connect:`)
-            uris = {g.connect for g in loaded}
-            if len(uris) > 1:
-                raise UsageError(f"the guests of {args.file} use different libvirt URIs ({', '.join(sorted(uris))}); "
-                                 "pick one with --connect")
-            args.connect = uris.pop() if uris != {"qemu:///system"} else None
-    if not names:
+        targets += [(g.name, args.connect or (g.connect if g.connect != SYSTEM_URI else None))
+                    for g in spec.load(args.file).guests]
+    if not targets:
         raise UsageError("name at least one guest, or give -f FILE")
-    from .state import check_name
+    # before any connection: a bad name is bad input (exit 2)
+    return [(check_name(n), connect) for n, connect in targets]
 
-    return [check_name(n) for n in names]  # before any connection: a bad name is bad input (exit 2)
+
+def _by_connect(targets: list[tuple[str, str | None]]) -> dict[str | None, list[str]]:
+    groups: dict[str | None, list[str]] = {}
+    for name, connect in targets:
+        groups.setdefault(connect, []).append(name)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,6 +724,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     name = _domain_arg(args.domain)
+    args.purge = args.purge or args.purge_adopted
     if args.purge and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--purge deletes the backing volume (the region's data); add --yes to confirm")
@@ -709,7 +734,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     conn = _admin_conn(args.connect)
     try:
         result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=args.purge,
-                               progress=Progress())
+                               purge_adopted=args.purge_adopted, progress=Progress())
     finally:
         conn.close()
     if args.json:
@@ -780,7 +805,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             if input(f"delete these {len(found)} volume(s) and their data? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_OK
-        deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found])
+        deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found], only=args.only)
     finally:
         conn.close()
     if args.json:

@@ -23,15 +23,6 @@ if TYPE_CHECKING:
 Status = Literal["ok", "warn", "fail"]
 QEMU_HELP_TIMEOUT_S = 30.0
 
-# Names nvmprov gives its volumes (plan.py, image.py); prune touches nothing else.
-_OURS = (
-    re.compile(r"[a-z0-9][a-z0-9-]*-pmem-[a-z0-9][a-z0-9-]*\.raw"),
-    re.compile(r"[a-z0-9][a-z0-9-]*-root\.qcow2"),
-    re.compile(r"[a-z0-9][a-z0-9-]*-seed\.iso"),
-    re.compile(r"nvmprov-debian12-[0-9a-f]{12}(\.qcow2|-vmlinuz|-initrd\.img)"),
-)
-
-
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -75,16 +66,12 @@ def nvdimm_check(device_help: str | None) -> Check:
     return Check("qemu pmem devices", "ok", "QEMU offers " + " and ".join(have))
 
 
-def is_nvmprov_volume(name: str) -> bool:
-    return any(p.fullmatch(name) for p in _OURS)
-
-
-def leftover_names(volumes: Iterable[str], referenced: set[str], keep: Iterable[str] = (),
+def leftover_names(owned: Iterable[str], existing: Iterable[str], referenced: set[str],
                    only: str | None = None) -> list[str]:
-    """nvmprov-named volumes that nothing references (by name), minus KEEP, optionally matching ONLY."""
-    keep_set = set(keep)
-    return sorted(v for v in volumes if is_nvmprov_volume(v) and v not in referenced and v not in keep_set
-                  and (only is None or fnmatch(v, only)))
+    """Volumes nvmprov made (OWNED, from the ledger) that exist and nothing references (by name),
+    optionally matching ONLY. A volume's name says nothing about who made it: only the ledger does."""
+    there = set(existing)
+    return sorted(v for v in set(owned) if v in there and v not in referenced and (only is None or fnmatch(v, only)))
 
 
 def space_check(pool_name: str, free_bytes: int, need_bytes: int, what: str) -> Check:
@@ -239,23 +226,31 @@ def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[s
 
 
 def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
-    from . import image
+    """The volumes nvmprov made on this hypervisor (ledger.py) that no domain uses. Adopted volumes
+    (the spec named them) only when ONLY names one exactly: nvmprov did not make them."""
+    from . import identity, ledger
 
+    hv = identity.of(conn).key
+    owned = [e.volume for e in ledger.read(pool).entries
+             if e.hypervisor == hv and (not e.adopted or e.volume == only)]
     vols = {v.name(): v for v in pool.listAllVolumes(0)}
-    names = leftover_names(vols, _referenced(conn, pool), keep=image.builtin_volume_names(), only=only)
+    names = leftover_names(owned, vols, _referenced(conn, pool), only=only)
     return [Leftover(n, vols[n].path(), int(vols[n].info()[2])) for n in names]
 
 
-def prune(conn: libvirt.virConnect, pool_name: str, names: list[str]) -> list[str]:
-    """Delete NAMES after checking again that nothing references them (a create may have begun)."""
-    from . import storage
+def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str | None = None) -> list[str]:
+    """Delete NAMES after checking again, with the pool held exclusively (no create or attach runs),
+    that nvmprov made them and nothing references them; forget ledger entries whose volume is gone."""
+    from . import identity, ledger, state, storage
 
     pool = storage.pool_of(conn, pool_name)
-    still = {v.name for v in leftovers(conn, pool)}
-    deleted = []
-    for name in names:
-        if name in still and storage.delete(pool, name):
-            deleted.append(name)
+    hv = identity.of(conn).key
+    with state.pool_lock(hv, pool_name, exclusive=True):
+        still = {v.name for v in leftovers(conn, pool, only=only)}
+        deleted = [name for name in names if name in still and storage.delete(pool, name)]
+        gone = [e.volume for e in ledger.read(pool).entries
+                if e.hypervisor == hv and storage.lookup(pool, e.volume) is None]
+        ledger.forget(pool, hv, set(deleted) | set(gone))
     return deleted
 
 

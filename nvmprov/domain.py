@@ -142,10 +142,11 @@ def _attr(value: object) -> str:
 
 
 def _default(r: RegionPlan, name: str) -> bool:
-    """Fields added in issue 17 are left out at their default, so earlier guests' metadata reads the same."""
+    """Fields added later (issue 17: mode, reserved_tail; issue 15: adopted) are left out at their
+    default, so earlier guests' metadata reads the same."""
     if name == "mode":
         return r.mode == ("raw" if r.readonly else "fsdax")
-    return name == "reserved_tail" and not r.reserved_tail
+    return name in ("reserved_tail", "adopted") and not getattr(r, name)
 
 
 def _metadata_element(md: Metadata) -> ET.Element:
@@ -158,6 +159,8 @@ def _metadata_element(md: Metadata) -> ET.Element:
     _sub(root, _m("ssh"), port=str(md.ssh_port), user=md.ssh_user)
     regions = _sub(root, _m("regions"))
     for r in md.regions:
+        # fields added later (mode, reserved_tail, adopted) only when not at their default: the metadata
+        # of every other region stays as it was
         attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None and not _default(r, n)}
         region = _sub(regions, _m("region"), **attrs)
         for note in r.notes:
@@ -180,7 +183,7 @@ def metadata_xml(md: Metadata) -> str:
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
                "expected_usable_bytes", "align_bytes"}
-_BOOL_FIELDS = {"readonly", "host_pmem", "reserved_tail"}
+_BOOL_FIELDS = {"readonly", "host_pmem", "reserved_tail", "adopted"}
 
 
 def _region_from(el: ET.Element) -> RegionPlan:
@@ -196,6 +199,7 @@ def _region_from(el: ET.Element) -> RegionPlan:
     values["reserved_tail"] = bool(values["reserved_tail"])
     if values["mode"] is None and values["model"] == "nvdimm":  # left out at its default (or made before modes)
         values["mode"] = "raw" if values["readonly"] else "fsdax"
+    values["adopted"] = values["adopted"] is True
     return RegionPlan(**values)  # type: ignore[arg-type]
 
 

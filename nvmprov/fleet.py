@@ -14,7 +14,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, cast
 
@@ -204,36 +204,40 @@ def create(
 
 
 def verify(
-    names: Sequence[str], *, connect: str | None, power_cycle: bool, parallel: int, stream: IO[str]
+    names: Sequence[str], *, connect: str | None, power_cycle: bool, parallel: int, stream: IO[str],
+    connect_of: Mapping[str, str | None] | None = None,
 ) -> FleetResult:
-    """Re-verify several guests concurrently (each in its own connection and SSH session)."""
+    """Re-verify several guests concurrently (each in its own connection and SSH session), each on
+    its own hypervisor when CONNECT_OF names one (a fleet's `connect:`)."""
     from . import guests as guestsmod
 
     def job(name: str) -> Callable[[Progress, GuestReport], GuestReport]:
+        uri = connect_of.get(name, connect) if connect_of is not None else connect
+
         def run(progress: Progress, report: GuestReport) -> GuestReport:
-            return guestsmod.verify_one(name, connect=connect, power_cycle=power_cycle, progress=progress,
+            return guestsmod.verify_one(name, connect=uri, power_cycle=power_cycle, progress=progress,
                                         report=report)
         return run
 
     return run_parallel([(n, job(n)) for n in names], parallel=parallel, stream=stream)
 
 
-def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: IO[str]) -> list[str]:
+def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: IO[str],
+            purge_adopted: bool = False) -> list[str]:
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
     from . import guests as guestsmod
-    from . import state, virt
+    from . import identity, state
 
     failures = []
     with guestsmod.connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
             progress = Progress(stream, prefix=f"{name}: ")
             try:
-                with state.lock(name):
-                    if virt.lookup(conn, name) is None:
-                        progress.line("no such domain; nothing to destroy")
-                        continue
-                    guestsmod.destroy_one(conn, name, purge=purge, progress=progress)
+                with state.lock(name, hv=hv):
+                    guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
+                                          purge_adopted=purge_adopted)
             except NvmprovError as exc:
                 progress.line(f"not destroyed: {exc}")
                 failures.append(f"{name}: {exc}")

@@ -11,10 +11,11 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import boot, domain, host, state, storage, virt
-from .errors import GuestError, HostError, UsageError
+from . import boot, domain, host, identity, ledger, state, storage, virt
+from .errors import GuestError, HostError, UsageError, VirtError
 from .progress import Progress
 from .report import GuestReport, SshInfo
 
@@ -29,6 +30,7 @@ class Managed:
     dom: libvirt.virDomain
     md: domain.Metadata
     plan: Plan
+    files: state.GuestFiles   # under the hypervisor's identity (moved there from the old layout)
 
 
 @contextmanager
@@ -50,7 +52,19 @@ def managed(conn: libvirt.virConnect, name: str) -> Managed:
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov (no nvmprov metadata); nothing done")
-    return Managed(dom, md, plan_from_metadata(conn, md))
+    files = state.adopt_legacy(name, identity.of(conn), dom.UUIDString())
+    return Managed(dom, md, plan_from_metadata(conn, md), files)
+
+
+def check_same_domain(files: state.GuestFiles, dom: libvirt.virDomain) -> None:
+    """The keys kept here are for the domain nvmprov made; refuse one replaced under its name."""
+    recorded = state.recorded_domain_uuid(files)
+    if recorded is not None and recorded != dom.UUIDString():
+        raise HostError(
+            f"domain {dom.name()} on {dom.connect().getURI()} is not the one nvmprov made and keeps keys for "
+            f"(domain uuid {dom.UUIDString()}, recorded {recorded}): it was replaced outside this nvmprov; "
+            f"`nvmprov destroy {dom.name()}` and create it again"
+        )
 
 
 def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
@@ -73,15 +87,26 @@ def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
     facts = host.facts(conn, storage.pool_path(pool))
     if spec.image == "builtin":
         facts = replace(facts, builtin_volumes=image.builtin_volume_names())
-    return plan.build(spec, facts)
+    return with_recorded_volumes(plan.build(spec, facts), md)
+
+
+def with_recorded_volumes(the_plan: Plan, md: domain.Metadata) -> Plan:
+    """The plan with each region's volume as the metadata recorded it: a guest made under an earlier
+    naming (naming.py) keeps its volumes."""
+    from dataclasses import replace
+
+    recorded = {r.name: r.volume for r in md.regions if r.volume}
+    regions = tuple(replace(r, volume=recorded.get(r.name, r.volume)) for r in the_plan.regions)
+    return replace(the_plan, regions=regions)
 
 
 def start(names: list[str], *, connect: str | None) -> None:
     from .workflow import start_guest
 
     with _connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
-            with state.lock(name):
+            with state.lock(name, hv=hv):
                 m = managed(conn, name)
                 if virt.is_active(m.dom):
                     Progress().line(f"{name}: already running")
@@ -91,8 +116,9 @@ def start(names: list[str], *, connect: str | None) -> None:
 
 def stop(names: list[str], *, connect: str | None, force: bool, timeout_s: float) -> None:
     with _connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
-            with state.lock(name):
+            with state.lock(name, hv=hv):
                 progress = Progress(prefix=f"{name}: ")
                 stop_one(managed(conn, name).dom, force=force, timeout_s=timeout_s, progress=progress)
 
@@ -112,45 +138,112 @@ def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress:
             virt.power_off(dom)
 
 
-def destroy(names: list[str], *, connect: str | None, purge: bool) -> None:
+def destroy(names: list[str], *, connect: str | None, purge: bool, purge_adopted: bool = False) -> None:
     with _connection(connect) as conn:
+        hv = identity.of(conn)
         for name in names:
-            with state.lock(name):
-                destroy_one(conn, name, purge=purge, progress=Progress(prefix=f"{name}: "))
+            with state.lock(name, hv=hv):
+                destroy_one(conn, name, purge=purge, purge_adopted=purge_adopted, progress=Progress(prefix=f"{name}: "))
 
 
-def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: Progress) -> None:
-    dom = virt.require(conn, name)
+def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: Progress,
+                purge_adopted: bool = False, missing_ok: bool = False) -> None:
+    """Stop and undefine NAME, delete the volumes nvmprov made for it (backing volumes only with
+    --purge, adopted ones only with --purge-adopted). Already destroyed: what nvmprov kept for it."""
+    hyper = identity.of(conn)
+    hv = hyper.key
+    dom = virt.lookup(conn, name)
+    if dom is None:
+        _destroy_kept(conn, hyper, name, purge=purge or purge_adopted, purge_adopted=purge_adopted,
+                      progress=progress, missing_ok=missing_ok)
+        return
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov; nvmprov does not destroy it")
+    files = state.adopt_legacy(name, hyper, dom.UUIDString())
+    pool = storage.pool_of(conn, md.pool)
+    # nvmprov before the ledger recorded what it made in the domain only, which goes now: move it over
+    ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
     virt.power_off(dom)
     virt.undefine(dom)
     progress.line("domain stopped and undefined")
-    pool = storage.pool_of(conn, md.pool)
-    backing = [r.volume for r in md.regions]  # region data, whether this tool made it or reused it
-    for vol_name, kind in md.volumes:
-        if kind != "backing" and storage.delete(pool, vol_name):
-            progress.line(f"deleted volume {vol_name}")
-    kept = []
-    for vol_name in backing:
-        if not purge:
-            kept.append(vol_name)
-        elif storage.delete(pool, vol_name):
-            progress.line(f"deleted backing volume {vol_name} (--purge)")
-    if kept:
-        progress.line(f"kept backing volumes (region data): {', '.join(kept)}; `destroy --purge` deletes them")
-    files = state.guest_files(name, create=False)
+    _delete_owned(pool, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted, progress=progress)
+    for region in md.regions:
+        entry = ledger.read(pool).get(region.volume)
+        if purge and (entry is None or not entry.belongs_to(hv, name)):
+            progress.line(f"kept volume {region.volume}: nvmprov did not make it for {name} (it deletes only its own)")
     shutil.rmtree(files.dir, ignore_errors=True)
+
+
+def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bool, purge_adopted: bool,
+                  progress: Progress) -> list[str]:
+    """Delete what the ledger holds for NAME: overlays and seeds always, backing volumes with PURGE,
+    adopted ones with PURGE_ADOPTED (else handed back: kept and no longer recorded). Returns what
+    is kept for NAME."""
+    deleted, kept, handed_back = [], [], []
+    for entry in ledger.read(pool).of(hv, name):
+        delete = entry.kind != "backing" or (purge_adopted if entry.adopted else purge)
+        if delete:
+            if storage.delete(pool, entry.volume):
+                deleted.append(entry.volume)
+                what = "adopted backing volume" if entry.adopted else "backing volume" if entry.kind == "backing" \
+                    else "volume"
+                progress.line(f"deleted {what} {entry.volume}" + (" (--purge)" if entry.kind == "backing" else ""))
+        elif entry.adopted:
+            handed_back.append(entry.volume)
+        else:
+            kept.append(entry.volume)
+    ledger.forget(pool, hv, deleted + handed_back)
+    ledger.forget(pool, hv, [e.volume for e in ledger.read(pool).of(hv, name)
+                             if e.volume not in kept and storage.lookup(pool, e.volume) is None])
+    if kept:
+        progress.line(f"kept backing volumes (region data): {', '.join(kept)}; `nvmprov destroy {name} --purge` "
+                      "deletes them")
+    if handed_back:
+        progress.line(f"kept adopted volumes {', '.join(handed_back)} (the spec named them; nvmprov no longer "
+                      "records them); `destroy --purge-adopted` would have deleted them")
+    return kept
+
+
+def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: bool, purge_adopted: bool,
+                  progress: Progress, missing_ok: bool) -> None:
+    """NAME has no domain any more: the volumes nvmprov kept for it (in any pool with a ledger)."""
+    found, hv = False, hyper.key
+    for pool in _pools_with_ledgers(conn):
+        if ledger.read(pool).of(hv, name):
+            found = True
+            progress.line(f"no domain named {name} on {conn.getURI()}; in pool {pool.name()} nvmprov kept:")
+            _delete_owned(pool, hv, name, purge=purge, purge_adopted=purge_adopted, progress=progress)
+    files = state.guest_files(name, hyper, create=False)
+    if files.dir.is_dir():
+        found = True
+        shutil.rmtree(files.dir, ignore_errors=True)
+        progress.line(f"removed its local state {files.dir}")
+    if not found and not missing_ok:
+        raise VirtError(f"no domain named {name!r} on {conn.getURI()}, and nvmprov keeps nothing for it there; "
+                        "`nvmprov list` shows the guests")
+    if not found:
+        progress.line("no such domain; nothing to destroy")
+
+
+def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool]:
+    import libvirt
+
+    try:
+        pools = conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        raise HostError(f"listing storage pools: {exc.get_error_message()}") from None
+    return [p for p in pools if any(storage.lookup(p, slot) is not None for slot in ledger.SLOTS)]
 
 
 def list_guests(conn: libvirt.virConnect) -> list[dict[str, object]]:
     rows = []
+    hv = identity.of(conn)
     for dom in virt.all_domains(conn):
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         if md is None:
             continue
-        files = state.guest_files(dom.name(), create=False)
+        files = state.current_files(dom.name(), hv)  # listing moves nothing
         rows.append({
             "name": dom.name(),
             "state": "running" if virt.is_active(dom) else "shut off",
@@ -182,6 +275,71 @@ def list_text(*, connect: str | None, fmt: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def list_all(current: str | None = None) -> list[dict[str, object]]:
+    """The guests of every hypervisor nvmprov keeps state for (state.known_hypervisors), each row
+    with the URI it was reached by and its state; a hypervisor that does not answer gives rows
+    from its state directories, state "unreachable". The hypervisor of this command's URI first;
+    every hypervisor once, whatever URIs reach it."""
+    from .workflow import effective_uri
+
+    rows: list[dict[str, object]] = []
+    seen: set[str] = set()
+    targets = [("", effective_uri(virt.DEFAULT_URI, current))]
+    targets += [(h["key"], h["uri"]) for h in state.known_hypervisors()]
+    for key, uri in targets:
+        if key in seen:
+            continue
+        if key and not _replayable(uri):
+            # typed once on --connect; a recorded URI that makes libvirt run a program is not replayed
+            rows += [{"name": d.name, "uri": uri, "state": "not asked"} for d in _state_dirs(key)]
+            continue
+        try:
+            conn = virt.connect(uri)
+        except HostError:
+            rows += [{"name": d.name, "uri": uri, "state": "unreachable"} for d in _state_dirs(key)]
+            continue
+        try:
+            reached = identity.of(conn).key
+            if reached not in seen:
+                seen.add(reached)
+                rows += [{**row, "uri": uri} for row in list_guests(conn)]
+        finally:
+            conn.close()
+        seen.add(key)
+    return sorted(rows, key=lambda r: (str(r["uri"]), str(r["name"])))
+
+
+def _replayable(uri: str) -> bool:
+    """A URI a spec file could name (no program, socket or key file of its choosing)."""
+    from .spec import _check_connect
+
+    try:
+        _check_connect(uri)
+    except ValueError:
+        return False
+    return True
+
+
+def _state_dirs(key: str) -> list[Path]:
+    if not key:
+        return []
+    return sorted(p for p in (state.state_root() / "hypervisors" / key / "guests").glob("*") if p.is_dir())
+
+
+def list_all_text(*, fmt: str, connect: str | None = None) -> str:
+    rows = list_all(connect)
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if not rows:
+        return "no nvmprov guests\n"
+    out = [f"{'NAME':<24} {'STATE':<11} {'SSH':<22} URI"]
+    for r in rows:
+        ssh = r.get("ssh")
+        where = f"{ssh['user']}@127.0.0.1:{ssh['port']}" if isinstance(ssh, dict) else "-"
+        out.append(f"{r['name']:<24} {r['state']:<11} {where:<22} {r['uri']}")
+    return "\n".join(out) + "\n"
+
+
 def verify_one(
     name: str, *, connect: str | None, power_cycle: bool, progress: Progress, report: GuestReport | None = None
 ) -> GuestReport:
@@ -191,9 +349,10 @@ def verify_one(
     from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
     g = report if report is not None else GuestReport(name=name)
-    with _connection(connect) as conn, state.lock(name):
+    with _connection(connect) as conn, state.lock(name, hv=identity.of(conn)):
         m = managed(conn, name)
-        files = state.guest_files(name)
+        files = m.files
+        check_same_domain(files, m.dom)
         g.accel = m.plan.accel
         g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
         try:
@@ -218,7 +377,7 @@ def verify_one(
             g.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
         g.timings_s = dict(progress.timings_s)
         g.settle()
-        save_report(g, progress)
+        save_report(g, progress, identity.of(conn))
     return g
 
 
@@ -227,8 +386,9 @@ def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]
 
     with _connection(connect) as conn:
         m = managed(conn, name)
+        check_same_domain(m.files, m.dom)
         proxy = remote.ssh_proxy_options(conn.getURI())  # a remote guest: through the hypervisor's SSH
-    files = state.guest_files(name, create=False)
+    files = m.files
     if not files.client_key.exists():
         raise HostError(f"no client key for {name} in {files.dir}; it was created on another machine")
     ssh_bin = shutil.which("ssh")

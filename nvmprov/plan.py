@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from .errors import HostError
+from .naming import backing_volume
 from .sizes import (
     DIMM_ALIGN_BYTES,
     RESERVED_TAIL_BYTES,
@@ -80,6 +81,7 @@ class RegionPlan:
     # nvmprov proves the region without a filesystem: payload and marker in a reserved tail
     # (sizes.RESERVED_TAIL_BYTES) of the device, written at create, only re-read after.
     reserved_tail: bool = False
+    adopted: bool = False         # the spec named the volume (`volume:`): made elsewhere, never deleted unasked
 
     @property
     def effective_mode(self) -> Mode | None:
@@ -270,7 +272,8 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         allocation=r.allocation,
         filesystem=filesystem,
         mount=r.mount,
-        volume=f"{guest}-pmem-{r.name}.raw",
+        volume=r.volume or backing_volume(guest, r.name),
+        adopted=r.volume is not None,
         alias=f"ua-pmem-{r.name}",
         dimm_slot=dimm_slot if r.model == "nvdimm" else None,
         pci_slot=FIRST_PORT_PCI_SLOT + port if port is not None else None,

@@ -221,7 +221,9 @@ def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
             mm.notes.append("nvmprov cannot log in to a domain it did not create: guest addresses are what "
                             "libvirt reports")
         return mm
-    files = state.guest_files(state.check_name(name), create=False)
+    from . import identity
+
+    files = state.current_files(state.check_name(name), identity.of(conn))  # show moves nothing
     mm.ssh = {"host": "127.0.0.1", "port": md.ssh_port, "user": md.ssh_user,
               "identity_file": str(files.client_key), "known_hosts": str(files.known_hosts)}
     if not running:

@@ -65,6 +65,7 @@ REGION_NAME_MAX = 32               # keeps "<guest>-pmem-<region>.raw" and "ua-p
 _NAME_CHARS = re.compile(r"[a-z0-9-]")
 _PATH_CHARS = re.compile(r"[A-Za-z0-9._/+-]")
 _POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VOLUME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,254}")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]{0,500}")
 # A spec file is shared: its `connect` must not make libvirt (or nvmprov's own ProxyCommand) run a
@@ -418,6 +419,17 @@ RegionName = Annotated[str, AfterValidator(_name_checker("name", REGION_NAME_MAX
 PoolName = Annotated[str, AfterValidator(_regex_checker(_POOL_RE, "name", "use letters, digits, '_', '.', '-'"))]
 
 
+def _check_volume(value: str | None) -> str | None:
+    """An existing volume of the guest's pool that a region adopts (a name in the pool, no path)."""
+    if value is None:
+        return None
+    _regex_checker(_VOLUME_RE, "volume", "name a volume of the pool: letters, digits, '_', '.', '+', '-'")(value)
+    if value.startswith("nvmprov-"):
+        raise ValueError(f"volume {value!r}: names starting with nvmprov- are nvmprov's own (image, ledger); "
+                         "name another volume")
+    return value
+
+
 class SshSpec(BaseModel):
     model_config = _CONFIG
     user: Annotated[str, AfterValidator(_lenient(_check_user))] = "nvmprov"
@@ -475,6 +487,9 @@ class RegionSpec(BaseModel):
     # None: ext4, or none for devdax (a character device takes no filesystem)
     filesystem: Literal["ext4", "xfs", "none"] | None = None
     mount: Annotated[str | None, AfterValidator(_lenient(_check_mount))] = None
+    # An existing volume of the pool to use as the backing (adopt): nvmprov never deletes it unless
+    # told to (destroy/detach --purge-adopted). None: nvmprov makes and owns GUEST-pmem-REGION.raw.
+    volume: Annotated[str | None, AfterValidator(_check_volume)] = None
 
     @property
     def namespace_mode(self) -> str | None:
@@ -588,7 +603,7 @@ def _min_size_for_xfs(region: RegionSpec) -> int:
     return size
 
 
-_ADDED_REGION_KEYS = ("mode", "align")  # issue 17
+_ADDED_REGION_KEYS = ("mode", "align", "volume")  # issues 17 and 15
 
 
 class GuestSpec(BaseModel):
@@ -640,11 +655,20 @@ class GuestSpec(BaseModel):
     def _check_regions(self) -> None:
         names: dict[str, int] = {}
         mounts: dict[str, int] = {}
+        volumes: dict[str, int] = {}
         for i, r in enumerate(self.pmem):
             if r.name in names:
                 raise _Problem(f"region name {r.name!r} is used twice (also pmem[{names[r.name]}]); "
                                "give each region its own name", "pmem", i, "name")
             names[r.name] = i
+            volume = self.volume_of(r)
+            if volume in (f"{self.name}-root.qcow2", f"{self.name}-seed.iso"):
+                raise _Problem(f"{volume!r} is this guest's own root disk or seed; name another volume",
+                               "pmem", i, "volume")
+            if volume in volumes:
+                raise _Problem(f"volume {volume!r} is also the backing of pmem[{volumes[volume]}]; a volume backs one "
+                               "region: name another volume", "pmem", i, "volume")
+            volumes[volume] = i
             if r.mount is None:
                 continue
             for other, j in mounts.items():
@@ -668,11 +692,17 @@ class GuestSpec(BaseModel):
                            f"QEMU allows {MAX_MEMORY_SLOTS}: use slots <= {MAX_MEMORY_SLOTS - len(self.pmem)}",
                            "hotplug", "slots")
 
+    def volume_of(self, region: RegionSpec) -> str:
+        """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""
+        from .naming import backing_volume
+
+        return region.volume or backing_volume(self.name, region.name)
+
     def canonical(self) -> dict[str, Any]:
         """The fully-defaulted guest as JSON-able data (sizes as canonical strings such as 1GiB).
 
-        Region keys added after guests were made (mode, align) are left out at their default, so a
-        guest made before them keeps its digest and a re-run does not call its spec changed."""
+        Region keys added after guests were made (mode, align, volume) are left out at their default,
+        so a guest made before them keeps its digest and a re-run does not call its spec changed."""
         data = self.model_dump(mode="json", by_alias=True)
         for region in data["pmem"]:
             for key in _ADDED_REGION_KEYS:
@@ -1075,7 +1105,32 @@ def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSp
                         pos.values[("guests", i, "name")], filename)
         seen[g.name] = i
         result.append(g)
+    _check_shared_paths(result, pos, filename)
     return result
+
+
+def _check_shared_paths(guests: list[GuestSpec], pos: _Positions, filename: str) -> None:
+    """Two guests of one fleet must never get one file (an adopted `volume:` can name another's)."""
+    from .naming import shared_paths
+    from .uris import pool_dir_for
+
+    where: dict[str, tuple[int, int]] = {}
+    uses = []
+    for i, g in enumerate(guests):
+        pool_dir = pool_dir_for(g.pool, g.connect)
+        for j, r in enumerate(g.pmem):
+            owner = f"{g.name}/{r.name}"
+            where[owner] = (i, j)
+            uses.append((owner, f"{pool_dir}/{g.volume_of(r)}"))
+        # the root disk and seed (plan.py names them after the guest): an adopted volume may name them
+        uses += [(f"{g.name}/{part}", f"{pool_dir}/{g.name}{suffix}")
+                 for part, suffix in (("disk", "-root.qcow2"), ("seed", "-seed.iso"))]
+    for clash in shared_paths(uses):
+        i, j = where.get(clash.second) or where[clash.first]
+        at = (pos.values.get(("guests", i, "pmem", j, "volume")) or pos.values.get(("guests", i, "pmem", j))
+              or pos.values.get(("guests", i)))
+        raise _fail(f"region {clash.second} would share {clash.path} with region {clash.first}; two guests never "
+                    "share a backing file: name another volume", at, filename)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], base_pos: _Positions, over_pos: _Positions,

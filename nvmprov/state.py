@@ -8,13 +8,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LockedError, UsageError
+
+if TYPE_CHECKING:
+    from .identity import Hypervisor
 
 
 def state_root() -> Path:
@@ -73,6 +78,10 @@ class GuestFiles:
 _GUEST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
+def valid_name(name: str) -> bool:
+    return _GUEST_NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
     """NAME when it is a valid nvmprov guest name, else UsageError (before any file is touched)."""
     if not _GUEST_NAME.fullmatch(name):
@@ -83,14 +92,78 @@ def check_name(name: str) -> str:
     return name
 
 
-def guest_files(name: str, *, create: bool = True) -> GuestFiles:
+def hypervisor_dir(hv: Hypervisor) -> Path:
+    return state_root() / "hypervisors" / hv.key
+
+
+def guest_files(name: str, hv: Hypervisor | None = None, *, create: bool = True) -> GuestFiles:
+    """The files of guest NAME of hypervisor HV (identity.py): state/hypervisors/KEY/guests/NAME, so
+    one name on two hypervisors never shares them. HV None: the layout before hypervisors were
+    told apart (state/guests/NAME), read only to migrate it (adopt_legacy)."""
     check_name(name)
-    root = state_root() / "guests"
+    root = (state_root() if hv is None else hypervisor_dir(hv)) / "guests"
     path = root / name
     if create:
         _private_dir(root)
         _private_dir(path)
+        if hv is not None:
+            _remember(hv)
     return GuestFiles(path)
+
+
+def _remember(hv: Hypervisor) -> None:
+    """hypervisor.json: how this hypervisor was reached last (for `list --all`)."""
+    record = hypervisor_dir(hv) / "hypervisor.json"
+    text = json.dumps({"uri": hv.uri, "host_uuid": hv.host_uuid, "driver": hv.driver}, sort_keys=True) + "\n"
+    with contextlib.suppress(OSError):
+        if record.read_text() == text:
+            return
+    write_private(record, text)
+
+
+def known_hypervisors() -> list[dict[str, str]]:
+    """Every hypervisor nvmprov keeps guest state for: its hypervisor.json (uri, host_uuid, driver)."""
+    found = []
+    for record in sorted((state_root() / "hypervisors").glob("*/hypervisor.json")):
+        with contextlib.suppress(OSError, ValueError):
+            found.append({**json.loads(record.read_text()), "key": record.parent.name})
+    return found
+
+
+def adopt_legacy(name: str, hv: Hypervisor, domain_uuid: str) -> GuestFiles:
+    """The files of NAME under HV, moving them there from the old layout (state/guests/NAME) when
+    only that exists. Called once nvmprov's domain NAME is found on HV: the old layout did not say
+    which hypervisor its files were for, and the first one that has the guest takes them."""
+    legacy = guest_files(name, create=False)
+    files = guest_files(name, hv, create=False)
+    if legacy.dir.is_dir() and not files.dir.exists():
+        _private_dir(files.dir.parent)
+        os.rename(legacy.dir, files.dir)
+    if files.dir.is_dir():
+        _remember(hv)
+        if recorded_domain_uuid(files) is None:
+            record_domain(files, domain_uuid)
+    return files
+
+
+def current_files(name: str, hv: Hypervisor) -> GuestFiles:
+    """Where NAME's files are, for commands that only read (list, show): under HV, or still in the
+    old layout; nothing is moved (a command that acts on the guest moves them: adopt_legacy)."""
+    files = guest_files(name, hv, create=False)
+    legacy = guest_files(name, create=False)
+    return legacy if not files.dir.exists() and legacy.dir.is_dir() else files
+
+
+def record_domain(files: GuestFiles, domain_uuid: str) -> None:
+    """The UUID of the domain these files belong to: a domain replaced under the same name differs."""
+    write_private(files.dir / "domain.json", json.dumps({"uuid": domain_uuid}) + "\n")
+
+
+def recorded_domain_uuid(files: GuestFiles) -> str | None:
+    try:
+        return str(json.loads((files.dir / "domain.json").read_text())["uuid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_private(path: Path, data: bytes | str) -> None:
@@ -107,12 +180,13 @@ def write_private(path: Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def lock(name: str, *, what: str = "guest") -> Iterator[None]:
-    """Hold the lock for one guest name, failing at once (naming the holder) when it is taken."""
+def lock(name: str, *, what: str = "guest", hv: Hypervisor | None = None) -> Iterator[None]:
+    """Hold the lock for one guest name (of hypervisor HV: one name on two hypervisors is two
+    guests), failing at once (naming the holder) when it is taken."""
     if what == "guest":
         check_name(name)
     locks = _private_dir(state_root() / "locks")
-    path = locks / f"{what}-{name}.lock"
+    path = locks / (f"{what}-{name}.lock" if hv is None else f"{what}-{hv.key}-{name}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -139,6 +213,29 @@ def host_lock(name: str) -> Iterator[None]:
     fd = os.open(locks / f"host-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def pool_lock(hypervisor: str, pool: str, *, exclusive: bool = False) -> Iterator[None]:
+    """create and attach hold a pool shared (waiting while a prune runs); prune holds it exclusively
+    and fails at once while any create or attach runs. HYPERVISOR is identity.Hypervisor.key.
+    A flock of this machine: another controller machine driving the same hypervisor is not held."""
+    locks = _private_dir(state_root() / "locks")
+    fd = os.open(locks / f"pool-{hypervisor}-{pool}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not exclusive:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise LockedError(f"pool {pool!r} is busy: an nvmprov create or attach is using it; "
+                                  "run this again when it has finished") from None
         yield
     finally:
         os.close(fd)

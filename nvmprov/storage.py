@@ -215,19 +215,31 @@ def _volume_xml(
     return ET.tostring(vol, encoding="unicode")
 
 
+class VolumeExists(StorageError):
+    """createXML found a volume (or a file) of that name: nothing was made or changed."""
+
+
+def _exists_error(e: libvirt.libvirtError) -> bool:
+    # libvirt 9.0, measured on a dir pool: a volume it knows is VIR_ERR_STORAGE_VOL_EXIST; a file it
+    # has not scanned yet is VIR_ERR_OPERATION_INVALID "volume target path '...' already exists".
+    return e.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST or (
+        e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and "already exists" in (e.get_error_message() or ""))
+
+
 def _create(pool: libvirt.virStoragePool, xml: str, what: str) -> libvirt.virStorageVol:
+    """createXML, which is exclusive: it never opens an existing file (checked on this libvirt, for
+    volumes it knows and files it has not scanned yet). So a volume this returns is one this call
+    made, and no separate existence check (a race) comes before it."""
     try:
         return pool.createXML(xml, 0)
     except libvirt.libvirtError as e:
+        if _exists_error(e):
+            name = _parse(xml).findtext("name") or "?"
+            raise VolumeExists(
+                f"volume {name!r} already exists in storage pool {pool.name()!r} ({pool_path(pool)}); nvmprov never "
+                f"overwrites a volume: remove it first (virsh vol-delete --pool {pool.name()} {name})"
+            ) from None
         raise _err(f"creating {what} in storage pool {pool.name()!r}", e) from None
-
-
-def _refuse_existing(pool: libvirt.virStoragePool, name: str) -> None:
-    if volume_exists(pool, name):
-        raise StorageError(
-            f"volume {name!r} already exists in storage pool {pool.name()!r} ({pool_path(pool)}); "
-            f"nvmprov never overwrites a volume: remove it first (virsh vol-delete --pool {pool.name()} {name})"
-        )
 
 
 def create_backing(
@@ -240,11 +252,24 @@ def create_backing(
     """A raw backing volume (0600), fully allocated unless `sparse`.
 
     An existing volume of that name is never truncated or overwritten: it is returned when its
-    size matches (the caller checks that no other domain uses it), refused otherwise.
+    size matches, refused otherwise. Whether nvmprov may use it is the caller's question
+    (make_backing + ownership.py answer it for guests).
     """
-    existing = lookup(pool, name)
-    if existing is not None:
-        return _reuse_or_refuse(pool, existing, capacity_bytes)
+    vol = make_backing(pool, name, capacity_bytes, allocation=allocation)
+    return vol if vol is not None else check_reusable(pool, volume(pool, name), capacity_bytes)
+
+
+def make_backing(
+    pool: libvirt.virStoragePool,
+    name: str,
+    capacity_bytes: int,
+    *,
+    allocation: Allocation = "full",
+) -> libvirt.virStorageVol | None:
+    """A new raw backing volume (0600), fully allocated unless `sparse`; None when a volume of that
+    name exists (nothing made, nothing changed). Only a volume this returns was made by this call."""
+    if lookup(pool, name) is not None:
+        return None  # no free-space check for a volume that need not be made
     if allocation == "full":
         free = pool_free_bytes(pool)
         if capacity_bytes > free:
@@ -260,7 +285,10 @@ def create_backing(
         fmt="raw",
         mode=PRIVATE_MODE,
     )
-    return _create(pool, xml, f"backing volume {name!r} ({capacity_bytes} bytes, {allocation})")
+    try:
+        return _create(pool, xml, f"backing volume {name!r} ({capacity_bytes} bytes, {allocation})")
+    except VolumeExists:
+        return None  # made by someone else since the lookup
 
 
 def loose_mode(volume_xml: str) -> int | None:
@@ -276,9 +304,11 @@ def loose_mode(volume_xml: str) -> int | None:
     return mode if mode & 0o077 else None
 
 
-def _reuse_or_refuse(
+def check_reusable(
     pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, want_bytes: int
 ) -> libvirt.virStorageVol:
+    """VOL when it can back a region of WANT_BYTES as it is (raw, that size, owner-only), else
+    StorageError: nvmprov never truncates, converts or chmods an existing volume."""
     have = vol_capacity_bytes(vol)
     fmt = volume_format(vol)
     if have == want_bytes and fmt == "raw":
@@ -333,7 +363,6 @@ def _overlay(
     capacity_bytes: int,
     base_bytes: int,
 ) -> libvirt.virStorageVol:
-    _refuse_existing(pool, name)
     if capacity_bytes < base_bytes:
         raise StorageError(
             f"disk size {capacity_bytes} bytes is smaller than its base image {base_path} "
@@ -393,7 +422,6 @@ def upload(
         path = os.fspath(data_or_path)
         size = os.path.getsize(path)
         chunks = _local_chunks(path)
-    _refuse_existing(pool, name)
     vol = _create(pool, _volume_xml(name, size, allocation=0, fmt="raw", mode=mode), f"volume {name!r}")
     try:
         _send(vol, size, chunks)
@@ -405,6 +433,24 @@ def upload(
         delete(pool, name)
         raise StorageError(f"uploaded volume {name!r} is not {fmt} as announced")
     return volume(pool, name)
+
+
+def write_small(pool: libvirt.virStoragePool, name: str, data: bytes) -> libvirt.virStorageVol:
+    """A new volume NAME holding DATA, without upload()'s pool refresh (which waits out other
+    clients' fallocates): for nvmprov's own small records (ledger.py). Exclusive like upload()."""
+    vol = _create(pool, _volume_xml(name, len(data), allocation=0, fmt="raw", mode=PRIVATE_MODE), f"volume {name!r}")
+    try:
+        _send(vol, len(data), _bytes_chunks(data))
+    except BaseException:
+        delete(pool, name)
+        raise
+    return vol
+
+
+def read_small(vol: libvirt.virStorageVol, max_bytes: int) -> bytes:
+    """The bytes of a small volume (at most MAX_BYTES are read)."""
+    length = min(vol_capacity_bytes(vol), max_bytes)
+    return b"".join(download(vol, length=length))[:length] if length else b""
 
 
 def _send(vol: libvirt.virStorageVol, size: int, chunks: Iterable[bytes]) -> None:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, image, remote, seed, ssh, state, storage, virt
+from . import boot, domain, host, identity, image, ledger, remote, seed, ssh, state, storage, virt
 from . import plan as planmod
 from .errors import GuestError, HostError, SpecError, UsageError, VirtError
 from .progress import Progress
@@ -61,30 +61,36 @@ def create(
     else (spec, host, lock, a signal, a bug) passes, after the report was marked failed and saved:
     the caller prints that same report, with whatever the run had filled in (ssh, accel, notes)."""
     report = report if report is not None else GuestReport(name=spec.name)
-    with state.lock(spec.name):
-        conn = virt.connect(effective_uri(spec.connect, opts.connect))
-        try:
-            _create_locked(conn, spec, opts, progress, report)
-        except (UsageError, SpecError):
-            raise  # bad input changed nothing, the last report included
-        except BaseException as exc:
-            report.fail(progress.last_phase("create"), error_message(exc))
-            report.timings_s = dict(progress.timings_s)
-            save_report(report, progress)
-            raise
-        finally:
-            report.timings_s = dict(progress.timings_s)
-            conn.close()
-        save_report(report, progress)
+    state.check_name(spec.name)
+    conn = virt.connect(effective_uri(spec.connect, opts.connect))
+    try:
+        # The guest is NAME on this hypervisor (not on this URI): its lock, files and volumes go by that.
+        hv = identity.of(conn)
+        with state.lock(spec.name, hv=hv):
+            try:
+                with state.pool_lock(hv.key, spec.pool):  # held against prune, shared with other creates
+                    _create_locked(conn, spec, opts, progress, report)
+            except (UsageError, SpecError):
+                raise  # bad input changed nothing, the last report included
+            except BaseException as exc:
+                report.fail(progress.last_phase("create"), error_message(exc))
+                report.timings_s = dict(progress.timings_s)
+                save_report(report, progress, hv)
+                raise
+            finally:
+                report.timings_s = dict(progress.timings_s)
+            save_report(report, progress, hv)
+    finally:
+        conn.close()
     return report
 
 
-def save_report(report: GuestReport, progress: Progress) -> None:
+def save_report(report: GuestReport, progress: Progress, hv: identity.Hypervisor) -> None:
     """The guest's last report, as `--json` prints it, in its state directory (0600). Only for a
     guest that is there: a rolled-back create removed the directory and must not bring it back."""
     from .report import Report, render_json
 
-    files = state.guest_files(report.name, create=False)
+    files = state.guest_files(report.name, hv, create=False)
     if not files.dir.is_dir():
         return
     try:
@@ -118,8 +124,11 @@ def _create_locked(
         for note in region.notes:
             progress.line(f"region {region.name}: {note}")
 
-    files = state.guest_files(spec.name)
+    hv = identity.of(conn)
     existing = virt.lookup(conn, spec.name)
+    if existing is not None and domain.parse_metadata(virt.xml_desc(existing, inactive=True)) is not None:
+        state.adopt_legacy(spec.name, hv, existing.UUIDString())  # files kept under the old layout
+    files = state.guest_files(spec.name, hv)
     if existing is not None:
         md = domain.parse_metadata(virt.xml_desc(existing, inactive=True))
         if md is not None and not md.complete:
@@ -174,9 +183,11 @@ def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domai
     """Undo an unfinished create: every volume its metadata says it made, then the domain."""
     virt.power_off(dom)
     pool = storage.pool_of(conn, md.pool)
+    hv = identity.of(conn).key
     for name, _kind in reversed(md.volumes):
         if storage.delete(pool, name):
             progress.line(f"removed leftover volume {name}")
+    ledger.forget(pool, hv, [name for name, _kind in md.volumes])
     virt.undefine(dom)
     progress.line(f"removed leftover domain {dom.name()}")
 
@@ -213,11 +224,13 @@ def _build_guest(
         md = domain.Metadata.from_plan(the_plan, ssh_port=0, spec_path=opts.spec_path, spec_json=spec_json)
         dom, md = _define_with_port(conn, the_plan, md, pool_dir)
         undo.add(f"domain {the_plan.name}", lambda: _undefine_quietly(conn, the_plan.name))
+        state.record_domain(files, dom.UUIDString())  # a domain replaced under this name is told apart
         report.ssh = _ssh_info(the_plan, md.ssh_port, files)
     build = _Build(dom, md)
 
     with progress.phase("volumes"):
-        build.md = _make_volumes(pool, build.dom, the_plan, build.md, client, host_key, progress, undo)
+        owner = _Owner(pool, identity.of(conn).key, the_plan.name)
+        build.md = _make_volumes(owner, build.dom, the_plan, build.md, (client, host_key), progress, undo)
     if opts.until == "define":
         return build
 
@@ -266,8 +279,11 @@ def _write_known_hosts(files: state.GuestFiles, port: int) -> None:
 
 
 def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePool, the_plan: Plan) -> None:
-    """Refuse before changing anything when a backing volume is in another domain's hands."""
+    """Refuse before changing anything when a backing volume is in the way (not made by nvmprov for
+    this guest, not adopted) or in another domain's hands. _make_volumes decides again, exclusively."""
     pool_dir = storage.pool_path(pool)
+    book = ledger.read(pool)
+    hv = identity.of(conn).key
     for region in the_plan.regions:
         path = f"{pool_dir}/{region.volume}"
         users = virt.domains_using_path(conn, path, exclude=the_plan.name)
@@ -276,6 +292,9 @@ def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePoo
                 f"backing volume {region.volume} of region {region.name} is used by domain(s) "
                 f"{', '.join(users)}; give the region another name or detach it there first"
             )
+        if not region.adopted and storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
+                book.get(region.volume), hv, the_plan.name):
+            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name))
 
 
 def _used_ports(conn: libvirt.virConnect) -> set[int]:
@@ -316,33 +335,44 @@ def _record(dom: libvirt.virDomain, md: domain.Metadata) -> None:
     virt.set_metadata(dom, domain.metadata_xml(md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
 
 
+@dataclass(frozen=True)
+class _Owner:
+    """Whose volumes a create makes: guest NAME of hypervisor HV (identity.py), in POOL."""
+
+    pool: libvirt.virStoragePool
+    hv: str
+    name: str
+
+
 def _make_volumes(
-    pool: libvirt.virStoragePool,
+    owner: _Owner,
     dom: libvirt.virDomain,
     the_plan: Plan,
     md: domain.Metadata,
-    client: seed.KeyPair,
-    host_key: seed.KeyPair,
+    keys: tuple[seed.KeyPair, seed.KeyPair],
     progress: Progress,
     undo: Rollback,
 ) -> domain.Metadata:
-    """Each volume this run creates is recorded in the domain's metadata right after it exists,
-    so a killed run leaves nothing untraceable."""
+    """Each volume this run creates is recorded in the ownership ledger and the domain's metadata
+    right after it exists, so a killed run leaves nothing untraceable. Creation is exclusive: a
+    volume is this run's only when this run's createXML made it."""
+    pool = owner.pool
+    client, host_key = keys
 
     def made(name: str, kind: str) -> None:
         nonlocal md
-        undo.add(f"volume {name}", lambda: _delete_volume(pool, name))
+        undo.add(f"volume {name}", lambda: _delete_volume(owner, name))
+        ledger.record(pool, ledger.Entry(name, owner.name, owner.hv, kind))
         md = md.with_volume(name, kind)
         _record(dom, md)
 
     for region in the_plan.regions:
-        existed = storage.volume_exists(pool, region.volume)
-        storage.create_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation)
-        if existed:
-            progress.line(f"region {region.name}: reusing existing backing volume {region.volume} (same size)")
-        else:
+        if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")
+        else:
+            how = _use_existing(owner, region, undo)
+            progress.line(f"region {region.name}: {how} backing volume {region.volume} (same size)")
 
     if the_plan.base_volume is not None:
         storage.create_overlay(pool, the_plan.overlay_volume, the_plan.base_volume, the_plan.disk_bytes)
@@ -363,8 +393,34 @@ def _make_volumes(
     return md
 
 
-def _delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
-    storage.delete(pool, name)
+def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> str:
+    """A volume of the region's name exists: use it when nvmprov made it for this guest (data kept
+    by `destroy`), or when the spec names it (`volume:`, adopted); refuse anything else."""
+    pool = owner.pool
+    entry = ledger.read(pool).get(region.volume)
+    ours = ledger.may_delete(entry, owner.hv, owner.name)
+    if not ours and not region.adopted:
+        raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name))
+    storage.check_reusable(pool, storage.volume(pool, region.volume), region.backing_bytes)
+    if ours:
+        return "reusing its own"
+    if entry is None or not entry.belongs_to(owner.hv, owner.name):
+        ledger.record(pool, ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
+        undo.add(f"adoption of volume {region.volume} (the volume is kept)",
+                 lambda: _unadopt(owner, region.volume, entry))
+    return "adopting"
+
+
+def _unadopt(owner: _Owner, volume: str, before: ledger.Entry | None) -> None:
+    if before is None:
+        ledger.forget(owner.pool, owner.hv, [volume])
+    else:
+        ledger.record(owner.pool, before)
+
+
+def _delete_volume(owner: _Owner, name: str) -> None:
+    storage.delete(owner.pool, name)
+    ledger.forget(owner.pool, owner.hv, [name])
 
 
 def _undefine_quietly(conn: libvirt.virConnect, name: str) -> None:
@@ -549,7 +605,12 @@ def _reverify_existing(
             f"guest {spec.name!r} exists with a different spec (changed: {changed}); "
             f"`nvmprov destroy {spec.name}` first, or keep the old spec"
         )
+    from .guests import check_same_domain, with_recorded_volumes
+
+    check_same_domain(files, dom)
     progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
+
+    the_plan = with_recorded_volumes(the_plan, md)
     report.ssh = _ssh_info(the_plan, md.ssh_port, files)
     if opts.until == "define":  # the guest is defined: nothing to do, and starting it would be a change
         report.settle()

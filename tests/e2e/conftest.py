@@ -93,3 +93,17 @@ def mixed_guest(e2e_tmp: Path) -> Iterator[Created]:
                     f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
     yield Created(name, path, proc, report)
     destroy_quietly(name)
+
+
+def guest_state_dir(name: str, uri: str = "qemu:///system") -> Path:
+    """Where nvmprov keeps guest NAME's files: under the identity of the hypervisor URI reaches
+    (state/hypervisors/HOSTUUID-DRIVER/guests/NAME), not under the URI."""
+    import libvirt
+
+    from nvmprov import identity, state
+
+    conn = libvirt.open(uri)
+    try:
+        return state.guest_files(name, identity.of(conn), create=False).dir
+    finally:
+        conn.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import PREFIX, _require_host, nvmprov, write_spec
+from tests.e2e.conftest import PREFIX, _require_host, guest_state_dir, nvmprov, write_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,6 @@ NAME = f"{PREFIX}attach-foreign"
 NOMAX = f"{PREFIX}attach-nomax"
 PLANTED = f"{PREFIX}attach-prune-pmem-x.raw"
 POOL = "nvmprov"
-STATE = Path("/var/lib/nvmprov/state/guests")
 METADATA_NS = "https://nvmprov.dev/xmlns/domain/1"
 SSH_DEADLINE_S = 420.0
 
@@ -44,7 +43,7 @@ def cleanup() -> None:
     for vol in volumes():
         if vol.startswith(f"{PREFIX}attach-"):
             virsh("vol-delete", "--pool", POOL, vol, check=False)
-    shutil.rmtree(STATE / NAME, ignore_errors=True)
+    shutil.rmtree(guest_state_dir(NAME), ignore_errors=True)
 
 
 @dataclass
@@ -82,7 +81,7 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Foreign]:
     proc = nvmprov("create", str(write_spec(tmp, NAME, spec)), "--until", "define", "--json", check=True)
     port = json.loads(proc.stdout)["guests"][0]["ssh"]["port"]
     virsh("metadata", NAME, METADATA_NS, "--remove", "--config")
-    files = STATE / NAME
+    files = guest_state_dir(NAME)
     key = (files / "host_ed25519.pub").read_text().split()
     (files / "known_hosts").write_text(f"[127.0.0.1]:{port} {key[0]} {key[1]}\n")
     virsh("start", NAME)
@@ -116,7 +115,7 @@ def test_nvdimm_config_attach_and_detach(foreign: Foreign) -> None:
     proc = nvmprov("attach", foreign.name, "--size", "64MiB", "--name", "nv", "--config", "--json")
     assert proc.returncode == 0, proc.stderr
     (region,) = json.loads(proc.stdout)["guests"][0]["regions"]
-    assert region["attached"] == "config" and region["backing_path"].endswith(f"{PREFIX}attach-foreign-pmem-nv.raw")
+    assert region["attached"] == "config" and region["backing_path"].endswith(f"{NAME}.domain.nv.raw")
     (dev,) = memory_devices(foreign.name, inactive=True)
     assert "'nvdimm'" in dev and "access='shared'" in dev
     assert memory_devices(foreign.name, inactive=False) == []     # at the next start, not now
@@ -129,7 +128,7 @@ def test_nvdimm_config_attach_and_detach(foreign: Foreign) -> None:
     proc = nvmprov("detach", foreign.name, "nv", "--config")
     assert proc.returncode == 0, proc.stderr
     assert memory_devices(foreign.name, inactive=True) == []
-    assert f"{PREFIX}attach-foreign-pmem-nv.raw" in volumes()   # the data stays without --purge
+    assert f"{NAME}.domain.nv.raw" in volumes()   # the data stays without --purge
 
 
 def test_domain_without_max_memory_gets_what_must_change(foreign: Foreign, tmp_path: Path) -> None:
@@ -148,17 +147,19 @@ def test_domain_without_max_memory_gets_what_must_change(foreign: Foreign, tmp_p
     virsh("undefine", NOMAX)
 
 
-def test_prune_removes_only_unreferenced(foreign: Foreign) -> None:
+def test_prune_removes_only_unreferenced_volumes_nvmprov_made(foreign: Foreign) -> None:
+    """The region detached above (kept) goes; a volume planted under a name like nvmprov's stays."""
     virsh("vol-create-as", POOL, PLANTED, "16M", "--format", "raw")
-    overlay = f"{NAME}-root.qcow2"                              # the running domain's disk
+    overlay, detached = f"{NAME}-root.qcow2", f"{NAME}.domain.nv.raw"  # the running domain's disk; made by attach
     proc = nvmprov("prune", "--only", f"{PREFIX}attach-*")      # no TTY, no --yes: list and refuse
-    assert proc.returncode == 2 and PLANTED in proc.stdout and overlay not in proc.stdout
-    assert PLANTED in volumes()
+    assert proc.returncode == 2 and detached in proc.stdout and overlay not in proc.stdout
+    assert PLANTED not in proc.stdout and detached in volumes()
     proc = nvmprov("prune", "--only", f"{PREFIX}attach-*", "--yes", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert PLANTED in json.loads(proc.stdout)["deleted"]
+    deleted = json.loads(proc.stdout)["deleted"]
+    assert detached in deleted and PLANTED not in deleted
     left = volumes()
-    assert PLANTED not in left and overlay in left and f"{NAME}-seed.iso" in left
+    assert PLANTED in left and detached not in left and overlay in left and f"{NAME}-seed.iso" in left
 
 
 def test_virtio_pmem_live_reaches_the_guest(foreign: Foreign) -> None:

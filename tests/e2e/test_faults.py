@@ -21,15 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import sizes
+from nvmprov import ledger, sizes
 from tests import faultcli
 
-from .conftest import REPO, _require_host, nvmprov, write_spec
+from .conftest import REPO, _require_host, guest_state_dir, nvmprov, write_spec
 
 pytestmark = pytest.mark.e2e
 
 POOL_DIR = Path("/var/lib/nvmprov/pool")
-STATE_DIR = Path("/var/lib/nvmprov/state/guests")
 NO_LIBVIRTD = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 PAUSE_WAIT_S = 480  # the agent phase needs a TCG boot first: 2-4 min on a busy 2-core host
 
@@ -53,8 +52,9 @@ def domains() -> set[str]:
 def leftovers(name: str, pool_dir: Path = POOL_DIR) -> list[str]:
     left = [f"domain {name}"] if name in domains() else []
     left += [f"volume {p}" for p in sorted(pool_dir.glob(f"{name}-*"))]
-    if (STATE_DIR / name).exists():
-        left.append(f"state dir {STATE_DIR / name}: {sorted(os.listdir(STATE_DIR / name))}")
+    state_dir = guest_state_dir(name)
+    if state_dir.exists():
+        left.append(f"state dir {state_dir}: {sorted(os.listdir(state_dir))}")
     return left
 
 
@@ -161,7 +161,10 @@ def test_pool_full_exits_3_and_rolls_back(tmp_path: Path, tiny_pool: tuple[str, 
     assert f"storage pool '{pool}' ({mount}) has" in line and "e2e-rel-full-pmem-b.raw" in line
     assert "rolled back: volume e2e-rel-full-pmem-a.raw" in proc.stderr
     assert leftovers(name, mount) == []
-    assert os.listdir(mount) == []
+    # only nvmprov's ownership ledger stays in the pool, and it records nothing any more
+    assert sorted(os.listdir(mount)) == ["nvmprov-ledger-a.json", "nvmprov-ledger-b.json"]
+    book = ledger.newest((Path(mount) / slot).read_bytes() for slot in ledger.SLOTS)
+    assert book is not None and book.entries == ()
 
 
 @pytest.fixture
@@ -187,7 +190,7 @@ def test_backing_volume_of_another_size_is_refused_untouched(tmp_path: Path, for
     name = "e2e-rel-size"
     vol = foreign_volume(f"{name}-pmem-data.raw", 32 * 1024**2)
     before = sha256(vol)
-    path = write_spec(tmp_path, name, small(name))
+    path = write_spec(tmp_path, name, small(name, pmem=[{"name": "data", "size": "64MiB", "volume": vol.name}]))
     proc = nvmprov("create", str(path), "--until", "define")
     assert proc.returncode == 3, proc.stderr
     line = one_error_line(proc.stderr)
@@ -198,11 +201,12 @@ def test_backing_volume_of_another_size_is_refused_untouched(tmp_path: Path, for
 
 
 def test_reused_backing_volume_survives_a_failed_create(tmp_path: Path, foreign_volume) -> None:
-    """A volume the run reused (not made) is user data: the rollback of a failed create keeps it."""
+    """A volume the run adopted (`volume:`, not made) is user data: the rollback of a failed create keeps it."""
     name = "e2e-rel-reuse"
     vol = foreign_volume(f"{name}-pmem-data.raw", sizes.backing_bytes_for(64 * 1024**2))
     before = sha256(vol)
-    path = write_spec(tmp_path, name, small(name, image="/nope.qcow2"))
+    adopt = [{"name": "data", "size": "64MiB", "volume": vol.name}]
+    path = write_spec(tmp_path, name, small(name, image="/nope.qcow2", pmem=adopt))
     proc = nvmprov("create", str(path), "--until", "define")
     assert proc.returncode == 3, proc.stderr
     assert "image /nope.qcow2: No such file or directory" in one_error_line(proc.stderr)

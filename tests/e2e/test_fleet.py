@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, _require_host, nvmprov
+from .conftest import REPO, _require_host, guest_state_dir, nvmprov
 
 pytestmark = pytest.mark.e2e
 
 POOL_DIR = Path("/var/lib/nvmprov/pool")
-STATE_DIR = Path("/var/lib/nvmprov/state/guests")
 
 
 def fleet_spec(prefix: str) -> dict:
@@ -42,7 +41,7 @@ def domains() -> set[str]:
 def leftovers(name: str) -> list[str]:
     left = [f"domain {name}"] if name in domains() else []
     left += [f"volume {p.name}" for p in sorted(POOL_DIR.glob(f"{name}-*"))]
-    if (STATE_DIR / name).exists():
+    if guest_state_dir(name).exists():
         left.append(f"state dir of {name}")
     return left
 

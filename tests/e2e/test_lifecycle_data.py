@@ -21,13 +21,12 @@ import pytest
 
 from nvmprov import seed
 
-from .conftest import _require_host, destroy_quietly, nvmprov, write_spec
+from .conftest import _require_host, destroy_quietly, guest_state_dir, nvmprov, write_spec
 
 pytestmark = pytest.mark.e2e
 
 NAME = "e2e-rel-data"
 POOL_DIR = Path("/var/lib/nvmprov/pool")
-STATE_DIR = Path("/var/lib/nvmprov/state/guests") / NAME
 DATA_FILE = "/mnt/data/lifecycle.bin"
 LIBVIRTD_BACK_S = 60
 
@@ -119,7 +118,7 @@ def test_managed_save_and_start_keep_the_data(guest: Guest) -> None:
 
 
 def test_host_key_mismatch_is_a_hard_failure(guest: Guest) -> None:
-    pinned = STATE_DIR / "host_ed25519.pub"
+    pinned = guest_state_dir(NAME) / "host_ed25519.pub"
     original = pinned.read_bytes()
     pinned.write_text(seed.generate_keypair().public_openssh + "\n")
     try:
@@ -138,8 +137,8 @@ def test_host_key_mismatch_is_a_hard_failure(guest: Guest) -> None:
 
 
 def test_private_files_are_not_world_readable(guest: Guest) -> None:
-    assert stat.S_IMODE(STATE_DIR.stat().st_mode) == 0o700
-    for path in STATE_DIR.iterdir():
+    assert stat.S_IMODE(guest_state_dir(NAME).stat().st_mode) == 0o700
+    for path in guest_state_dir(NAME).iterdir():
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} is readable by others"
     assert stat.S_IMODE(POOL_DIR.stat().st_mode) == 0o711, "the pool dir must not be listable"
     for path in POOL_DIR.glob(f"{NAME}-*"):
@@ -173,7 +172,7 @@ def _private_key_lines(text: str) -> list[str]:
 
 
 def test_no_secret_in_reports_or_logs(guest: Guest) -> None:
-    client = _private_key_lines((STATE_DIR / "id_ed25519").read_text())
+    client = _private_key_lines((guest_state_dir(NAME) / "id_ed25519").read_text())
     host = _private_key_lines((POOL_DIR / f"{NAME}-seed.iso").read_bytes().decode("latin-1"))
     verify = nvmprov("verify", NAME, "--json", timeout_s=300)
     assert verify.returncode == 0, verify.stderr

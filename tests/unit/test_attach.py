@@ -138,9 +138,10 @@ def test_foreign_region_plan_takes_free_slot_and_port() -> None:
     assert 'access="shared"' in domain.region_device_xml(n, "/p")
 
 
-def test_volume_name_folds_foreign_names() -> None:
-    assert attach.volume_name("Web_Server.01", "data") == "web-server-01-pmem-data.raw"
-    assert attach.volume_name("demo", "x") == "demo-pmem-x.raw"
+def test_volume_name_escapes_foreign_names_instead_of_folding_them() -> None:
+    assert attach.volume_name("Web_Server.01", "data") == "_57eb_5f_53erver_2e01.domain.data.raw"
+    assert attach.volume_name("demo", "x") == "demo.domain.x.raw"
+    assert attach.volume_name("web_01", "d") != attach.volume_name("web-01", "d")
 
 
 def test_recorded_spec_keeps_domain_slots_and_max_memory() -> None:

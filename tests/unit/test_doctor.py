@@ -31,10 +31,11 @@ def test_space() -> None:
     assert c.status == "fail" and "sparse" in (c.fix or "")
 
 
-def test_leftovers_are_only_nvmprov_names_nothing_references() -> None:
+def test_leftovers_are_only_volumes_nvmprov_made_that_nothing_references() -> None:
     vols = ["demo-pmem-data.raw", "demo-root.qcow2", "demo-seed.iso", "other.qcow2", "web-pmem-x.raw",
-            "nvmprov-debian12-0123456789ab.qcow2", "nvmprov-debian12-fedcba987654.qcow2", "notes.txt"]
-    referenced = {"demo-root.qcow2", "demo-seed.iso", "nvmprov-debian12-0123456789ab.qcow2"}
-    keep = ["nvmprov-debian12-fedcba987654.qcow2"]        # the current image, even unreferenced
-    assert doctor.leftover_names(vols, referenced, keep) == ["demo-pmem-data.raw", "web-pmem-x.raw"]
-    assert doctor.leftover_names(vols, referenced, keep, only="web-*") == ["web-pmem-x.raw"]
+            "x-pmem-y.raw", "nvmprov-debian12-0123456789ab.qcow2", "notes.txt"]
+    owned = ["demo-pmem-data.raw", "demo-root.qcow2", "demo-seed.iso", "web-pmem-x.raw", "gone-pmem-z.raw"]
+    referenced = {"demo-root.qcow2", "demo-seed.iso"}
+    # x-pmem-y.raw looks like nvmprov's but is the user's own: never offered
+    assert doctor.leftover_names(owned, vols, referenced) == ["demo-pmem-data.raw", "web-pmem-x.raw"]
+    assert doctor.leftover_names(owned, vols, referenced, only="web-*") == ["web-pmem-x.raw"]

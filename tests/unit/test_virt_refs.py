@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import libvirt
 
-from nvmprov import doctor, storage, virt
+from nvmprov import doctor, identity, ledger, storage, virt
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
@@ -69,6 +69,10 @@ def test_references_reads_files_and_volume_sources() -> None:
 def test_prune_does_not_offer_a_volume_a_domain_uses_by_pool_and_name(conn, pool) -> None:
     vol = storage.create_backing(pool, "other-pmem-data.raw", 16 * MiB, allocation="full")
     storage.create_backing(pool, "gone-pmem-data.raw", 16 * MiB, allocation="full")
+    storage.create_backing(pool, "users-pmem-own.raw", 16 * MiB, allocation="full")  # not nvmprov's
+    hv = identity.of(conn).key
+    for name in ("other-pmem-data.raw", "gone-pmem-data.raw"):
+        ledger.record(pool, ledger.Entry(name, "g", hv, "backing"))
     dom = conn.defineXML(DOMAIN.format(name="volume-user", pool=pool.name(), volume=vol.name()))
     try:
         assert [left.name for left in doctor.leftovers(conn, pool)] == ["gone-pmem-data.raw"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from nvmprov import domain, guests, image, plan, spec, state, storage, workflow
+from nvmprov import domain, guests, identity, image, ledger, plan, spec, state, storage, workflow
 from nvmprov.errors import GuestError, HostError, Interrupted, SpecError, UsageError
 from nvmprov.progress import Progress
 
@@ -137,7 +137,7 @@ def test_verify_one_reports_ssh_as_the_failed_phase(conn, monkeypatch) -> None:
 def test_changed_spec_is_diffed_against_the_metadata(conn, tmp_path) -> None:
     define_managed(conn, guest_spec("wf-changed"))
     bigger = guest_spec("wf-changed").model_copy(update={"vcpus": 2})
-    assert not state.guest_files("wf-changed", create=False).spec_json.exists()  # made "on another machine"
+    assert not _files("wf-changed").spec_json.exists()  # made "on another machine"
     with pytest.raises(UsageError) as info:
         workflow.create(bigger, workflow.CreateOptions(connect=URI), quiet())
     assert "(changed: vcpus)" in str(info.value), info.value
@@ -166,14 +166,23 @@ def test_accel_kvm_that_cannot_work_fails_before_the_pool_or_image(conn, monkeyp
     with pytest.raises(HostError, match="accel: kvm cannot work here"):
         workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert "wf-kvm" not in conn.listDefinedDomains()
-    assert not state.guest_files("wf-kvm", create=False).dir.exists()
+    assert not _files("wf-kvm").dir.exists()
 
 
 # 4: the last report lands in the guest's state directory, private
 
 
+def _files(name: str) -> state.GuestFiles:
+    """The guest's files under the test driver's hypervisor identity."""
+    c = libvirt.open(URI)
+    try:
+        return state.guest_files(name, identity.of(c), create=False)
+    finally:
+        c.close()
+
+
 def _saved(name: str) -> dict:
-    path = state.guest_files(name, create=False).report
+    path = _files(name).report
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     return json.loads(path.read_text())
 
@@ -199,7 +208,7 @@ def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None
     conn.made.append(g.name)  # the test driver refuses undefine's NVRAM flag: the domain stays, the rest goes
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert report.error is not None and report.error["phase"] == "ssh"
-    assert not state.guest_files(g.name, create=False).dir.exists()
+    assert not _files(g.name).dir.exists()
 
 
 # issue 12: a user image is vetted before anything is made; a recorded spec that breaks a rule
@@ -230,7 +239,7 @@ def test_create_until_define_refuses_an_image_that_is_no_disk_image(conn, tmp_pa
         conn.lookupByName("wf-badimage")
     names = [v.name() for v in storage.pool_of(conn, "nvmprov").listAllVolumes(0)]
     assert not [n for n in names if n.startswith("wf-badimage")], names
-    assert not state.guest_files("wf-badimage", create=False).dir.exists()
+    assert not _files("wf-badimage").dir.exists()
 
 
 def test_a_recorded_spec_breaking_a_new_rule_warns_and_changes_nothing(conn, monkeypatch, capsys) -> None:
@@ -298,3 +307,65 @@ def test_json_after_a_failed_create_is_the_report_the_run_filled(conn, monkeypat
     assert g["accel"] == "tcg" and g["ssh"]["host"] == "127.0.0.1" and g["ssh"]["port"] > 0
     assert g["regions"] == []  # the run failed before verify: nothing to say about them yet
     assert g["notes"] and g["notes"][0].startswith("rollback left: domain " + name)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: ownership: a volume nvmprov did not make is neither used nor deleted
+
+
+def _pool(c: libvirt.virConnect) -> libvirt.virStoragePool:
+    return storage.pool_of(c, "nvmprov")
+
+
+def _plant(c: libvirt.virConnect, name: str) -> None:
+    """A volume someone else made under the name nvmprov would give a region (same size)."""
+    storage.make_backing(_pool(c), name, 1024**3, allocation="sparse")
+
+
+def test_a_volume_in_the_way_is_refused_before_anything_is_made(conn) -> None:
+    g = guest_spec("wf-own-way")
+    _plant(conn, "wf-own-way-pmem-data.raw")
+    with pytest.raises(HostError, match=r"volume wf-own-way-pmem-data.raw .* is in the way of region data of guest "
+                                        r"wf-own-way.*`volume: wf-own-way-pmem-data.raw`.*virsh vol-delete"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert storage.lookup(_pool(conn), "wf-own-way-pmem-data.raw") is not None
+    assert storage.lookup(_pool(conn), "wf-own-way-root.qcow2") is None
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-own-way")
+
+
+def test_a_volume_that_appears_after_the_check_is_refused_and_survives_the_rollback(conn, monkeypatch) -> None:
+    """Creation is exclusive: only what this run's createXML made is its own."""
+    g = guest_spec("wf-own-race", extra="  - name: more\n    size: 16MiB\n    filesystem: none\n")
+    real = storage.make_backing
+
+    def someone_else_first(pool, name, *a, **k):  # type: ignore[no-untyped-def]
+        if name == "wf-own-race-pmem-more.raw":
+            real(pool, name, *a, **k)  # made by "someone else" between the check and the create
+        return real(pool, name, *a, **k)
+
+    monkeypatch.setattr(storage, "make_backing", someone_else_first)
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match="is in the way"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    pool = _pool(conn)
+    assert storage.lookup(pool, "wf-own-race-pmem-more.raw") is not None     # not this run's: kept
+    assert storage.lookup(pool, "wf-own-race-pmem-data.raw") is None         # this run's: rolled back
+    assert ledger.read(pool).of(identity.of(conn).key, g.name) == []
+
+
+def test_an_adopted_volume_is_used_and_handed_back_not_deleted(conn) -> None:
+    g = spec.loads(SPEC_TEXT.format(name="wf-own-adopt").replace("mount: /mnt/data",
+                                                                 "mount: /mnt/data\n    volume: mine.raw")).guests[0]
+    _plant(conn, "mine.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    report = workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert report.ok, report
+    pool, hv = _pool(conn), identity.of(conn).key
+    entry = ledger.read(pool).get("mine.raw")
+    assert entry is not None and entry.adopted and entry.belongs_to(hv, g.name)
+    kept = guests._delete_owned(pool, hv, g.name, purge=True, purge_adopted=False, progress=quiet())
+    assert kept == [] and storage.lookup(pool, "mine.raw") is not None
+    assert ledger.read(pool).get("mine.raw") is None                        # handed back
+    assert storage.lookup(pool, "wf-own-adopt-root.qcow2") is None          # its own overlay: deleted

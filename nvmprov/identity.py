@@ -1,0 +1,95 @@
+"""Which hypervisor a connection reaches, whatever URI reached it.
+
+A URI is only an address: `qemu:///system`, `qemu+unix:///system?socket=...` and
+`qemu+ssh://root@127.0.0.1/system` reach one libvirtd, and on this libvirt root's `qemu:///session`
+reaches the system daemon too (measured). Guest state, locks and ownership records are kept under
+the identity of the daemon, never under the URI.
+
+The issue asked for libvirt's host UUID (capabilities /host/uuid) plus the driver. Measured here
+(2026-12-02): a host without readable SMBIOS (no /sys/class/dmi/id/product_uuid, no /dev/mem) and
+no `host_uuid` in libvirtd.conf gets a random host UUID at every daemon start, for the system
+daemon and for session daemons alike (a session daemon restarted: b2ce5a30-... then afffc913-...).
+State keyed by it would be lost at each restart. So the identity is a mark the daemon itself keeps:
+a libvirt secret (no value) with usage `tls` name `nvmprov-hypervisor-identity`, defined once by
+the first nvmprov that connects, stored in the daemon's own configuration, the same through every
+URI that reaches it and different for every daemon. The host UUID and the URI's driver are kept
+beside it for people to read. A driver without secrets (libvirt's test driver) or a read-only
+connection falls back to host UUID + driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import libvirt
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MARK = "nvmprov-hypervisor-identity"
+_MARK_XML = (f"<secret ephemeral='no' private='yes'><description>nvmprov: identity of this libvirt daemon "
+             f"(no value; keep it: nvmprov keys guest state by its UUID)</description>"
+             f"<usage type='tls'><name>{MARK}</name></usage></secret>")
+
+
+@dataclass(frozen=True)
+class Hypervisor:
+    host_uuid: str
+    driver: str        # system, session, ... from the URI (for people; root's session is the system daemon)
+    uri: str           # how it was reached this time (messages, `list --all`); not part of the key
+    mark: str | None = None  # the UUID of the daemon's identity secret
+
+    @property
+    def key(self) -> str:
+        return f"libvirtd-{self.mark}" if self.mark else f"{self.host_uuid}-{self.driver}"
+
+
+def host_uuid(capabilities_xml: str, uri: str) -> str:
+    """/host/uuid of the capabilities; a driver that reports none (libvirt's test driver) is known
+    by its URI instead."""
+    found = (ET.fromstring(capabilities_xml).findtext("host/uuid") or "").strip().lower()  # noqa: S314 - libvirt's own XML
+    if _UUID.fullmatch(found):
+        return found
+    return "uri-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def driver(uri: str) -> str:
+    """system | session | the URI path's last part (test:///default -> default)."""
+    path = urlparse(uri).path.strip("/") or "system"
+    return re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-") or "system"
+
+
+def _mark(conn: libvirt.virConnect) -> str | None:
+    """The UUID of the daemon's identity secret, defining it when there is none; None when the
+    driver keeps no secrets or the connection may not define one."""
+    import libvirt
+
+    for attempt in range(2):
+        try:
+            return str(conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_TLS, MARK).UUIDString())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_SECRET or attempt:
+                return None
+        try:
+            return str(conn.secretDefineXML(_MARK_XML, 0).UUIDString())
+        except libvirt.libvirtError:
+            continue  # another nvmprov defined it first (its usage is taken): look it up again
+    return None
+
+
+def of(conn: libvirt.virConnect) -> Hypervisor:
+    """The hypervisor CONN reaches (a capabilities call and a secret lookup)."""
+    import libvirt
+
+    from .errors import HostError
+
+    try:
+        caps = conn.getCapabilities()
+        uri = conn.getURI()
+    except libvirt.libvirtError as exc:
+        raise HostError(f"reading libvirt's capabilities: {exc.get_error_message()}") from None
+    return Hypervisor(host_uuid(caps, uri), driver(uri), uri, _mark(conn))

@@ -1,0 +1,196 @@
+"""Which volumes of a pool nvmprov made, and for which guest: the ownership ledger.
+
+libvirt 9.0 volumes carry no metadata, and a domain's metadata goes when it is undefined, so the
+record of what nvmprov owns lives in the pool itself, as a small volume read and written through
+the storage API: it works the same for a pool on a remote hypervisor (qemu+ssh).
+
+Crash safety: two slots, `nvmprov-ledger-a.json` and `nvmprov-ledger-b.json`. Each holds a
+generation number and the sha256 of its body. A write goes to the slot that does not hold the
+newest generation: deleted, then made anew with the whole ledger. A crash in between leaves that
+slot missing or failing its checksum, and the other slot (one generation older) is read.
+
+Concurrency: every read-modify-write holds a local lock named by the hypervisor and the pool
+(state.host_lock). It covers every nvmprov process of this machine; two controller machines
+writing one remote pool are not covered (docs/reliability.md says so).
+
+A volume is nvmprov's when the ledger holds it for (hypervisor, guest): `adopted` entries are
+volumes the spec named (`volume:`) and nvmprov must never delete unasked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+from .errors import StorageError
+
+if TYPE_CHECKING:
+    import libvirt
+
+SLOTS = ("nvmprov-ledger-a.json", "nvmprov-ledger-b.json")
+FORMAT = 1
+MAX_BYTES = 64 * 1024 * 1024   # about 300 000 entries; a slot bigger than this is not a ledger
+
+
+@dataclass(frozen=True)
+class Entry:
+    volume: str
+    guest: str            # the domain it was made for: an nvmprov guest, or a foreign domain (attach)
+    hypervisor: str       # identity.Hypervisor.key
+    kind: str             # backing, overlay, seed
+    adopted: bool = False  # named by the spec, made elsewhere: never deleted unless asked
+
+    def belongs_to(self, hypervisor: str, guest: str) -> bool:
+        return self.hypervisor == hypervisor and self.guest == guest
+
+
+@dataclass(frozen=True)
+class Ledger:
+    generation: int = 0
+    entries: tuple[Entry, ...] = ()
+
+    def get(self, volume: str) -> Entry | None:
+        return next((e for e in self.entries if e.volume == volume), None)
+
+    def of(self, hypervisor: str, guest: str) -> list[Entry]:
+        return [e for e in self.entries if e.belongs_to(hypervisor, guest)]
+
+    def with_entry(self, entry: Entry) -> Ledger:
+        return replace(self, entries=(*(e for e in self.entries if e.volume != entry.volume), entry))
+
+    def without(self, volumes: Iterable[str]) -> Ledger:
+        gone = set(volumes)
+        return replace(self, entries=tuple(e for e in self.entries if e.volume not in gone))
+
+
+# ---------------------------------------------------------------------------------------------
+# pure: the bytes of a slot
+
+
+def encode(ledger: Ledger) -> bytes:
+    body = json.dumps({"format": FORMAT, "generation": ledger.generation,
+                       "entries": [asdict(e) for e in sorted(ledger.entries, key=lambda e: e.volume)]},
+                      sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+def decode(data: bytes) -> Ledger | None:
+    """The ledger in DATA; None when it is cut short, altered or not a ledger."""
+    digest, sep, body = data.partition(b"\n")
+    if not sep or hashlib.sha256(body).hexdigest().encode() != digest:
+        return None
+    try:
+        raw = json.loads(body)
+        if raw.get("format") != FORMAT:
+            return None
+        entries = tuple(Entry(volume=str(e["volume"]), guest=str(e["guest"]), hypervisor=str(e["hypervisor"]),
+                              kind=str(e["kind"]), adopted=bool(e.get("adopted", False))) for e in raw["entries"])
+        return Ledger(int(raw["generation"]), entries)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def newest(slots: Iterable[bytes | None]) -> Ledger | None:
+    """The newest valid ledger of the slots' bytes (None: a slot that does not exist); an empty
+    ledger when no slot exists; None when slots exist and none is valid."""
+    present = [s for s in slots if s is not None]
+    valid = [x for x in map(decode, present) if x is not None]
+    if valid:
+        return max(valid, key=lambda x: x.generation)
+    return None if present else Ledger()
+
+
+# ---------------------------------------------------------------------------------------------
+# side effects: read and update through the storage API
+
+
+def _slot_bytes(pool: libvirt.virStoragePool, name: str) -> bytes | None:
+    import libvirt
+
+    from . import storage
+
+    vol = storage.lookup(pool, name)
+    if vol is None:
+        return None
+    try:
+        if storage.vol_capacity_bytes(vol) > MAX_BYTES:
+            return b""  # not a ledger: counts as present and invalid
+        return storage.read_small(vol, MAX_BYTES)
+    except (StorageError, libvirt.libvirtError) as exc:
+        # A writer replaces the older slot while we read it (reads take no lock): gone is gone,
+        # and the newer slot is intact. Any other failure is not guessed around.
+        if storage.lookup(pool, name) is None:
+            return None
+        raise StorageError(f"reading {name} in storage pool {pool.name()!r}: {exc}") from None
+
+
+def read(pool: libvirt.virStoragePool) -> Ledger:
+    found = newest(_slot_bytes(pool, name) for name in SLOTS)
+    if found is None:
+        raise StorageError(
+            f"the ownership ledger of storage pool {pool.name()!r} ({', '.join(SLOTS)}) is unreadable in both "
+            "slots; nvmprov will not guess which volumes are its own: restore one slot from a backup, or delete "
+            "both (nvmprov then owns nothing in this pool and deletes nothing there)"
+        )
+    return found
+
+
+def update(pool: libvirt.virStoragePool, hypervisor: str, change: Callable[[Ledger], Ledger]) -> Ledger:
+    """Read, CHANGE, write the next generation into the other slot, under the ledger's lock."""
+    from . import state, storage
+
+    with state.host_lock(f"ledger-{hypervisor}-{pool.name()}"):
+        current = read(pool)
+        changed = change(current)
+        if set(changed.entries) == set(current.entries):
+            return current
+        new = replace(changed, generation=current.generation + 1)
+        slot = SLOTS[new.generation % 2]
+        storage.delete(pool, slot)
+        storage.write_small(pool, slot, encode(new))
+        return new
+
+
+def record(pool: libvirt.virStoragePool, entry: Entry) -> None:
+    update(pool, entry.hypervisor, lambda ledger: ledger.with_entry(entry))
+
+
+def forget(pool: libvirt.virStoragePool, hypervisor: str, volumes: Iterable[str]) -> None:
+    names = list(volumes)
+    if names:
+        update(pool, hypervisor, lambda ledger: ledger.without(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules, for create, attach, destroy, detach and prune
+
+
+def in_the_way(pool: libvirt.virStoragePool, volume: str, owner: str, region: str, *, attach: bool = False) -> str:
+    """The one-line refusal for a volume nvmprov did not make for OWNER, with both ways out."""
+    from . import storage
+
+    path = f"{storage.pool_path(pool)}/{volume}"
+    adopt = ("choose another --name for the region" if attach
+             else f"adopt it on purpose with `volume: {volume}` under region {region} in the spec")
+    return (f"volume {volume} ({path}) is in the way of region {region} of {owner}: nvmprov did not make it for "
+            f"{owner}, so it neither uses nor deletes it; either {adopt}, or move it out of the way yourself "
+            f"(virsh vol-delete --pool {pool.name()} {volume}, after saving its data)")
+
+
+def may_delete(entry: Entry | None, hypervisor: str, owner: str, *, adopted_too: bool = False) -> bool:
+    """Only what nvmprov made for OWNER on this hypervisor; an adopted volume only when asked."""
+    if entry is None or not entry.belongs_to(hypervisor, owner):
+        return False
+    return adopted_too or not entry.adopted
+
+
+def from_metadata(ledger: Ledger, hypervisor: str, owner: str, volumes: Iterable[tuple[str, str]]) -> Ledger:
+    """Volumes a domain's nvmprov metadata says this tool made (nvmprov before the ledger recorded
+    only there) join the ledger, unless it already names them."""
+    for volume, kind in volumes:
+        if ledger.get(volume) is None:
+            ledger = ledger.with_entry(Entry(volume, owner, hypervisor, kind))
+    return ledger

@@ -184,7 +184,7 @@ def run_jobs(session: Runner, jobs: list[Job]) -> list[JobResult]:
 
 def _map_sync_of(raw: dict[str, Any]) -> bool | None:
     m = raw.get("map_sync")
-    return bool(m["ok"]) if m else None
+    return None if not m or m.get("ok") is None else bool(m["ok"])  # None: the probe could not even open it
 
 
 def _tail_of(raw: dict[str, Any]) -> TailResult | None:

@@ -15,7 +15,7 @@ MARKER + SIZE random bytes at offset 0 of PATH (so the marker starts a filesyste
 host can find it in the backing volume), fsync of the file and its directory, sync, read back.
 map_sync (when asked): mmap with MAP_SHARED_VALIDATE | MAP_SYNC, read-write, of a fresh 4 KiB file
 in DIR (removed after) or of the first LENGTH bytes of DEVICE (a devdax device; nothing is written),
-then munmap: {"ok": bool, "errno": int}.
+then munmap: {"ok": bool, "errno": int} ("ok": null when the file or device could not be opened).
 tail (when asked): the reserved tail of a region without a filesystem, LENGTH bytes at OFFSET of
 DEVICE. With a marker it is written first (MARKER, newline, sha256 hex of the body, newline, random
 body: self-describing, so a later run can check it without the host's help), through mmap on
@@ -138,11 +138,14 @@ def map_sync(path, device, length):
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    if device:
-        fd, name = os.open(path, os.O_RDWR), None
-    else:
-        fd, name = tempfile.mkstemp(prefix=".nvmprov-map-sync-", dir=path)
-        os.write(fd, bytes(length))
+    try:
+        if device:
+            fd, name = os.open(path, os.O_RDWR), None
+        else:
+            fd, name = tempfile.mkstemp(prefix=".nvmprov-map-sync-", dir=path)
+            os.write(fd, bytes(length))
+    except OSError as e:  # not measured (not a refusal of MAP_SYNC)
+        return {"ok": None, "errno": e.errno, "error": str(e)}
     try:
         addr = libc.mmap(None, length, PROT_READ_WRITE, MAP_SHARED_VALIDATE | MAP_SYNC, fd, 0)
         err = ctypes.get_errno()

@@ -26,6 +26,7 @@ from .sizes import DIMM_ALIGN_BYTES, KiB, backing_bytes_for, expected_usable_byt
 if TYPE_CHECKING:
     import libvirt
 
+    from . import identity, ledger
     from .domain import Metadata
     from .plan import Plan
     from .progress import Progress
@@ -297,23 +298,25 @@ def refuse(what: str, problems: list[str]) -> UsageError:
 def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress: Progress) -> Report:
     """Attach one region to domain NAME; `request.live/config` as the user gave them (both False:
     the default for this domain, see targets())."""
-    from . import domain, virt
+    from . import domain, identity, virt
 
-    with domain_lock(conn, name):  # before reading what will change, foreign domains included
+    hv = identity.of(conn)  # once per command: a round trip over qemu+ssh
+    with domain_lock(conn, name, hv):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
+        if not request.region:
+            request = with_default_name(dom, request)
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         if md is None:
-            return _attach_foreign(conn, dom, request, progress)
-        return _attach_managed(conn, dom, md, request, progress)
+            return _attach_foreign(conn, hv, dom, request, progress)
+        return _attach_managed(conn, hv, dom, md, request, progress)
 
 
 @contextlib.contextmanager
-def domain_lock(conn: libvirt.virConnect, name: str) -> Iterator[None]:
-    """The lock of domain NAME: a guest name's own lock (the one create and destroy take), or, for a
-    name nvmprov would not give a guest, a lock under its escaped name."""
-    from . import identity, naming, state
+def domain_lock(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor) -> Iterator[None]:
+    """The lock of domain NAME on HV: a guest name's own lock (the one create and destroy take), or,
+    for a name nvmprov would not give a guest, a lock under its escaped name."""
+    from . import naming, state
 
-    hv = identity.of(conn)
     if state.valid_name(name):
         with state.lock(name, hv=hv):
             yield
@@ -362,13 +365,15 @@ def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None
                         "or detach it there first")
 
 
-def _make_backing(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, progress: Progress) -> bool:
+def _make_backing(dom: libvirt.virDomain, hv: str, pool: libvirt.virStoragePool, region: RegionPlan,
+                  progress: Progress) -> bool:
     """Create the region's volume (create's rules: full allocation, 0600, exclusive, recorded as made
     for this domain); True when this run made it. An existing one is used only when nvmprov made it
-    for this domain (a region detached earlier, its data kept); anything else is refused."""
-    from . import identity, ledger, storage
+    for this domain (a region detached earlier, its data kept); anything else is refused. HV: the
+    key of the hypervisor the domain is on."""
+    from . import ledger, storage
 
-    hv, owner = identity.of(dom.connect()).key, dom.name()
+    owner = dom.name()
     if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
         ledger.record(pool, ledger.Entry(region.volume, owner, hv, "backing"))
         progress.line(f"region {region.name}: created backing volume {region.volume} ({region.backing_bytes} bytes)")
@@ -382,9 +387,9 @@ def _make_backing(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: 
 
 
 def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, pool_dir: str, made: bool, *,
-          live: bool, config: bool, progress: Progress) -> None:
-    """Attach the device; a failure removes the volume this run made."""
-    from . import domain, identity, ledger, storage, virt
+          hv: str, live: bool, config: bool, progress: Progress) -> None:
+    """Attach the device; a failure removes the volume this run made (for HV's domain)."""
+    from . import domain, ledger, storage, virt
 
     if not (live or config):
         return
@@ -395,7 +400,7 @@ def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPl
     except BaseException:
         if made:
             storage.delete(pool, region.volume)
-            ledger.forget(pool, identity.of(dom.connect()).key, [region.volume])
+            ledger.forget(pool, hv, [region.volume])
             progress.line(f"rolled back: volume {region.volume}")
         raise
 
@@ -404,9 +409,9 @@ def _where(live: bool, config: bool) -> str:
     return "+".join(w for w, on in (("live", live), ("config", config)) if on) or "recorded"
 
 
-def _attach_foreign(conn: libvirt.virConnect, dom: libvirt.virDomain, request: AttachRequest,
-                    progress: Progress) -> Report:
-    from . import identity, state, virt
+def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libvirt.virDomain,
+                    request: AttachRequest, progress: Progress) -> Report:
+    from . import state, virt
 
     name = dom.name()
     if request.filesystem not in (None, "none") or request.mount:
@@ -427,9 +432,10 @@ def _attach_foreign(conn: libvirt.virConnect, dom: libvirt.virDomain, request: A
     _check_volume_free(conn, f"{pool_dir}/{volume}", volume)
     facts = domxml.parse(virt.xml_desc(dom, inactive=not request.live))
     region = foreign_region_plan(facts, request, volume)
-    with state.pool_lock(identity.of(conn).key, pool.name()):  # held against prune until a domain uses it
-        made = _make_backing(dom, pool, region, progress)
-        _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
+    with state.pool_lock(hv.key, pool.name()):  # held against prune until a domain uses it
+        made = _make_backing(dom, hv.key, pool, region, progress)
+        _plug(dom, pool, region, pool_dir, made, hv=hv.key, live=request.live, config=request.config,
+              progress=progress)
     g = GuestReport(name=name, timings_s=dict(progress.timings_s))
     g.regions.append({
         "name": region.name, "model": region.model, "size_bytes": region.size_bytes,
@@ -462,9 +468,9 @@ def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest
         raise UsageError(f"region {request.region}: {msg}") from None
 
 
-def _attach_managed(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata, request: AttachRequest,
-                    progress: Progress) -> Report:
-    from . import domain, identity, state, virt
+def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libvirt.virDomain, md: Metadata,
+                    request: AttachRequest, progress: Progress) -> Report:
+    from . import domain, state, virt
 
     name = dom.name()
     if any(r.name == request.region for r in md.regions):
@@ -487,14 +493,15 @@ def _attach_managed(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metada
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", problems)
     pool, pool_dir = _pool(conn, md.pool)
     _check_volume_free(conn, f"{pool_dir}/{region.volume}", region.volume)
-    with state.pool_lock(identity.of(conn).key, pool.name()):  # held against prune until a domain uses it
-        made = _make_backing(dom, pool, region, progress)
-        _plug(dom, pool, region, pool_dir, made, live=request.live, config=request.config, progress=progress)
+    with state.pool_lock(hv.key, pool.name()):  # held against prune until a domain uses it
+        made = _make_backing(dom, hv.key, pool, region, progress)
+        _plug(dom, pool, region, pool_dir, made, hv=hv.key, live=request.live, config=request.config,
+              progress=progress)
     new_md = replace(md, spec_json=spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
     if made:
         new_md = new_md.with_volume(region.volume, "backing")
     virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
-    files = state.adopt_legacy(name, identity.of(conn), dom.UUIDString())
+    files = state.adopt_legacy(name, hv, dom.UUIDString())
     state.write_private(files.spec_json, spec_json)
     progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
     g = GuestReport(name=name, accel=new_plan.accel, notes=notes,
@@ -591,25 +598,20 @@ class DetachResult:
     notes: list[str]
 
 
-@dataclass(frozen=True)
-class _Purge:
-    volume: bool = False    # --purge: the backing volume, when nvmprov made it
-    adopted: bool = False   # --purge-adopted: also one the spec adopted
+def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: ledger.Purge,
+           progress: Progress) -> DetachResult:
+    from . import domain, identity, virt
 
-
-def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: bool,
-           progress: Progress, purge_adopted: bool = False) -> DetachResult:
-    from . import domain, virt
-
-    with domain_lock(conn, name):  # before reading what will change, foreign domains included
+    hv = identity.of(conn)
+    with domain_lock(conn, name, hv):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
-        return _detach(conn, dom, md, region, live=live, config=config,
-                       purge=_Purge(purge or purge_adopted, purge_adopted), progress=progress)
+        return _detach(conn, hv.key, dom, md, region, live=live, config=config,
+                       purge=purge, progress=progress)
 
 
-def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
-            config: bool, purge: _Purge, progress: Progress) -> DetachResult:
+def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
+            config: bool, purge: ledger.Purge, progress: Progress) -> DetachResult:
     from . import domain, virt
 
     name, alias = dom.name(), f"ua-pmem-{region}"
@@ -665,7 +667,7 @@ def _detach(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata | Non
                          "does not plug it")
     volume = recorded.volume if recorded else (path.rsplit("/", 1)[-1] or None)
     made = tuple(v for v, _kind in md.volumes) if md else ()  # guests made before the ledger recorded it here
-    deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes, owner=(name, made))
+    deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes, owner=(hv, name, made))
     progress.line(f"{region}: detached ({', '.join(done)})")
     return DetachResult(name, region, done, volume, deleted, notes)
 
@@ -695,15 +697,15 @@ def _path_of(domain_xml: str, alias: str) -> str | None:
     return d.path if d else None
 
 
-def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: _Purge,
-                 notes: list[str], *, owner: tuple[str, tuple[str, ...]]) -> bool:
+def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, path: str, purge: ledger.Purge,
+                 notes: list[str], *, owner: tuple[str, str, tuple[str, ...]]) -> bool:
     """Delete the region's volume when asked, no domain uses it and nvmprov made it for this domain
     (the ledger, or the guest's metadata for guests made before it); an adopted one only when asked."""
-    from . import identity, ledger, storage, virt
+    from . import ledger, storage, virt
 
     if volume is None:
         return False
-    if not purge.volume:
+    if not purge.volumes:
         notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
                      "deletes it once no domain uses it")
         return False
@@ -716,7 +718,7 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
     if path and not path.startswith(storage.pool_path(pool) + "/"):
         notes.append(f"kept {path}: it is not in nvmprov's pool {pool_name}")
         return False
-    hv, (name, made) = identity.of(conn).key, owner
+    hv, name, made = owner  # hypervisor key, domain, volumes its metadata lists as made
     entry = ledger.read(pool).get(volume)
     ours = ledger.may_delete(entry, hv, name, adopted_too=purge.adopted) or (entry is None and volume in made)
     if not ours:
@@ -729,11 +731,10 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
     return deleted
 
 
-def with_default_name(conn: libvirt.virConnect, name: str, request: AttachRequest) -> AttachRequest:
-    """--name not given: hp0, hp1, ... the first not used by the domain."""
+def with_default_name(dom: libvirt.virDomain, request: AttachRequest) -> AttachRequest:
+    """--name not given: hp0, hp1, ... the first not used by the domain (read under its lock)."""
     from . import domain, virt
 
-    dom = virt.require(conn, name)
     config_xml = virt.xml_desc(dom, inactive=True)
     d, live = domxml.parse(config_xml), domxml.parse(virt.xml_desc(dom))
     md = domain.parse_metadata(config_xml)

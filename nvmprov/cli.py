@@ -571,11 +571,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     from . import guests
+    from .ledger import Purge
 
     targets = _targets(args)
     names = [n for n, _c in targets]
-    args.purge = args.purge or args.purge_adopted
-    if args.purge and not args.yes:
+    purge = Purge.asked(args.purge, args.purge_adopted)
+    if purge.volumes and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--purge deletes the backing volumes (region data); add --yes to confirm")
         answer = input(f"delete the backing volumes of {', '.join(names)}? this destroys their data [y/N] ")
@@ -587,13 +588,12 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
         failures = []
         for connect, group in _by_connect(targets).items():  # each guest where its `connect:` says
-            failures += fleet.destroy(group, connect=connect, purge=args.purge, stream=sys.stderr,
-                                      purge_adopted=args.purge_adopted)
+            failures += fleet.destroy(group, connect=connect, purge=purge, stream=sys.stderr)
         if failures:
             raise HostError(f"{len(failures)} of {len(names)} guests not destroyed: " + "; ".join(failures))
         return EXIT_OK
     for connect, group in _by_connect(targets).items():
-        guests.destroy(group, connect=connect, purge=args.purge, purge_adopted=args.purge_adopted)
+        guests.destroy(group, connect=connect, purge=purge)
     return EXIT_OK
 
 
@@ -604,7 +604,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.format == "ansible":
             raise UsageError("--all lists several hypervisors; an inventory is per hypervisor: drop --all or use "
                              "--format json")
-        sys.stdout.write(guests.list_all_text(fmt=args.format))
+        sys.stdout.write(guests.list_all_text(fmt=args.format, connect=args.connect))
         return EXIT_OK
     sys.stdout.write(guests.list_text(connect=args.connect, fmt=args.format))
     return EXIT_OK
@@ -709,8 +709,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
     )
     conn = _admin_conn(args.connect)
     try:
-        if not request.region:
-            request = attach.with_default_name(conn, name, request)
         report = attach.attach(conn, name, request, Progress())
     finally:
         conn.close()
@@ -724,8 +722,10 @@ def cmd_detach(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     name = _domain_arg(args.domain)
-    args.purge = args.purge or args.purge_adopted
-    if args.purge and not args.yes:
+    from .ledger import Purge
+
+    purge = Purge.asked(args.purge, args.purge_adopted)
+    if purge.volumes and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--purge deletes the backing volume (the region's data); add --yes to confirm")
         if input(f"delete the backing volume of {args.region}? [y/N] ").strip().lower() not in ("y", "yes"):
@@ -733,8 +733,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
             return EXIT_OK
     conn = _admin_conn(args.connect)
     try:
-        result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=args.purge,
-                               purge_adopted=args.purge_adopted, progress=Progress())
+        result = attach.detach(conn, name, args.region, live=args.live, config=args.config, purge=purge,
+                               progress=Progress())
     finally:
         conn.close()
     if args.json:
@@ -789,7 +789,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     conn = _admin_conn(args.connect)
     try:
         pool = storage.pool_of(conn, storage.DEFAULT_POOL)
-        found = doctor.leftovers(conn, pool, only=args.only)
+        found = doctor.candidates(conn, pool, only=args.only)
         if not args.json:
             for v in found:
                 print(f"unused: {v.path} ({doctor.human(v.allocation_bytes)} on disk)")

@@ -225,17 +225,31 @@ def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[s
     return names | {p.rsplit("/", 1)[-1] for p in paths}
 
 
-def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
-    """The volumes nvmprov made on this hypervisor (ledger.py) that no domain uses. Adopted volumes
-    (the spec named them) only when ONLY names one exactly: nvmprov did not make them."""
-    from . import identity, ledger
+def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None,
+              hv: str | None = None) -> list[Leftover]:
+    """The volumes nvmprov made on this hypervisor (ledger.py) that no domain uses, and built-in
+    images of earlier recipes that no overlay or domain uses. Adopted volumes (the spec named them)
+    only when ONLY names one exactly: nvmprov did not make them. HV: the hypervisor's key, when the
+    caller already asked."""
+    from . import identity, image, ledger
 
-    hv = identity.of(conn).key
-    owned = [e.volume for e in ledger.read(pool).entries
-             if e.hypervisor == hv and (not e.adopted or e.volume == only)]
+    hv = hv or identity.of(conn).key
     vols = {v.name(): v for v in pool.listAllVolumes(0)}
+    owned = [e.volume for e in ledger.read(pool).entries
+             if e.hypervisor == hv and (not e.adopted or e.volume == only)] + image.stale_volume_names(vols)
     names = leftover_names(owned, vols, _referenced(conn, pool), only=only)
     return [Leftover(n, vols[n].path(), int(vols[n].info()[2])) for n in names]
+
+
+def candidates(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
+    """What `prune` lists: leftovers, after the volumes of guests made before the ledger were
+    recorded (ledger.migrate; the pool held shared, as a create holds it)."""
+    from . import identity, ledger, state
+
+    hv = identity.of(conn).key
+    with state.pool_lock(hv, pool.name()):
+        ledger.migrate(conn, pool, hv)
+    return leftovers(conn, pool, only=only, hv=hv)
 
 
 def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str | None = None) -> list[str]:
@@ -246,7 +260,8 @@ def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str 
     pool = storage.pool_of(conn, pool_name)
     hv = identity.of(conn).key
     with state.pool_lock(hv, pool_name, exclusive=True):
-        still = {v.name for v in leftovers(conn, pool, only=only)}
+        ledger.migrate(conn, pool, hv)  # guests made before the ledger: their volumes are recorded first
+        still = {v.name for v in leftovers(conn, pool, only=only, hv=hv)}
         deleted = [name for name in names if name in still and storage.delete(pool, name)]
         gone = [e.volume for e in ledger.read(pool).entries
                 if e.hypervisor == hv and storage.lookup(pool, e.volume) is None]

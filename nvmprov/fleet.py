@@ -23,6 +23,7 @@ from .progress import CancelToken, Progress
 from .report import GuestReport, Report, error_message
 
 if TYPE_CHECKING:
+    from . import ledger
     from .spec import GuestSpec
     from .workflow import CreateOptions
 
@@ -177,14 +178,21 @@ def _wait_for_rollbacks(queue: list[_Job], stream: IO[str]) -> None:
 
 
 def _outcome_of(job: _Job, interrupted: str | None) -> Outcome:
+    """A job's outcome; one that has none was cut off by INTERRUPTED (a signal). Without a signal
+    every job ends with an outcome: one missing is nvmprov's bug (EXIT_SOFTWARE), not an interrupt."""
     if job.outcome is not None:
         return job.outcome
     report = GuestReport(name=job.name)
-    if not job.started:
-        report.fail("queued", f"not started: {interrupted or 'the fleet stopped'}")
+    if interrupted is None:
+        error: BaseException = RuntimeError(f"the fleet ended without an outcome for {job.name} (a bug in nvmprov)")
+        report.fail("queued" if not job.started else "create", str(error))
+    elif not job.started:
+        error = Interrupted(interrupted)
+        report.fail("queued", f"not started: {interrupted}")
     else:
+        error = Interrupted(interrupted)
         report.fail("rollback", "still running when nvmprov gave up waiting; `nvmprov destroy` it")
-    return Outcome(report, Interrupted(interrupted or "the fleet stopped"))
+    return Outcome(report, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,25 +230,30 @@ def verify(
     return run_parallel([(n, job(n)) for n in names], parallel=parallel, stream=stream)
 
 
-def destroy(names: Sequence[str], *, connect: str | None, purge: bool, stream: IO[str],
-            purge_adopted: bool = False) -> list[str]:
+def destroy(names: Sequence[str], *, connect: str | None, purge: ledger.Purge, stream: IO[str]) -> list[str]:
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
     from . import guests as guestsmod
     from . import identity, state
 
     failures = []
-    with guestsmod.connection(connect) as conn:
-        hv = identity.of(conn)
-        for name in names:
-            progress = Progress(stream, prefix=f"{name}: ")
-            try:
-                with state.lock(name, hv=hv):
-                    guestsmod.destroy_one(conn, name, purge=purge, progress=progress, missing_ok=True,
-                                          purge_adopted=purge_adopted)
-            except NvmprovError as exc:
-                progress.line(f"not destroyed: {exc}")
-                failures.append(f"{name}: {exc}")
+    left = list(names)
+    try:
+        with guestsmod.connection(connect) as conn:
+            hv = identity.of(conn)
+            while left:
+                name = left.pop(0)
+                progress = Progress(stream, prefix=f"{name}: ")
+                try:
+                    with state.lock(name, hv=hv):
+                        guestsmod.destroy_one(conn, hv, name, purge=purge, progress=progress, missing_ok=True)
+                except NvmprovError as exc:
+                    progress.line(f"not destroyed: {exc}")
+                    failures.append(f"{name}: {exc}")
+    except NvmprovError as exc:  # its hypervisor did not answer: the guests of other hypervisors go on
+        for name in left:
+            Progress(stream, prefix=f"{name}: ").line(f"not destroyed: {exc}")
+            failures.append(f"{name}: {exc}")
     return failures
 
 

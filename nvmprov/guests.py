@@ -47,12 +47,13 @@ def _connection(connect: str | None) -> Iterator[libvirt.virConnect]:
 connection = _connection  # for fleet.py: one connection per worker thread
 
 
-def managed(conn: libvirt.virConnect, name: str) -> Managed:
+def managed(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor | None = None) -> Managed:
+    """nvmprov's guest NAME on CONN (HV: its hypervisor, when the caller already asked)."""
     dom = virt.require(conn, state.check_name(name))
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
         raise UsageError(f"domain {name!r} was not made by nvmprov (no nvmprov metadata); nothing done")
-    files = state.adopt_legacy(name, identity.of(conn), dom.UUIDString())
+    files = state.adopt_legacy(name, hv or identity.of(conn), dom.UUIDString())
     return Managed(dom, md, plan_from_metadata(conn, md), files)
 
 
@@ -107,7 +108,7 @@ def start(names: list[str], *, connect: str | None) -> None:
         hv = identity.of(conn)
         for name in names:
             with state.lock(name, hv=hv):
-                m = managed(conn, name)
+                m = managed(conn, name, hv)
                 if virt.is_active(m.dom):
                     Progress().line(f"{name}: already running")
                     continue
@@ -120,7 +121,7 @@ def stop(names: list[str], *, connect: str | None, force: bool, timeout_s: float
         for name in names:
             with state.lock(name, hv=hv):
                 progress = Progress(prefix=f"{name}: ")
-                stop_one(managed(conn, name).dom, force=force, timeout_s=timeout_s, progress=progress)
+                stop_one(managed(conn, name, hv).dom, force=force, timeout_s=timeout_s, progress=progress)
 
 
 def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress: Progress) -> None:
@@ -138,24 +139,23 @@ def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress:
             virt.power_off(dom)
 
 
-def destroy(names: list[str], *, connect: str | None, purge: bool, purge_adopted: bool = False) -> None:
+def destroy(names: list[str], *, connect: str | None, purge: ledger.Purge) -> None:
     with _connection(connect) as conn:
         hv = identity.of(conn)
         for name in names:
             with state.lock(name, hv=hv):
-                destroy_one(conn, name, purge=purge, purge_adopted=purge_adopted, progress=Progress(prefix=f"{name}: "))
+                destroy_one(conn, hv, name, purge=purge, progress=Progress(prefix=f"{name}: "))
 
 
-def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: Progress,
-                purge_adopted: bool = False, missing_ok: bool = False) -> None:
+def destroy_one(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: ledger.Purge,
+                progress: Progress, missing_ok: bool = False) -> None:
     """Stop and undefine NAME, delete the volumes nvmprov made for it (backing volumes only with
-    --purge, adopted ones only with --purge-adopted). Already destroyed: what nvmprov kept for it."""
-    hyper = identity.of(conn)
+    --purge, adopted ones only with --purge-adopted). Already destroyed: what nvmprov kept for it.
+    HYPER: the hypervisor CONN reaches."""
     hv = hyper.key
     dom = virt.lookup(conn, name)
     if dom is None:
-        _destroy_kept(conn, hyper, name, purge=purge or purge_adopted, purge_adopted=purge_adopted,
-                      progress=progress, missing_ok=missing_ok)
+        _destroy_kept(conn, hyper, name, purge=purge, progress=progress, missing_ok=missing_ok)
         return
     md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
     if md is None:
@@ -163,27 +163,26 @@ def destroy_one(conn: libvirt.virConnect, name: str, *, purge: bool, progress: P
     files = state.adopt_legacy(name, hyper, dom.UUIDString())
     pool = storage.pool_of(conn, md.pool)
     # nvmprov before the ledger recorded what it made in the domain only, which goes now: move it over
-    ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
+    book = ledger.update(pool, hv, lambda book: ledger.from_metadata(book, hv, name, md.volumes))
+    not_ours = [r.volume for r in md.regions if not ledger.may_delete(book.get(r.volume), hv, name, adopted_too=True)]
     virt.power_off(dom)
     virt.undefine(dom)
     progress.line("domain stopped and undefined")
-    _delete_owned(pool, hv, name, purge=purge or purge_adopted, purge_adopted=purge_adopted, progress=progress)
-    for region in md.regions:
-        entry = ledger.read(pool).get(region.volume)
-        if purge and (entry is None or not entry.belongs_to(hv, name)):
-            progress.line(f"kept volume {region.volume}: nvmprov did not make it for {name} (it deletes only its own)")
+    _delete_owned(pool, hv, name, purge=purge, progress=progress)
+    for volume in not_ours:
+        if purge.volumes and storage.lookup(pool, volume) is not None:
+            progress.line(f"kept volume {volume}: nvmprov did not make it for {name} (it deletes only its own)")
     shutil.rmtree(files.dir, ignore_errors=True)
 
 
-def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bool, purge_adopted: bool,
+def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: ledger.Purge,
                   progress: Progress) -> list[str]:
     """Delete what the ledger holds for NAME: overlays and seeds always, backing volumes with PURGE,
     adopted ones with PURGE_ADOPTED (else handed back: kept and no longer recorded). Returns what
     is kept for NAME."""
     deleted, kept, handed_back = [], [], []
     for entry in ledger.read(pool).of(hv, name):
-        delete = entry.kind != "backing" or (purge_adopted if entry.adopted else purge)
-        if delete:
+        if purge.deletes(entry):
             if storage.delete(pool, entry.volume):
                 deleted.append(entry.volume)
                 what = "adopted backing volume" if entry.adopted else "backing volume" if entry.kind == "backing" \
@@ -205,7 +204,7 @@ def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: bo
     return kept
 
 
-def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: bool, purge_adopted: bool,
+def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: ledger.Purge,
                   progress: Progress, missing_ok: bool) -> None:
     """NAME has no domain any more: the volumes nvmprov kept for it (in any pool with a ledger)."""
     found, hv = False, hyper.key
@@ -213,7 +212,7 @@ def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: st
         if ledger.read(pool).of(hv, name):
             found = True
             progress.line(f"no domain named {name} on {conn.getURI()}; in pool {pool.name()} nvmprov kept:")
-            _delete_owned(pool, hv, name, purge=purge, purge_adopted=purge_adopted, progress=progress)
+            _delete_owned(pool, hv, name, purge=purge, progress=progress)
     files = state.guest_files(name, hyper, create=False)
     if files.dir.is_dir():
         found = True
@@ -236,9 +235,9 @@ def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool
     return [p for p in pools if any(storage.lookup(p, slot) is not None for slot in ledger.SLOTS)]
 
 
-def list_guests(conn: libvirt.virConnect) -> list[dict[str, object]]:
+def list_guests(conn: libvirt.virConnect, hv: identity.Hypervisor | None = None) -> list[dict[str, object]]:
     rows = []
-    hv = identity.of(conn)
+    hv = hv or identity.of(conn)
     for dom in virt.all_domains(conn):
         md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
         if md is None:
@@ -299,22 +298,22 @@ def list_all(current: str | None = None) -> list[dict[str, object]]:
             rows += [{"name": d.name, "uri": uri, "state": "unreachable"} for d in _state_dirs(key)]
             continue
         try:
-            reached = identity.of(conn).key
-            if reached not in seen:
-                seen.add(reached)
-                rows += [{**row, "uri": uri} for row in list_guests(conn)]
+            reached = identity.of(conn)
+            if reached.key not in seen:
+                seen.add(reached.key)
+                rows += [{**row, "uri": uri} for row in list_guests(conn, reached)]  # sorted by name
         finally:
             conn.close()
         seen.add(key)
-    return sorted(rows, key=lambda r: (str(r["uri"]), str(r["name"])))
+    return rows  # hypervisor by hypervisor, the current one first; by name within each
 
 
 def _replayable(uri: str) -> bool:
     """A URI a spec file could name (no program, socket or key file of its choosing)."""
-    from .spec import _check_connect
+    from .spec import check_connect
 
     try:
-        _check_connect(uri)
+        check_connect(uri)
     except ValueError:
         return False
     return True
@@ -345,40 +344,47 @@ def verify_one(
 ) -> GuestReport:
     """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several),
     filling REPORT (a new one by default); an error other than the guest's passes, REPORT kept."""
+    g = report if report is not None else GuestReport(name=name)
+    with _connection(connect) as conn:
+        hv = identity.of(conn)
+        with state.lock(name, hv=hv):
+            return _verify_locked(conn, hv, name, power_cycle=power_cycle, progress=progress, report=g)
+
+
+def _verify_locked(conn: libvirt.virConnect, hv: identity.Hypervisor, name: str, *, power_cycle: bool,
+                   progress: Progress, report: GuestReport) -> GuestReport:
     from . import agent
     from .workflow import open_session, power_cycle_proof, save_report, start_guest
 
-    g = report if report is not None else GuestReport(name=name)
-    with _connection(connect) as conn, state.lock(name, hv=identity.of(conn)):
-        m = managed(conn, name)
-        files = m.files
-        check_same_domain(files, m.dom)
-        g.accel = m.plan.accel
-        g.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
+    m = managed(conn, name, hv)
+    files = m.files
+    check_same_domain(files, m.dom)
+    report.accel = m.plan.accel
+    report.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
+    try:
+        if not virt.is_active(m.dom):
+            start_guest(conn, m.dom, m.plan, progress)
+        with progress.phase("ssh"):
+            session = open_session(m.dom, m.plan, files, m.md.ssh_port, m.plan.ssh_timeout_s, progress)
         try:
-            if not virt.is_active(m.dom):
-                start_guest(conn, m.dom, m.plan, progress)
-            with progress.phase("ssh"):
-                session = open_session(m.dom, m.plan, files, m.md.ssh_port, m.plan.ssh_timeout_s, progress)
-            try:
-                with progress.phase("agent"):
-                    states = agent.apply(session, m.plan)
-                with progress.phase("verify"):
-                    g.regions = agent.verify(session, m.plan, states)
-            finally:
-                session.close()
-            pool_dir = storage.pool_path(storage.pool_of(conn, m.plan.pool))
-            for r in g.regions:
-                r.backing_path = f"{pool_dir}/{m.plan.region(r.name).volume}"
-            if power_cycle:
-                with progress.phase("power-cycle"):
-                    power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, g.regions, progress)
-        except GuestError as exc:
-            g.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
-        g.timings_s = dict(progress.timings_s)
-        g.settle()
-        save_report(g, progress, identity.of(conn))
-    return g
+            with progress.phase("agent"):
+                states = agent.apply(session, m.plan)
+            with progress.phase("verify"):
+                report.regions = agent.verify(session, m.plan, states)
+        finally:
+            session.close()
+        pool_dir = storage.pool_path(storage.pool_of(conn, m.plan.pool))
+        for r in report.regions:
+            r.backing_path = f"{pool_dir}/{m.plan.region(r.name).volume}"
+        if power_cycle:
+            with progress.phase("power-cycle"):
+                power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, report.regions, progress)
+    except GuestError as exc:
+        report.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
+    report.timings_s = dict(progress.timings_s)
+    report.settle()
+    save_report(report, progress, hv)
+    return report
 
 
 def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]:

@@ -13,8 +13,9 @@ State keyed by it would be lost at each restart. So the identity is a mark the d
 a libvirt secret (no value) with usage `tls` name `nvmprov-hypervisor-identity`, defined once by
 the first nvmprov that connects, stored in the daemon's own configuration, the same through every
 URI that reaches it and different for every daemon. The host UUID and the URI's driver are kept
-beside it for people to read. A driver without secrets (libvirt's test driver) or a read-only
-connection falls back to host UUID + driver.
+beside it for people to read. Only libvirt's test driver (no secrets) falls back to host UUID +
+driver; any other connection that cannot read or define the secret (read-only, no secret driver)
+is a HostError, never a silent key that changes at the next daemon start.
 """
 
 from __future__ import annotations
@@ -63,22 +64,27 @@ def driver(uri: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-") or "system"
 
 
-def _mark(conn: libvirt.virConnect) -> str | None:
-    """The UUID of the daemon's identity secret, defining it when there is none; None when the
-    driver keeps no secrets or the connection may not define one."""
+def _mark(conn: libvirt.virConnect) -> str:
+    """The UUID of the daemon's identity secret, defining it when there is none. Raises the
+    libvirtError of a daemon that keeps no secrets or may not define one (read-only)."""
     import libvirt
 
-    for attempt in range(2):
-        try:
-            return str(conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_TLS, MARK).UUIDString())
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_SECRET or attempt:
-                return None
-        try:
-            return str(conn.secretDefineXML(_MARK_XML, 0).UUIDString())
-        except libvirt.libvirtError:
-            continue  # another nvmprov defined it first (its usage is taken): look it up again
-    return None
+    try:
+        return str(conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_TLS, MARK).UUIDString())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+            raise
+    try:
+        return str(conn.secretDefineXML(_MARK_XML, 0).UUIDString())
+    except libvirt.libvirtError:
+        pass  # another nvmprov defined it first (its usage is taken): look it up again
+    return str(conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_TLS, MARK).UUIDString())
+
+
+def may_fall_back(uri: str) -> bool:
+    """Only libvirt's test driver (no secrets, no daemon, in-process state) is known by host UUID +
+    driver: a real daemon's host UUID may change at every start (above)."""
+    return urlparse(uri).scheme.split("+")[0] == "test"
 
 
 def of(conn: libvirt.virConnect) -> Hypervisor:
@@ -92,4 +98,15 @@ def of(conn: libvirt.virConnect) -> Hypervisor:
         uri = conn.getURI()
     except libvirt.libvirtError as exc:
         raise HostError(f"reading libvirt's capabilities: {exc.get_error_message()}") from None
-    return Hypervisor(host_uuid(caps, uri), driver(uri), uri, _mark(conn))
+    try:
+        mark: str | None = _mark(conn)
+    except libvirt.libvirtError as exc:
+        if not may_fall_back(uri):
+            raise HostError(
+                f"cannot read or define nvmprov's identity secret (usage tls {MARK}) on {uri}: "
+                f"{exc.get_error_message() or exc}; nvmprov keeps guest state and volume ownership under it and "
+                "will not guess (this daemon's host UUID may change at every start): connect read-write to a "
+                "libvirtd with its secret driver (as root: qemu:///system)"
+            ) from None
+        mark = None
+    return Hypervisor(host_uuid(caps, uri), driver(uri), uri, mark)

@@ -92,6 +92,17 @@ def builtin_volume_names() -> tuple[str, str, str]:
     return f"{prefix}.qcow2", f"{prefix}-vmlinuz", f"{prefix}-initrd.img"
 
 
+_VOLUME = re.compile(rf"{NAME_PREFIX}-[0-9a-f]{{12}}(\.qcow2|-vmlinuz|-initrd\.img)")
+
+
+def stale_volume_names(existing: Iterable[str]) -> list[str]:
+    """Built-in image volumes of earlier recipes among EXISTING. The ledger never records image
+    volumes: their name is the record, since the `nvmprov-` prefix is nvmprov's alone (a spec may
+    not adopt such a volume, spec.py)."""
+    current = set(builtin_volume_names())
+    return sorted(v for v in existing if _VOLUME.fullmatch(v) and v not in current)
+
+
 def packages(recipe_dir: Path | None = None) -> list[str]:
     recipe_dir = recipe_dir or RECIPE_DIR
     lines = (require(recipe_dir, "packages.txt") / "packages.txt").read_text(encoding="utf-8").splitlines()

@@ -168,16 +168,39 @@ def forget(pool: libvirt.virStoragePool, hypervisor: str, volumes: Iterable[str]
 # the rules, for create, attach, destroy, detach and prune
 
 
-def in_the_way(pool: libvirt.virStoragePool, volume: str, owner: str, region: str, *, attach: bool = False) -> str:
-    """The one-line refusal for a volume nvmprov did not make for OWNER, with both ways out."""
-    from . import storage
+def in_the_way(pool: libvirt.virStoragePool, volume: str, owner: str, region: str, *, attach: bool = False,
+               guest: str | None = None) -> str:
+    """The one-line refusal for a volume nvmprov did not make for OWNER, with both ways out. GUEST:
+    the nvmprov guest OWNER is, whose region's name before the ledger gets a hint."""
+    from . import naming, storage
 
     path = f"{storage.pool_path(pool)}/{volume}"
     adopt = ("choose another --name for the region" if attach
              else f"adopt it on purpose with `volume: {volume}` under region {region} in the spec")
+    legacy = ""
+    if guest is not None and volume == naming.legacy_backing_volume(guest, region):
+        legacy = (f"; if an nvmprov before the ownership ledger kept it for this guest, adopt it with "
+                  f"`volume: {volume}`")
     return (f"volume {volume} ({path}) is in the way of region {region} of {owner}: nvmprov did not make it for "
             f"{owner}, so it neither uses nor deletes it; either {adopt}, or move it out of the way yourself "
-            f"(virsh vol-delete --pool {pool.name()} {volume}, after saving its data)")
+            f"(virsh vol-delete --pool {pool.name()} {volume}, after saving its data){legacy}")
+
+
+@dataclass(frozen=True)
+class Purge:
+    """What destroy and detach may delete beyond overlays and seeds. --purge-adopted implies
+    --purge: `asked` is the one place that says so."""
+
+    volumes: bool = False   # --purge: backing volumes nvmprov made
+    adopted: bool = False   # --purge-adopted: also the volumes the spec adopted (volume:)
+
+    @classmethod
+    def asked(cls, purge: bool, purge_adopted: bool) -> Purge:
+        return cls(volumes=purge or purge_adopted, adopted=purge_adopted)
+
+    def deletes(self, entry: Entry) -> bool:
+        """Whether this purge deletes ENTRY (one nvmprov holds for the guest being destroyed)."""
+        return entry.kind != "backing" or (self.adopted if entry.adopted else self.volumes)
 
 
 def may_delete(entry: Entry | None, hypervisor: str, owner: str, *, adopted_too: bool = False) -> bool:
@@ -194,3 +217,39 @@ def from_metadata(ledger: Ledger, hypervisor: str, owner: str, volumes: Iterable
         if ledger.get(volume) is None:
             ledger = ledger.with_entry(Entry(volume, owner, hypervisor, kind))
     return ledger
+
+
+def migrate(conn: libvirt.virConnect, pool: libvirt.virStoragePool, hypervisor: str) -> list[str]:
+    """First contact with guests made before the ledger: the volumes each nvmprov domain of CONN
+    whose metadata names POOL lists as made join the ledger as made for that guest (from_metadata),
+    those that exist when recorded. Callers hold the pool lock (create shared, prune exclusive).
+    Returns the volumes recorded now. Volumes of guests already destroyed stay unrecorded: no
+    domain says they were nvmprov's."""
+    from . import domain, storage, virt
+    from .errors import VirtError
+
+    made: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+    for dom in virt.all_domains(conn):
+        try:
+            md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+        except VirtError:
+            continue  # undefined while we looked: nothing of it to record
+        if md is not None and md.pool == pool.name() and md.volumes:
+            made.append((dom.name(), md.volumes))
+    if not made:
+        return []
+    recorded: list[str] = []
+
+    def change(book: Ledger) -> Ledger:
+        # under the ledger's lock: a rollback that deletes a volume forgets it under the same lock
+        there = {v.name() for v in pool.listAllVolumes(0)}
+        recorded.clear()
+        for guest, volumes in made:
+            present = [(v, kind) for v, kind in volumes if v in there and book.get(v) is None]
+            book = from_metadata(book, hypervisor, guest, present)
+            recorded.extend(v for v, _kind in present)
+        return book
+
+    storage.refresh(pool)
+    update(pool, hypervisor, change)
+    return recorded

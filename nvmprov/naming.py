@@ -28,10 +28,15 @@ _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 def backing_volume(guest: str, region: str) -> str:
     """The backing volume of REGION of nvmprov guest GUEST (both spec names: [a-z0-9-])."""
-    legacy = f"{guest}{SEPARATOR}{region}"
+    legacy = legacy_backing_volume(guest, region)
     if legacy.find(SEPARATOR) == len(guest):
-        return legacy + ".raw"
+        return legacy
     return f"{guest}.pmem.{region}.raw"
+
+
+def legacy_backing_volume(guest: str, region: str) -> str:
+    """The name nvmprov gave REGION of GUEST before names were injective (and before the ledger)."""
+    return f"{guest}{SEPARATOR}{region}.raw"
 
 
 def escape(name: str) -> str:

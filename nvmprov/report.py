@@ -87,7 +87,6 @@ class RegionReport:
             self.filesystem = state.filesystem if state else None
 
 
-
 @dataclass
 class GuestReport:
     name: str

@@ -315,7 +315,7 @@ def _regex_checker(pattern: re.Pattern[str], what: str, hint: str) -> Callable[[
     return check
 
 
-def _check_connect(value: str) -> str:
+def check_connect(value: str) -> str:
     """A libvirt URI a spec file may name: the qemu driver (or test:///default) over a transport
     that runs no program of the URI's choosing, names no local file and lowers no trust."""
     _regex_checker(_URI_RE, "connect", "use a libvirt URI such as qemu:///system")(value)
@@ -622,7 +622,7 @@ class GuestSpec(BaseModel):
     image: Annotated[str, AfterValidator(_check_image)] = "builtin"
     firmware: Literal["auto", "direct", "bios", "efi"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    connect: Annotated[str, AfterValidator(_lenient(_check_connect))] = "qemu:///system"
+    connect: Annotated[str, AfterValidator(_lenient(check_connect))] = "qemu:///system"
     pool: PoolName = "nvmprov"
     ssh: SshSpec = Field(default_factory=SshSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)

@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,42 +180,47 @@ def write_private(path: Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
+def _flocked(filename: str, operation: int, busy: Callable[[int], str] | None = None) -> Iterator[int]:
+    """Hold flock OPERATION on locks/FILENAME (0600) while the block runs; closing drops it. With
+    LOCK_NB, a lock held elsewhere raises LockedError(BUSY(fd)) at once."""
+    locks = _private_dir(state_root() / "locks")
+    fd = os.open(locks / filename, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, operation)
+        except OSError as exc:
+            if busy is None or exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LockedError(busy(fd)) from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def lock(name: str, *, what: str = "guest", hv: Hypervisor | None = None) -> Iterator[None]:
     """Hold the lock for one guest name (of hypervisor HV: one name on two hypervisors is two
     guests), failing at once (naming the holder) when it is taken."""
     if what == "guest":
         check_name(name)
-    locks = _private_dir(state_root() / "locks")
-    path = locks / (f"{what}-{name}.lock" if hv is None else f"{what}-{hv.key}-{name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            raise LockedError(
-                f"{what} {name!r} is busy: another nvmprov holds its lock ({holder}); "
-                "wait for it to finish, or stop that process"
-            ) from None
+
+    def busy(fd: int) -> str:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        return (f"{what} {name!r} is busy: another nvmprov holds its lock ({holder}); "
+                "wait for it to finish, or stop that process")
+
+    filename = f"{what}-{name}.lock" if hv is None else f"{what}-{hv.key}-{name}.lock"
+    with _flocked(filename, fcntl.LOCK_EX | fcntl.LOCK_NB, busy) as fd:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield
-    finally:
-        os.close(fd)  # closing drops the flock
 
 
 @contextlib.contextmanager
 def host_lock(name: str) -> Iterator[None]:
     """A blocking host-wide lock (e.g. while choosing an SSH port)."""
-    locks = _private_dir(state_root() / "locks")
-    fd = os.open(locks / f"host-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _flocked(f"host-{name}.lock", fcntl.LOCK_EX):
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -223,19 +228,10 @@ def pool_lock(hypervisor: str, pool: str, *, exclusive: bool = False) -> Iterato
     """create and attach hold a pool shared (waiting while a prune runs); prune holds it exclusively
     and fails at once while any create or attach runs. HYPERVISOR is identity.Hypervisor.key.
     A flock of this machine: another controller machine driving the same hypervisor is not held."""
-    locks = _private_dir(state_root() / "locks")
-    fd = os.open(locks / f"pool-{hypervisor}-{pool}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if not exclusive:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise LockedError(f"pool {pool!r} is busy: an nvmprov create or attach is using it; "
-                                  "run this again when it has finished") from None
+
+    def busy(_fd: int) -> str:
+        return f"pool {pool!r} is busy: an nvmprov create or attach is using it; run this again when it has finished"
+
+    with _flocked(f"pool-{hypervisor}-{pool}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH,
+                  busy):
         yield
-    finally:
-        os.close(fd)

@@ -242,23 +242,6 @@ def _create(pool: libvirt.virStoragePool, xml: str, what: str) -> libvirt.virSto
         raise _err(f"creating {what} in storage pool {pool.name()!r}", e) from None
 
 
-def create_backing(
-    pool: libvirt.virStoragePool,
-    name: str,
-    capacity_bytes: int,
-    *,
-    allocation: Allocation = "full",
-) -> libvirt.virStorageVol:
-    """A raw backing volume (0600), fully allocated unless `sparse`.
-
-    An existing volume of that name is never truncated or overwritten: it is returned when its
-    size matches, refused otherwise. Whether nvmprov may use it is the caller's question
-    (make_backing + ownership.py answer it for guests).
-    """
-    vol = make_backing(pool, name, capacity_bytes, allocation=allocation)
-    return vol if vol is not None else check_reusable(pool, volume(pool, name), capacity_bytes)
-
-
 def make_backing(
     pool: libvirt.virStoragePool,
     name: str,

@@ -69,7 +69,7 @@ def create(
         with state.lock(spec.name, hv=hv):
             try:
                 with state.pool_lock(hv.key, spec.pool):  # held against prune, shared with other creates
-                    _create_locked(conn, spec, opts, progress, report)
+                    _create_locked(conn, hv, spec, opts, progress, report)
             except (UsageError, SpecError):
                 raise  # bad input changed nothing, the last report included
             except BaseException as exc:
@@ -100,8 +100,10 @@ def save_report(report: GuestReport, progress: Progress, hv: identity.Hypervisor
 
 
 def _create_locked(
-    conn: libvirt.virConnect, spec: GuestSpec, opts: CreateOptions, progress: Progress, report: GuestReport
+    conn: libvirt.virConnect, hv: identity.Hypervisor, spec: GuestSpec, opts: CreateOptions, progress: Progress,
+    report: GuestReport,
 ) -> None:
+    """HV: the hypervisor CONN reaches, asked once per create (a round trip over qemu+ssh)."""
     with progress.phase("host"):
         # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
         # here, before the pool is made or the image built (minutes). It needs no pool, only names.
@@ -115,6 +117,8 @@ def _create_locked(
         if spec.image == "builtin" and not image.is_built(pool):
             progress.line("built-in guest image missing: building it (about 2-4 minutes)")
             image.build(conn, spec.pool, progress=progress.line)
+        for volume in ledger.migrate(conn, pool, hv.key):  # guests made before the ledger (pool held shared)
+            progress.line(f"ownership ledger: recorded {volume} as made by nvmprov (its domain's metadata says so)")
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)
@@ -124,7 +128,6 @@ def _create_locked(
         for note in region.notes:
             progress.line(f"region {region.name}: {note}")
 
-    hv = identity.of(conn)
     existing = virt.lookup(conn, spec.name)
     if existing is not None and domain.parse_metadata(virt.xml_desc(existing, inactive=True)) is not None:
         state.adopt_legacy(spec.name, hv, existing.UUIDString())  # files kept under the old layout
@@ -134,7 +137,7 @@ def _create_locked(
         if md is not None and not md.complete:
             # A run that was killed (SIGKILL, power loss) left this: its metadata names what it made.
             progress.line(f"guest {spec.name}: an earlier create did not finish; removing what it left")
-            remove_leftovers(conn, existing, md, progress)
+            remove_leftovers(conn, hv.key, existing, md, progress)
         else:
             try:
                 _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
@@ -144,7 +147,8 @@ def _create_locked(
 
     undo = Rollback(progress)
     try:
-        build = _build_guest(conn, pool, the_plan, spec, files, opts, progress, undo, report)
+        build = _build_guest(conn, _Owner(pool, hv.key, spec.name), the_plan, spec, files, opts, progress, undo,
+                             report)
         if opts.until not in ("define", "start"):
             _prove(conn, build.dom, the_plan, files, opts, progress, report, power_cycle=opts.power_cycle, made=True)
         build.md = replace(build.md, complete=True)
@@ -179,11 +183,12 @@ def vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
         raise SpecError(f"guest {spec.name}: {e}", file=opts.spec_path or "<spec>") from None
 
 
-def remove_leftovers(conn: libvirt.virConnect, dom: libvirt.virDomain, md: domain.Metadata, progress: Progress) -> None:
-    """Undo an unfinished create: every volume its metadata says it made, then the domain."""
+def remove_leftovers(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: domain.Metadata,
+                     progress: Progress) -> None:
+    """Undo an unfinished create: every volume its metadata says it made, then the domain (HV: the
+    key of the hypervisor CONN reaches)."""
     virt.power_off(dom)
     pool = storage.pool_of(conn, md.pool)
-    hv = identity.of(conn).key
     for name, _kind in reversed(md.volumes):
         if storage.delete(pool, name):
             progress.line(f"removed leftover volume {name}")
@@ -202,7 +207,7 @@ class _Build:
 
 def _build_guest(
     conn: libvirt.virConnect,
-    pool: libvirt.virStoragePool,
+    owner: _Owner,
     the_plan: Plan,
     spec: GuestSpec,
     files: state.GuestFiles,
@@ -211,6 +216,7 @@ def _build_guest(
     undo: Rollback,
     report: GuestReport,
 ) -> _Build:
+    pool = owner.pool
     pool_dir = storage.pool_path(pool)
     # Registered first so it runs last: a failed create leaves no keys or spec copy behind either.
     undo.add(f"state files {files.dir}", lambda: shutil.rmtree(files.dir, ignore_errors=True))
@@ -220,7 +226,7 @@ def _build_guest(
         state.write_private(files.spec_json, spec_json)
 
     with progress.phase("define"):
-        _check_backing_volumes(conn, pool, the_plan)
+        _check_backing_volumes(conn, owner, the_plan)
         md = domain.Metadata.from_plan(the_plan, ssh_port=0, spec_path=opts.spec_path, spec_json=spec_json)
         dom, md = _define_with_port(conn, the_plan, md, pool_dir)
         undo.add(f"domain {the_plan.name}", lambda: _undefine_quietly(conn, the_plan.name))
@@ -229,7 +235,6 @@ def _build_guest(
     build = _Build(dom, md)
 
     with progress.phase("volumes"):
-        owner = _Owner(pool, identity.of(conn).key, the_plan.name)
         build.md = _make_volumes(owner, build.dom, the_plan, build.md, (client, host_key), progress, undo)
     if opts.until == "define":
         return build
@@ -278,12 +283,12 @@ def _write_known_hosts(files: state.GuestFiles, port: int) -> None:
     state.write_private(files.known_hosts, f"[127.0.0.1]:{port} {key[0]} {key[1]}\n")
 
 
-def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePool, the_plan: Plan) -> None:
+def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Plan) -> None:
     """Refuse before changing anything when a backing volume is in the way (not made by nvmprov for
     this guest, not adopted) or in another domain's hands. _make_volumes decides again, exclusively."""
+    pool, hv = owner.pool, owner.hv
     pool_dir = storage.pool_path(pool)
     book = ledger.read(pool)
-    hv = identity.of(conn).key
     for region in the_plan.regions:
         path = f"{pool_dir}/{region.volume}"
         users = virt.domains_using_path(conn, path, exclude=the_plan.name)
@@ -292,9 +297,35 @@ def _check_backing_volumes(conn: libvirt.virConnect, pool: libvirt.virStoragePoo
                 f"backing volume {region.volume} of region {region.name} is used by domain(s) "
                 f"{', '.join(users)}; give the region another name or detach it there first"
             )
-        if not region.adopted and storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
+        if region.adopted:
+            _check_adoptable(pool, book, owner, region)
+        elif storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
                 book.get(region.volume), hv, the_plan.name):
-            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name))
+            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name,
+                                              guest=the_plan.name))
+
+
+def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _Owner,
+                     region: planmod.RegionPlan) -> None:
+    """An adopted `volume:` must exist: nvmprov makes no volume under a name the spec chose."""
+    if storage.lookup(pool, region.volume) is None:
+        raise HostError(
+            f"volume {region.volume} named by `volume:` under region {region.name} of guest {owner.name} does not "
+            f"exist in storage pool {pool.name()!r} ({storage.pool_path(pool)}); an adopted volume is made "
+            "elsewhere: create it first, or drop `volume:` and nvmprov makes and owns one"
+        )
+    _refuse_if_held_by_another(book, owner, region)
+
+
+def _refuse_if_held_by_another(book: ledger.Ledger, owner: _Owner, region: planmod.RegionPlan) -> None:
+    entry = book.get(region.volume)
+    if entry is not None and not entry.belongs_to(owner.hv, owner.name):
+        raise HostError(
+            f"volume {region.volume} named by `volume:` under region {region.name} of guest {owner.name} is "
+            f"recorded as guest {entry.guest}'s (hypervisor {entry.hypervisor}) in the ownership ledger of storage "
+            f"pool {owner.pool.name()!r}; one volume has one owner: name another volume, or let {entry.guest} give "
+            f"it up first (`nvmprov destroy {entry.guest}` hands an adopted volume back, `--purge` deletes a made one)"
+        )
 
 
 def _used_ports(conn: libvirt.virConnect) -> set[int]:
@@ -367,7 +398,9 @@ def _make_volumes(
         _record(dom, md)
 
     for region in the_plan.regions:
-        if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
+        made_now = not region.adopted and storage.make_backing(
+            pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None
+        if made_now:
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")
         else:
@@ -397,15 +430,22 @@ def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> 
     """A volume of the region's name exists: use it when nvmprov made it for this guest (data kept
     by `destroy`), or when the spec names it (`volume:`, adopted); refuse anything else."""
     pool = owner.pool
-    entry = ledger.read(pool).get(region.volume)
+    book = ledger.read(pool)
+    entry = book.get(region.volume)
+    if region.adopted:
+        _check_adoptable(pool, book, owner, region)
     ours = ledger.may_delete(entry, owner.hv, owner.name)
     if not ours and not region.adopted:
-        raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name))
+        raise HostError(ledger.in_the_way(pool, region.volume, f"guest {owner.name}", region.name, guest=owner.name))
     storage.check_reusable(pool, storage.volume(pool, region.volume), region.backing_bytes)
     if ours:
         return "reusing its own"
     if entry is None or not entry.belongs_to(owner.hv, owner.name):
-        ledger.record(pool, ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
+        def adopt(now: ledger.Ledger) -> ledger.Ledger:  # checked again under the ledger's lock
+            _refuse_if_held_by_another(now, owner, region)
+            return now.with_entry(ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
+
+        ledger.update(pool, owner.hv, adopt)
         undo.add(f"adoption of volume {region.volume} (the volume is kept)",
                  lambda: _unadopt(owner, region.volume, entry))
     return "adopting"

@@ -97,7 +97,8 @@ def mixed_guest(e2e_tmp: Path) -> Iterator[Created]:
 
 def guest_state_dir(name: str, uri: str = "qemu:///system") -> Path:
     """Where nvmprov keeps guest NAME's files: under the identity of the hypervisor URI reaches
-    (state/hypervisors/HOSTUUID-DRIVER/guests/NAME), not under the URI."""
+    (state/hypervisors/libvirtd-<UUID of the daemon's identity secret>/guests/NAME, identity.py),
+    not under the URI."""
     import libvirt
 
     from nvmprov import identity, state

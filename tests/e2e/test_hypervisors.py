@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,10 +23,10 @@ import pytest
 from nvmprov import identity
 
 from .conftest import REPO, _require_host, nvmprov, write_spec
+from .hosts import USER, e2e_user, loopback_sshd
 
 pytestmark = pytest.mark.e2e
 
-USER = "nvmprov-e2e"
 SYSTEM = "qemu:///system"
 ALIAS = "qemu+unix:///system?socket=/var/run/libvirt/libvirt-sock"   # the same libvirtd by another URI
 TWIN = "e2e-hv-twin"
@@ -46,28 +44,22 @@ def hypervisor_key(uri: str) -> str:
 def session() -> Iterator[tuple[str, dict[str, str], Path]]:
     """(URI of nvmprov-e2e's session libvirtd, the environment nvmprov needs for it, a tiny image)."""
     _require_host()
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-        pw = pwd.getpwnam(USER)
-    runtime = Path(f"/run/user/{pw.pw_uid}")
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chown(runtime, pw.pw_uid, pw.pw_gid)
-    env = ["env", "-i", f"HOME={pw.pw_dir}", f"XDG_RUNTIME_DIR={runtime}", "PATH=/usr/bin:/bin:/usr/sbin"]
+    pw = e2e_user()
+    runtime = pw.runtime
+    env = ["env", "-i", f"HOME={pw.home}", f"XDG_RUNTIME_DIR={runtime}", "PATH=/usr/bin:/bin:/usr/sbin"]
     # virsh as the user autostarts its session daemon; root then reaches it through the socket
     subprocess.run(["runuser", "-u", USER, "--", *env, "virsh", "-c", "qemu:///session", "list"], check=True,
                    capture_output=True)
-    work = Path(pw.pw_dir) / "t2-hypervisors"
+    work = pw.home / "t2-hypervisors"
     work.mkdir(mode=0o755, exist_ok=True)
     image = work / "tiny.qcow2"
     if not image.exists():
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
     image.chmod(0o644)
-    data = Path(pw.pw_dir) / ".local" / "share"
+    data = pw.home / ".local" / "share"
     data.mkdir(parents=True, exist_ok=True)
-    for p in (Path(pw.pw_dir) / ".local", data):
-        os.chown(p, pw.pw_uid, pw.pw_gid)
+    for p in (pw.home / ".local", data):
+        os.chown(p, pw.uid, pw.gid)
     # the session pool goes under the user's XDG data dir (uris.pool_dir_for), where its daemon can write
     yield (f"qemu+unix:///session?socket={runtime}/libvirt/libvirt-sock", {"XDG_DATA_HOME": str(data)}, image)
 
@@ -151,46 +143,29 @@ class FleetUser:
 
 @pytest.fixture(scope="module")
 def fleet_user(session) -> Iterator[FleetUser]:
-    from .test_remote import _free_port, _keygen, _wait_listening
-
     _session_uri, _env, image = session
-    pw = pwd.getpwnam(USER)
-    d = Path(pw.pw_dir) / "t2-hypervisors" / "ssh"
+    pw = e2e_user()
+    d = pw.home / "t2-hypervisors" / "ssh"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    port = _free_port()
-    _keygen(d / "host_key")
-    _keygen(d / "id")
-    shutil.copy(d / "id.pub", d / "authorized_keys")
-    (d / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nAllowTcpForwarding yes\nStrictModes no\n")
-    host_key = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    for f in ("id", "id.pub", "known_hosts"):
-        os.chown(d / f, pw.pw_uid, pw.pw_gid)
-    os.chown(d, pw.pw_uid, pw.pw_gid)
-    ssh_dir = Path(pw.pw_dir) / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(ssh_dir, pw.pw_uid, pw.pw_gid)
+    ssh_dir = pw.home / ".ssh"
     config = ssh_dir / "config"
-    config.write_text(f"Host {HV2}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/id\n"
-                      f"  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n")
-    os.chown(config, pw.pw_uid, pw.pw_gid)
-    config.chmod(0o600)
-    Path("/run/sshd").mkdir(exist_ok=True)
-    subprocess.run(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True)
     try:
-        _wait_listening(port, 30)
-        runtime = f"/run/user/{pw.pw_uid}"
-        env = ["env", "-i", f"HOME={pw.pw_dir}", f"USER={USER}", f"XDG_RUNTIME_DIR={runtime}",
-               "PATH=/usr/bin:/bin:/usr/sbin", "LC_ALL=C.UTF-8"]
-        yield FleetUser(USER, env, image)
+        with loopback_sshd(d) as port:
+            for f in ("id", "id.pub", "known_hosts"):
+                os.chown(d / f, pw.uid, pw.gid)
+            os.chown(d, pw.uid, pw.gid)
+            ssh_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chown(ssh_dir, pw.uid, pw.gid)
+            config.write_text(f"Host {HV2}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n"
+                              f"  IdentityFile {d}/id\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
+                              "  StrictHostKeyChecking yes\n")
+            os.chown(config, pw.uid, pw.gid)
+            config.chmod(0o600)
+            env = ["env", "-i", f"HOME={pw.home}", f"USER={USER}", f"XDG_RUNTIME_DIR={pw.runtime}",
+                   "PATH=/usr/bin:/bin:/usr/sbin", "LC_ALL=C.UTF-8"]
+            yield FleetUser(USER, env, image)
     finally:
-        pid = int((d / "sshd.pid").read_text()) if (d / "sshd.pid").exists() else None
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)  # the sshd this fixture started, by its pid
         config.unlink(missing_ok=True)
 
 

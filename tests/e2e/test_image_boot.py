@@ -26,6 +26,7 @@ import paramiko
 import pytest
 
 from nvmprov import image, seed, storage
+from tests.volumes import create_backing
 
 pytestmark = pytest.mark.e2e
 
@@ -186,7 +187,7 @@ def booted(conn: libvirt.virConnect, pool: libvirt.virStoragePool, tmp_path_fact
     try:
         storage.create_overlay(pool, f"{name}-root.qcow2", base, DISK_BYTES)
         made.append(f"{name}-root.qcow2")
-        storage.create_backing(pool, f"{name}-pmem.raw", NVDIMM_BYTES, allocation="full")
+        create_backing(pool, f"{name}-pmem.raw", NVDIMM_BYTES, allocation="full")
         made.append(f"{name}-pmem.raw")
 
         client, host = seed.generate_keypair("e2e"), seed.generate_keypair()

@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +21,12 @@ import pytest
 from nvmprov.errors import HostError
 
 from .conftest import _require_host, nvmprov, write_spec
+from .hosts import loopback_sshd
 
 pytestmark = pytest.mark.e2e
 
 ALIAS = "nvmprov-e2e-hv"
 NAME = "e2e-remote"
-SSHD_START_S = 10.0
 
 
 @dataclass
@@ -43,27 +40,6 @@ class Hypervisor:
         return nvmprov(*args, env=self.env, **kw)  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nvmprov-e2e", "-f", str(path)],
-                   check=True)
-
-
-def _wait_listening(port: int, deadline_s: float) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    pytest.fail(f"the test sshd did not listen on 127.0.0.1:{port} within {deadline_s:.0f}s")
-
-
 @pytest.fixture(scope="module")
 def hypervisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hypervisor]:
     _require_host()
@@ -73,40 +49,20 @@ def hypervisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hypervisor]
     if not shutil.which("virt-ssh-helper") and not shutil.which("nc"):
         pytest.fail("libvirt's ssh transport needs virt-ssh-helper (libvirt-clients) on the hypervisor")
     d = tmp_path_factory.mktemp("hv")
-    port = _free_port()
-    _keygen(d / "host_key")
-    _keygen(d / "id")
-    shutil.copy(d / "id.pub", d / "authorized_keys")
-    (d / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nAllowTcpForwarding yes\nStrictModes no\n"
-        "LogLevel DEBUG1\n"  # logs each direct-tcpip channel with its target: the tests check the tunnel
-    )
-    host_key = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    # The alias and 127.0.0.1 itself: the URI below names root@127.0.0.1:PORT as a user would.
-    config = (f"Host {ALIAS} 127.0.0.1\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/id\n"
-              f"  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n")
-    (d / "ssh_config").write_text(config)
-    home = d / "home"
-    (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "config").write_text(config)
-    wrapper = d / "ssh"
-    wrapper.write_text(f"#!/bin/sh\nexec ssh -F {d}/ssh_config \"$@\"\n")
-    wrapper.chmod(0o755)
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    subprocess.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True)
-    pid = int((d / "sshd.pid").read_text()) if (d / "sshd.pid").exists() else None
-    try:
-        _wait_listening(port, SSHD_START_S)
-        pid = pid or int((d / "sshd.pid").read_text())
+    # LogLevel DEBUG1 logs each direct-tcpip channel with its target: the tests check the tunnel
+    with loopback_sshd(d, sshd=sshd, extra_config="LogLevel DEBUG1\n") as port:
+        # The alias and 127.0.0.1 itself: the URI below names root@127.0.0.1:PORT as a user would.
+        config = (f"Host {ALIAS} 127.0.0.1\n  HostName 127.0.0.1\n  Port {port}\n  User root\n"
+                  f"  IdentityFile {d}/id\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
+                  "  StrictHostKeyChecking yes\n")
+        (d / "ssh_config").write_text(config)
+        home = d / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "config").write_text(config)
+        wrapper = d / "ssh"
+        wrapper.write_text(f"#!/bin/sh\nexec ssh -F {d}/ssh_config \"$@\"\n")
+        wrapper.chmod(0o755)
         yield Hypervisor(d, port, f"qemu+ssh://root@127.0.0.1:{port}/system?command={wrapper}", {"HOME": str(home)})
-    finally:
-        if pid is None and (d / "sshd.pid").exists():
-            pid = int((d / "sshd.pid").read_text())
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)  # the sshd this fixture started, by its pid
 
 
 @dataclass

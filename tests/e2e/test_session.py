@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,10 +16,10 @@ import pytest
 import yaml
 
 from .conftest import REPO, _require_host
+from .hosts import USER, e2e_user
 
 pytestmark = pytest.mark.e2e
 
-USER = "nvmprov-e2e"
 NAME = "e2e-session"
 SYSTEM_POOL = Path("/var/lib/nvmprov/pool")
 
@@ -41,18 +40,10 @@ class User:
 @pytest.fixture(scope="module")
 def user() -> User:
     _require_host()
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-        pw = pwd.getpwnam(USER)
-    assert pw.pw_uid != 0
-    runtime = Path(f"/run/user/{pw.pw_uid}")  # what a login would give it; libvirt's session socket goes here
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chown(runtime, pw.pw_uid, pw.pw_gid)
-    env = {"HOME": pw.pw_dir, "USER": USER, "XDG_RUNTIME_DIR": str(runtime), "PATH": "/usr/bin:/bin:/usr/sbin",
+    u = e2e_user()
+    env = {"HOME": str(u.home), "USER": USER, "XDG_RUNTIME_DIR": str(u.runtime), "PATH": "/usr/bin:/bin:/usr/sbin",
            "LC_ALL": "C.UTF-8"}
-    return User(USER, pw.pw_uid, Path(pw.pw_dir), env)
+    return User(USER, u.uid, u.home, env)
 
 
 @dataclass
@@ -120,7 +111,10 @@ def test_list_and_destroy_as_the_user(session_guest: SessionGuest) -> None:
     listed = user.nvmprov("list", "--format", "json", "--connect", "qemu:///session")
     assert listed.returncode == 0, listed.stderr
     assert [r["name"] for r in json.loads(listed.stdout)] == [NAME]
+    state = user.home / ".local/state/nvmprov"
+    assert len(list(state.glob(f"hypervisors/*/guests/{NAME}"))) == 1, "the check below would be vacuous"
     gone = user.nvmprov("destroy", NAME, "--purge", "--yes", "--connect", "qemu:///session")
     assert gone.returncode == 0, gone.stderr
     assert not list((user.home / ".local/share/nvmprov/pool").glob(f"{NAME}-*"))
-    assert not (user.home / ".local/state/nvmprov/guests" / NAME).exists()
+    assert list(state.glob(f"hypervisors/*/guests/{NAME}")) == []   # state lives under the hypervisor's identity
+    assert not (state / "guests" / NAME).exists()                   # nor under the layout before it

@@ -19,6 +19,7 @@ import pytest
 
 from nvmprov import storage
 from nvmprov.errors import StorageError
+from tests.volumes import create_backing
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +60,7 @@ def test_pool_directory_and_parent_are_0711(pool):
 
 
 def test_full_backing_is_fallocated_and_private(pool):
-    vol = storage.create_backing(pool, "full.raw", 64 * MiB, allocation="full")
+    vol = create_backing(pool, "full.raw", 64 * MiB, allocation="full")
     st = os.stat(vol.path())
     assert st.st_size == 64 * MiB
     assert st.st_blocks * 512 >= 64 * MiB  # really allocated, not sparse
@@ -67,20 +68,20 @@ def test_full_backing_is_fallocated_and_private(pool):
 
 
 def test_sparse_backing_has_no_blocks(pool):
-    vol = storage.create_backing(pool, "sparse.raw", 64 * MiB, allocation="sparse")
+    vol = create_backing(pool, "sparse.raw", 64 * MiB, allocation="sparse")
     st = os.stat(vol.path())
     assert st.st_size == 64 * MiB
     assert st.st_blocks == 0
 
 
 def test_reused_backing_keeps_its_data(pool):
-    vol = storage.create_backing(pool, "keep.raw", 4 * MiB, allocation="full")
+    vol = create_backing(pool, "keep.raw", 4 * MiB, allocation="full")
     with open(vol.path(), "r+b") as f:
         f.write(b"precious")
-    again = storage.create_backing(pool, "keep.raw", 4 * MiB, allocation="full")
+    again = create_backing(pool, "keep.raw", 4 * MiB, allocation="full")
     assert Path(again.path()).read_bytes()[:8] == b"precious"
     with pytest.raises(StorageError):
-        storage.create_backing(pool, "keep.raw", 8 * MiB, allocation="full")
+        create_backing(pool, "keep.raw", 8 * MiB, allocation="full")
     assert os.path.getsize(vol.path()) == 4 * MiB
     assert Path(vol.path()).read_bytes()[:8] == b"precious"
 

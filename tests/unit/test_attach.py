@@ -285,3 +285,33 @@ def test_attach_defines_a_missing_pool_where_the_uri_keeps_it(monkeypatch: pytes
 
     assert attach._pool(Conn("qemu:///session"), "nvmprov")[1] == str(tmp_path / "data" / "nvmprov" / "pool")
     assert attach._pool(Conn("qemu:///system"), "nvmprov")[1] == "/var/lib/nvmprov/pool"
+
+
+def test_the_default_region_name_is_picked_under_the_domain_lock(conn, monkeypatch, tmp_path) -> None:
+    """attach without --name reads the domain's devices to pick hpN: under its lock, like the rest."""
+    import contextlib
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    held: list[bool] = [False]
+
+    @contextlib.contextmanager
+    def lock(_conn, _name, _hv):  # type: ignore[no-untyped-def]
+        held[0] = True
+        yield
+        held[0] = False
+
+    picked: list[tuple[bool, str]] = []
+    real = attach.with_default_name
+
+    def pick(dom, request):  # type: ignore[no-untyped-def]
+        named = real(dom, request)
+        picked.append((held[0], named.region))
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(attach, "domain_lock", lock)
+    monkeypatch.setattr(attach, "with_default_name", pick)
+    request = attach.AttachRequest(region="", size_bytes=16 * MiB, model="nvdimm", label_bytes=None,
+                                   filesystem="none", mount=None, allocation="sparse", live=False, config=False)
+    with pytest.raises(UsageError, match="stop here"):
+        attach.attach(conn, "test", request, None)  # type: ignore[arg-type]
+    assert picked == [(True, "hp0")]

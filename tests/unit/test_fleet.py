@@ -204,3 +204,39 @@ def test_a_rollback_already_running_is_not_interrupted() -> None:
     assert steps == ["seed", "data"]
     assert out.getvalue().count("rolled back: ") == 2
     p.checkpoint()  # and after it: the run is on its way out
+
+
+def test_destroy_f_goes_on_past_a_hypervisor_that_does_not_answer(tmp_path, monkeypatch) -> None:
+    """README: one failure does not stop the rest, a whole hypervisor's included."""
+    from nvmprov import cli
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path / "state"))
+    asked: list[str | None] = []
+    real = fleet.destroy
+
+    def destroy(names, *, connect, **kw):  # type: ignore[no-untyped-def]
+        asked.append(connect)
+        return real(names, connect=connect, **kw)
+
+    monkeypatch.setattr(fleet, "destroy", destroy)
+    monkeypatch.setattr(cli, "_targets", lambda _args: [
+        ("a", "test:///nonexistent/nvmprov-no-such-file.xml"), ("b", "test:///default")])
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    with pytest.raises(HostError, match=r"1 of 2 guests not destroyed: a: "):
+        cli.cmd_destroy(type("Args", (), {"purge": False, "purge_adopted": False, "yes": True, "file": "x.yaml"})())
+    assert asked == ["test:///nonexistent/nvmprov-no-such-file.xml", "test:///default"]
+    assert "b: " in stream.getvalue() and "no such domain" in stream.getvalue()
+
+
+def test_a_job_without_outcome_is_an_interrupt_only_when_there_was_one() -> None:
+    from nvmprov.cli import EXIT_INTERRUPTED, EXIT_SOFTWARE
+
+    def never(_p: Progress, r: GuestReport) -> GuestReport:
+        return r
+
+    cut = fleet._outcome_of(fleet._Job("a", never), "interrupted by SIGTERM")
+    assert isinstance(cut.error, Interrupted) and exit_status(cut.error) == EXIT_INTERRUPTED
+    lost = fleet._outcome_of(fleet._Job("b", never), None)
+    assert not isinstance(lost.error, Interrupted) and exit_status(lost.error) == EXIT_SOFTWARE  # type: ignore[arg-type]
+    assert "a bug in nvmprov" in lost.report.error["message"]  # type: ignore[index]

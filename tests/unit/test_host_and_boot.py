@@ -130,3 +130,15 @@ def test_committed_rollback_undoes_nothing() -> None:
     undo.add("a", lambda: done.append("a"))
     undo.commit()
     assert undo.run() == [] and done == []
+
+
+def test_pool_lock_is_shared_by_creates_and_exclusive_for_prune(tmp_path, monkeypatch) -> None:
+    """flocks are per open file description: two opens in one process behave like two processes."""
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    with state.pool_lock("hv", "p"), state.pool_lock("hv", "p"):  # two creates at once
+        with pytest.raises(LockedError, match="pool 'p' is busy"), state.pool_lock("hv", "p", exclusive=True):
+            pass
+        with state.pool_lock("hv", "other", exclusive=True):  # another pool is another lock
+            pass
+    with state.pool_lock("hv", "p", exclusive=True):  # released when the creates ended
+        pass

@@ -12,6 +12,7 @@ import libvirt
 import pytest
 
 from nvmprov import image, storage
+from tests.volumes import create_backing
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
@@ -209,10 +210,10 @@ def test_is_built_needs_all_three_volumes():
     try:
         assert not image.is_built(pool)
         base, kernel, initrd = image.builtin_volume_names()
-        storage.create_backing(pool, base, MiB, allocation="sparse")
-        storage.create_backing(pool, kernel, MiB, allocation="sparse")
+        create_backing(pool, base, MiB, allocation="sparse")
+        create_backing(pool, kernel, MiB, allocation="sparse")
         assert not image.is_built(pool)
-        storage.create_backing(pool, initrd, MiB, allocation="sparse")
+        create_backing(pool, initrd, MiB, allocation="sparse")
         assert image.is_built(pool)
     finally:
         for vol in pool.listAllVolumes(0):

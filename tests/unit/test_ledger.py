@@ -136,7 +136,7 @@ def test_detach_purge_deletes_only_what_nvmprov_made_for_that_domain(conn, pool)
     def purge(volume: str, *, adopted: bool = False, made: tuple[str, ...] = ()) -> tuple[bool, list[str]]:
         notes: list[str] = []
         done = attach._maybe_purge(conn, pool.name(), volume, f"{base}/{volume}",
-                                   attach._Purge(True, adopted), notes, owner=("web", made))
+                                   ledger.Purge.asked(True, adopted), notes, owner=(hv, "web", made))
         return done, notes
 
     assert purge("made.raw") == (True, [])
@@ -164,3 +164,65 @@ def test_list_all_shows_each_hypervisor_once_and_replays_no_program(tmp_path, mo
     assert by_name["g2"] == ("not asked", away.uri)     # libvirt never ran /tmp/evil
     assert by_name["g3"] == ("not asked", gone.uri)     # a socket named once on --connect: not replayed either
     assert "g1" not in by_name                           # no domain g1 on the test driver: not a guest there
+
+
+def test_list_all_puts_the_current_hypervisor_first_whatever_the_uris(tmp_path, monkeypatch) -> None:
+    from nvmprov import guests, state
+
+    monkeypatch.setenv("NVMPROV_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(guests, "list_guests", lambda _conn, _hv=None: [{"name": "b-here"}, {"name": "z-here"}])
+    gone = identity.Hypervisor("h", "system", "qemu+unix:///system?socket=/nonexistent/sock", "m3")
+    state.guest_files("a-away", gone)                   # its URI sorts before test:///default
+    rows = guests.list_all("test:///default")
+    assert [r["name"] for r in rows] == ["b-here", "z-here", "a-away"]
+
+
+def test_list_all_follows_connect(monkeypatch) -> None:
+    from nvmprov import cli, guests
+
+    asked: list[str | None] = []
+
+    def list_all_text(*, fmt: str, connect: str | None = None) -> str:
+        asked.append(connect)
+        return ""
+
+    monkeypatch.setattr(guests, "list_all_text", list_all_text)
+    assert cli.main(["list", "--all", "--connect", "test:///default"]) == 0
+    assert asked == ["test:///default"]
+
+
+class _NoSecrets:
+    """A qemu connection whose daemon will not give nvmprov its identity secret."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def getCapabilities(self) -> str:  # noqa: N802 - libvirt's name
+        return "<capabilities><host><uuid>57dbc5b1-46d8-439b-ad5a-533cd39e71cc</uuid></host></capabilities>"
+
+    def getURI(self) -> str:  # noqa: N802 - libvirt's name
+        return self.uri
+
+    def secretLookupByUsage(self, *_a: object) -> None:  # noqa: N802 - libvirt's name
+        import libvirt
+
+        raise libvirt.libvirtError("operation forbidden: read only access prevents virSecretLookupByUsage")
+
+
+def test_a_qemu_daemon_without_its_identity_secret_is_an_error_not_a_host_uuid_key() -> None:
+    from nvmprov.errors import HostError
+
+    with pytest.raises(HostError, match=r"identity secret .* on qemu\+ssh://root@h/system: .*read only access"):
+        identity.of(_NoSecrets("qemu+ssh://root@h/system"))  # type: ignore[arg-type]
+    assert identity.of(_NoSecrets("test:///default")).key == "57dbc5b1-46d8-439b-ad5a-533cd39e71cc-default"  # type: ignore[arg-type]
+
+
+def test_purge_adopted_implies_purge_and_each_purge_deletes_its_own_kinds() -> None:
+    assert ledger.Purge.asked(False, True) == ledger.Purge(volumes=True, adopted=True)
+    assert ledger.Purge.asked(True, False) == ledger.Purge(volumes=True, adopted=False)
+    made, adopted = ledger.Entry("v", "g", "h", "backing"), ledger.Entry("a", "g", "h", "backing", adopted=True)
+    overlay = ledger.Entry("o", "g", "h", "overlay")
+    table = {ledger.Purge(): (True, False, False), ledger.Purge.asked(True, False): (True, True, False),
+             ledger.Purge.asked(False, True): (True, True, True)}
+    for purge, expect in table.items():
+        assert (purge.deletes(overlay), purge.deletes(made), purge.deletes(adopted)) == expect

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from nvmprov import storage
 from nvmprov.errors import StorageError
+from tests.volumes import create_backing
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # keep libvirt's own stderr lines out
 
@@ -53,7 +54,7 @@ def test_pool_free_bytes(pool):
 
 
 def test_full_backing_is_raw_private_and_allocated(pool):
-    vol = storage.create_backing(pool, "full.raw", 64 * MiB, allocation="full")
+    vol = create_backing(pool, "full.raw", 64 * MiB, allocation="full")
     xml = _vol_xml(vol)
     assert xml.find("target/format").get("type") == "raw"
     assert xml.findtext("target/permissions/mode") == "0600"
@@ -62,13 +63,13 @@ def test_full_backing_is_raw_private_and_allocated(pool):
 
 
 def test_sparse_backing_allocates_nothing(pool):
-    vol = storage.create_backing(pool, "sparse.raw", 64 * MiB, allocation="sparse")
+    vol = create_backing(pool, "sparse.raw", 64 * MiB, allocation="sparse")
     assert int(_vol_xml(vol).findtext("allocation")) == 0
 
 
 def test_existing_backing_same_size_is_reused_not_recreated(pool):
-    first = storage.create_backing(pool, "data.raw", 32 * MiB, allocation="full")
-    again = storage.create_backing(pool, "data.raw", 32 * MiB, allocation="full")
+    first = create_backing(pool, "data.raw", 32 * MiB, allocation="full")
+    again = create_backing(pool, "data.raw", 32 * MiB, allocation="full")
     assert again.key() == first.key()
     assert len(pool.listAllVolumes(0)) == 1
 
@@ -79,7 +80,7 @@ def test_existing_backing_readable_by_others_is_refused_not_reused(pool, mode):
     vol = pool.createXML(xml, 0)
     assert _vol_xml(vol).findtext("target/permissions/mode") == f"0{mode:o}"  # the test driver keeps it
     with pytest.raises(StorageError) as exc:
-        storage.create_backing(pool, "data.raw", 32 * MiB, allocation="full")
+        create_backing(pool, "data.raw", 32 * MiB, allocation="full")
     msg = str(exc.value)
     assert f"with mode 0{mode:o}" in msg and f"chmod 600 {vol.path()}" in msg
     assert storage.volume_exists(pool, "data.raw") and len(pool.listAllVolumes(0)) == 1  # left as it was
@@ -95,9 +96,9 @@ def test_loose_mode(text, loose):
 
 
 def test_existing_backing_other_size_is_refused_with_both_sizes(pool):
-    storage.create_backing(pool, "data.raw", 32 * MiB, allocation="full")
+    create_backing(pool, "data.raw", 32 * MiB, allocation="full")
     with pytest.raises(StorageError) as exc:
-        storage.create_backing(pool, "data.raw", 64 * MiB, allocation="full")
+        create_backing(pool, "data.raw", 64 * MiB, allocation="full")
     msg = str(exc.value)
     assert str(32 * MiB) in msg and str(64 * MiB) in msg
     assert "never truncates" in msg
@@ -107,18 +108,18 @@ def test_existing_backing_other_size_is_refused_with_both_sizes(pool):
 def test_full_backing_beyond_free_space_is_refused_and_nothing_made(pool):
     free = storage.pool_free_bytes(pool)
     with pytest.raises(StorageError, match=f"has {free} bytes free.*needs {free + 1} bytes"):
-        storage.create_backing(pool, "huge.raw", free + 1, allocation="full")
+        create_backing(pool, "huge.raw", free + 1, allocation="full")
     assert not storage.volume_exists(pool, "huge.raw")
 
 
 def test_sparse_backing_beyond_free_space_is_allowed(pool):
     free = storage.pool_free_bytes(pool)
-    storage.create_backing(pool, "huge.raw", free + MiB, allocation="sparse")
+    create_backing(pool, "huge.raw", free + MiB, allocation="sparse")
     assert storage.volume_exists(pool, "huge.raw")
 
 
 def test_overlay_on_base_volume(pool):
-    base = storage.create_backing(pool, "base.qcow2", 16 * MiB, allocation="sparse")
+    base = create_backing(pool, "base.qcow2", 16 * MiB, allocation="sparse")
     over = storage.create_overlay(pool, "root.qcow2", "base.qcow2", 64 * MiB)
     xml = _vol_xml(over)
     assert xml.find("target/format").get("type") == "qcow2"
@@ -128,13 +129,13 @@ def test_overlay_on_base_volume(pool):
 
 
 def test_overlay_smaller_than_base_refused(pool):
-    storage.create_backing(pool, "base.qcow2", 64 * MiB, allocation="sparse")
+    create_backing(pool, "base.qcow2", 64 * MiB, allocation="sparse")
     with pytest.raises(StorageError, match="smaller than its base image"):
         storage.create_overlay(pool, "root.qcow2", "base.qcow2", 16 * MiB)
 
 
 def test_overlay_never_overwrites(pool):
-    storage.create_backing(pool, "base.qcow2", 16 * MiB, allocation="sparse")
+    create_backing(pool, "base.qcow2", 16 * MiB, allocation="sparse")
     storage.create_overlay(pool, "root.qcow2", "base.qcow2", 64 * MiB)
     with pytest.raises(StorageError, match="already exists"):
         storage.create_overlay(pool, "root.qcow2", "base.qcow2", 64 * MiB)
@@ -163,7 +164,7 @@ def test_overlay_for_missing_path(pool, tmp_path):
 
 
 def test_delete(pool):
-    storage.create_backing(pool, "x.raw", MiB, allocation="sparse")
+    create_backing(pool, "x.raw", MiB, allocation="sparse")
     assert storage.delete(pool, "x.raw") is True
     assert not storage.volume_exists(pool, "x.raw")
     assert storage.delete(pool, "x.raw") is False
@@ -182,7 +183,7 @@ def _domain_xml(name: str, disk_path: str) -> str:
 
 
 def test_volume_users_finds_active_and_inactive_domains(conn, pool):
-    vol = storage.create_backing(pool, "shared.raw", MiB, allocation="sparse")
+    vol = create_backing(pool, "shared.raw", MiB, allocation="sparse")
     names = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(3)]
     running = conn.defineXML(_domain_xml(names[0], vol.path()))
     stopped = conn.defineXML(_domain_xml(names[1], vol.path()))
@@ -199,7 +200,7 @@ def test_volume_users_finds_active_and_inactive_domains(conn, pool):
 
 
 def test_volume_users_ignores_prefix_matches(conn, pool):
-    vol = storage.create_backing(pool, "a.raw", MiB, allocation="sparse")
+    vol = create_backing(pool, "a.raw", MiB, allocation="sparse")
     name = f"u-{uuid.uuid4().hex[:8]}"
     dom = conn.defineXML(_domain_xml(name, vol.path() + ".old"))
     try:

@@ -365,7 +365,172 @@ def test_an_adopted_volume_is_used_and_handed_back_not_deleted(conn) -> None:
     pool, hv = _pool(conn), identity.of(conn).key
     entry = ledger.read(pool).get("mine.raw")
     assert entry is not None and entry.adopted and entry.belongs_to(hv, g.name)
-    kept = guests._delete_owned(pool, hv, g.name, purge=True, purge_adopted=False, progress=quiet())
+    kept = guests._delete_owned(pool, hv, g.name, purge=ledger.Purge.asked(True, False), progress=quiet())
     assert kept == [] and storage.lookup(pool, "mine.raw") is not None
     assert ledger.read(pool).get("mine.raw") is None                        # handed back
     assert storage.lookup(pool, "wf-own-adopt-root.qcow2") is None          # its own overlay: deleted
+
+
+def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatch) -> None:
+    """The 'kept volume X: nvmprov did not make it' line is for volumes not ours that still exist."""
+    monkeypatch.setattr(guests.virt, "undefine", lambda dom: dom.undefine())  # the test driver takes no flags
+    g = guest_spec("wf-own-purge")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    out = io.StringIO()
+    guests.destroy_one(conn, identity.of(conn), g.name, purge=ledger.Purge(volumes=True), progress=Progress(out))
+    assert "deleted backing volume wf-own-purge-pmem-data.raw" in out.getvalue()
+    assert "kept volume" not in out.getvalue(), out.getvalue()
+    assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None
+
+
+def _adopting(name: str, volume: str) -> spec.GuestSpec:
+    return spec.loads(SPEC_TEXT.format(name=name).replace("mount: /mnt/data",
+                                                          f"mount: /mnt/data\n    volume: {volume}")).guests[0]
+
+
+def test_an_adopted_volume_that_does_not_exist_is_refused_before_anything_is_made(conn) -> None:
+    g = _adopting("wf-own-ghost", "ghost.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match=r"volume ghost.raw named by `volume:` under region data .* does not exist"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    pool = _pool(conn)
+    assert storage.lookup(pool, "ghost.raw") is None
+    assert ledger.read(pool).get("ghost.raw") is None
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName(g.name)
+
+
+def test_an_adopted_volume_that_vanishes_after_the_check_is_not_made(conn, monkeypatch) -> None:
+    g = _adopting("wf-own-ghost2", "ghost2.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    monkeypatch.setattr(workflow, "_check_backing_volumes", lambda *_a: None)
+    with pytest.raises(HostError, match="ghost2.raw named by `volume:`.* does not exist"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert storage.lookup(_pool(conn), "ghost2.raw") is None
+    assert ledger.read(_pool(conn)).get("ghost2.raw") is None
+
+
+def test_adopting_a_volume_the_ledger_holds_for_another_guest_is_refused(conn) -> None:
+    pool, hv = _pool(conn), identity.of(conn).key
+    _plant(conn, "theirs.raw")
+    for other in (ledger.Entry("theirs.raw", "other", hv, "backing"),
+                  ledger.Entry("theirs.raw", "other", hv, "backing", adopted=True),
+                  ledger.Entry("theirs.raw", "wf-own-steal", "libvirtd-elsewhere", "backing")):
+        ledger.record(pool, other)
+        g = _adopting("wf-own-steal", "theirs.raw")
+        conn.made.append(g.name)  # type: ignore[attr-defined]
+        with pytest.raises(HostError, match=rf"theirs.raw named by `volume:`.* recorded as guest {other.guest}'s"):
+            workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+        assert ledger.read(pool).get("theirs.raw") == other          # its record is untouched
+        assert storage.lookup(pool, "theirs.raw") is not None
+
+
+def test_adopting_is_refused_at_volume_time_too(conn, monkeypatch) -> None:
+    pool, hv = _pool(conn), identity.of(conn).key
+    _plant(conn, "theirs2.raw")
+    ledger.record(pool, ledger.Entry("theirs2.raw", "other", hv, "backing"))
+    monkeypatch.setattr(workflow, "_check_backing_volumes", lambda *_a: None)
+    g = _adopting("wf-own-steal2", "theirs2.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match="recorded as guest other's"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert ledger.read(pool).get("theirs2.raw") == ledger.Entry("theirs2.raw", "other", hv, "backing")
+
+
+def test_create_and_destroy_ask_the_hypervisor_its_identity_once(conn, monkeypatch) -> None:
+    """Each identity.of is a capabilities call and a secret lookup: a round trip over qemu+ssh."""
+    monkeypatch.setattr(guests.virt, "undefine", lambda dom: dom.undefine())  # the test driver takes no flags
+    asked: list[str] = []
+    real = identity.of
+
+    def of(c):  # type: ignore[no-untyped-def]
+        asked.append(c.getURI())
+        return real(c)
+
+    monkeypatch.setattr(identity, "of", of)
+    g = guest_spec("wf-once")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    assert len(asked) == 1
+    guests.destroy([g.name], connect=URI, purge=ledger.Purge(volumes=True))
+    assert len(asked) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# guests made before the ledger: their domain's metadata is the record, moved at first contact
+
+
+def define_legacy(conn: libvirt.virConnect, g: spec.GuestSpec, volumes: tuple[tuple[str, str], ...]) -> None:
+    """A guest an nvmprov before the ledger made: VOLUMES recorded in its metadata only."""
+    the_plan = plan.build(g, replace(FACTS, builtin_volumes=image.builtin_volume_names()))
+    md = replace(domain.Metadata.from_plan(the_plan, ssh_port=2222, spec_json=g.model_dump_json(by_alias=True)),
+                 complete=True, volumes=volumes)
+    ctx = domain.RenderContext(uuid=str(uuid.uuid4()), ssh_port=2222, pool_dir="/default-pool")
+    conn.defineXML(domain.render(the_plan, ctx, metadata=md))
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+
+
+def test_migrate_records_what_legacy_domains_made_and_nothing_else(conn) -> None:
+    pool, hv = _pool(conn), identity.of(conn).key
+    g = guest_spec("wf-legacy")
+    for name in ("wf-legacy-pmem-data.raw", "wf-legacy-extra.raw", "wf-legacy-theirs.raw"):
+        _plant(conn, name)
+    ledger.record(pool, ledger.Entry("wf-legacy-theirs.raw", "other", hv, "backing"))
+    define_legacy(conn, g, (("wf-legacy-pmem-data.raw", "backing"), ("wf-legacy-extra.raw", "backing"),
+                            ("wf-legacy-gone.raw", "backing"), ("wf-legacy-theirs.raw", "backing")))
+    assert sorted(ledger.migrate(conn, pool, hv)) == ["wf-legacy-extra.raw", "wf-legacy-pmem-data.raw"]
+    book = ledger.read(pool)
+    assert book.get("wf-legacy-pmem-data.raw") == ledger.Entry("wf-legacy-pmem-data.raw", g.name, hv, "backing")
+    assert book.get("wf-legacy-gone.raw") is None                                   # not there: not recorded
+    assert book.get("wf-legacy-theirs.raw") == ledger.Entry("wf-legacy-theirs.raw", "other", hv, "backing")
+    assert ledger.migrate(conn, pool, hv) == []                                      # once
+    generation = ledger.read(pool).generation
+    ledger.migrate(conn, pool, hv)
+    assert ledger.read(pool).generation == generation                               # nothing rewritten
+
+
+def test_create_and_prune_migrate_legacy_guests_first(conn) -> None:
+    from nvmprov import doctor
+
+    pool, hv = _pool(conn), identity.of(conn).key
+    old = guest_spec("wf-legacy2")
+    _plant(conn, "wf-legacy2-pmem-data.raw")
+    _plant(conn, "wf-legacy2-pmem-dropped.raw")   # a region its spec no longer has: no device uses it
+    define_legacy(conn, old, (("wf-legacy2-pmem-data.raw", "backing"), ("wf-legacy2-pmem-dropped.raw", "backing")))
+    g = guest_spec("wf-legacy2-next")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    assert ledger.read(pool).get("wf-legacy2-pmem-data.raw") is not None        # create migrated it
+    ledger.forget(pool, hv, ["wf-legacy2-pmem-data.raw", "wf-legacy2-pmem-dropped.raw"])
+    offered = [v.name for v in doctor.candidates(conn, pool)]
+    assert "wf-legacy2-pmem-dropped.raw" in offered and "wf-legacy2-pmem-data.raw" not in offered  # in use
+    ledger.forget(pool, hv, ["wf-legacy2-pmem-dropped.raw"])
+    assert doctor.prune(conn, pool.name(), ["wf-legacy2-pmem-dropped.raw"]) == ["wf-legacy2-pmem-dropped.raw"]
+
+
+def test_a_volume_under_the_name_nvmprov_gave_before_the_ledger_gets_the_adopt_hint(conn) -> None:
+    pool = _pool(conn)
+    hint = "if an nvmprov before the ownership ledger kept it for this guest, adopt it with `volume: a-pmem-b.raw`"
+    assert hint in ledger.in_the_way(pool, "a-pmem-b.raw", "guest a", "b", guest="a")
+    assert "before the ownership ledger" not in ledger.in_the_way(pool, "x.raw", "guest a", "b", guest="a")
+    assert "before the ownership ledger" not in ledger.in_the_way(pool, "a-pmem-b.raw", "domain a", "b", attach=True)
+
+
+def test_adopting_is_refused_when_another_guest_records_the_volume_just_before(conn, monkeypatch) -> None:
+    """The adoption is decided again under the ledger's lock: no take-over in between."""
+    pool, hv = _pool(conn), identity.of(conn).key
+    _plant(conn, "theirs3.raw")
+    monkeypatch.setattr(workflow, "_check_backing_volumes", lambda *_a: None)
+    real = workflow._check_adoptable
+
+    def check_then_someone_adopts(p, book, owner, region):  # type: ignore[no-untyped-def]
+        real(p, book, owner, region)  # passes: nobody holds it yet; then another create adopts it first
+        ledger.update(p, hv, lambda b: b.with_entry(ledger.Entry("theirs3.raw", "other", hv, "backing", True)))
+
+    monkeypatch.setattr(workflow, "_check_adoptable", check_then_someone_adopts)
+    g = _adopting("wf-own-steal3", "theirs3.raw")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    with pytest.raises(HostError, match="recorded as guest other's"):
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert ledger.read(pool).get("theirs3.raw") == ledger.Entry("theirs3.raw", "other", hv, "backing", True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from nvmprov import seed
+from nvmprov import image_seed, seed
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "baseline-domain.xml"
@@ -137,7 +137,9 @@ def prepare(g: BaselineGuest, workdir: Path) -> Prepared:
         host_public_key=host_pub, outbound=False, instance_id=f"{g.name}-{uuid.uuid4().hex[:8]}", mac=mac,
     )
     iso = workdir / "seed.iso"
-    iso.write_bytes(seed.build_iso(seed.user_data(cfg), seed.meta_data(cfg), seed.network_config(cfg)))
+    docs = seed.user_data(cfg), seed.meta_data(cfg), seed.network_config(cfg)
+    # the built-in image reads the seed's final form (nvmprov.image_seed), as nvmprov writes it
+    iso.write_bytes(seed.build_iso(*docs, final=image_seed.final_files(*docs)))
     v = g.volumes
     # allocation = capacity: libvirt fallocates, as nvmprov's `allocation: full`.
     virsh("vol-create-as", g.pool, v["pmem"], str(g.region_bytes), "--allocation", str(g.region_bytes),

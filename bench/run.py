@@ -2,11 +2,16 @@
 cost per nvdimm region size; guests created in parallel; CLI latency.
 
     .venv/bin/python bench/run.py [--quick] [--runs N] [--out bench/results/latest.json]
-                                  [--only phases,regions,count,latency] [--max-load 3]
+                                  [--only floor,phases,regions,count,latency] [--max-load 3]
+                                  [--prefix bench-]
+
+The floor is the built-in image's own kernel and initrd booted by QEMU/TCG straight into a panic
+(no userspace at all): nothing that boots this kernel can be faster, and this machine's speed moves
+2x between days, so the phases are also given as multiples of the floor measured in the same run.
 
 Progress goes to stderr, the tables (Markdown) to stdout, everything measured to --out as JSON.
 It is a benchmark, not a test: it never runs in CI and fails only when a run itself fails.
-Guests are named bench-*; every domain and volume it makes is removed, also on failure.
+Guests are named bench-* (--prefix); every domain and volume it makes is removed, also on failure.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from any directory: import benc
 from bench import baseline, stats  # noqa: E402
 
 GiB = 1024**3
-EXPERIMENTS = ("latency", "regions", "phases", "count")  # run in this order: quick ones first
+EXPERIMENTS = ("floor", "latency", "regions", "phases", "count")  # run in this order: quick ones first
 DEFAULT_REGION_SIZES_GIB = (1, 4, 8, 16)
 DEFAULT_COUNTS = (1, 2, 4)
 LATENCY_RUNS = 10
@@ -38,6 +43,11 @@ DISK_MARGIN_BYTES = 4 * GiB    # left free beyond a region's own size before a r
 CREATE_TIMEOUT_S = 1800.0      # one `nvmprov create`; four at once on 2 cores under TCG take ~15 min
 POOL_DIR = "/var/lib/nvmprov/pool"
 QUIET_POLL_S = 30.0
+FLOOR_TIMEOUT_S = 300.0
+# The kernel boots, finds no init (rdinit) and no root, panics, and panic=-1 reboots at once;
+# -no-reboot turns that reboot into QEMU's exit.
+FLOOR_APPEND = "console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent"
+PREFIX = "bench-"  # of every guest this run makes (--prefix)
 
 SPEC = """\
 version: 1
@@ -73,7 +83,7 @@ def load() -> dict[str, Any]:
     """Load averages and the domains of others running now: every result carries them."""
     one, five, fifteen = (float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
     names = baseline.virsh("list", "--name", check=False).split()
-    return {"loadavg": [one, five, fifteen], "other_domains": sorted(n for n in names if not n.startswith("bench-"))}
+    return {"loadavg": [one, five, fifteen], "other_domains": sorted(n for n in names if not n.startswith(PREFIX))}
 
 
 def machine() -> dict[str, Any]:
@@ -178,22 +188,49 @@ class Runner:
 # experiments
 
 
-def phases(r: Runner, image_names: tuple[str, str, str], runs: int) -> dict[str, Any]:
+def floor(image_names: tuple[str, str, str], runs: int) -> dict[str, Any]:
+    """The image's kernel + initrd under TCG straight into a panic: wall time of the whole QEMU
+    process (start-up included, as a guest's boot includes it), median of RUNS."""
+    _base, kernel_vol, initrd_vol = image_names
+    kernel = baseline.virsh("vol-path", "--pool", "nvmprov", kernel_vol).strip()
+    initrd = baseline.virsh("vol-path", "--pool", "nvmprov", initrd_vol).strip()
+    argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "1024", "-smp", "1",
+            "-nodefaults", "-display", "none", "-monitor", "none", "-serial", "null",
+            "-kernel", kernel, "-initrd", initrd, "-append", FLOOR_APPEND, "-no-reboot"]
+    times = []
+    for i in range(runs):
+        log(f"floor run {i + 1}/{runs}: the image's kernel into a panic under TCG")
+        began = time.monotonic()
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=FLOOR_TIMEOUT_S)
+        times.append(time.monotonic() - began)
+    s = stats.summarize(times)
+    table = stats.render_table(["what", "median s", "min s", "max s"],
+                               [["kernel + initrd into a panic (TCG)", f"{s.median:.2f}", f"{s.low:.2f}",
+                                 f"{s.high:.2f}"]])
+    return {**s.as_dict(), "runs_s": [round(t, 2) for t in times], "argv": argv, "table": table, "load": load()}
+
+
+def _floor_s(result: dict[str, Any]) -> float | None:
+    median = result.get("floor", {}).get("median")
+    return None if median is None else float(median)
+
+
+def phases(r: Runner, image_names: tuple[str, str, str], runs: int, floor_s: float | None = None) -> dict[str, Any]:
     """nvmprov and the baseline alternately (which goes first swaps every run, so drift in the
     machine's load hits both alike)."""
     nvm_runs, base_runs, raw = [], [], []
     for i in range(runs):
         def nvm(i: int = i) -> None:
             r.quiet()
-            log(f"phases run {i + 1}/{runs}: nvmprov create bench-n{i}")
-            res = r.create(f"bench-n{i}")
+            log(f"phases run {i + 1}/{runs}: nvmprov create {PREFIX}n{i}")
+            res = r.create(f"{PREFIX}n{i}")
             nvm_runs.append(stats.nvmprov_phases(res["timings_s"], res["wall_s"]))
             raw.append({"who": "nvmprov", "run": i, **res, "load": load()})
 
         def base(i: int = i) -> None:
             r.quiet()
-            log(f"phases run {i + 1}/{runs}: baseline bench-b{i}")
-            g = baseline.BaselineGuest(f"bench-b{i}", *image_names)
+            log(f"phases run {i + 1}/{runs}: baseline {PREFIX}b{i}")
+            g = baseline.BaselineGuest(f"{PREFIX}b{i}", *image_names)
             res = baseline.measure(g)
             base_runs.append(res)
             raw.append({"who": "baseline", "run": i, "phases_s": res, "load": load()})
@@ -208,7 +245,8 @@ def phases(r: Runner, image_names: tuple[str, str, str], runs: int) -> dict[str,
         "baseline": {k: v.as_dict() for k, v in b_sum.items()},
         "ratio_total": None if total is None else round(total, 3),
         "runs": raw,
-        "table": stats.phase_table(n_sum, b_sum),
+        "table": stats.phase_table(n_sum, b_sum, floor_s),
+        "floor_s": floor_s,
         "verdict": stats.verdict(total),
     }
 
@@ -226,9 +264,9 @@ def regions(r: Runner, image_names: tuple[str, str, str], sizes_gib: Sequence[in
         try:
             r.quiet()
             log(f"regions: {size} GiB nvmprov create --until start")
-            res = r.create(f"bench-r{size}", size, ["--until", "start"])
+            res = r.create(f"{PREFIX}r{size}", size, ["--until", "start"])
             log(f"regions: {size} GiB hand-written XML without alignsize, virsh create --paused")
-            g = baseline.BaselineGuest(f"bench-u{size}", *image_names, region_bytes=size * GiB, align=False)
+            g = baseline.BaselineGuest(f"{PREFIX}u{size}", *image_names, region_bytes=size * GiB, align=False)
             unaligned = baseline.start_only(g)
         except baseline.BenchError as e:  # keep the other sizes' numbers
             log(f"regions: {size} GiB FAILED: {e}")
@@ -257,7 +295,7 @@ def count(r: Runner, ns: Sequence[int], single_s: float | None = None) -> dict[s
     rows: list[dict[str, Any]] = []
     single = single_s
     for n in ns:
-        names = [f"bench-c{n}-{i}" for i in range(n)]
+        names = [f"{PREFIX}c{n}-{i}" for i in range(n)]
         r.quiet()
         log(f"count: {n} guest(s) at once: {', '.join(names)}")
         before = load()
@@ -323,6 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, help="runs of nvmprov and of the baseline (default 3, --quick 1)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"), help="JSON results file")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--prefix", default=PREFIX, help=f"of the guests' names (default {PREFIX})")
     p.add_argument("--max-load", type=float, help="before each run wait until the 1-min load is below this")
     p.add_argument("--max-wait-s", type=float, default=900.0, help="... but at most this long (default 900)")
     p.add_argument("--region-sizes", default=",".join(map(str, DEFAULT_REGION_SIZES_GIB)), help="GiB, comma list")
@@ -349,7 +388,9 @@ def _interrupted(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global PREFIX
     args = parse_args(argv)
+    PREFIX = args.prefix
     nvmprov = nvmprov_bin()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_names = preflight(nvmprov) if set(args.only) - {"latency"} else ("", "", "")
     experiments: dict[str, Callable[[], dict[str, Any]]] = {
         "latency": lambda: (runner.quiet(), latency(nvmprov))[1],
-        "phases": lambda: phases(runner, image_names, args.runs),
+        "floor": lambda: floor(image_names, args.runs),
+        "phases": lambda: phases(runner, image_names, args.runs, _floor_s(result)),
         "regions": lambda: regions(runner, image_names, args.region_sizes),
         "count": lambda: count(runner, args.counts, _phases_total(result)),
     }
@@ -394,7 +436,8 @@ def render_report(result: dict[str, Any]) -> str:
              f"load at start {result['load_at_start']['loadavg']}, "
              f"other guests {result['load_at_start']['other_domains']}",
              ""]
-    titles = {"phases": f"## create, per phase ({result['runs']} run(s): median (min-max))",
+    titles = {"floor": f"## the floor: the image's kernel into a panic ({result['runs']} run(s))",
+              "phases": f"## create, per phase ({result['runs']} run(s): median (min-max))",
               "regions": "## nvdimm region size: start-up", "count": "## guests created at once",
               "latency": "## CLI latency"}
     for name in EXPERIMENTS:

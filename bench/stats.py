@@ -110,14 +110,29 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in rows)]) + "\n"
 
 
-def phase_table(nvmprov: Mapping[str, Summary], baseline: Mapping[str, Summary]) -> str:
-    """Per phase: nvmprov median (min-max), baseline median (min-max), ratio of medians."""
+def fmt_floor(seconds: float | None, floor_s: float | None) -> str:
+    """SECONDS as a multiple of the floor (the kernel's own boot into a panic), e.g. "8.5x"."""
+    r = None if seconds is None or floor_s is None else ratio(seconds, floor_s)
+    return "-" if r is None else f"{r:.1f}x"
+
+
+def phase_table(
+    nvmprov: Mapping[str, Summary], baseline: Mapping[str, Summary], floor_s: float | None = None
+) -> str:
+    """Per phase: nvmprov median (min-max), baseline median (min-max), ratio of medians; with
+    FLOOR_S also each median as a multiple of the floor."""
     rows = []
     for phase in PHASES:
         a, b = nvmprov.get(phase), baseline.get(phase)
         r = ratio(a.median, b.median) if a and b else None
-        rows.append([phase, fmt_summary(a), fmt_summary(b), fmt_ratio(r)])
-    return render_table(["phase", "nvmprov s", "baseline s", "ratio"], rows)
+        row = [phase, fmt_summary(a), fmt_summary(b), fmt_ratio(r)]
+        if floor_s is not None:
+            row += [fmt_floor(a.median if a else None, floor_s), fmt_floor(b.median if b else None, floor_s)]
+        rows.append(row)
+    headers = ["phase", "nvmprov s", "baseline s", "ratio"]
+    if floor_s is not None:
+        headers += [f"nvmprov / floor ({floor_s:.1f} s)", "baseline / floor"]
+    return render_table(headers, rows)
 
 
 def verdict(total_ratio: float | None, target: float = TARGET_RATIO) -> str:

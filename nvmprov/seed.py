@@ -1,8 +1,9 @@
 """cloud-init NoCloud seed of a guest: keys, user-data, meta-data, network-config, the ISO.
 
-A user's cloud image reads it with cloud-init; the built-in image has no cloud-init and applies it
-with templates/image/files/usr/local/lib/nvmprov/apply_seed.py, which implements exactly the
-keys these templates produce (tests/unit/test_image_seed_applier.py keeps the two in step).
+A user's cloud image reads it with cloud-init; the built-in image has no cloud-init: its ISO also
+carries the same seed in final form (nvmprov.image_seed: plain files, checked on the host against
+what the image implements), which templates/image/files/usr/local/lib/nvmprov/apply_seed.sh puts
+in place (tests/unit/test_image_seed_applier.py keeps the two in step).
 
 Pure apart from the randomness of key generation: values go into YAML documents loaded from
 templates/cloud-init/ and are dumped with yaml.safe_dump, never formatted into strings.
@@ -127,9 +128,14 @@ _ISO_FILES = (
 )
 
 
-def build_iso(user_data: str, meta_data: str, network_config: str | None) -> bytes:
-    """The NoCloud seed as an ISO 9660 image (label cidata, Joliet and Rock Ridge names)."""
+def build_iso(
+    user_data: str, meta_data: str, network_config: str | None, *, final: dict[str, str] | None = None
+) -> bytes:
+    """The NoCloud seed as an ISO 9660 image (label cidata, Joliet and Rock Ridge names); with
+    FINAL (image_seed.final_files, for the built-in image) also its files in nvmprov/."""
     import pycdlib
+
+    from nvmprov import image_seed
 
     contents = {"user-data": user_data, "meta-data": meta_data}
     if network_config is not None:
@@ -142,6 +148,14 @@ def build_iso(user_data: str, meta_data: str, network_config: str | None) -> byt
                 continue
             data = contents[name].encode("utf-8")
             iso.add_fp(io.BytesIO(data), len(data), iso_path, rr_name=name, joliet_path=f"/{name}")
+        if final is not None:
+            d = image_seed.DIRECTORY
+            iso.add_directory(f"/{d.upper()}", rr_name=d, joliet_path=f"/{d}")
+            for i, (name, text) in enumerate(sorted(final.items())):
+                data = text.encode("utf-8")
+                iso.add_fp(
+                    io.BytesIO(data), len(data), f"/{d.upper()}/F{i:02d}.;1", rr_name=name, joliet_path=f"/{d}/{name}"
+                )
         out = io.BytesIO()
         iso.write_fp(out)
     finally:

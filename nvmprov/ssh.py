@@ -39,6 +39,12 @@ BACKOFF_CAP_S = 1.0
 ATTEMPT_REPORT_EVERY_S = 15.0
 # one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
 ATTEMPT_TIMEOUT_CAP_S = 12.0
+# An attempt made before the guest has its address hangs in QEMU's slirp, which accepted it and
+# retries its SYN to the guest 3 s, then 6 s later: sshd, up meanwhile, was noticed ~5 s late.
+# So most attempts get this much time and are then made afresh; every FULL_ATTEMPT_EVERY-th gets
+# the full ATTEMPT_TIMEOUT_CAP_S, for a guest too slow to answer within the short time.
+SHORT_ATTEMPT_S = 4.0
+FULL_ATTEMPT_EVERY = 4
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs
 READ_CHUNK_BYTES = 65536
 
@@ -133,8 +139,9 @@ def connect(
     next_report_s = 0.0  # monotonic time of the next attempt line
     while True:
         attempt += 1
+        cap_s = ATTEMPT_TIMEOUT_CAP_S if attempt % FULL_ATTEMPT_EVERY == 0 else SHORT_ATTEMPT_S
         try:
-            return Session(_connect_once(target, pinned, client_key, deadline), target)
+            return Session(_connect_once(target, pinned, client_key, deadline, cap_s), target)
         except _Retry as e:
             last_error = clean(str(e))  # may quote the guest's SSH banner
         if progress is not None and time.monotonic() >= next_report_s:
@@ -164,9 +171,13 @@ def _load_client_key(path: str) -> paramiko.PKey:
 
 
 def _connect_once(
-    target: SshTarget, pinned: paramiko.PKey, client_key: paramiko.PKey, deadline: Deadline
+    target: SshTarget,
+    pinned: paramiko.PKey,
+    client_key: paramiko.PKey,
+    deadline: Deadline,
+    cap_s: float = ATTEMPT_TIMEOUT_CAP_S,
 ) -> paramiko.SSHClient:
-    timeout_s = max(0.1, min(deadline.remaining_s, ATTEMPT_TIMEOUT_CAP_S))
+    timeout_s = max(0.1, min(deadline.remaining_s, cap_s))
     client = paramiko.SSHClient()
     # Only the pinned key is known; anything else is rejected (never AutoAddPolicy).
     client.get_host_keys().add(target.known_hosts_name, pinned.get_name(), pinned)

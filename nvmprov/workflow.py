@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, identity, image, ledger, remote, seed, ssh, state, storage, virt
+from . import boot, domain, host, identity, image, image_seed, ledger, remote, seed, ssh, state, storage, virt
 from . import plan as planmod
 from .errors import GuestError, HostError, SpecError, UsageError, VirtError
 from .progress import Progress
@@ -420,7 +420,11 @@ def _make_volumes(
         outbound=the_plan.network_outbound, instance_id=f"{the_plan.name}-{uuid.uuid4().hex[:12]}",
         mac=the_plan.mac,
     )
-    iso = seed.build_iso(seed.user_data(cfg), seed.meta_data(cfg), seed.network_config(cfg))
+    docs = seed.user_data(cfg), seed.meta_data(cfg), seed.network_config(cfg)
+    # The built-in image applies the seed in final form, checked here against what it implements.
+    builtin = the_plan.base_volume is not None
+    final = image_seed.final_files(*docs, static=the_plan.network_mode == "user") if builtin else None
+    iso = seed.build_iso(*docs, final=final)
     storage.upload(pool, the_plan.seed_volume, iso)
     made(the_plan.seed_volume, "seed")
     return md

@@ -8,27 +8,28 @@ recipe="$2"
 # Static files of the recipe (the seed applier and its unit, sshd and initramfs settings),
 # copied over the root filesystem.
 cp -R "$recipe/files/." "$root/"
-chmod 0755 "$root/usr/local/lib/nvmprov/apply_seed.py"
+chmod 0755 "$root/usr/local/lib/nvmprov/apply_seed.sh"
 mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
-ln -sf /etc/systemd/system/nvmprov-seed.service "$root/etc/systemd/system/multi-user.target.wants/nvmprov-seed.service"
+for unit in nvmprov-seed.service nvmprov-grow-root.service; do
+    ln -sf "/etc/systemd/system/$unit" "$root/etc/systemd/system/multi-user.target.wants/$unit"
+done
 
 # Root on the whole virtio disk: the image is a bare ext4 filesystem, no partition table.
-printf '%s\n' '/dev/vda / ext4 defaults,errors=remount-ro 0 1' > "$root/etc/fstab"
+# No fsck (pass 0): every guest's root is a fresh overlay of this image, and systemd-fsck-root sat
+# on sshd's path (~2 s under TCG); the initrd then carries no fsck either.
+printf '%s\n' '/dev/vda / ext4 defaults,errors=remount-ro 0 0' > "$root/etc/fstab"
 
-# nvmprov-seed writes the NIC's config into interfaces.d: without this source line it is
-# silently ignored and SSH never answers.
-cat > "$root/etc/network/interfaces" <<'EOT'
-# interfaces(5); nvmprov-seed writes the guest's NIC into /etc/network/interfaces.d/
-auto lo
-iface lo inet loopback
-
-source /etc/network/interfaces.d/*
-EOT
+# No ifupdown, no DHCP client: nvmprov-seed gives eth0 QEMU user networking's fixed address itself
+# (ifupdown-pre's udev settle and DHCP held sshd back by ~20 s under TCG).
 
 # Kernel NIC names: the guest's one NIC stays eth0 (the name nvmprov-seed configures), with no
 # udev rename racing it.
 mkdir -p "$root/etc/systemd/network"
 ln -sf /dev/null "$root/etc/systemd/network/99-default.link"
+
+# The login user's ~/.ssh comes from the skeleton, owned and 0700 (nvmprov-seed adds the key).
+install -d -m 0700 "$root/etc/skel/.ssh"
+mkdir -p "$root/var/lib/nvmprov"
 
 # Every guest gets its own host key from its seed (ssh_keys, applied by nvmprov-seed); none baked in.
 rm -f "$root"/etc/ssh/ssh_host_*
@@ -37,12 +38,15 @@ rm -f "$root"/etc/ssh/ssh_host_*
 : > "$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"
 
-# nvmprov-seed sets the hostname; DHCP writes resolv.conf (mmdebstrap left the build host's).
+# nvmprov-seed sets the hostname and writes resolv.conf (mmdebstrap left the build host's).
 printf '%s\n' localhost > "$root/etc/hostname"
 : > "$root/etc/resolv.conf"
 chmod 0644 "$root/etc/hostname" "$root/etc/resolv.conf"
 
 # Nothing periodic or unneeded in a short-lived test guest (each costs seconds under TCG).
+# Nor utmp records (nobody runs `who` here), sysusers (dpkg made the image's system users at build
+# time), hugepages, POSIX message queues, configfs, the static nodes of modules not loaded, or a
+# login prompt on the serial console (no password works: keys only).
 # Nor the early-boot units for things the guest has not got (EFI, graphics, device mapper, loop,
 # FUSE, binfmt, debugfs/tracefs): under TCG each costs seconds of the one CPU before sshd starts.
 for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer \
@@ -50,9 +54,16 @@ for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_re
         modprobe@drm.service modprobe@dm_mod.service modprobe@efi_pstore.service modprobe@loop.service \
         modprobe@fuse.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
         proc-sys-fs-binfmt_misc.mount sys-kernel-debug.mount sys-kernel-tracing.mount \
-        sys-fs-fuse-connections.mount; do
+        sys-fs-fuse-connections.mount systemd-update-utmp.service systemd-update-utmp-runlevel.service \
+        systemd-sysusers.service dev-hugepages.mount dev-mqueue.mount sys-kernel-config.mount \
+        modprobe@configfs.service kmod-static-nodes.service serial-getty@ttyS0.service; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
+
+# sshd starts before systemd-user-sessions (ssh.service.d/10-nvmprov.conf): no /run/nologin
+# "System is booting up" that would refuse the first logins.
+mkdir -p "$root/etc/tmpfiles.d"
+ln -sf /dev/null "$root/etc/tmpfiles.d/systemd-nologin.conf"
 
 # Rebuild the initrd with the recipe's initramfs settings (files/etc/initramfs-tools).
 chroot "$root" update-initramfs -u -k all

@@ -97,6 +97,17 @@ def test_phase_table_rows_in_phase_order_with_ratio_of_medians() -> None:
     assert rows["agent"] == ["-", "-", "-"]
 
 
+def test_phase_table_with_the_floor_gives_each_median_as_a_multiple_of_it() -> None:
+    n = stats.summarize_runs([{"boot_to_ssh": 30.0, "total": 61.0}])
+    b = stats.summarize_runs([{"boot_to_ssh": 15.0}])
+    table = stats.phase_table(n, b, floor_s=6.1).splitlines()
+    assert "floor (6.1 s)" in table[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    assert rows["boot_to_ssh"][3:] == ["4.9x", "2.5x"]
+    assert rows["total"][3:] == ["10.0x", "-"]
+    assert stats.fmt_floor(12.2, None) == "-"
+
+
 def test_render_table_pads_columns() -> None:
     out = stats.render_table(["a", "bb"], [["long", "1"]])
     assert out.splitlines() == ["| a    | bb |", "|------|----|", "| long | 1  |"]

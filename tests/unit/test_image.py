@@ -60,41 +60,71 @@ def test_recipe_has_the_packages_the_guest_needs():
         "systemd-sysv",
         "dbus",
         "openssh-server",
-        "python3-yaml",
-        "ndctl",
+        "ndctl",  # ships `cxl` too
+        "iproute2",
         "xfsprogs",
-        "ifupdown",
-        "isc-dhcp-client",
         "sudo",
         "qemu-guest-agent",
         "python3",
+        "daxctl",  # issue 17: devdax, PMDK
+        "libpmem1",
+        "libpmemobj1",
+        "pmdk-tools",
     ):
         assert needed in pkgs
     assert all(p and " " not in p and "#" not in p for p in pkgs)
     assert "cloud-init" not in pkgs  # ~80 s of every TCG boot; nvmprov-seed applies the seed instead
+    # nvmprov-seed sets eth0 itself: ifupdown's udev settle and DHCP held sshd back by ~20 s
+    assert not {"ifupdown", "isc-dhcp-client", "python3-yaml"} & set(pkgs)
 
 
-def test_customize_hook_keeps_interfaces_d_and_removes_host_keys():
+def test_customize_hook_removes_host_keys_and_skips_fsck_and_nologin():
     hook = (image.RECIPE_DIR / "customize.sh").read_text()
-    assert "source /etc/network/interfaces.d/*" in hook
     assert 'rm -f "$root"/etc/ssh/ssh_host_*' in hook
-    assert "/dev/vda / ext4" in hook
+    assert "'/dev/vda / ext4 defaults,errors=remount-ro 0 0'" in hook  # pass 0: no fsck on sshd's path
+    assert 'ln -sf /dev/null "$root/etc/tmpfiles.d/systemd-nologin.conf"' in hook
 
 
-def test_seed_unit_is_enabled_and_runs_before_network_and_sshd():
+def test_seed_unit_is_enabled_and_runs_before_network_and_sshd_without_python():
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read_string((image.RECIPE_DIR / "files/etc/systemd/system/nvmprov-seed.service").read_text())
     before = unit["Unit"]["Before"].split()
-    assert {"network-pre.target", "networking.service", "ssh.service"} <= set(before)
-    assert unit["Service"]["ExecStart"] == "/usr/bin/python3 /usr/local/lib/nvmprov/apply_seed.py"
+    assert {"network-pre.target", "ssh.service"} <= set(before)
+    assert unit["Unit"]["After"].split() == ["systemd-journald.socket"]  # no udev, remount, sysusers
+    assert unit["Service"]["ExecStart"] == "/usr/local/lib/nvmprov/apply_seed.sh"
+    applier = image.RECIPE_DIR / "files/usr/local/lib/nvmprov/apply_seed.sh"
+    assert applier.read_text().startswith("#!/bin/sh\n")
+    assert "python" not in applier.read_text().split("set -eu", 1)[1]
     hook = (image.RECIPE_DIR / "customize.sh").read_text()
-    assert "multi-user.target.wants/nvmprov-seed.service" in hook
+    assert "for unit in nvmprov-seed.service nvmprov-grow-root.service; do" in hook
+    assert 'multi-user.target.wants/$unit"' in hook
     assert 'ln -sf /dev/null "$root/etc/systemd/network/99-default.link"' in hook  # NIC keeps eth0
 
 
-def test_seed_cd_is_probed_in_the_initrd():
+def test_root_grows_after_sshd_and_unused_drivers_stay_unloaded():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string((image.RECIPE_DIR / "files/etc/systemd/system/nvmprov-grow-root.service").read_text())
+    assert "ssh.service" in unit["Unit"]["After"].split()
+    blacklisted = {
+        line.split()[1]
+        for line in (image.RECIPE_DIR / "files/etc/modprobe.d/nvmprov.conf").read_text().splitlines()
+        if line.startswith("blacklist ")
+    }
+    assert "psmouse" in blacklisted
+    assert not {"button", "evdev"} & blacklisted  # logind's power button: `nvmprov stop`
+
+
+def test_sshd_starts_right_after_the_seed():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string((image.RECIPE_DIR / "files/etc/systemd/system/ssh.service.d/10-nvmprov.conf").read_text())
+    assert unit["Unit"]["DefaultDependencies"] == "no"
+    assert "nvmprov-seed.service" in unit["Unit"]["After"].split()
+    assert unit["Service"]["ExecStartPre"] == ""
+
+
+def test_seed_cd_and_nic_are_probed_in_the_initrd():
     modules = (image.RECIPE_DIR / "files/etc/initramfs-tools/modules").read_text().split()
-    assert {"ahci", "sr_mod", "isofs", "virtio_blk"} <= set(modules)
+    assert {"ahci", "sr_mod", "isofs", "virtio_blk", "virtio_net"} <= set(modules)
 
 
 @pytest.fixture

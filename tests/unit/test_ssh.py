@@ -402,6 +402,25 @@ def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
     assert clock[0] == pytest.approx(1010.0)
 
 
+def test_most_attempts_are_short_and_every_fourth_gets_the_full_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An attempt stuck in slirp's SYN retries is made afresh after SHORT_ATTEMPT_S; a guest too
+    slow for that still gets ATTEMPT_TIMEOUT_CAP_S every FULL_ATTEMPT_EVERY attempts."""
+    clock, _pauses, target = _refusing_guest(monkeypatch, tmp_path)
+    caps: list[float] = []
+
+    def refused(*args: object) -> object:
+        caps.append(args[4])  # type: ignore[arg-type]
+        raise ssh._Retry("connection refused (sshd not listening yet)")
+
+    monkeypatch.setattr(ssh, "_connect_once", refused)
+    with pytest.raises(GuestTimeout):
+        ssh.connect(target, deadline_s=10)
+    short, full = ssh.SHORT_ATTEMPT_S, ssh.ATTEMPT_TIMEOUT_CAP_S
+    assert caps[:8] == [short, short, short, full, short, short, short, full]
+
+
 def test_attempt_lines_are_throttled_while_the_guest_boots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """60 s of refused attempts (about 60 of them) give one line per 15 s, not one per attempt."""
     clock, _pauses, target = _refusing_guest(monkeypatch, tmp_path)

@@ -158,6 +158,16 @@ def test_text_report_shows_mode_device_and_map_sync(modes: Modes) -> None:
     assert "devdax" in row and modes.regions["dd"]["guest_device"] in row
 
 
+def test_daxctl_in_the_image_sees_the_devdax_device(modes: Modes) -> None:
+    dd = modes.regions["dd"]
+    proc = nvmprov("ssh", NAME, "--", "sudo daxctl list", timeout_s=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = json.loads(proc.stdout)
+    devices = {d["chardev"]: d for d in (listed if isinstance(listed, list) else [listed])}
+    chardev = dd["guest_device"].removeprefix("/dev/")
+    assert devices[chardev]["size"] == DEVDAX_BYTES and devices[chardev]["mode"] == "devdax", devices
+
+
 def test_rerun_changes_nothing(modes: Modes) -> None:
     proc = nvmprov("create", str(modes.spec_path), "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]

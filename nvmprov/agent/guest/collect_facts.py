@@ -8,7 +8,8 @@ argv: nothing (read facts only), or one JSON object {"steps": [...], "modules": 
            {"command": str, "stdin_b64": str | null, "timeout_s": float}; the first failure stops
            the rest. Their results come back under "steps" ({"command", "rc", "stderr"}).
 Every nvdimm bus is then waited on (reading its wait_probe attribute, as ndctl does: the kernel
-registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug).
+registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug), and
+so are udev and systemd's running mount jobs (fstab's entries, mounted as their devices appear).
 Then everything the agent needs in the same round trip (each costs a second or more under TCG):
 modules, `ndctl list`, the sysfs topology (regions with their DIMM mappings and persistence
 domain, NFIT handles, block devices, device-dax character devices), blkid of each pmem block
@@ -24,10 +25,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem")
 ND = "/sys/bus/nd/devices/"
 KERNEL_LOG_LINES = 40
+# systemd mounts fstab's nofail entries as their devices appear; with sshd up early in the boot the
+# agent can read the facts while such a mount is still running, plan the same mount and fail with
+# "already mounted" (seen after a power cycle). Wait for those jobs, at most this long.
+MOUNT_JOBS_DEADLINE_S = 30.0
+MOUNT_JOBS_POLL_S = 0.5
 # Why a namespace did not come up is only in the kernel log ("... misaligned, unable to map").
 KERNEL_LOG_PATTERN = re.compile(r"nd_pmem|nd_pfn|nd_region|nd_btt|virtio_pmem|libnvdimm|nfit|misaligned")
 
@@ -77,6 +84,17 @@ def wait_probe():
     paths = glob.glob("/sys/class/nd/ndctl*/device/wait_probe") + glob.glob(ND + "ndbus*/wait_probe")
     for path in sorted({os.path.realpath(p) for p in paths}):
         read(path)
+
+
+def settle_mounts():
+    """udev's queue drained, then no systemd mount job left running (no systemd: nothing to wait for)."""
+    run(["udevadm", "settle", "--timeout=10"])
+    deadline = time.monotonic() + MOUNT_JOBS_DEADLINE_S
+    while time.monotonic() < deadline:
+        jobs = run(["systemctl", "list-jobs", "--no-legend", "--plain"])
+        if jobs["rc"] != 0 or ".mount " not in jobs["stdout"]:
+            return
+        time.sleep(MOUNT_JOBS_POLL_S)
 
 
 def load_modules(wanted):
@@ -159,6 +177,7 @@ def main(argv):
     modprobe = load_modules(request.get("modules") or [])
     steps = run_steps(request.get("steps") or [])
     wait_probe()
+    settle_mounts()
     facts = {
         "modules": modules(),
         "ndctl": run(["ndctl", "list", "--regions", "--namespaces", "--dimms", "--idle"]),

@@ -186,6 +186,8 @@ def attach(
     region: str | None = None,
     model: Literal["nvdimm", "virtio-pmem"] = "nvdimm",
     label: int | str | None = None,
+    mode: Literal["fsdax", "devdax", "sector", "raw"] | None = None,
+    align: int | str | None = None,
     filesystem: Literal["ext4", "xfs", "none"] | None = None,
     mount: str | None = None,
     allocation: Literal["full", "sparse"] = "full",
@@ -197,9 +199,9 @@ def attach(
 ) -> Report:
     """Add a region to a libvirt domain (`nvmprov attach`); on a guest nvmprov made, also format,
     mount and verify it. SIZE and LABEL: bytes or a size text ("512MiB"). REGION defaults to the
-    first free hpN; NUMA_NODE is an nvdimm's guest node. Neither LIVE nor CONFIG: what lasts and works
-    on this domain. What the domain cannot take raises UsageError naming each change it needs; nothing
-    is changed then."""
+    first free hpN; MODE and ALIGN: an nvdimm's namespace on a guest nvmprov made; NUMA_NODE: an
+    nvdimm's guest node. Neither LIVE nor CONFIG: what lasts and works on this domain. What the
+    domain cannot take raises UsageError naming each change it needs; nothing is changed then."""
     from . import attach as attachmod
     from . import guests
     from . import spec as specmod
@@ -207,11 +209,13 @@ def attach(
     try:
         size_bytes = specmod.parse_size(size, what="size")
         label_bytes = specmod.parse_size(label, what="label") if label is not None else None
+        align_bytes = specmod.parse_size(align, what="align") if align is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     request = attachmod.AttachRequest(
-        region=region or "", size_bytes=size_bytes, model=model, label_bytes=label_bytes, filesystem=filesystem,
-        mount=mount, allocation=allocation, live=live, config=config, numa_node=numa_node,
+        region=region or "", size_bytes=size_bytes, model=model, label_bytes=label_bytes, mode=mode,
+        align_bytes=align_bytes, filesystem=filesystem, mount=mount, allocation=allocation, live=live, config=config,
+        numa_node=numa_node,
     )
     with guests.connection(connect) as conn:  # an empty REGION: attach picks hpN under the domain's lock
         return attachmod.attach(conn, domain, request, _progress(progress))

@@ -41,7 +41,9 @@ class AttachRequest:
     size_bytes: int
     model: Model = "nvdimm"
     label_bytes: int | None = None
-    filesystem: Filesystem | None = None   # None: ext4 on managed guests, nothing on others
+    mode: str | None = None                # nvdimm namespace mode (managed guests); None: fsdax
+    align_bytes: int | None = None         # devdax only
+    filesystem: Filesystem | None = None   # None: ext4 on managed guests (devdax: none), nothing on others
     mount: str | None = None
     allocation: str = "full"
     live: bool = False                     # resolved targets (see targets())
@@ -243,10 +245,15 @@ def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
     from .spec import RegionSpec
 
     raw: dict[str, object] = {"name": request.region, "size": format_size(request.size_bytes),
-                              "model": request.model, "allocation": request.allocation,
-                              "filesystem": request.filesystem or ("ext4" if managed else "none")}
+                              "model": request.model, "allocation": request.allocation}
+    if request.filesystem is not None or not managed:
+        raw["filesystem"] = request.filesystem or "none"
     if request.label_bytes is not None:
         raw["label"] = format_size(request.label_bytes)
+    if request.mode is not None:
+        raw["mode"] = request.mode
+    if request.align_bytes is not None:
+        raw["align"] = format_size(request.align_bytes)
     if request.mount is not None:
         raw["mount"] = request.mount
     if request.numa_node != 0:
@@ -255,8 +262,11 @@ def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
         return RegionSpec.model_validate(raw).model_dump(mode="json", by_alias=True)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]).replace("_", "-") or "region"
-        msg = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
+        cause = err.get("ctx", {}).get("error")
+        loc = (*err["loc"], *getattr(cause, "loc", ()))  # a cross-field rule names its key (spec._Problem)
+        key = ".".join(str(p) for p in loc) or "region"
+        msg = str(cause if cause is not None else err["msg"]).removeprefix("Value error, ").removeprefix(f"{key} ")
+        where = key.replace("_", "-")  # the option's spelling: numa_node -> --numa-node
         raise UsageError(f"--{where}: {msg}") from None
 
 
@@ -429,6 +439,11 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     if request.filesystem not in (None, "none") or request.mount:
         raise UsageError(f"--filesystem/--mount need a guest nvmprov manages (it logs in with its own key); {name} "
                          "is not one: attach without them and format the device inside the guest")
+    if request.mode is not None or request.align_bytes is not None:
+        # The mode is the guest's: QEMU only plugs the NVDIMM, the guest's ndctl makes the namespace.
+        raise UsageError(f"--mode/--align need a guest nvmprov manages (the namespace is made inside the guest, "
+                         f"QEMU has no say in it); {name} is not one: attach without them and run "
+                         f"`ndctl create-namespace -f -e namespaceN.0 -m {request.mode or 'MODE'}` in the guest")
     region_spec(request, managed=False)  # the spec's rules for name, size and label
     request, running = _resolve(dom, request, conn)
     problems = unplugged_problems(name, request) or _problems(dom, request, running)
@@ -542,7 +557,7 @@ def _run_agent(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan,
             with progress.phase("agent"):
                 states = agent.apply(session, only)
             with progress.phase("verify"):
-                g.regions = agent.verify(session, only, states)
+                g.regions = agent.verify(session, only, states, write_tails=True)  # the region is new
         finally:
             session.close()
     except GuestError as exc:

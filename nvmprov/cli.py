@@ -283,6 +283,9 @@ def _attach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", dest="region", help="region name (default: hpN)")
     p.add_argument("--model", choices=["nvdimm", "virtio-pmem"], default="nvdimm")
     p.add_argument("--label", help="nvdimm label area, e.g. 128KiB")
+    p.add_argument("--mode", choices=["fsdax", "devdax", "sector", "raw"],
+                   help="managed guests, nvdimm only: the namespace mode (default fsdax)")
+    p.add_argument("--align", help="with --mode devdax: 4KiB or 2MiB (default)")
     p.add_argument("--filesystem", choices=["ext4", "xfs", "none"], help="managed guests: default ext4")
     p.add_argument("--mount", help="managed guests: default /mnt/REGION")
     p.add_argument("--allocation", choices=["full", "sparse"], default="full")
@@ -696,10 +699,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
     try:  # here, not in api.attach: the message names the option
         size = spec.parse_size(args.size, what="--size")
         label = spec.parse_size(args.label, what="--label") if args.label else None
+        align = spec.parse_size(args.align, what="--align") if args.align else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     report = api.attach(
-        _domain_arg(args.domain), size, region=args.region, model=args.model, label=label,
+        _domain_arg(args.domain), size, region=args.region, model=args.model, label=label, mode=args.mode,
+        align=align,
         filesystem=args.filesystem, mount=args.mount, allocation=args.allocation, live=args.live, config=args.config,
         numa_node=args.numa_node, connect=args.connect, progress=Progress(),
     )

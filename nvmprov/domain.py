@@ -141,6 +141,16 @@ def _attr(value: object) -> str:
     return str(value)
 
 
+def _default(r: RegionPlan, name: str) -> bool:
+    """Fields added later (issue 17: mode, reserved_tail; issue 15: adopted; issue 19: numa_node) are
+    left out at their default, so earlier guests' metadata reads the same."""
+    if name == "mode":
+        return r.mode == ("raw" if r.readonly else "fsdax")
+    if name == "numa_node":
+        return r.numa_node == 0
+    return name in ("reserved_tail", "adopted") and not getattr(r, name)
+
+
 def _metadata_element(md: Metadata) -> ET.Element:
     root = ET.Element(_m("guest"), version=md.version)
     spec = _sub(root, _m("spec"), md.spec_json, digest=md.spec_digest)
@@ -151,11 +161,9 @@ def _metadata_element(md: Metadata) -> ET.Element:
     _sub(root, _m("ssh"), port=str(md.ssh_port), user=md.ssh_user)
     regions = _sub(root, _m("regions"))
     for r in md.regions:
-        # `adopted` only when true: the metadata of every other region stays as it was
-        # `numa_node` only off node 0: likewise
-        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS
-                 if getattr(r, n) is not None and not (n == "adopted" and not r.adopted)
-                 and not (n == "numa_node" and r.numa_node == 0)}
+        # fields added later (mode, reserved_tail, adopted) only when not at their default: the metadata
+        # of every other region stays as it was
+        attrs = {n: _attr(getattr(r, n)) for n in _REGION_FIELDS if getattr(r, n) is not None and not _default(r, n)}
         region = _sub(regions, _m("region"), **attrs)
         for note in r.notes:
             _sub(region, _m("note"), note)
@@ -176,8 +184,8 @@ def metadata_xml(md: Metadata) -> str:
 
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
-               "expected_usable_bytes", "numa_node"}
-_BOOL_FIELDS = {"readonly", "host_pmem", "adopted"}
+               "expected_usable_bytes", "align_bytes", "numa_node"}
+_BOOL_FIELDS = {"readonly", "host_pmem", "reserved_tail", "adopted"}
 
 
 def _region_from(el: ET.Element) -> RegionPlan:
@@ -190,6 +198,9 @@ def _region_from(el: ET.Element) -> RegionPlan:
         elif name in values:
             values[name] = text
     values["notes"] = tuple(n.text or "" for n in el.iterfind(_m("note")))
+    values["reserved_tail"] = bool(values["reserved_tail"])
+    if values["mode"] is None and values["model"] == "nvdimm":  # left out at its default (or made before modes)
+        values["mode"] = "raw" if values["readonly"] else "fsdax"
     values["adopted"] = values["adopted"] is True
     values["numa_node"] = values["numa_node"] or 0
     return RegionPlan(**values)  # type: ignore[arg-type]

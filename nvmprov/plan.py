@@ -12,12 +12,21 @@ from typing import TYPE_CHECKING, Literal
 
 from .errors import HostError
 from .naming import backing_volume
-from .sizes import DIMM_ALIGN_BYTES, backing_bytes_for, expected_usable_bytes, format_size, round_up
+from .sizes import (
+    DIMM_ALIGN_BYTES,
+    RESERVED_TAIL_BYTES,
+    backing_bytes_for,
+    expected_usable_bytes,
+    format_size,
+    reserves_tail,
+    round_up,
+)
 
 if TYPE_CHECKING:  # spec imports this module's neighbours; only the type is needed here
     from .spec import GuestSpec, RegionSpec
 
 Model = Literal["nvdimm", "virtio-pmem"]
+Mode = Literal["fsdax", "devdax", "sector", "raw"]
 Filesystem = Literal["ext4", "xfs", "none"]
 Accel = Literal["kvm", "tcg"]
 Boot = Literal["direct", "bios", "efi"]
@@ -65,8 +74,27 @@ class RegionPlan:
     expected_usable_bytes: int    # best estimate of what the guest can use (fsdax namespace / pmem dev)
     notes: tuple[str, ...] = ()   # e.g. "size rounded up from ... to ..."
     pci_bus: int | None = None    # virtio-pmem: libvirt index of that root port (the <address bus=...>)
+    # nvdimm: the namespace mode nvmprov makes (fsdax; raw when readonly); None for virtio-pmem,
+    # which has no namespaces to choose from (the guest sees one raw pmem device, DAX capable).
+    mode: Mode | None = None
+    align_bytes: int | None = None  # devdax: the device's page size (ndctl --align)
+    # nvmprov proves the region without a filesystem: payload and marker in a reserved tail
+    # (sizes.RESERVED_TAIL_BYTES) of the device, written at create, only re-read after.
+    reserved_tail: bool = False
     adopted: bool = False         # the spec named the volume (`volume:`): made elsewhere, never deleted unasked
     numa_node: int = 0            # guest NUMA node (nvdimm <target><node>); virtio-pmem: always 0
+
+    @property
+    def effective_mode(self) -> Mode | None:
+        """The namespace mode (a plan made without one: fsdax, raw when readonly); None for virtio-pmem."""
+        if self.model == "virtio-pmem":
+            return None
+        return self.mode or ("raw" if self.readonly else "fsdax")
+
+    @property
+    def dax_mount(self) -> bool:
+        """Is its filesystem mounted with -o dax? fsdax and virtio-pmem: yes; sector and raw: not DAX."""
+        return self.model == "virtio-pmem" or self.effective_mode == "fsdax"
 
 
 @dataclass(frozen=True)
@@ -267,7 +295,10 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
     """The plan of one region; `port` is the index among the guest's virtio-pmem regions."""
     backing = backing_bytes_for(r.size_bytes)
     label = label_bytes_for(r.label_bytes)
-    usable = expected_usable_bytes(r.model, backing, label, readonly=r.readonly)
+    mode = r.namespace_mode
+    filesystem = r.filesystem or "ext4"
+    tail = reserves_tail(r.model, mode, filesystem, r.readonly)
+    usable = expected_usable_bytes(r.model, backing, label, readonly=r.readonly, mode=mode, tail=tail)
     return RegionPlan(
         name=r.name,
         model=r.model,
@@ -277,7 +308,7 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         readonly=r.readonly,
         host_pmem=r.host_pmem,
         allocation=r.allocation,
-        filesystem=r.filesystem,
+        filesystem=filesystem,
         mount=r.mount,
         volume=r.volume or backing_volume(guest, r.name),
         adopted=r.volume is not None,
@@ -287,7 +318,10 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         pci_slot=FIRST_PORT_PCI_SLOT + port if port is not None else None,
         pci_bus=port + 1 if port is not None else None,
         expected_usable_bytes=usable,
-        notes=_notes(r, backing, label, usable),
+        notes=_notes(r, backing, label, usable, tail),
+        mode=mode,  # type: ignore[arg-type]
+        align_bytes=r.devdax_align_bytes,
+        reserved_tail=tail,
     )
 
 
@@ -302,7 +336,7 @@ def label_bytes_for(asked: int | None) -> int | None:
     return None if asked is None else round_up(asked, DIMM_ALIGN_BYTES)
 
 
-def _notes(r: RegionSpec, backing: int, label: int | None, usable: int) -> tuple[str, ...]:
+def _notes(r: RegionSpec, backing: int, label: int | None, usable: int, tail: bool) -> tuple[str, ...]:
     notes = []
     if backing != r.size_bytes:
         notes.append(f"size {format_size(r.size_bytes)} rounded up to {format_size(backing)} "
@@ -313,4 +347,8 @@ def _notes(r: RegionSpec, backing: int, label: int | None, usable: int) -> tuple
     if label:
         notes.append(f"the {format_size(label)} label comes out of the region and the namespace is "
                      f"aligned down to 16MiB: about {usable} bytes usable")
+    if tail:
+        notes.append(f"the last {format_size(RESERVED_TAIL_BYTES)} of its {r.namespace_mode} device are reserved "
+                     "for nvmprov's proof (payload and marker, written once at create); they are not in usable "
+                     "bytes: do not write there")
     return tuple(notes)

@@ -66,6 +66,15 @@ class RegionReport:
     numa_node: int | None = None  # the spec's node (nvdimm); None: not checked (virtio-pmem has no node)
     target_node: int | None = None  # the node the guest kernel shows (sysfs regionN/target_node; -1: none)
     node_ok: bool | None = None  # target_node == numa_node; None: not checked (no numa_node, or no sysfs value)
+    # Measured in the guest: an mmap with MAP_SHARED_VALIDATE | MAP_SYNC succeeds on a file of the
+    # region's filesystem (devdax: on its character device). True: an application may flush from user
+    # space (PMDK's is_pmem); False: it must fsync/msync; None: not measured (no filesystem, read-only).
+    # A fact, not a check: False does not fail the region.
+    map_sync: bool | None = None
+    persistence_domain: str | None = None  # the guest kernel's, for the region; None when it shows none
+    # Regions proved without a filesystem: where in guest_device the payload (and its marker) starts,
+    # inside the reserved tail after usable_bytes; None for a payload file
+    payload_offset: int | None = None
 
     def observe(self, state: RegionState | None) -> None:
         """Take every enumeration-dependent field from `state`, the region as the guest shows it
@@ -79,6 +88,7 @@ class RegionReport:
         self.target_node = state.target_node if state else None
         if self.numa_node is not None:
             self.node_ok = None if self.target_node is None else self.target_node == self.numa_node
+        self.persistence_domain = state.persistence_domain if state else None
         if self.filesystem != "none":  # `filesystem: none` in the spec: reported as such, whatever blkid says
             self.filesystem = state.filesystem if state else None
 
@@ -172,6 +182,13 @@ def _fmt_bool(value: Any) -> str:
     return "yes" if value else "NO"
 
 
+def _fmt_sync(value: Any) -> str:
+    """map_sync is a fact, not a check: "no" (fsync needed), never the "NO" of a failed check."""
+    if value is None:
+        return "-"
+    return "yes" if value else "no"
+
+
 def _fmt_bytes(value: Any) -> str:
     if not isinstance(value, int):
         return "-"
@@ -184,7 +201,8 @@ def _fmt_bytes(value: Any) -> str:
 def render_text(report: Report) -> str:
     """A plain table a person can read; no colour codes so it pastes into tickets and logs."""
     lines: list[str] = []
-    headers = ("region", "model", "size", "usable", "device", "mode", "fs", "mount", "dax", "xip", "data", "persisted")
+    headers = ("region", "model", "size", "usable", "device", "mode", "fs", "mount", "dax", "map_sync", "xip", "data",
+               "persisted")
     for g in report.guests:
         status = "ok" if g.ok else "FAILED"
         lines.append(f"guest {g.name}: {status}" + (f" (accel {g.accel})" if g.accel else ""))
@@ -202,7 +220,8 @@ def render_text(report: Report) -> str:
                 str(d.get("name")), str(d.get("model")), _fmt_bytes(d.get("size_bytes")),
                 _fmt_bytes(d.get("usable_bytes")), str(d.get("guest_device") or "-"),
                 str(d.get("namespace_mode") or "-"), str(d.get("filesystem") or "-"),
-                str(d.get("mountpoint") or "-"), _fmt_bool(d.get("dax")), _fmt_bool(d.get("xip_ok")),
+                str(d.get("mountpoint") or "-"), _fmt_bool(d.get("dax")), _fmt_sync(d.get("map_sync")),
+                _fmt_bool(d.get("xip_ok")),
                 _fmt_bool(d.get("data_ok")), _fmt_bool(d.get("persisted")),
             ))
         if rows:

@@ -54,21 +54,65 @@ def fsdax_usable_bytes(namespace_bytes: int) -> int:
     return max(namespace_bytes - reserve, 0)
 
 
+# Regions without a filesystem that nvmprov still proves (devdax, and raw or sector with
+# `filesystem: none`): its payload and marker live in this reserved tail of the device, written once
+# at create and only re-read after; it is not part of usable_bytes. 2 MiB: one devdax page at the
+# default alignment, so the tail maps on its own.
+RESERVED_TAIL_BYTES = 2 * MiB
+# BTT (sector mode), as drivers/nvdimm/btt.c lays out one arena (regions here stay far below its
+# 512 GiB arena limit): two info blocks, the free-block log, then map entries and data blocks.
+BTT_PAGE_BYTES = 4 * KiB
+BTT_NFREE = 256
+BTT_LOG_GROUP_BYTES = 64
+BTT_MAP_ENTRY_BYTES = 4
+BTT_SECTOR_BYTES = 4 * KiB            # ndctl's default sector size for a pmem namespace
+BTT_INITIAL_OFFSET_BYTES = 4 * KiB    # the first 4 KiB of the namespace are left alone
+
+
+def btt_usable_bytes(namespace_bytes: int, sector_bytes: int = BTT_SECTOR_BYTES) -> int:
+    """Bytes of the /dev/pmemNs a sector-mode namespace of NAMESPACE_BYTES gives (one arena)."""
+    available = namespace_bytes - BTT_INITIAL_OFFSET_BYTES - 2 * BTT_PAGE_BYTES
+    available -= round_up(BTT_NFREE * BTT_LOG_GROUP_BYTES, BTT_PAGE_BYTES)
+    internal_nlba = (available - BTT_PAGE_BYTES) // (round_up(sector_bytes, 64) + BTT_MAP_ENTRY_BYTES)
+    return max(internal_nlba - BTT_NFREE, 0) * sector_bytes
+
+
+def reserves_tail(model: str, mode: str | None, filesystem: str, readonly: bool) -> bool:
+    """Does nvmprov keep a reserved tail on this region (see RESERVED_TAIL_BYTES)?"""
+    return model == "nvdimm" and not readonly and filesystem == "none" and mode in ("devdax", "raw", "sector")
+
+
 def expected_usable_bytes(
-    model: Literal["nvdimm", "virtio-pmem"], backing_bytes: int, label_bytes: int | None, *, readonly: bool = False
+    model: Literal["nvdimm", "virtio-pmem"],
+    backing_bytes: int,
+    label_bytes: int | None,
+    *,
+    readonly: bool = False,
+    mode: str | None = None,
+    tail: bool = False,
 ) -> int:
     """What the guest will be able to use of a region (an estimate the report compares against).
 
     nvdimm: the region is the backing minus the label area (QEMU puts the label at the end);
-    a labelled namespace is aligned down to 16 MiB, a label-less one spans the region; fsdax
-    then takes its page map (fsdax_usable_bytes). A readonly nvdimm stays a raw namespace.
+    a labelled namespace is aligned down to 16 MiB, a label-less one spans the region (so does
+    the raw namespace a region shows before it has labels, which is what raw mode keeps). Then the
+    mode (None: fsdax, raw when readonly): fsdax and devdax take their page map
+    (fsdax_usable_bytes), sector its BTT metadata (btt_usable_bytes), raw nothing. `tail`: minus
+    the reserved tail of a region nvmprov proves without a filesystem.
     virtio-pmem: the whole device is one pmem disk.
     """
     if model == "virtio-pmem":
         return backing_bytes
+    mode = mode or ("raw" if readonly else "fsdax")
     namespace = backing_bytes
     if label_bytes:
         namespace = align_down(backing_bytes - label_bytes, LABELLED_NS_ALIGN_BYTES)
-    if readonly:
-        return namespace
-    return fsdax_usable_bytes(namespace)
+    if mode == "raw":
+        # the label-less raw namespace the kernel shows spans the whole region (measured: a 128MiB
+        # region with a 2MiB label -> 132120576 bytes), labels or not: nvmprov makes no namespace
+        usable = backing_bytes - (label_bytes or 0)
+    elif mode == "sector":
+        usable = btt_usable_bytes(namespace)
+    else:
+        usable = fsdax_usable_bytes(namespace)
+    return max(usable - RESERVED_TAIL_BYTES, 0) if tail else usable

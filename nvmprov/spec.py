@@ -55,6 +55,8 @@ MAX_VIRTIO_PMEM = 14               # each gets a pcie-root-port on pcie.0 slots 
 MAX_NUMA_NODES = 8                 # a test topology; QEMU allows 128, TCG on 2 cores wants few
 NUMA_NODE_RAM_ALIGN_BYTES = 2 * MiB  # each node's RAM is a backend of its own, in whole 2MiB blocks
 MIN_NUMA_NODE_RAM_BYTES = 128 * MiB  # a node's RAM share: the kernel boots on node 0's alone
+DEVDAX_ALIGNS = (4 * KiB, 2 * MiB)  # what a devdax namespace takes here (1GiB: see _check_mode)
+DEFAULT_DEVDAX_ALIGN = 2 * MiB
 
 _UNITS = {"b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
 _DECIMAL_UNITS = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
@@ -481,7 +483,12 @@ class RegionSpec(BaseModel):
     allocation: Literal["full", "sparse"] = "full"
     readonly: bool = False
     host_pmem: bool = False
-    filesystem: Literal["ext4", "xfs", "none"] = "ext4"
+    # None: the default, fsdax (raw when readonly); a value equal to the default is stored as None,
+    # so specs written before modes existed keep their digest (see GuestSpec.canonical).
+    mode: Literal["fsdax", "devdax", "sector", "raw"] | None = None
+    align_bytes: Annotated[int | None, BeforeValidator(_optional_size("align")), _OptSer] = Field(None, alias="align")
+    # None: ext4, or none for devdax (a character device takes no filesystem)
+    filesystem: Literal["ext4", "xfs", "none"] | None = None
     mount: Annotated[str | None, AfterValidator(_lenient(_check_mount))] = None
     # An existing volume of the pool to use as the backing (adopt): nvmprov never deletes it unless
     # told to (destroy/detach --purge-adopted). None: nvmprov makes and owns GUEST-pmem-REGION.raw.
@@ -489,14 +496,61 @@ class RegionSpec(BaseModel):
     # The guest NUMA node the region sits on (nvdimm <target><node>); < the guest's numa_nodes.
     numa_node: int = Field(0, ge=0, le=MAX_NUMA_NODES - 1)
 
+    @property
+    def namespace_mode(self) -> str | None:
+        """The namespace mode nvmprov makes (None: virtio-pmem, which has no namespaces to choose)."""
+        if self.model == "virtio-pmem":
+            return None
+        return self.mode or ("raw" if self.readonly else "fsdax")
+
     @model_validator(mode="after")
     def _region_rules(self) -> RegionSpec:
         self._check_model_rules()
         self._check_label()
+        self._check_mode()
+        if self.filesystem is None:
+            self.filesystem = "none" if self.mode == "devdax" else "ext4"
         self._check_filesystem()
         if self.filesystem != "none" and self.mount is None:
             self.mount = f"/mnt/{self.name}"
+        if self.mode == ("raw" if self.readonly else "fsdax"):
+            self.mode = None  # the default, written out
+        if self.mode == "devdax" and self.align_bytes == DEFAULT_DEVDAX_ALIGN:
+            self.align_bytes = None
         return self
+
+    @property
+    def devdax_align_bytes(self) -> int | None:
+        return (self.align_bytes or DEFAULT_DEVDAX_ALIGN) if self.mode == "devdax" else None
+
+    def _check_mode(self) -> None:
+        """Modes and alignments a region can take (docs/spec.md, "Namespace modes")."""
+        if self.model == "virtio-pmem":
+            for key in ("mode", "align"):
+                if getattr(self, "align_bytes" if key == "align" else key) is not None:
+                    raise _Problem(f"{key} is for nvdimm only: virtio-pmem has no namespaces to choose from (the guest "
+                                   "sees one pmem device: DAX, but no MAP_SYNC); remove it or use model: nvdimm", key)
+            return
+        if self.readonly and self.mode not in (None, "raw"):
+            raise _Problem(f"a readonly region cannot be made {self.mode} (creating the namespace writes its info "
+                           "block); use mode: raw (or remove mode), or readonly: false", "mode")
+        if self.mode == "devdax" and self.filesystem not in (None, "none"):
+            raise _Problem(f"devdax is a character device (/dev/daxN.M) and takes no filesystem, not "
+                           f"{self.filesystem}; remove filesystem, or use mode: fsdax for a DAX filesystem",
+                           "filesystem")
+        if self.align_bytes is None:
+            return
+        align = format_size(self.align_bytes)
+        if self.mode != "devdax":
+            raise _Problem(f"align is for mode: devdax only (nvmprov makes {self.namespace_mode} with the kernel's "
+                           "alignment); remove align, or set mode: devdax", "align")
+        if self.align_bytes == GiB:
+            raise _Problem("align 1GiB needs 1GiB pages (pdpe1gb), which the guest CPU nvmprov uses under TCG "
+                           "(Nehalem) does not offer, and a region of more than 1GiB; use align: 2MiB or 4KiB",
+                           "align")
+        if self.align_bytes not in DEVDAX_ALIGNS:
+            raise _Problem(f"align {align} is not one a devdax namespace takes; use 2MiB (the default) or 4KiB",
+                           "align")
 
     def _check_model_rules(self) -> None:
         if self.model != "virtio-pmem":
@@ -537,10 +591,10 @@ class RegionSpec(BaseModel):
             raise _Problem(f"a readonly region cannot be formatted with {self.filesystem}; "
                            "set filesystem: none (or readonly: false)", "readonly")
         if self.filesystem == "none" and self.mount is not None:
-            raise _Problem("a region without a filesystem cannot be mounted; remove mount or set filesystem: ext4",
-                           "mount")
+            fix = "use mode: fsdax" if self.mode == "devdax" else "set filesystem: ext4"
+            raise _Problem(f"a region without a filesystem cannot be mounted; remove mount or {fix}", "mount")
         if self.filesystem == "xfs":
-            usable = _usable(self.model, self.size_bytes, self.label_bytes)
+            usable = _usable(self.model, self.size_bytes, self.label_bytes, self.namespace_mode)
             if usable < XFS_MIN_USABLE_BYTES:
                 raise _Problem(
                     f"xfs needs at least 300MiB but a {format_size(self.size_bytes)} {self.model} region "
@@ -548,15 +602,19 @@ class RegionSpec(BaseModel):
                     "or filesystem: ext4", "filesystem")
 
 
-def _usable(model: str, size_bytes: int, label_bytes: int | None) -> int:
-    return expected_usable_bytes(model, backing_bytes_for(size_bytes), label_bytes)  # type: ignore[arg-type]
+def _usable(model: str, size_bytes: int, label_bytes: int | None, mode: str | None = None) -> int:
+    return expected_usable_bytes(model, backing_bytes_for(size_bytes), label_bytes,  # type: ignore[arg-type]
+                                 mode=mode)
 
 
 def _min_size_for_xfs(region: RegionSpec) -> int:
     size = round_up(XFS_MIN_USABLE_BYTES, 2 * MiB)
-    while _usable(region.model, size, region.label_bytes) < XFS_MIN_USABLE_BYTES:
+    while _usable(region.model, size, region.label_bytes, region.namespace_mode) < XFS_MIN_USABLE_BYTES:
         size += 2 * MiB
     return size
+
+
+_ADDED_REGION_KEYS = ("mode", "align", "volume")  # issues 17 and 15
 
 
 class GuestSpec(BaseModel):
@@ -673,15 +731,18 @@ class GuestSpec(BaseModel):
 
     def canonical(self) -> dict[str, Any]:
         """The fully-defaulted guest as JSON-able data (sizes as canonical strings such as 1GiB).
-        A region without `volume:` has no such key, so digests of earlier guests stay the same."""
+
+        Region keys added after guests were made (mode, align, volume) are left out at their default,
+        so a guest made before them keeps its digest and a re-run does not call its spec changed."""
         data = self.model_dump(mode="json", by_alias=True)
         # Keys at their defaults that older guests never had: their digests stay the same.
         if data.get("numa_nodes") == 1:
             data.pop("numa_nodes")
         for region in data["pmem"]:
-            if region.get("volume") is None:
-                region.pop("volume", None)
-            if region.get("numa_node") == 0:
+            for key in _ADDED_REGION_KEYS:
+                if region.get(key) is None:
+                    region.pop(key, None)
+            if region.get("numa_node") == 0:  # issue 19: left out at its default, likewise
                 region.pop("numa_node")
         return data
 

@@ -150,7 +150,7 @@ def _create_locked(
         build = _build_guest(conn, _Owner(pool, hv.key, spec.name), the_plan, spec, files, opts, progress, undo,
                              report)
         if opts.until not in ("define", "start"):
-            _prove(conn, build.dom, the_plan, files, opts, progress, report, power_cycle=opts.power_cycle)
+            _prove(conn, build.dom, the_plan, files, opts, progress, report, power_cycle=opts.power_cycle, made=True)
         build.md = replace(build.md, complete=True)
         _record(build.dom, build.md)
         undo.commit()
@@ -559,7 +559,10 @@ def _prove(
     report: GuestReport,
     *,
     power_cycle: bool,
+    made: bool = False,
 ) -> None:
+    """apply, verify and (power_cycle) the proof; `made`: this run made the guest, so the reserved
+    tails of its regions without a filesystem are written (a re-run only re-reads them)."""
     assert report.ssh is not None
     port = report.ssh.port
     with progress.phase("ssh", f"waiting for SSH on 127.0.0.1:{port} (TCG boot takes about a minute)"):
@@ -571,7 +574,7 @@ def _prove(
         with progress.phase("agent"):
             states = agent.apply(session, the_plan, reformat=opts.reformat)
         with progress.phase("verify"):
-            regions = agent.verify(session, the_plan, states)
+            regions = agent.verify(session, the_plan, states, write_tails=made)
     finally:
         session.close()
     pool_dir = storage.pool_path(storage.pool_of(conn, the_plan.pool))

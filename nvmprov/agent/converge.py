@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
-from nvmprov.agent.facts import GuestFacts, blockdev_of, locate, parse_guest_facts
+from nvmprov.agent.facts import GuestFacts, blockdev_of, daxdev_of, locate, parse_guest_facts
 from nvmprov.agent.steps import Command, Phase, fstab_command, needed_modules, plan_commands
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Plan, RegionPlan
+from nvmprov.sizes import RESERVED_TAIL_BYTES, align_down
 from nvmprov.ssh import Result
 
 GATHER_TIMEOUT_S = 180.0
@@ -66,6 +67,11 @@ class RegionState:
     # ndctl's uuid (fsdax: from its info block; None: a raw label-less one); stable across boots
     namespace_uuid: str | None = None
     target_node: int | None = None  # the guest region's sysfs target_node (None: the kernel shows none)
+    persistence_domain: str | None = None  # as the guest kernel shows it (None: it shows none)
+    # A region with a reserved tail (RegionPlan.reserved_tail): where in guest_device the tail starts
+    # (= usable_bytes); None otherwise
+    tail_offset: int | None = None
+    align_bytes: int | None = None  # devdax: the character device's page size
 
 
 def guest_program(name: str) -> bytes:
@@ -241,7 +247,7 @@ def _describe_if_found(facts: GuestFacts, region: RegionPlan) -> RegionState | N
 def _lost_reason(facts: GuestFacts, region: RegionPlan, unsafe: list[Command]) -> str:
     state = describe(facts, region)
     if unsafe[0].phase == "namespace":
-        seen = f"{state.guest_region} with a {state.namespace_mode or 'no'} namespace, not fsdax"
+        seen = f"{state.guest_region} with a {state.namespace_mode or 'no'} namespace, not {region.effective_mode}"
     else:
         seen = f"no {region.filesystem} filesystem on {state.guest_device}"
     return _not_persisted(
@@ -290,13 +296,30 @@ def _next_commands(facts: GuestFacts, regions: tuple[RegionPlan, ...], to_reform
     return commands
 
 
+def tail_offset(device_bytes: int, align_bytes: int | None) -> int | None:
+    """Where the reserved tail starts on a device of DEVICE_BYTES: the last RESERVED_TAIL_BYTES, at a
+    multiple of the device's page size (devdax maps only whole pages); None when it does not fit."""
+    offset = align_down(device_bytes - RESERVED_TAIL_BYTES, max(align_bytes or 0, 4096))
+    return offset if offset > 0 else None
+
+
 def describe(facts: GuestFacts, region: RegionPlan, commands_run: tuple[str, ...] = ()) -> RegionState:
     guest = locate(facts, region)
     ns = guest.active_namespace
     dev = blockdev_of(facts, guest)
+    dax = daxdev_of(facts, guest) if ns is not None and ns.mode == "devdax" else None
     device = f"/dev/{dev.name}" if dev else None
     mounts = facts.mounts_of(device) if device else ()
     mount = next((m for m in mounts if m.target == region.mount), mounts[0] if mounts else None)
+    usable = ns.size_bytes if ns else (dev.size_bytes if dev else None)
+    if dax is not None:
+        device, usable = f"/dev/{dax.name}", dax.size_bytes
+    elif dev is not None and ns is not None and ns.mode == "sector":
+        usable = dev.size_bytes  # the BTT's data blocks, not the namespace
+    tail = None
+    if region.reserved_tail and usable is not None and (dax is not None or dev is not None):
+        tail = tail_offset(usable, dax.align_bytes if dax else None)
+        usable = tail
     return RegionState(
         name=region.name,
         model=region.model,
@@ -304,8 +327,8 @@ def describe(facts: GuestFacts, region: RegionPlan, commands_run: tuple[str, ...
         namespace=ns.dev if ns else None,
         namespace_mode=ns.mode if ns else None,
         guest_device=device,
-        usable_bytes=ns.size_bytes if ns else (dev.size_bytes if dev else None),
-        device_dax=bool(dev and dev.dax),
+        usable_bytes=usable,
+        device_dax=bool(dev and dev.dax) or dax is not None,
         filesystem=dev.fs.type if dev and dev.fs else None,
         fs_uuid=dev.fs.uuid if dev and dev.fs else None,
         mountpoint=mount.target if mount else None,
@@ -313,4 +336,7 @@ def describe(facts: GuestFacts, region: RegionPlan, commands_run: tuple[str, ...
         commands_run=commands_run,
         namespace_uuid=ns.uuid if ns else None,
         target_node=guest.target_node,
+        persistence_domain=guest.persistence_domain,
+        tail_offset=tail,
+        align_bytes=dax.align_bytes if dax else None,
     )

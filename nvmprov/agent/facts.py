@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nvmprov.errors import GuestError
@@ -30,6 +30,7 @@ class NdNamespace:
     blockdev: str | None  # "pmem0" (raw, fsdax, sector); None for devdax or idle
     uuid: str | None  # None for label-less namespaces
     enabled: bool  # False when ndctl says "state": "disabled" (shown with --idle)
+    align: int | None = None  # fsdax/devdax: the page size of its mappings ("align"); None: not shown
 
     @property
     def active(self) -> bool:
@@ -108,6 +109,7 @@ def _namespace(obj: dict[str, Any]) -> NdNamespace:
         blockdev=obj.get("blockdev"),
         uuid=obj.get("uuid"),
         enabled=_enabled(obj),
+        align=_int(obj.get("align")),
     )
 
 
@@ -317,6 +319,9 @@ class Region:
     # kernel does not show it, -1 for no node. regionN/numa_node is only the nearest online node.
     target_node: int | None = None
     numa_node: int | None = None
+    # sysfs persistence_domain: "cpu_cache" or "memory_controller"; None when the kernel shows none
+    # (it hides the attribute when the platform declares neither, as QEMU's NFIT does by default)
+    persistence_domain: str | None = None
 
     @property
     def active_namespace(self) -> NdNamespace | None:
@@ -351,6 +356,25 @@ class BlockDevice:
 
 
 @dataclass(frozen=True)
+class DaxDevice:
+    """A device-dax character device (/dev/daxN.M), from /sys/bus/dax/devices."""
+
+    name: str  # "dax1.0"
+    sysfs_path: str  # .../ndbus0/region1/dax1.0/dax1.0
+    size_bytes: int
+    align_bytes: int | None
+
+    @property
+    def region(self) -> str | None:
+        m = re.search(r"/(region\d+)/", self.sysfs_path)
+        return m.group(1) if m else None
+
+
+def _daxdev(name: str, raw: dict[str, Any]) -> DaxDevice:
+    return DaxDevice(name, str(raw.get("path") or ""), _int(raw.get("size")) or 0, _int(raw.get("align")))
+
+
+@dataclass(frozen=True)
 class StepResult:
     """A command the fact collector ran for the host before reading (a planned step, or modprobe)."""
 
@@ -371,6 +395,7 @@ class GuestFacts:
     kernel_log: tuple[str, ...] = ()  # nvdimm-related dmesg lines, for error messages
     steps: tuple[StepResult, ...] = ()  # the round's commands run before reading, in order; stops at a failure
     modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
+    daxdevs: dict[str, DaxDevice] = field(default_factory=dict)  # device-dax character devices
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
         return tuple(line for line in self.kernel_log if any(w in line for w in words))
@@ -396,6 +421,7 @@ def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) 
         namespaces=listed.namespaces if listed else (),
         target_node=parse_node(raw.get("target_node")),
         numa_node=parse_node(raw.get("numa_node")),
+        persistence_domain=raw.get("persistence_domain") or None,
     )
 
 
@@ -466,6 +492,7 @@ def parse_guest_facts(text: str) -> GuestFacts:
         kernel_log=tuple(raw.get("kernel_log") or ()),
         steps=tuple(_step_result(r) for r in raw.get("steps") or ()),
         modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
+        daxdevs={n: _daxdev(n, d) for n, d in (raw.get("daxdevs") or {}).items()},
     )
 
 
@@ -544,3 +571,9 @@ def blockdev_of(facts: GuestFacts, guest: Region) -> BlockDevice | None:
         return facts.blockdevs[ns.blockdev]
     under = [b for b in facts.blockdevs.values() if b.region == guest.dev]
     return max(under, key=lambda b: b.size_bytes) if under else None
+
+
+def daxdev_of(facts: GuestFacts, guest: Region) -> DaxDevice | None:
+    """The region's device-dax character device (a devdax namespace), if the guest shows one."""
+    under = [d for d in facts.daxdevs.values() if d.region == guest.dev]
+    return max(under, key=lambda d: d.size_bytes) if under else None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from nvmprov.agent.facts import BlockDevice, GuestFacts, Mount, Region, blockdev_of, dimm_of, locate
+from nvmprov.agent.facts import BlockDevice, GuestFacts, Mount, NdNamespace, Region, blockdev_of, dimm_of, locate
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 from nvmprov.ssh import render_command
@@ -27,6 +27,7 @@ NAMESPACE_TIMEOUT_S = 300.0  # create-namespace writes the page map; slow under 
 MKFS_TIMEOUT_S = 600.0
 FSTAB_TAG = "# nvmprov: region "
 FSTAB_OPTIONS = "dax,nofail"
+FSTAB_OPTIONS_NO_DAX = "nofail"  # sector (BTT) and raw: the block device has no DAX
 # uuid5 namespace of the filesystem UUIDs nvmprov chooses (fs_uuid); fixed forever.
 FS_UUID_NAMESPACE = uuid.UUID("a48cef69-2d87-4bf4-af42-69882d539ab4")
 
@@ -51,8 +52,27 @@ class Command:
 
 
 def needed_modules(region: RegionPlan) -> tuple[str, ...]:
-    # fsdax needs no dax_pmem (that is device-dax); nd_pmem gives /dev/pmemN for both models.
-    return ("nfit", "nd_pmem") if region.model == "nvdimm" else ("virtio_pmem", "nd_pmem")
+    # nd_pmem gives /dev/pmemN for both models; devdax needs dax_pmem (the namespace's claim) and
+    # device_dax (/dev/daxN.M), sector nd_btt (/dev/pmemNs). fsdax needs neither.
+    if region.model == "virtio-pmem":
+        return ("virtio_pmem", "nd_pmem")
+    extra = {"devdax": ("dax_pmem", "device_dax"), "sector": ("nd_btt",)}.get(region.effective_mode or "", ())
+    return ("nfit", "nd_pmem", *extra)
+
+
+def namespace_options(region: RegionPlan) -> tuple[str, ...]:
+    """The `ndctl create-namespace` arguments that give the region its mode (and devdax's align)."""
+    mode = region.effective_mode or "fsdax"
+    if mode == "devdax" and region.align_bytes is not None:
+        return ("-m", mode, "-a", str(region.align_bytes))
+    return ("-m", mode)
+
+
+def namespace_is_done(region: RegionPlan, mode: str, align: int | None) -> bool:
+    """Is a namespace of MODE (and ALIGN) what the region asks for?"""
+    if mode != (region.effective_mode or "fsdax"):
+        return False
+    return mode != "devdax" or align is None or region.align_bytes is None or align == region.align_bytes
 
 
 def plan_commands(facts: GuestFacts, region: RegionPlan, *, reformat: bool) -> list[Command]:
@@ -80,13 +100,19 @@ def _namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *,
             "(the built-in image has it)"
         )
     ns = guest.active_namespace
-    if ns is not None and ns.mode == "fsdax":
+    want = region.effective_mode or "fsdax"
+    options = namespace_options(region)
+    template = " %s" * len(options)
+    if ns is not None and namespace_is_done(region, ns.mode, ns.align):
         return []
+    if ns is None and want == "raw" and region.label_bytes is None:
+        return []  # a label-less region always shows its raw namespace; nothing to make
     if ns is not None:
-        _refuse_to_destroy(facts, region, guest, ns.mode, reformat=reformat)
+        _refuse_to_destroy(facts, region, guest, ns, reformat=reformat)
     if ns is not None and (region.label_bytes is None or ns.mode != "raw" or ns.uuid is not None):
         # A label-less raw namespace (or, with --reformat, any other mode): reconfigure in place.
-        return [_cmd("ndctl create-namespace -f -e %s -m fsdax", ns.dev, region=region, timeout_s=NAMESPACE_TIMEOUT_S)]
+        return [_cmd("ndctl create-namespace -f -e %s" + template, ns.dev, *options, region=region,
+                     timeout_s=NAMESPACE_TIMEOUT_S)]
     if ns is not None:
         # Labelled DIMM whose label area is blank: the kernel shows it raw and label-less, and
         # create-namespace fails ("... is misaligned") until the labels are initialised.
@@ -97,29 +123,45 @@ def _namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *,
             _cmd("ndctl disable-region %s", guest.dev, region=region),
             _cmd("ndctl init-labels -f %s", nmem, region=region),
             _cmd("ndctl enable-region %s", guest.dev, region=region),
-            _cmd("ndctl create-namespace -r %s -m fsdax", guest.dev, region=region, timeout_s=NAMESPACE_TIMEOUT_S),
+            _cmd("ndctl create-namespace -r %s" + template, guest.dev, *options, region=region,
+                 timeout_s=NAMESPACE_TIMEOUT_S),
         ]
     # Labels initialised but no namespace yet (only the idle seed): create one.
-    return [_cmd("ndctl create-namespace -r %s -m fsdax", guest.dev, region=region, timeout_s=NAMESPACE_TIMEOUT_S)]
+    return [_cmd("ndctl create-namespace -r %s" + template, guest.dev, *options, region=region,
+                 timeout_s=NAMESPACE_TIMEOUT_S)]
 
 
-def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, mode: str, *, reformat: bool) -> None:
-    """Converting a namespace rewrites its start: never over a filesystem or a non-raw mode unless told."""
+def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, ns: NdNamespace, *,
+                       reformat: bool) -> None:
+    """Converting a namespace rewrites its start: never over a filesystem or a non-raw mode unless told.
+
+    A raw namespace with a tail nvmprov does not own counts as data too: raw (and devdax) without a
+    filesystem are where users keep data blkid cannot see, so only a namespace blkid calls empty
+    and that is raw is converted.
+    """
     if reformat:
         return
+    want = region.effective_mode or "fsdax"
+    what = f"{ns.mode}" + (f" (align {ns.align})" if ns.mode == "devdax" and ns.align else "")
     dev = blockdev_of(facts, guest)
     if dev is not None:
-        _refuse_unknown_contents(region, dev, f"make {guest.dev} fsdax")
+        _refuse_unknown_contents(region, dev, f"make {guest.dev} {want}")
     if dev is not None and dev.fs is not None:
         raise GuestError(
-            f"region {region.name}: {guest.dev} is a {mode} namespace holding a {dev.fs.type} filesystem "
-            f"(/dev/{dev.name}); making it fsdax would destroy it. Pass --reformat to do so anyway"
+            f"region {region.name}: {guest.dev} is a {ns.mode} namespace holding a {dev.fs.type} filesystem "
+            f"(/dev/{dev.name}); making it {want} would destroy it. Pass --reformat to do so anyway"
         )
-    if mode != "raw":
+    if ns.mode != "raw":
         raise GuestError(
-            f"region {region.name}: {guest.dev} is already a {mode} namespace, not fsdax; "
+            f"region {region.name}: {guest.dev} is already a {what} namespace, not {_wanted(region)}; "
             "pass --reformat to reconfigure it (its contents are lost)"
         )
+
+
+def _wanted(region: RegionPlan) -> str:
+    if region.mode == "devdax" and region.align_bytes:
+        return f"devdax (align {region.align_bytes})"
+    return region.effective_mode or "fsdax"
 
 
 def _refuse_unknown_contents(region: RegionPlan, dev: BlockDevice, action: str) -> None:
@@ -247,7 +289,7 @@ def _mount(region: RegionPlan, device: str, mounts: tuple[Mount, ...], at_target
     assert region.mount is not None
     target = region.mount
     for m in mounts:
-        if m.target == target and m.dax:
+        if m.target == target and (m.dax or not region.dax_mount):
             return []
         if m.target == target:
             raise GuestError(
@@ -257,6 +299,11 @@ def _mount(region: RegionPlan, device: str, mounts: tuple[Mount, ...], at_target
         raise GuestError(f"region {region.name}: {device} is already mounted on {m.target}, the spec says {target}")
     if at_target is not None:
         raise GuestError(f"region {region.name}: {target} already has {at_target.source} mounted on it")
+    if not region.dax_mount:  # sector and raw: the kernel refuses -o dax ("DAX unsupported by block device")
+        return [
+            _cmd("mkdir -p %s", target, region=region, phase="mount"),
+            _cmd("mount -t %s %s %s", region.filesystem, device, target, region=region, phase="mount"),
+        ]
     return [
         _cmd("mkdir -p %s", target, region=region, phase="mount"),
         _cmd("mount -t %s -o dax %s %s", region.filesystem, device, target, region=region, phase="mount"),
@@ -268,9 +315,11 @@ def _readonly_mount(region: RegionPlan, fs_type: str | None, device: str, mounts
     assert region.mount is not None
     if fs_type != region.filesystem or any(m.target == region.mount for m in mounts):
         return []
+    options = "ro,dax" if region.dax_mount else "ro"
     return [
         _cmd("mkdir -p %s", region.mount, region=region, phase="mount"),
-        _cmd("mount -t %s -o ro,dax %s %s", region.filesystem, device, region.mount, region=region, phase="mount"),
+        _cmd("mount -t %s -o %s %s %s", region.filesystem, options, device, region.mount, region=region,
+             phase="mount"),
     ]
 
 
@@ -321,7 +370,7 @@ def fstab_entries(
             fs_id = dev.fs.uuid
         if fs_id is None:
             continue
-        options = FSTAB_OPTIONS + (",ro" if region.readonly else "")
+        options = (FSTAB_OPTIONS if region.dax_mount else FSTAB_OPTIONS_NO_DAX) + (",ro" if region.readonly else "")
         entries.append(FstabEntry(region.name, fs_id, region.mount, region.filesystem, options))
     return entries
 

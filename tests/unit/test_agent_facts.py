@@ -44,6 +44,7 @@ def test_ndctl_lone_object_is_one_namespace() -> None:
             blockdev="pmem0",
             uuid="6a7b2ca5-5cf6-4c53-8a43-a9e3b6c1a1f1",
             enabled=True,
+            align=2097152,
         ),
     )
     assert listed.regions == () and listed.dimms == ()
@@ -233,7 +234,8 @@ def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
     assert facts.regions == {}
     raw = json.loads(proc.stdout)
     assert set(raw) == {
-        "modules", "ndctl", "regions", "nmems", "blockdevs", "mounts", "fstab", "kernel_log", "steps", "modprobe"
+        "modules", "ndctl", "regions", "nmems", "blockdevs", "daxdevs", "mounts", "fstab", "kernel_log", "steps",
+        "modprobe",
     }
     assert (raw["steps"], raw["modprobe"]) == ([], None)
 

@@ -44,6 +44,7 @@ class FakeNs:
     blockdev: str | None
     uuid: str | None = None
     enabled: bool = True
+    align: int | None = None  # devdax
 
 
 @dataclass
@@ -126,6 +127,7 @@ class FakeGuest:
                             "size": ns.size,
                             "sector_size": 512,
                             **({"uuid": ns.uuid} if ns.uuid else {}),
+                            **({"align": ns.align} if ns.align else {}),
                             **({"blockdev": ns.blockdev} if ns.blockdev and ns.enabled else {}),
                             **({} if ns.enabled and r.enabled else {"state": "disabled"}),
                         }
@@ -140,7 +142,7 @@ class FakeGuest:
             for ns in r.namespaces:
                 if not (ns.blockdev and ns.enabled and r.enabled and ns.size):
                     continue
-                parent = "pfn0.1" if ns.mode == "fsdax" else ns.dev
+                parent = {"fsdax": "pfn0.1", "sector": "btt0.1"}.get(ns.mode, ns.dev)
                 fs = self.fs.get(ns.blockdev)
                 blkid = (
                     {
@@ -160,7 +162,9 @@ class FakeGuest:
                 }
         return json.dumps(
             {
-                "modules": sorted(self.modules & {"libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "virtio_pmem"}),
+                "modules": sorted(
+                    self.modules & {"libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem"}
+                ),
                 "ndctl": {"rc": 0, "stdout": json.dumps(ndctl, indent=2) if regions else "", "stderr": ""},
                 "regions": {
                     r.dev: {
@@ -177,6 +181,16 @@ class FakeGuest:
                     if "nfit" in self.modules
                 },
                 "blockdevs": blockdevs,
+                "daxdevs": {
+                    f"dax{r.dev.removeprefix('region')}.0": {
+                        "path": f"{r.path}/dax{r.dev.removeprefix('region')}.0/dax{r.dev.removeprefix('region')}.0",
+                        "size": str(ns.size),
+                        "align": str(ns.align),
+                    }
+                    for r in regions
+                    for ns in r.namespaces
+                    if ns.mode == "devdax" and ns.enabled and r.enabled and "device_dax" in self.modules
+                },
                 "mounts": "/dev/vda1 / ext4 rw,relatime 0 0\n"
                 + "".join(f"{s} {t.replace(' ', chr(92) + '040')} {f} {o} 0 0\n" for s, t, f, o in self.mounts),
                 "fstab": self.fstab,
@@ -249,8 +263,9 @@ class FakeGuest:
             for r in self.regions.values():
                 for ns in r.namespaces:
                     fs = self.fs.get(ns.blockdev or "")
-                    if not r.pci and ns.mode == "fsdax" and fs and fs[1] == fields[0].removeprefix("UUID="):
-                        self.mounts.append((f"/dev/{ns.blockdev}", fields[1], fields[2], "rw,relatime,dax=always"))
+                    if not r.pci and ns.mode != "devdax" and fs and fs[1] == fields[0].removeprefix("UUID="):
+                        shown = "rw,relatime,dax=always" if ns.mode == "fsdax" else "rw,relatime"
+                        self.mounts.append((f"/dev/{ns.blockdev}", fields[1], fields[2], shown))
 
     def _ns(self, dev: str) -> tuple[FakeRegion, FakeNs]:
         for r in self.regions.values():
@@ -277,6 +292,19 @@ class FakeGuest:
                     )
                 ns.mode, ns.size, ns.uuid = "fsdax", fsdax_bytes(r.size), self._new_uuid()
                 self.fs.pop(ns.blockdev or "", None)
+            case ["ndctl", "create-namespace", "-f", "-e", dev, "-m", ("devdax" | "sector" | "raw") as mode, *rest]:
+                r, ns = self._ns(dev)
+                n = r.dev.removeprefix("region")
+                self.fs.pop(ns.blockdev or "", None)
+                if mode == "devdax":
+                    assert rest in ([], ["-a", "4096"], ["-a", "2097152"]), rest
+                    ns.align = int(rest[1]) if rest else 2 * MiB
+                    ns.blockdev, ns.size = None, fsdax_bytes(r.size)
+                elif mode == "sector":
+                    ns.blockdev, ns.size, ns.align = f"pmem{n}s", r.size - r.size // 100, None
+                else:
+                    ns.blockdev, ns.size, ns.align = f"pmem{n}", r.size, None
+                ns.mode, ns.uuid = mode, self._new_uuid() if mode != "raw" else None
             case ["ndctl", "disable-region", dev]:
                 self.regions[dev].enabled = False
             case ["ndctl", "init-labels", "-f", nmem]:
@@ -314,6 +342,11 @@ class FakeGuest:
                     return 32, f"mount: {target}: wrong fs type, bad option, bad superblock on {device}"
                 shown = ",".join(["ro" if "ro" in options.split(",") else "rw", "relatime", "dax=always"])
                 self.mounts.append((device, target, fstype, shown))
+            case ["mount", "-t", fstype, device, target]:  # sector, raw: no DAX
+                fs = self.fs.get(device.removeprefix("/dev/"))
+                if fs is None or fs[0] != fstype or target not in self.dirs:
+                    return 32, f"mount: {target}: wrong fs type, bad option, bad superblock on {device}"
+                self.mounts.append((device, target, fstype, "rw,relatime"))
             case ["umount", target]:
                 self.mounts = [m for m in self.mounts if m[1] != target]
             case ["cat", ">", "/etc/fstab.nvmprov-new"]:  # ... && chmod && mv into place
@@ -335,6 +368,8 @@ def region(
     fs: Filesystem = "ext4",
     mount: str | None = "/mnt/data",
     readonly: bool = False,
+    mode: str | None = None,
+    align: int | None = None,
 ) -> RegionPlan:
     return RegionPlan(
         name=name,
@@ -352,6 +387,9 @@ def region(
         dimm_slot=slot if model == "nvdimm" else None,
         pci_slot=pci,
         expected_usable_bytes=size,
+        mode=mode,  # type: ignore[arg-type]
+        align_bytes=align if align is not None else (2 * MiB if mode == "devdax" else None),
+        reserved_tail=fs == "none" and mode in ("devdax", "raw", "sector") and not readonly,
     )
 
 

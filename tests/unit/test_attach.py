@@ -175,10 +175,25 @@ def test_recorded_virtio_pmem_lands_on_the_first_spare_port() -> None:
     ({"size_bytes": 1 * MiB}, "too small"),
     ({"filesystem": "xfs", "size_bytes": 64 * MiB}, "xfs needs at least 300MiB"),
     ({"mount": "/etc"}, "--mount"),
+    ({"model": "virtio-pmem", "mode": "devdax"}, "--mode: is for nvdimm only: virtio-pmem has no namespaces"),
+    ({"mode": "devdax", "filesystem": "ext4"}, "devdax is a character device"),
+    ({"mode": "devdax", "align_bytes": 1024**3}, "pdpe1gb"),
+    ({"mode": "sector", "align_bytes": 2 * MiB}, "--align: is for mode: devdax only"),
 ])
 def test_region_rules_are_the_spec_rules(kw: dict[str, object], fragment: str) -> None:
     with pytest.raises(UsageError, match=fragment.replace("-", r"\-")):
         attach.region_spec(req(**kw), managed=True)
+
+
+def test_attach_mode_joins_the_recorded_spec() -> None:
+    """--mode on a managed guest: the region joins the spec with its mode; devdax gets no filesystem."""
+    g = spec.loads(GUEST).guests[0]
+    entry = attach.region_spec(req(region="dd", size_bytes=128 * MiB, mode="devdax"), managed=True)
+    assert (entry["mode"], entry["filesystem"], entry["mount"]) == ("devdax", "none", None)
+    after = plan.build(spec.GuestSpec.model_validate(json.loads(
+        attach.managed_spec_json(g.model_dump_json(by_alias=True), entry, 128 * MiB))), FACTS)
+    new = after.region("dd")
+    assert (new.effective_mode, new.align_bytes, new.reserved_tail) == ("devdax", 2 * MiB, True)
 
 
 def test_detach_refuses_live_nvdimm_and_unknown_regions() -> None:

@@ -123,3 +123,28 @@ def test_a_region_on_another_node_fails_with_the_nodes_named() -> None:
     virtio = region(model="virtio-pmem")  # no numa_node: the node is reported, never checked
     virtio.observe(state)
     assert (virtio.target_node, virtio.node_ok) == (0, None)
+
+
+def test_modes_map_sync_and_the_tail_in_json_and_text() -> None:
+    """Issue 17: namespace_mode, guest_device and usable_bytes say what was made; map_sync is a fact
+    (no: fsync needed), not a check, so it never fails a region; dax null (sector, raw) passes too."""
+    dd = RegionReport("dd", "nvdimm", 128 << 20, 127926272, None, "/dev/dax0.0", "devdax", "none", None,
+                      True, None, True, map_sync=True, payload_offset=127926272)
+    sec = RegionReport("sec", "nvdimm", 128 << 20, 133005312, None, "/dev/pmem1s", "sector", "ext4", "/mnt/sec",
+                       None, None, True, map_sync=False)
+    virt = RegionReport("virt", "virtio-pmem", 128 << 20, 128 << 20, None, "/dev/pmem2", "fsdax", "ext4",
+                        "/mnt/virt", True, True, True, map_sync=False)
+    g = GuestReport(name="m", regions=[dd, sec, virt])
+    g.settle()
+    assert g.ok
+    data = json.loads(render_json(Report([g])))
+    assert data["schema_version"] == 1
+    first = data["guests"][0]["regions"][0]
+    assert (first["map_sync"], first["persistence_domain"], first["payload_offset"]) == (True, None, 127926272)
+    lines = render_text(Report([g])).splitlines()
+    assert lines[1].split() == ["region", "model", "size", "usable", "device", "mode", "fs", "mount", "dax",
+                                "map_sync", "xip", "data", "persisted"]
+    rows = {line.split()[0]: line.split() for line in lines[2:5]}
+    assert rows["dd"][rows["dd"].index("/dev/dax0.0") + 1] == "devdax"
+    assert rows["sec"][-5:] == ["-", "no", "-", "yes", "-"]   # dax n/a, map_sync no, xip n/a, data yes
+    assert rows["virt"][-5:] == ["yes", "no", "yes", "yes", "-"]

@@ -8,10 +8,12 @@ argv: nothing (read facts only), or one JSON object {"steps": [...], "modules": 
            {"command": str, "stdin_b64": str | null, "timeout_s": float}; the first failure stops
            the rest. Their results come back under "steps" ({"command", "rc", "stderr"}).
 Every nvdimm bus is then waited on (reading its wait_probe attribute, as ndctl does: the kernel
-registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug).
+registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug), and
+so are udev and systemd's running mount jobs (fstab's entries, mounted as their devices appear).
 Then everything the agent needs in the same round trip (each costs a second or more under TCG):
-modules, `ndctl list`, the sysfs topology (regions, their NUMA nodes, DIMM mappings, NFIT handles,
-block devices), blkid of each pmem block device, /proc/self/mounts and /etc/fstab.
+modules, `ndctl list`, the sysfs topology (regions with their NUMA nodes, DIMM mappings and
+persistence domain, NFIT handles, block devices, device-dax character devices), blkid of each pmem
+block device, /proc/self/mounts and /etc/fstab.
 Values are raw text; the host parses them, so this stays dumb and old-python friendly.
 Nothing but the given steps and the module loading changes the guest.
 """
@@ -23,10 +25,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 
-MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "virtio_pmem")
+MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem")
 ND = "/sys/bus/nd/devices/"
 KERNEL_LOG_LINES = 40
+# systemd mounts fstab's nofail entries as their devices appear; with sshd up early in the boot the
+# agent can read the facts while such a mount is still running, plan the same mount and fail with
+# "already mounted" (seen after a power cycle). Wait for those jobs, at most this long.
+MOUNT_JOBS_DEADLINE_S = 30.0
+MOUNT_JOBS_POLL_S = 0.5
 # Why a namespace did not come up is only in the kernel log ("... misaligned, unable to map").
 KERNEL_LOG_PATTERN = re.compile(r"nd_pmem|nd_pfn|nd_region|nd_btt|virtio_pmem|libnvdimm|nfit|misaligned")
 
@@ -78,6 +86,17 @@ def wait_probe():
         read(path)
 
 
+def settle_mounts():
+    """udev's queue drained, then no systemd mount job left running (no systemd: nothing to wait for)."""
+    run(["udevadm", "settle", "--timeout=10"])
+    deadline = time.monotonic() + MOUNT_JOBS_DEADLINE_S
+    while time.monotonic() < deadline:
+        jobs = run(["systemctl", "list-jobs", "--no-legend", "--plain"])
+        if jobs["rc"] != 0 or ".mount " not in jobs["stdout"]:
+            return
+        time.sleep(MOUNT_JOBS_POLL_S)
+
+
 def load_modules(wanted):
     missing = [m for m in wanted if m not in modules_present(wanted)]
     if not missing:
@@ -114,6 +133,18 @@ def regions():
             "target_node": read(path + "/target_node"),
             "numa_node": read(path + "/numa_node"),
             "mappings": [read(f"{path}/mapping{i}") for i in range(count)],
+            "persistence_domain": read(path + "/persistence_domain"),  # absent: the kernel shows none
+        }
+    return out
+
+
+def daxdevs():
+    out = {}
+    for path in sorted(glob.glob("/sys/bus/dax/devices/dax*")):
+        out[os.path.basename(path)] = {
+            "path": os.path.realpath(path),
+            "size": read(path + "/size"),
+            "align": read(path + "/align"),
         }
     return out
 
@@ -150,12 +181,14 @@ def main(argv):
     modprobe = load_modules(request.get("modules") or [])
     steps = run_steps(request.get("steps") or [])
     wait_probe()
+    settle_mounts()
     facts = {
         "modules": modules(),
         "ndctl": run(["ndctl", "list", "--regions", "--namespaces", "--dimms", "--idle"]),
         "regions": regions(),
         "nmems": nmems(),
         "blockdevs": blockdevs(),
+        "daxdevs": daxdevs(),
         "mounts": read("/proc/self/mounts") or "",
         "fstab": read("/etc/fstab") or "",
         "kernel_log": kernel_log(),

@@ -204,12 +204,11 @@ def attach(
     domain cannot take raises UsageError naming each change it needs; nothing is changed then."""
     from . import attach as attachmod
     from . import guests
-    from . import spec as specmod
 
     try:
-        size_bytes = specmod.parse_size(size, what="size")
-        label_bytes = specmod.parse_size(label, what="label") if label is not None else None
-        align_bytes = specmod.parse_size(align, what="align") if align is not None else None
+        size_bytes = _bytes(size, "size")
+        label_bytes = _bytes(label, "label") if label is not None else None
+        align_bytes = _bytes(align, "align") if align is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     request = attachmod.AttachRequest(
@@ -219,6 +218,17 @@ def attach(
     )
     with guests.connection(connect) as conn:  # an empty REGION: attach picks hpN under the domain's lock
         return attachmod.attach(conn, domain, request, _progress(progress))
+
+
+def _bytes(value: int | str, what: str) -> int:
+    """A size given as bytes (an int: the caller parsed it, as the CLI does) or as a text with a unit."""
+    from . import spec as specmod
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"{what} {value} bytes is not a positive size")
+        return value
+    return specmod.parse_size(value, what=what)
 
 
 def detach(

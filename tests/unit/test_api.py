@@ -138,3 +138,18 @@ def test_a_callback_that_fails_does_not_stop_the_run(conn, capsys) -> None:  # n
     conn.made.append("api-broken-cb")
     assert report.ok, report
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("size", [64 << 20, "64MiB"])
+def test_attach_takes_bytes_or_a_size_text(size: int | str) -> None:
+    # the domain cannot take it (no maxMemory): the request got that far, its size understood
+    with pytest.raises(UsageError, match="maxMemory"):
+        api.attach("test", size, region="nv", config=True, connect=URI)
+    with pytest.raises(UsageError, match="not a positive size"):
+        api.attach("test", 0, region="nv", config=True, connect=URI)
+
+
+def test_the_cli_attach_hands_the_api_its_parsed_size() -> None:
+    proc = subprocess.run([sys.executable, "-m", "nvmprov", "attach", "test", "--size", "64MiB", "--name", "nv",
+                           "--config", "--connect", URI], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and "maxMemory" in proc.stderr and "no unit" not in proc.stderr, proc.stderr

@@ -196,8 +196,11 @@ def _libvirtd_pid() -> int:
     return int(out[0])
 
 
+@pytest.mark.restarts_libvirtd
 def test_libvirtd_restart_keeps_the_guest_and_its_data(guest: Guest) -> None:
     # Last in this module on purpose: other engineers' runs see libvirtd gone for a few seconds.
+    # The module runs after every other e2e module (conftest.py): the restart kills guests that hold
+    # a live virtio-pmem device, the shared e2e guest among them.
     pid = _libvirtd_pid()
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + LIBVIRTD_BACK_S

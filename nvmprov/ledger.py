@@ -108,23 +108,33 @@ def newest(slots: Iterable[bytes | None]) -> Ledger | None:
 
 
 def _slot_bytes(pool: libvirt.virStoragePool, name: str) -> bytes | None:
+    """The bytes of slot NAME, None when it does not exist. Reads take no lock, so a writer may
+    delete and re-make this slot (always the older one) while we read it: a read that fails while
+    the slot is there again is tried anew, a few times, before the failure counts."""
+    import time
+
     import libvirt
 
     from . import storage
 
-    vol = storage.lookup(pool, name)
-    if vol is None:
-        return None
-    try:
-        if storage.vol_capacity_bytes(vol) > MAX_BYTES:
-            return b""  # not a ledger: counts as present and invalid
-        return storage.read_small(vol, MAX_BYTES)
-    except (StorageError, libvirt.libvirtError) as exc:
-        # A writer replaces the older slot while we read it (reads take no lock): gone is gone,
-        # and the newer slot is intact. Any other failure is not guessed around.
-        if storage.lookup(pool, name) is None:
+    for attempt in range(_READ_ATTEMPTS):
+        vol = storage.lookup(pool, name)
+        if vol is None:
             return None
-        raise StorageError(f"reading {name} in storage pool {pool.name()!r}: {exc}") from None
+        try:
+            if storage.vol_capacity_bytes(vol) > MAX_BYTES:
+                return b""  # not a ledger: counts as present and invalid
+            return storage.read_small(vol, MAX_BYTES)
+        except (StorageError, libvirt.libvirtError) as exc:
+            if storage.lookup(pool, name) is None:
+                return None  # gone is gone: the newer slot is intact
+            if attempt == _READ_ATTEMPTS - 1:
+                raise StorageError(f"reading {name} in storage pool {pool.name()!r}: {exc}") from None
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+_READ_ATTEMPTS = 5  # a rewrite of a slot takes milliseconds; eight creates at once raced one read here
 
 
 def read(pool: libvirt.virStoragePool) -> Ledger:

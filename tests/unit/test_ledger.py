@@ -226,3 +226,34 @@ def test_purge_adopted_implies_purge_and_each_purge_deletes_its_own_kinds() -> N
              ledger.Purge.asked(False, True): (True, True, True)}
     for purge, expect in table.items():
         assert (purge.deletes(overlay), purge.deletes(made), purge.deletes(adopted)) == expect
+
+
+def test_a_slot_rewritten_while_it_is_read_is_read_again(conn, pool, monkeypatch) -> None:
+    # Eight creates at once: a writer deleted and re-made the older slot between a reader's lookup
+    # and its download; the reader failed with "Storage volume not found" (CI, stop 21).
+    hv = identity.of(conn).key
+    ledger.record(pool, A)
+    ledger.record(pool, B)
+    real, failed = storage.read_small, []
+
+    def read_small(vol, max_bytes):
+        if not failed:
+            failed.append(vol.name())
+            raise StorageError("Storage volume not found: no storage vol with matching name")
+        return real(vol, max_bytes)
+
+    monkeypatch.setattr(storage, "read_small", read_small)
+    assert ledger.read(pool) == ledger.Ledger(2, (A, B))
+    assert failed  # the failure happened, and the slot was read again
+    ledger.forget(pool, hv, [A.volume, B.volume])
+
+
+def test_a_slot_that_keeps_failing_is_an_error(conn, pool, monkeypatch) -> None:
+    ledger.record(pool, A)
+
+    def read_small(vol, max_bytes):
+        raise StorageError("I/O error")
+
+    monkeypatch.setattr(storage, "read_small", read_small)
+    with pytest.raises(StorageError, match="reading nvmprov-ledger-b.json.*I/O error"):
+        ledger.read(pool)

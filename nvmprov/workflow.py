@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
 
 Until = Literal["define", "start", "ssh", "all"]
 POWER_OFF_TIMEOUT_S = 30
+# SSH attempts wait for the built-in image's "seed applied" console line (ssh.connect's `ready`), but
+# no longer than this: a console nvmprov cannot read must not cost more than the old way of trying.
+SEED_LINE_WAIT_S = 90.0
 HOSTFWD_ERRORS = ("host forwarding rule", "Could not set up host forwarding")
 # What `network: {outbound: true}` opens (QEMU user networking with restrict=off): said on every create.
 OUTBOUND_NOTICE = (
@@ -529,13 +534,24 @@ def open_session(
         progress.checkpoint()
         boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
 
+    ready: Callable[[], bool] | None = None
+    if the_plan.base_volume is not None:  # the built-in image says on its console when it has its address
+        fallback_at = time.monotonic() + SEED_LINE_WAIT_S
+
+        def seed_line_seen() -> bool:
+            return boot.seed_applied(log_tail(200)) or time.monotonic() >= fallback_at
+
+        ready = seed_line_seen
+
     target = ssh.SshTarget(
         host="127.0.0.1", port=port, user=the_plan.ssh_user, client_key_path=str(files.client_key),
         host_public_key=files.host_key_pub.read_text().strip(),
         sock_factory=(lambda: hop.open_channel(port)) if hop is not None else None,
     )
     try:
-        return ssh.connect(target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check)
+        return ssh.connect(
+            target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check, ready=ready
+        )
     except GuestError as exc:
         tail = log_tail(15)
         if hop is None:

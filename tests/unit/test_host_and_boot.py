@@ -161,7 +161,11 @@ def test_seed_applied_is_the_appliers_own_last_line() -> None:
     from nvmprov import image
 
     applier = (image.RECIPE_DIR / "files/usr/local/lib/nvmprov/apply_seed.sh").read_text()
-    assert 'say() { echo "nvmprov-seed: $*"; }' in applier
+    assert 'say() {\n    echo "nvmprov-seed: $*"\n    [ -z "$CONSOLE" ] || echo "nvmprov-seed: $*" > "$CONSOLE"' in applier
+    # ... straight onto the console: through journald (journal+console) it came 4-9 s late
+    assert "    CONSOLE=/dev/console\n" in applier.split("main() {", 1)[1].split("mount_seed", 1)[0]
+    unit = (image.RECIPE_DIR / "files/etc/systemd/system/nvmprov-seed.service").read_text()
+    assert "StandardOutput=journal\n" in unit and "StandardError=journal\n" in unit
     assert 'say "applied (host' in applier and 'fail() { say "error: $*"' in applier
     assert applier.index("    set_network\n") < applier.index('say "applied (host')
     assert boot.seed_applied("x\r\nnvmprov-seed: applied (host g, user u, instance i) in 3.1 s\r\n")

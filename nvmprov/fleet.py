@@ -234,12 +234,12 @@ def destroy(names: Sequence[str], *, connect: str | None, purge: ledger.Purge, s
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
     from . import guests as guestsmod
-    from . import identity, state
+    from . import identity, managed, state
 
     failures = []
     left = list(names)
     try:
-        with guestsmod.connection(connect) as conn:
+        with managed.connection(connect) as conn:
             hv = identity.of(conn)
             while left:
                 name = left.pop(0)

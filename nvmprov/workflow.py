@@ -1,8 +1,8 @@
-"""`nvmprov create` and the guest life cycle: one straight line of stages, side effects at the edges.
+"""`nvmprov create`: one straight line of stages, side effects at the edges.
 
-spec -> host facts -> plan -> define (metadata first) -> volumes (each recorded) -> start -> SSH
--> agent.apply -> agent.verify -> power-cycle proof -> report. Any failure or signal rolls back
-exactly what this run made (unless --keep-on-failure).
+spec -> host facts -> plan -> define (metadata first) -> volumes (each recorded) -> start ->
+proof.prove (SSH, agent.apply, agent.verify, power-cycle proof) -> report. Any failure or signal
+rolls back exactly what this run made (unless --keep-on-failure). docs/architecture.md: the rest.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import libvirt
 
 from . import boot, domain, identity, inventory, ledger, managed, proof, remote, state, storage, virt
 from .errors import GuestError, HostError, UsageError, VirtError
@@ -19,9 +20,6 @@ from .report import GuestReport, SshInfo
 from .spec import check_connect
 from .textsafe import clean
 from .uris import effective_uri
-
-if TYPE_CHECKING:
-    import libvirt
 
 
 def start(names: list[str], *, connect: str | None) -> None:
@@ -147,8 +145,6 @@ def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: st
 
 
 def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool]:
-    import libvirt
-
     try:
         pools = conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
     except libvirt.libvirtError as exc:

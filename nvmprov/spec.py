@@ -37,7 +37,9 @@ from pydantic import (
 
 from .diskimage import file_kind
 from .errors import HostError, SpecError, UsageError
+from .naming import backing_volume, shared_paths
 from .sizes import GiB, KiB, MiB, TiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
+from .uris import pool_dir_for
 
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
 MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
@@ -725,8 +727,6 @@ class GuestSpec(BaseModel):
 
     def volume_of(self, region: RegionSpec) -> str:
         """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""
-        from .naming import backing_volume
-
         return region.volume or backing_volume(self.name, region.name)
 
     def canonical(self) -> dict[str, Any]:
@@ -1147,9 +1147,6 @@ def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSp
 
 def _check_shared_paths(guests: list[GuestSpec], pos: _Positions, filename: str) -> None:
     """Two guests of one fleet must never get one file (an adopted `volume:` can name another's)."""
-    from .naming import shared_paths
-    from .uris import pool_dir_for
-
     where: dict[str, tuple[int, int]] = {}
     uses = []
     for i, g in enumerate(guests):

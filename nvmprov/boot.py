@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import session, uris
+from .domain import SSH_FORWARD_HOST
 from .errors import GuestError, HostError
 from .state import write_private
 from .textsafe import clean
@@ -77,8 +78,8 @@ def free_port(taken: Iterable[int], candidates: Iterable[int] = SSH_PORT_RANGE) 
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((SSH_FORWARD_HOST, port))
             except OSError:
                 continue
             return port
-    raise HostError("no free SSH port on 127.0.0.1 in the nvmprov range; destroy unused guests")
+    raise HostError(f"no free SSH port on {SSH_FORWARD_HOST} in the nvmprov range; destroy unused guests")

@@ -23,14 +23,10 @@ if TYPE_CHECKING:
 
     from .plan import Plan
 
-# A guest's SSH forward: QEMU binds it to the hypervisor's loopback only (domain.py's hostfwd).
-SSH_HOST = "127.0.0.1"
-
-
 def ssh_coordinates(files: state.GuestFiles, port: int, user: str) -> SshInfo:
     """How to reach a guest nvmprov made: the one place these are put together (reports, `list`,
     `show`, `nvmprov ssh` and the proof's own session all read them from here)."""
-    return SshInfo(host=SSH_HOST, port=port, user=user, identity_file=str(files.client_key),
+    return SshInfo(host=domain.SSH_FORWARD_HOST, port=port, user=user, identity_file=str(files.client_key),
                    known_hosts=str(files.known_hosts))
 
 

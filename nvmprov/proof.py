@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import agent, boot, domain, identity, remote, ssh, state, storage, virt
 from .errors import GuestError
-from .managed import SSH_HOST, ssh_coordinates
+from .managed import ssh_coordinates
 from .report import GuestReport, Report, SshInfo, render_json
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def write_known_hosts(files: state.GuestFiles, port: int) -> None:
     """Pin the host key create generated for the guest, under the address its forward has now."""
     key = files.host_key_pub.read_text().split()
-    state.write_private(files.known_hosts, f"[{SSH_HOST}]:{port} {key[0]} {key[1]}\n")
+    state.write_private(files.known_hosts, f"[{domain.SSH_FORWARD_HOST}]:{port} {key[0]} {key[1]}\n")
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_no_stale_golden_files() -> None:
 
 
 def test_every_example_has_a_golden_file() -> None:
-    assert {c.example for c in CASES} == {"guest.yaml", "mixed.yaml", "fleet.yaml", "numa.yaml"}
+    assert {c.example for c in CASES} == {"guest.yaml", "mixed.yaml", "fleet.yaml", "numa.yaml", "cxl.yaml"}
 
 
 def _validate(xml: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

@@ -293,7 +293,8 @@ def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Pl
         for volume in (region.volume, region.lsa_volume):
             if volume is None:
                 continue
-            users = virt.domains_using_path(conn, f"{pool_dir}/{volume}", exclude=the_plan.name)
+            path = f"{pool_dir}/{volume}"
+            users = virt.path_users(conn, [path], exclude=the_plan.name)[path]
             if users:
                 raise HostError(
                     f"volume {volume} of region {region.name} is used by domain(s) "

@@ -147,3 +147,17 @@ def test_attach_refuses_cxl_with_the_reason_before_connecting(capsys: pytest.Cap
     assert cli.main(["attach", "g", "--size", "512MiB", "--model", "cxl"]) == 2
     err = capsys.readouterr().err
     assert "no CXL hotplug on this stack" in err and len(err.strip().splitlines()) == 1
+
+
+def test_who_uses_a_path_sees_a_cxl_guests_volumes_in_its_real_xml() -> None:
+    """prune and purge ask domain.references (through virt.path_users): the CXL files are named only in
+    <qemu:commandline> arguments (key=value), and in the metadata for a guest whose XML lost them."""
+    p = plan.build(guest(CXL + "  - {name: d, size: 256MiB}\n"), TCG_HOST)
+    xml = domain.render(p, CTX)
+    refs = domain.references(xml)
+    assert {"/p/g-pmem-c.raw", "/p/g-pmem-c.lsa", "/p/g-pmem-d.raw"} <= refs.paths
+    assert {("nvmprov", "g-pmem-c.raw"), ("nvmprov", "g-pmem-c.lsa")} <= refs.volumes
+    bare = domain.ET.fromstring(xml)  # noqa: S314 - our own
+    bare.remove(bare.find(f"{{{domain.QEMU_NS}}}commandline"))
+    without = domain.references(domain.ET.tostring(bare, encoding="unicode"))
+    assert "/p/g-pmem-c.lsa" not in without.paths and ("nvmprov", "g-pmem-c.lsa") in without.volumes

@@ -390,7 +390,7 @@ def namespace_plan(ns: NamespaceSpec) -> NamespacePlan:
         size_bytes=ns.size_bytes,
         mode=ns.mode,
         align_bytes=ns.devdax_align_bytes,
-        filesystem=filesystem,  # type: ignore[arg-type]
+        filesystem=filesystem,
         mount=ns.mount,
         expected_usable_bytes=max(usable - RESERVED_TAIL_BYTES, 0) if tail else usable,
         reserved_tail=tail,

@@ -109,6 +109,7 @@ class _Owner:
     pool: libvirt.virStoragePool
     hv: str
     name: str
+    qemu_ids: tuple[int, int] | None = None   # HostFacts.qemu_ids: owner of CXL's files
 
 
 @dataclass(kw_only=True)
@@ -136,14 +137,14 @@ def _create_locked(
     report: GuestReport,
 ) -> None:
     """HV: the hypervisor CONN reaches, asked once per create (a round trip over qemu+ssh)."""
-    the_plan, pool = _host_phase(conn, hv, spec, opts, progress)
+    the_plan, pool, facts = _host_phase(conn, hv, spec, opts, progress)
     _tell_plan(the_plan, progress, report)
     existing = virt.lookup(conn, spec.name)
     md = domain.parse_metadata(virt.xml_desc(existing, inactive=True)) if existing is not None else None
     if existing is not None and md is not None:
         state.adopt_legacy(spec.name, hv, existing.UUIDString())  # files kept under the old layout
     run = _Creation(conn, the_plan, state.guest_files(spec.name, hv), progress, report,
-                    spec=spec, opts=opts, owner=_Owner(pool, hv.key, spec.name))
+                    spec=spec, opts=opts, owner=_Owner(pool, hv.key, spec.name, facts.qemu_ids))
     if existing is not None:
         if md is None or md.complete:
             try:
@@ -158,7 +159,7 @@ def _create_locked(
 
 
 def _host_phase(conn: libvirt.virConnect, hv: identity.Hypervisor, spec: GuestSpec, opts: CreateOptions,
-                progress: Progress) -> tuple[Plan, libvirt.virStoragePool]:
+                progress: Progress) -> tuple[Plan, libvirt.virStoragePool, planmod.HostFacts]:
     with progress.phase("host"):
         # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
         # here, before the pool is made or the image built (minutes). It needs no pool, only names.
@@ -174,7 +175,7 @@ def _host_phase(conn: libvirt.virConnect, hv: identity.Hypervisor, spec: GuestSp
             image.build(conn, spec.pool, progress=progress.line)
         for volume in ledger.migrate(conn, pool, hv.key):  # guests made before the ledger (pool held shared)
             progress.line(f"ownership ledger: recorded {volume} as made by nvmprov (its domain's metadata says so)")
-    return the_plan, pool
+    return the_plan, pool, facts
 
 
 def _tell_plan(the_plan: Plan, progress: Progress, report: GuestReport) -> None:
@@ -302,19 +303,22 @@ def _check_backing_volumes(run: _Creation) -> None:
     pool_dir = storage.pool_path(pool)
     book = ledger.read(pool)
     for region in the_plan.regions:
-        path = f"{pool_dir}/{region.volume}"
-        users = virt.path_users(run.conn, [path], exclude=the_plan.name)[path]
-        if users:
-            raise HostError(
-                f"backing volume {region.volume} of region {region.name} is used by domain(s) "
-                f"{', '.join(users)}; give the region another name or detach it there first"
-            )
-        if region.adopted:
-            _check_adoptable(pool, book, owner, region)
-        elif storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
-                book.get(region.volume), hv, the_plan.name):
-            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name,
-                                              guest=the_plan.name))
+        for volume in (region.volume, region.lsa_volume):
+            if volume is None:
+                continue
+            path = f"{pool_dir}/{volume}"
+            users = virt.path_users(run.conn, [path], exclude=the_plan.name)[path]
+            if users:
+                raise HostError(
+                    f"volume {volume} of region {region.name} is used by domain(s) "
+                    f"{', '.join(users)}; give the region another name or detach it there first"
+                )
+            if region.adopted:
+                _check_adoptable(pool, book, owner, region)
+            elif storage.lookup(pool, volume) is not None and not ledger.may_delete(book.get(volume), hv,
+                                                                                      the_plan.name):
+                raise HostError(ledger.in_the_way(pool, volume, f"guest {the_plan.name}", region.name,
+                                                  guest=the_plan.name))
 
 
 def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _Owner,
@@ -389,8 +393,19 @@ def _make_volumes(run: _Creation, keys: tuple[seed.KeyPair, seed.KeyPair]) -> No
         _record(run.domain, run.md)
 
     for region in the_plan.regions:
+        # CXL's files are named only on QEMU's command line: libvirt does not chown them, so they are
+        # made owned by QEMU's user (docs/performance.md, the CXL spike)
+        qemu_owned = owner.qemu_ids if region.model == "cxl" else None
+        if region.lsa_volume is not None and storage.make_backing(
+                pool, region.lsa_volume, planmod.CXL_LSA_BYTES, owner=qemu_owned) is not None:
+            made(region.lsa_volume, "label")
+            progress.line(f"region {region.name}: label storage area {region.lsa_volume}")
+        elif region.lsa_volume is not None:
+            how = _use_existing(run, replace(region, volume=region.lsa_volume, backing_bytes=planmod.CXL_LSA_BYTES,
+                                             adopted=False))
+            progress.line(f"region {region.name}: {how} label storage area {region.lsa_volume}")
         made_now = not region.adopted and storage.make_backing(
-            pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None
+            pool, region.volume, region.backing_bytes, allocation=region.allocation, owner=qemu_owned) is not None
         if made_now:
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")

@@ -137,7 +137,9 @@ def _m(tag: str) -> str:
     return f"{{{METADATA_NS}}}{tag}"
 
 
-_REGION_FIELDS = [f.name for f in dataclasses.fields(RegionPlan) if f.name != "notes"]
+# notes: child elements; the namespaces of a split region come from the recorded spec (spec_json)
+_REGION_FIELDS = [f.name for f in dataclasses.fields(RegionPlan)
+                  if f.name not in ("notes", "namespaces", "namespace_of", "namespace_name", "namespace_bytes")]
 
 
 def _attr(value: object) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from . import domain, domxml, host, identity, ledger, naming, proof, state, storage, virt
+from . import domain, host, identity, ledger, naming, proof, state, storage, virt
 from .errors import GuestError, HostError, UsageError, VirtError
 from .managed import plan_from_metadata, ssh_coordinates
 from .plan import FIRST_PORT_PCI_SLOT, Filesystem, Model, RegionPlan, label_bytes_for
@@ -101,7 +101,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
 
     DOMAIN_XML is the live XML when `running` (for request.live) or the persistent one. Empty: go.
     """
-    d = domxml.parse(domain_xml)
+    d = domain.parse(domain_xml)
     name = d.name
     problems: list[str] = []
     if request.live and not running:
@@ -125,7 +125,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
     return problems
 
 
-def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _memory_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     name = d.name
     problems = []
     after = "; power the domain off and start it again for it to take effect" if request.live else ""
@@ -158,7 +158,7 @@ def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]
     return problems
 
 
-def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _node_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     """--numa-node: an nvdimm only (libvirt 9.0 refuses a node on virtio-pmem), and a node the domain has."""
     if request.numa_node == 0:
         return []   # node 0: the default, and what libvirt gives a device without <node>
@@ -174,7 +174,7 @@ def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
             "numa_nodes: in its spec, recreated)"]
 
 
-def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _virtio_pmem_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     problems = []
     if request.config and not request.virtio_pmem_in_config:
         problems.append(
@@ -201,7 +201,7 @@ def volume_name(domain_name: str, region: str) -> str:
     return volume
 
 
-def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
+def foreign_region_plan(d: domain.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
     """The region of a domain nvmprov did not make: the first free DIMM slot or root port."""
     label = label_bytes_for(request.label_bytes)
     dimm_slot = d.free_dimm_slot() if request.model == "nvdimm" else None
@@ -218,7 +218,7 @@ def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: s
     )
 
 
-def placement_problems(d: domxml.DomainFacts, region: RegionPlan) -> list[str]:
+def placement_problems(d: domain.DomainFacts, region: RegionPlan) -> list[str]:
     """A managed guest's plan puts the region at a fixed slot/port: is it free in the domain?"""
     if region.model == "nvdimm" and any(x.dimm_slot == region.dimm_slot for x in d.devices):
         return [f"DIMM slot {region.dimm_slot} that the recorded spec gives region {region.name} is taken in domain "
@@ -274,7 +274,7 @@ def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
 
 
 def detach_problems(domain_xml: str, region: str, *, live: bool, running: bool) -> list[str]:
-    d = domxml.parse(domain_xml)
+    d = domain.parse(domain_xml)
     dev = d.device(f"ua-pmem-{region}")
     if dev is None:
         where = "running domain" if live else "config of domain"
@@ -432,7 +432,7 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     pool, pool_dir = _pool(conn, "nvmprov")
     volume = volume_name(name, request.region)
     _check_volume_free(conn, f"{pool_dir}/{volume}", volume)
-    facts = domxml.parse(virt.xml_desc(dom, inactive=not request.live))
+    facts = domain.parse(virt.xml_desc(dom, inactive=not request.live))
     region = foreign_region_plan(facts, request, volume)
     with state.pool_lock(hv.key, pool.name()):  # held against prune until a domain uses it
         made = _make_backing(dom, hv.key, pool, region, progress)
@@ -482,14 +482,14 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
             notes.append("virtio-pmem is kept in nvmprov's metadata, not the libvirt config: nvmprov start "
                          "hot-plugs it after every start")
     # before the recorded spec's own rule, which would name the spec key instead of --numa-node
-    node_problems = _node_problems(domxml.parse(virt.xml_desc(dom, inactive=not request.live)), request)
+    node_problems = _node_problems(domain.parse(virt.xml_desc(dom, inactive=not request.live)), request)
     if node_problems:
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", node_problems)
     new_plan, spec_json = _managed_plan(conn, md, request)
     region = new_plan.region(request.region)
     problems = _problems(dom, request, running)
     for xml in {virt.xml_desc(dom), virt.xml_desc(dom, inactive=True)}:
-        problems += [p for p in placement_problems(domxml.parse(xml), region) if p not in problems]
+        problems += [p for p in placement_problems(domain.parse(xml), region) if p not in problems]
     if problems:
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", problems)
     pool, pool_dir = _pool(conn, md.pool)
@@ -533,17 +533,6 @@ DETACH_DEADLINE_S = 30.0   # the guest must release a virtio-pmem device (PCIe h
 DETACH_POLL_S = 0.5
 
 
-def _device_xml(domain_xml: str, alias: str) -> str | None:
-    import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
-
-    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
-    for el in root.findall("./devices/memory"):
-        a = el.find("alias")
-        if a is not None and a.get("name") == alias:
-            return ET.tostring(el, encoding="unicode")
-    return None
-
-
 def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
     import time
 
@@ -551,10 +540,10 @@ def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
 
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        if _device_xml(virt.xml_desc(dom), alias) is None:
+        if domain.device_xml(virt.xml_desc(dom), alias) is None:
             return True
         time.sleep(DETACH_POLL_S)
-    return _device_xml(virt.xml_desc(dom), alias) is None
+    return domain.device_xml(virt.xml_desc(dom), alias) is None
 
 
 def managed_spec_without(spec_json: str, region: RegionPlan) -> str:
@@ -611,11 +600,11 @@ def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metad
             f"nvmprov places {recorded.model} regions by their order in the guest's spec; removing {region} would "
             f"move the later ones: detach the later {recorded.model} regions first (or destroy and re-create)"])
     if not (live or config):
-        live = running and _device_xml(live_xml, alias) is not None
-        config = _device_xml(config_xml, alias) is not None
+        live = running and domain.device_xml(live_xml, alias) is not None
+        config = domain.device_xml(config_xml, alias) is not None
     managed_virtio = recorded is not None and recorded.model == "virtio-pmem"
     problems = []
-    anywhere = domxml.parse(live_xml).device(alias) or domxml.parse(config_xml).device(alias)
+    anywhere = domain.parse(live_xml).device(alias) or domain.parse(config_xml).device(alias)
     if live and ((anywhere and anywhere.model == "nvdimm") or (recorded and recorded.model == "nvdimm")):
         problems.append(nvdimm_unplug_problem(name, region))
     elif live:
@@ -632,13 +621,13 @@ def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metad
     notes: list[str] = []
     if live:
         with progress.phase("detach", f"{region} from the running domain"):
-            _unplug_live(dom, _device_xml(live_xml, alias) or "", region, managed=recorded is not None)
+            _unplug_live(dom, domain.device_xml(live_xml, alias) or "", region, managed=recorded is not None)
             if not _wait_gone(dom, alias, DETACH_DEADLINE_S):
                 raise VirtError(f"the guest of {name} did not release {region} within {DETACH_DEADLINE_S:.0f}s "
                                 "(PCIe hot-unplug needs the guest's cooperation); nothing else was changed")
         done.append("live")
     if config and not managed_virtio:
-        detach_device(dom, _device_xml(config_xml, alias) or "", live=False, config=True)
+        detach_device(dom, domain.device_xml(config_xml, alias) or "", live=False, config=True)
         done.append("config")
         if running and not live:
             notes.append(f"{region} stays in the running guest until {name} is powered off")
@@ -677,7 +666,7 @@ def _plan_for(conn: libvirt.virConnect, md: Metadata, spec_json: str) -> Plan:
 
 
 def _path_of(domain_xml: str, alias: str) -> str | None:
-    d = domxml.parse(domain_xml).device(alias)
+    d = domain.parse(domain_xml).device(alias)
     return d.path if d else None
 
 
@@ -718,7 +707,7 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
 def with_default_name(dom: libvirt.virDomain, request: AttachRequest) -> AttachRequest:
     """--name not given: hp0, hp1, ... the first not used by the domain (read under its lock)."""
     config_xml = virt.xml_desc(dom, inactive=True)
-    d, live = domxml.parse(config_xml), domxml.parse(virt.xml_desc(dom))
+    d, live = domain.parse(config_xml), domain.parse(virt.xml_desc(dom))
     md = domain.parse_metadata(config_xml)
     # virtio-pmem regions of a stopped managed guest are only in its metadata
     taken = {x.alias for x in (*d.devices, *live.devices)} | {r.alias for r in (md.regions if md else ())}

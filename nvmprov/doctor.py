@@ -176,13 +176,6 @@ def _spec_need(spec_path: str) -> tuple[int, str]:
     return need, f"the regions of {spec_path}"
 
 
-def _backing_path(vol: libvirt.virStorageVol) -> str | None:
-    try:
-        return ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")  # noqa: S314 - libvirt's own XML
-    except libvirt.libvirtError:
-        return None  # deleted while we looked
-
-
 def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[str]:
     """Names of the pool's volumes some domain uses (virt.path_users) or some volume's backing
     chain names."""
@@ -190,7 +183,7 @@ def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[s
     vols = pool.listAllVolumes(0)
     by_path = {v.path(): v.name() for v in vols}
     used = {by_path[p] for p, users in virt.path_users(conn, by_path).items() if users}
-    return used | {p.rsplit("/", 1)[-1] for p in map(_backing_path, vols) if p}
+    return used | {p.rsplit("/", 1)[-1] for p in map(storage.backing_path, vols) if p}
 
 
 def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None,

@@ -189,6 +189,15 @@ def volume_format(vol: libvirt.virStorageVol) -> str | None:
     return _parse(vol.XMLDesc(0)).find("target/format").get("type")  # type: ignore[union-attr]
 
 
+def backing_path(vol: libvirt.virStorageVol) -> str | None:
+    """The backing file a volume's header names (an overlay's base); None without one or when the
+    volume was deleted while we looked."""
+    try:
+        return _parse(vol.XMLDesc(0)).findtext("backingStore/path")
+    except libvirt.libvirtError:
+        return None
+
+
 def _volume_xml(
     name: str,
     capacity: int,

@@ -554,10 +554,11 @@ def _run_agent(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan,
         with progress.phase("ssh"):
             session = open_session(dom, the_plan, files, port, the_plan.ssh_timeout_s, progress)  # type: ignore[arg-type]
         try:
-            with progress.phase("agent"):
-                states = agent.apply(session, only)
-            with progress.phase("verify"):
-                g.regions = agent.verify(session, only, states, write_tails=True)  # the region is new
+            with agent.started(session) as guest:  # one guest program for apply and verify
+                with progress.phase("agent"):
+                    states = agent.apply(guest, only)
+                with progress.phase("verify"):
+                    g.regions = agent.verify(guest, only, states, write_tails=True)  # the region is new
         finally:
             session.close()
     except GuestError as exc:

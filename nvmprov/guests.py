@@ -367,10 +367,11 @@ def _verify_locked(conn: libvirt.virConnect, hv: identity.Hypervisor, name: str,
         with progress.phase("ssh"):
             session = open_session(m.dom, m.plan, files, m.md.ssh_port, m.plan.ssh_timeout_s, progress)
         try:
-            with progress.phase("agent"):
-                states = agent.apply(session, m.plan)
-            with progress.phase("verify"):
-                report.regions = agent.verify(session, m.plan, states)
+            with agent.started(session) as guest:  # one guest program for apply and verify
+                with progress.phase("agent"):
+                    states = agent.apply(guest, m.plan)
+                with progress.phase("verify"):
+                    report.regions = agent.verify(guest, m.plan, states)
         finally:
             session.close()
         pool_dir = storage.pool_path(storage.pool_of(conn, m.plan.pool))

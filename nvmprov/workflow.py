@@ -571,10 +571,11 @@ def _prove(
         session.close()
         return
     try:
-        with progress.phase("agent"):
-            states = agent.apply(session, the_plan, reformat=opts.reformat)
-        with progress.phase("verify"):
-            regions = agent.verify(session, the_plan, states, write_tails=made)
+        with agent.started(session) as guest:  # one guest program for apply and verify
+            with progress.phase("agent"):
+                states = agent.apply(guest, the_plan, reformat=opts.reformat)
+            with progress.phase("verify"):
+                regions = agent.verify(guest, the_plan, states, write_tails=made)
     finally:
         session.close()
     pool_dir = storage.pool_path(storage.pool_of(conn, the_plan.pool))

@@ -381,7 +381,7 @@ def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStorageP
 def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None:
     from . import virt
 
-    users = virt.domains_using_path(conn, path)
+    users = virt.path_users(conn, [path])[path]
     if users:
         raise HostError(f"backing volume {volume} is used by domain(s) {', '.join(users)}; choose another --name "
                         "or detach it there first")
@@ -737,7 +737,7 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
         notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
                      "deletes it once no domain uses it")
         return False
-    users = virt.domains_using_path(conn, path) if path else []
+    users = virt.path_users(conn, [path])[path] if path else []
     if users:
         notes.append(f"kept {volume}: still used by {', '.join(users)} (until powered off); `nvmprov prune` "
                      "removes it later")

@@ -9,6 +9,8 @@ devices, <pmem/> only on real host pmem, user networking through <qemu:commandli
 from __future__ import annotations
 
 import dataclasses
+import json
+import posixpath
 import xml.etree.ElementTree as ET  # noqa: S405  (we build and parse our own/libvirt's XML)
 from dataclasses import dataclass, replace
 
@@ -132,7 +134,9 @@ def _m(tag: str) -> str:
     return f"{{{METADATA_NS}}}{tag}"
 
 
-_REGION_FIELDS = [f.name for f in dataclasses.fields(RegionPlan) if f.name != "notes"]
+# notes: child elements; the namespaces of a split region come from the recorded spec (spec_json)
+_REGION_FIELDS = [f.name for f in dataclasses.fields(RegionPlan)
+                  if f.name not in ("notes", "namespaces", "namespace_of", "namespace_name", "namespace_bytes")]
 
 
 def _attr(value: object) -> str:
@@ -232,6 +236,87 @@ def parse_metadata(domain_xml: str) -> Metadata | None:
 def _child_attr(el: ET.Element, tag: str, attr: str, default: str) -> str:
     child = el.find(_m(tag))
     return default if child is None else child.get(attr, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a domain uses on the host
+
+
+@dataclass(frozen=True)
+class References:
+    """The host files a domain's XML names and the storage volumes it names by pool."""
+
+    paths: frozenset[str]                   # absolute, normalised (posixpath.normpath)
+    volumes: frozenset[tuple[str, str]]     # (pool, volume)
+
+
+def references(domain_xml: str) -> References:
+    """Everything a domain (nvmprov's or not) uses on the host, read from one of its XMLs:
+    - every attribute value and element text that is an absolute path (disks and their backing
+      chains, memory device <path>, kernel, initrd, loader, nvram, logs ...);
+    - <source pool='P' volume='V'/> sources;
+    - paths inside <qemu:commandline> arguments, in QEMU's key=value form (mem-path=/x,file=/x)
+      and its JSON form ({"qom-type": ..., "mem-path": "/x"}): a domain's own CXL backing and
+      label files are only named there;
+    - the regions of nvmprov's metadata, as (pool, volume): a stopped guest's virtio-pmem region is
+      in no libvirt XML (start plugs it from the metadata) and its volume is still the guest's.
+    """
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
+    paths: set[str] = set()
+    volumes: set[tuple[str, str]] = set()
+    qemu_arg = f"{{{QEMU_NS}}}arg"
+    for el in root.iter():
+        values = [*el.attrib.values(), (el.text or "").strip()]
+        if el.tag == qemu_arg:
+            values += _arg_paths(el.get("value", ""))
+        paths.update(posixpath.normpath(v) for v in values if v.startswith("/"))
+        if el.tag == "source" and el.get("pool") and el.get("volume"):
+            volumes.add((el.get("pool", ""), el.get("volume", "")))
+    md = root.find(f"metadata/{_m('guest')}")
+    if md is not None:
+        pool = _child_attr(md, "pool", "name", "nvmprov")
+        volumes.update((pool, r.get("volume", "")) for r in md.iterfind(f"{_m('regions')}/{_m('region')}")
+                       if r.get("volume"))
+    return References(frozenset(paths), frozenset(volumes))
+
+
+def _arg_paths(arg: str) -> list[str]:
+    """Absolute paths in one QEMU argument: JSON (-object/-device '{...}') or key=value,key=value
+    (a comma inside a value is written ',,')."""
+    arg = arg.strip()
+    if arg.startswith("{"):
+        try:
+            return [s for s in _json_strings(json.loads(arg)) if s.startswith("/")]
+        except ValueError:
+            pass   # not JSON after all: read it as key=value
+    values = [item.split("=", 1)[-1] for item in _keyval_items(arg)]
+    return [v for v in values if v.startswith("/")]
+
+
+def _keyval_items(arg: str) -> list[str]:
+    items, current, i = [], [], 0
+    while i < len(arg):
+        if arg[i] == "," and arg[i + 1:i + 2] == ",":
+            current.append(",")
+            i += 2
+            continue
+        if arg[i] == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(arg[i])
+        i += 1
+    return [*items, "".join(current)]
+
+
+def _json_strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _json_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _json_strings(v)]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

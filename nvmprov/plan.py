@@ -7,7 +7,7 @@ The dataclasses below are the contract between the pure core and the side-effect
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from .errors import HostError
@@ -18,12 +18,14 @@ from .sizes import (
     backing_bytes_for,
     expected_usable_bytes,
     format_size,
+    labelled_available_bytes,
+    namespace_usable_bytes,
     reserves_tail,
     round_up,
 )
 
 if TYPE_CHECKING:  # spec imports this module's neighbours; only the type is needed here
-    from .spec import GuestSpec, RegionSpec
+    from .spec import GuestSpec, NamespaceSpec, RegionSpec
 
 Model = Literal["nvdimm", "virtio-pmem"]
 Mode = Literal["fsdax", "devdax", "sector", "raw"]
@@ -83,6 +85,13 @@ class RegionPlan:
     reserved_tail: bool = False
     adopted: bool = False         # the spec named the volume (`volume:`): made elsewhere, never deleted unasked
     numa_node: int = 0            # guest NUMA node (nvdimm <target><node>); virtio-pmem: always 0
+    # A labelled nvdimm split into namespaces (issue 19): the device is this region, the agent works on
+    # each namespace as a unit of its own (Plan.units). () : one namespace, made from the keys above.
+    namespaces: tuple[NamespacePlan, ...] = ()
+    # Set on a unit only (namespace_unit): the spec region it is a namespace of, its name and its size.
+    namespace_of: str | None = None
+    namespace_name: str | None = None
+    namespace_bytes: int | None = None
 
     @property
     def effective_mode(self) -> Mode | None:
@@ -95,6 +104,43 @@ class RegionPlan:
     def dax_mount(self) -> bool:
         """Is its filesystem mounted with -o dax? fsdax and virtio-pmem: yes; sector and raw: not DAX."""
         return self.model == "virtio-pmem" or self.effective_mode == "fsdax"
+
+
+@dataclass(frozen=True)
+class NamespacePlan:
+    """One namespace of a split region: made with `ndctl create-namespace -r REGION -s SIZE -n NAME`."""
+
+    name: str
+    size_bytes: int               # the namespace (a multiple of the region's 16 MiB alignment)
+    mode: Mode
+    align_bytes: int | None       # devdax: the device's page size
+    filesystem: Filesystem
+    mount: str | None
+    expected_usable_bytes: int
+    reserved_tail: bool = False
+
+
+UNIT_SEPARATOR = "."  # a unit of a split region is named REGION.NAMESPACE (region names have no dot)
+
+
+def namespace_unit(region: RegionPlan, ns: NamespacePlan) -> RegionPlan:
+    """The namespace NS of REGION as the agent, the report and the proof see it: the region's device
+    (slot, sizes, label, volume, node) with the namespace's mode, filesystem and mount."""
+    return replace(
+        region,
+        name=f"{region.name}{UNIT_SEPARATOR}{ns.name}",
+        mode=ns.mode,
+        align_bytes=ns.align_bytes,
+        filesystem=ns.filesystem,
+        mount=ns.mount,
+        expected_usable_bytes=ns.expected_usable_bytes,
+        reserved_tail=ns.reserved_tail,
+        notes=(),
+        namespaces=(),
+        namespace_of=region.name,
+        namespace_name=ns.name,
+        namespace_bytes=ns.size_bytes,
+    )
 
 
 @dataclass(frozen=True)
@@ -160,8 +206,14 @@ class Plan:
     def virtio_pmem_regions(self) -> tuple[RegionPlan, ...]:
         return tuple(r for r in self.regions if r.model == "virtio-pmem")
 
+    @property
+    def units(self) -> tuple[RegionPlan, ...]:
+        """What the agent makes, verifies and reports on: each region, or each namespace of a split one."""
+        return tuple(u for r in self.regions for u in (tuple(namespace_unit(r, ns) for ns in r.namespaces) or (r,)))
+
     def region(self, name: str) -> RegionPlan:
-        for r in self.regions:
+        """A region, or a unit of a split one (REGION.NAMESPACE), by name."""
+        for r in (*self.regions, *self.units):
             if r.name == name:
                 return r
         raise KeyError(name)
@@ -299,6 +351,9 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
     filesystem = r.filesystem or "ext4"
     tail = reserves_tail(r.model, mode, filesystem, r.readonly)
     usable = expected_usable_bytes(r.model, backing, label, readonly=r.readonly, mode=mode, tail=tail)
+    namespaces = tuple(namespace_plan(ns) for ns in r.namespaces or ())
+    if namespaces:  # what its namespaces give, together
+        usable = sum(ns.expected_usable_bytes for ns in namespaces)
     return RegionPlan(
         name=r.name,
         model=r.model,
@@ -322,6 +377,23 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         mode=mode,  # type: ignore[arg-type]
         align_bytes=r.devdax_align_bytes,
         reserved_tail=tail,
+        namespaces=namespaces,
+    )
+
+
+def namespace_plan(ns: NamespaceSpec) -> NamespacePlan:
+    filesystem = ns.filesystem or "ext4"
+    tail = reserves_tail("nvdimm", ns.mode, filesystem, readonly=False)
+    usable = namespace_usable_bytes(ns.size_bytes, ns.mode)
+    return NamespacePlan(
+        name=ns.name,
+        size_bytes=ns.size_bytes,
+        mode=ns.mode,
+        align_bytes=ns.devdax_align_bytes,
+        filesystem=filesystem,
+        mount=ns.mount,
+        expected_usable_bytes=max(usable - RESERVED_TAIL_BYTES, 0) if tail else usable,
+        reserved_tail=tail,
     )
 
 
@@ -344,7 +416,12 @@ def _notes(r: RegionSpec, backing: int, label: int | None, usable: int, tail: bo
     if r.label_bytes and label != r.label_bytes:
         notes.append(f"label {format_size(r.label_bytes)} rounded up to {format_size(label or 0)} so the "
                      "regions after it stay 2MiB aligned (the guest refuses misaligned pmem)")
-    if label:
+    if label and r.namespaces:
+        available = labelled_available_bytes(backing, label)
+        taken = sum(ns.size_bytes for ns in r.namespaces)
+        notes.append(f"the {format_size(label)} label comes out of the region: {format_size(available)} for "
+                     f"namespaces, {len(r.namespaces)} take {format_size(taken)}")
+    elif label:
         notes.append(f"the {format_size(label)} label comes out of the region and the namespace is "
                      f"aligned down to 16MiB: about {usable} bytes usable")
     if tail:

@@ -503,32 +503,3 @@ def find_in_chunks(chunks: Iterable[bytes], marker: bytes) -> int | None:
 
 def find_marker(vol: libvirt.virStorageVol, marker: bytes) -> int | None:
     return find_in_chunks(download(vol), marker)
-
-
-# ---------------------------------------------------------------- users
-
-
-def _references(xml: str, path: str) -> bool:
-    return any((el.text or "").strip() == path or path in el.attrib.values() for el in _parse(xml).iter())
-
-
-def volume_users(conn: libvirt.virConnect, path: str) -> list[str]:
-    """Names of domains (running or not) whose XML references PATH: disks, memory backends,
-    kernel, initrd, backing chains. Both the live and the persistent XML are read."""
-    users = []
-    try:
-        domains = conn.listAllDomains(0)
-    except libvirt.libvirtError as e:
-        raise _err("listing domains", e) from None
-    for dom in domains:
-        try:
-            xmls = [dom.XMLDesc(0)]
-            if dom.isActive() and dom.isPersistent():
-                xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        except libvirt.libvirtError as e:
-            if _no_such(e, libvirt.VIR_ERR_NO_DOMAIN):
-                continue  # went away while we looked
-            raise _err(f"reading the XML of domain {dom.name()!r}", e) from None
-        if any(_references(x, path) for x in xmls):
-            users.append(dom.name())
-    return sorted(users)

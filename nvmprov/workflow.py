@@ -291,7 +291,7 @@ def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Pl
     book = ledger.read(pool)
     for region in the_plan.regions:
         path = f"{pool_dir}/{region.volume}"
-        users = virt.domains_using_path(conn, path, exclude=the_plan.name)
+        users = virt.path_users(conn, [path], exclude=the_plan.name)[path]
         if users:
             raise HostError(
                 f"backing volume {region.volume} of region {region.name} is used by domain(s) "

@@ -23,7 +23,7 @@ BAD = [
                  "g.yaml:5:5: pmem[0].filesytem: unknown key 'filesytem'; did you mean 'filesystem'?",
                  id='unknown_region'),
     pytest.param(B + "    colour: red\n",
-                 "g.yaml:5:5: pmem[0].colour: unknown key 'colour'; valid keys: name, size, model, label, allocation, readonly, host_pmem, mode, align, filesystem, mount, volume, numa_node",
+                 "g.yaml:5:5: pmem[0].colour: unknown key 'colour'; valid keys: name, size, model, label, allocation, readonly, host_pmem, mode, align, filesystem, mount, volume, numa_node, namespaces",
                  id='unknown_far'),
     pytest.param("name: !!python/object/apply:os.system ['true']\npmem: []\n",
                  'g.yaml:1:7: name: YAML tag tag:yaml.org,2002:python/object/apply:os.system is not allowed; nvmprov reads plain values only',

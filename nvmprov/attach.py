@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 SUGGESTED_HEADROOM_BYTES = 8 * 1024**3  # what nvmprov gives its own guests (hotplug.headroom)
 SUGGESTED_SLOTS = 4
+CXL_NO_HOTPLUG = ("--model cxl: a CXL region cannot be attached: there is no CXL hotplug on this stack (libvirt 9.0 "
+                  "has no CXL device, QEMU 7.2 builds the CXL topology at start only); put the region in the spec "
+                  "with model: cxl and create (or recreate) the guest")
 
 
 @dataclass(frozen=True)

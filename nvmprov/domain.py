@@ -15,7 +15,8 @@ import xml.etree.ElementTree as ET  # noqa: S405  (we build and parse our own/li
 from dataclasses import dataclass, replace
 
 from . import __version__
-from .plan import NIC_PCI_SLOT, Plan, RegionPlan
+from .errors import HostError
+from .plan import CXL_LSA_BYTES, NIC_PCI_SLOT, Plan, RegionPlan
 from .sizes import KiB, MiB
 
 METADATA_NS = "https://nvmprov.dev/xmlns/domain/1"
@@ -24,7 +25,7 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
-VOLUME_KINDS = ("overlay", "seed", "backing")
+VOLUME_KINDS = ("overlay", "seed", "backing", "label")   # label: a CXL device's label storage area
 DISK_PCI_SLOT = 0x0F     # the root disk, an integrated endpoint on pcie.0 below the root ports
 NVDIMM_MMAP_ALIGN_BYTES = 2 * MiB   # see _region_element; backing sizes are 2 MiB multiples
 
@@ -188,7 +189,7 @@ def metadata_xml(md: Metadata) -> str:
 
 
 _INT_FIELDS = {"size_bytes", "backing_bytes", "label_bytes", "dimm_slot", "pci_slot", "pci_bus",
-               "expected_usable_bytes", "align_bytes", "numa_node"}
+               "expected_usable_bytes", "align_bytes", "numa_node", "cxl_serial"}
 _BOOL_FIELDS = {"readonly", "host_pmem", "reserved_tail", "adopted"}
 
 
@@ -203,7 +204,7 @@ def _region_from(el: ET.Element) -> RegionPlan:
             values[name] = text
     values["notes"] = tuple(n.text or "" for n in el.iterfind(_m("note")))
     values["reserved_tail"] = bool(values["reserved_tail"])
-    if values["mode"] is None and values["model"] == "nvdimm":  # left out at its default (or made before modes)
+    if values["mode"] is None and values["model"] in ("nvdimm", "cxl"):  # left out at its default (or before modes)
         values["mode"] = "raw" if values["readonly"] else "fsdax"
     values["adopted"] = values["adopted"] is True
     values["numa_node"] = values["numa_node"] or 0
@@ -275,8 +276,8 @@ def references(domain_xml: str) -> References:
     md = root.find(f"metadata/{_m('guest')}")
     if md is not None:
         pool = _child_attr(md, "pool", "name", "nvmprov")
-        volumes.update((pool, r.get("volume", "")) for r in md.iterfind(f"{_m('regions')}/{_m('region')}")
-                       if r.get("volume"))
+        for r in md.iterfind(f"{_m('regions')}/{_m('region')}"):   # a CXL region's label storage area too
+            volumes.update((pool, r.get(key, "")) for key in ("volume", "lsa_volume") if r.get(key))
     return References(frozenset(paths), frozenset(volumes))
 
 
@@ -324,7 +325,7 @@ def _json_strings(value: object) -> list[str]:
 
 
 def _in_config(plan: Plan, ctx: RenderContext) -> list[RegionPlan]:
-    return [r for r in plan.regions if r.model == "nvdimm" or ctx.include_virtio_pmem]
+    return [r for r in plan.regions if r.model == "nvdimm" or (r.model == "virtio-pmem" and ctx.include_virtio_pmem)]
 
 
 def _os(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
@@ -427,11 +428,58 @@ def user_netdev_args(plan: Plan, ssh_port: int) -> list[str]:
     ]
 
 
+# The CXL topology measured to work (docs/performance.md, issue 20): a CXL host bridge with two root
+# ports (with one, the bridge is passthrough, its HDM decoder is never programmed and writes never
+# reach the host file), the type-3 device behind the first, a fixed memory window on the bridge.
+# The -device arguments are JSON: in key=value form pxb-cxl took the PCI slot libvirt's own root
+# port needs and the domain did not start.
+CXL_HOST_BRIDGE = "cxl.1"
+CXL_BUS_NR = 52
+CXL_ROOT_PORTS = (("rp0", 0, 2), ("rp1", 1, 3))   # (id, port, slot), chassis 0
+
+
+def _json_device(**props: object) -> str:
+    return json.dumps(props, separators=(",", ":"))
+
+
+def _backend_path(pool_dir: str, volume: str) -> str:
+    path = _path(pool_dir, volume)
+    if "," in path:  # QEMU's key=value syntax would split it (and ",," escaping is one more trap)
+        raise HostError(f"the storage pool's directory {pool_dir!r} has a comma, which QEMU's command line cannot "
+                        "take in a CXL memory backend's mem-path; use a pool in a directory without one")
+    return path
+
+
+def cxl_args(plan: Plan, pool_dir: str) -> list[str]:
+    """QEMU arguments of the plan's CXL regions (none: []). libvirt neither chowns nor labels the
+    files they name: nvmprov makes those volumes owned by QEMU's user (storage.make_backing)."""
+    regions = plan.cxl_regions
+    if not regions:
+        return []
+    args = ["-machine", "cxl=on"]
+    for i, r in enumerate(regions):
+        args += ["-object", f"memory-backend-file,id=cxl-mem{i},share=on,"
+                            f"mem-path={_backend_path(pool_dir, r.volume)},size={r.backing_bytes}",
+                 "-object", f"memory-backend-file,id=cxl-lsa{i},share=on,"
+                            f"mem-path={_backend_path(pool_dir, r.lsa_volume or '')},size={CXL_LSA_BYTES}"]
+    args += ["-device", _json_device(driver="pxb-cxl", bus_nr=CXL_BUS_NR, bus="pcie.0", id=CXL_HOST_BRIDGE)]
+    for rp, port, slot in CXL_ROOT_PORTS:
+        args += ["-device", _json_device(driver="cxl-rp", port=port, bus=CXL_HOST_BRIDGE, id=rp, chassis=0,
+                                         slot=slot)]
+    for i, r in enumerate(regions):
+        args += ["-device", _json_device(driver="cxl-type3", bus=CXL_ROOT_PORTS[i][0], memdev=f"cxl-mem{i}",
+                                         lsa=f"cxl-lsa{i}", id=r.alias, sn=r.cxl_serial)]
+    args += ["-machine", f"cxl-fmw.0.targets.0={CXL_HOST_BRIDGE},cxl-fmw.0.size={plan.cxl_window_bytes}"]
+    return args
+
+
 def _qemu_commandline(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
-    if plan.network_mode != "user":
+    args = user_netdev_args(plan, ctx.ssh_port) if plan.network_mode == "user" else []
+    args += cxl_args(plan, ctx.pool_dir)
+    if not args:
         return
     cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
-    for arg in user_netdev_args(plan, ctx.ssh_port):
+    for arg in args:
         _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
 
 

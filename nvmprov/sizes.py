@@ -100,7 +100,7 @@ def reserves_tail(model: str, mode: str | None, filesystem: str, readonly: bool)
 
 
 def expected_usable_bytes(
-    model: Literal["nvdimm", "virtio-pmem"],
+    model: Literal["nvdimm", "virtio-pmem", "cxl"],
     backing_bytes: int,
     label_bytes: int | None,
     *,
@@ -116,7 +116,8 @@ def expected_usable_bytes(
     mode (None: fsdax, raw when readonly): fsdax and devdax take their page map
     (fsdax_usable_bytes), sector its BTT metadata (btt_usable_bytes), raw nothing. `tail`: minus
     the reserved tail of a region nvmprov proves without a filesystem.
-    virtio-pmem: the whole device is one pmem disk.
+    virtio-pmem: the whole device is one pmem disk. cxl: as a label-less nvdimm (the region spans
+    the device; its labels live in the device's own label storage area).
     """
     if model == "virtio-pmem":
         return backing_bytes

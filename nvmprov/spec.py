@@ -69,6 +69,10 @@ NUMA_NODE_RAM_ALIGN_BYTES = 2 * MiB  # each node's RAM is a backend of its own, 
 MIN_NUMA_NODE_RAM_BYTES = 128 * MiB  # a node's RAM share: the kernel boots on node 0's alone
 DEVDAX_ALIGNS = (4 * KiB, 2 * MiB)  # what a devdax namespace takes here (1GiB: see _check_mode)
 DEFAULT_DEVDAX_ALIGN = 2 * MiB
+# CXL (issue 20, measured in docs/performance.md): a cxl-type3 device reports its capacity in 256MiB
+# units (a 384MiB memdev gives no mem0 in the guest at all); one region per guest is what was measured.
+CXL_GRANULE_BYTES = 256 * MiB
+MAX_CXL_REGIONS = 1
 MAX_NAMESPACES = 8                 # per split region: a handful; each is a round of the agent's work
 
 _UNITS = {"b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
@@ -556,7 +560,7 @@ class RegionSpec(BaseModel):
     size_bytes: Annotated[int, BeforeValidator(_size("size", minimum=MIN_REGION_BYTES)), _Ser] = Field(
         alias="size"
     )
-    model: Literal["nvdimm", "virtio-pmem"] = "nvdimm"
+    model: Literal["nvdimm", "virtio-pmem", "cxl"] = "nvdimm"
     label_bytes: Annotated[
         int | None, BeforeValidator(_optional_size("label", minimum=MIN_LABEL_BYTES, multiple=LABEL_MULTIPLE_BYTES)),
         _OptSer,
@@ -629,7 +633,8 @@ class RegionSpec(BaseModel):
     def _check_namespaces(self) -> None:
         """A split region: labelled nvdimm, written, its own keys left to the namespaces; they fit."""
         if self.model != "nvdimm" or self.label_bytes is None or self.readonly:
-            why = ("virtio-pmem has no namespaces to choose from" if self.model != "nvdimm" else
+            why = ("virtio-pmem has no namespaces to choose from" if self.model == "virtio-pmem" else
+                   "splitting a CXL region is not measured here" if self.model == "cxl" else
                    "a readonly region cannot be written (namespaces live in its labels)" if self.readonly else
                    "namespaces are kept in the region's label area and a label-less region has one namespace")
             fix = ("use model: nvdimm with label: 128KiB" if self.model != "nvdimm" else
@@ -671,6 +676,9 @@ class RegionSpec(BaseModel):
                        f"{format_size(LABELLED_NS_ALIGN_BYTES)} alignment; {fix}", "namespaces")
 
     def _check_model_rules(self) -> None:
+        if self.model == "cxl":
+            self._check_cxl()
+            return
         if self.model != "virtio-pmem":
             return
         if self.label_bytes is not None:
@@ -686,6 +694,31 @@ class RegionSpec(BaseModel):
             raise _Problem("only an nvdimm takes a NUMA node: libvirt 9.0 refuses a NUMA node on virtio-pmem "
                            "('virtio-pmem does not support NUMA nodes'; QEMU 7.2's virtio-pmem-pci has none); "
                            "remove numa_node or use model: nvdimm", "numa_node")
+
+    def _check_cxl(self) -> None:
+        """What a CXL pmem region cannot be on this stack (QEMU 7.2 cxl-type3, guest kernel 6.1)."""
+        if self.size_bytes % CXL_GRANULE_BYTES:
+            raise _Problem(f"size {format_size(self.size_bytes)} is not a multiple of 256MiB: a CXL memory device "
+                           "reports its capacity in 256MiB units (a 384MiB one shows no memdev in the guest); use "
+                           f"size: {format_size(round_up(self.size_bytes, CXL_GRANULE_BYTES))}", "size")
+        refusals = (
+            ("readonly", self.readonly, "QEMU 7.2's cxl-type3 has no read-only mode; remove readonly or use model: "
+             "nvdimm"),
+            ("label", self.label_bytes is not None, "a CXL device keeps its labels in its own label storage area "
+             "(a 1MiB volume nvmprov makes beside the backing); remove label"),
+            ("host_pmem", self.host_pmem, "QEMU 7.2's cxl-type3 has no pmem=on (that is an nvdimm's, on real host "
+             "pmem); remove host_pmem or use model: nvdimm"),
+            ("numa_node", self.numa_node != 0, "the CXL window's node comes from the firmware's CEDT, not from "
+             "the spec; remove numa_node or use model: nvdimm"),
+            ("volume", self.volume is not None, "a CXL region's volumes are named on QEMU's command line, which "
+             "libvirt neither chowns nor labels, so nvmprov makes them owned by QEMU's user and cannot adopt a "
+             "volume made elsewhere; remove volume"),
+            ("mode", self.mode not in (None, "fsdax"), f"mode {self.mode} on CXL is not measured here (fsdax is); "
+             "remove mode or use model: nvdimm"),
+        )
+        for key, refused, why in refusals:
+            if refused:
+                raise _Problem(why, key)
 
     def _check_label(self) -> None:
         if self.label_bytes is None:
@@ -835,6 +868,7 @@ class GuestSpec(BaseModel):
                 raise _Problem(f"volume {volume!r} is also the backing of pmem[{volumes[volume]}]; a volume backs one "
                                "region: name another volume", "pmem", i, "volume")
             volumes[volume] = i
+        self._check_cxl_regions()
         for mount, loc in self._mounts():
             for other, where in mounts.items():
                 if other == mount:
@@ -854,6 +888,17 @@ class GuestSpec(BaseModel):
             raise _Problem(f"{len(self.pmem)} regions + {self.hotplug.slots} hotplug slots = {total} memory slots; "
                            f"QEMU allows {MAX_MEMORY_SLOTS}: use slots <= {MAX_MEMORY_SLOTS - len(self.pmem)}",
                            "hotplug", "slots")
+
+    def _check_cxl_regions(self) -> None:
+        cxl = [i for i, r in enumerate(self.pmem) if r.model == "cxl"]
+        if len(cxl) > MAX_CXL_REGIONS:
+            raise _Problem(f"{len(cxl)} cxl regions; one per guest is what is measured here (one type-3 device "
+                           "behind a host bridge with two root ports): keep one, make the others nvdimm",
+                           "pmem", cxl[MAX_CXL_REGIONS], "model")
+        if cxl and self.accel == "kvm":
+            raise _Problem("accel: kvm with a cxl region is unmeasured here (this host has no usable KVM; QEMU may "
+                           "emulate CXL memory as I/O memory, which KVM cannot map into the guest); use accel: "
+                           "auto (it picks tcg for a CXL guest) or tcg", "accel")
 
     def volume_of(self, region: RegionSpec) -> str:
         """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""

@@ -196,6 +196,7 @@ def _volume_xml(
     fmt: str,
     mode: int,
     backing: tuple[str, str] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> str:
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
@@ -207,6 +208,9 @@ def _volume_xml(
         ET.SubElement(target, "compat").text = "1.1"  # libvirt's default is 0.10: no zero clusters
     perms = ET.SubElement(target, "permissions")
     ET.SubElement(perms, "mode").text = f"0{mode:o}"
+    if owner is not None:  # (uid, gid): libvirt chowns the new file
+        ET.SubElement(perms, "owner").text = str(owner[0])
+        ET.SubElement(perms, "group").text = str(owner[1])
     if backing is not None:
         path, backing_fmt = backing
         store = ET.SubElement(vol, "backingStore")
@@ -248,9 +252,12 @@ def make_backing(
     capacity_bytes: int,
     *,
     allocation: Allocation = "full",
+    owner: tuple[int, int] | None = None,
 ) -> libvirt.virStorageVol | None:
     """A new raw backing volume (0600), fully allocated unless `sparse`; None when a volume of that
-    name exists (nothing made, nothing changed). Only a volume this returns was made by this call."""
+    name exists (nothing made, nothing changed). Only a volume this returns was made by this call.
+    OWNER (uid, gid): who owns the file (None: the pool's default, root; libvirt chowns the files a
+    domain's XML names while it runs, but not those named only on QEMU's command line, as CXL's)."""
     if lookup(pool, name) is not None:
         return None  # no free-space check for a volume that need not be made
     if allocation == "full":
@@ -267,6 +274,7 @@ def make_backing(
         allocation=capacity_bytes if allocation == "full" else 0,  # allocation == capacity: fallocate
         fmt="raw",
         mode=PRIVATE_MODE,
+        owner=owner,
     )
     try:
         return _create(pool, xml, f"backing volume {name!r} ({capacity_bytes} bytes, {allocation})")

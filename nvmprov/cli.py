@@ -580,7 +580,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from . import image, storage, virt
     from .progress import Progress
-    from .workflow import effective_uri, pool_dir_for
+    from .uris import effective_uri, pool_dir_for
 
     conn = virt.connect(effective_uri(virt.DEFAULT_URI, args.connect))
     try:
@@ -634,7 +634,7 @@ def _domain_arg(name: str) -> str:
 
 def _admin_conn(connect: str | None):
     from . import virt
-    from .workflow import effective_uri
+    from .uris import effective_uri
 
     return virt.connect(effective_uri(virt.DEFAULT_URI, connect))
 
@@ -705,7 +705,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
     from . import doctor, virt
-    from .workflow import effective_uri
+    from .uris import effective_uri
 
     checks = doctor.run(effective_uri(virt.DEFAULT_URI, args.connect), spec_path=args.file)
     failed = any(c.status == "fail" for c in checks)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+from .domain import SSH_FORWARD_HOST
 from .errors import HostError, UsageError
 
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
@@ -193,7 +194,7 @@ class Hypervisor:
     def open_channel(self, port: int):  # -> paramiko.Channel, socket-like
         """A direct-tcpip channel to the hypervisor's 127.0.0.1:PORT (the guest's SSH forward)."""
         transport = self._connected()
-        return transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0),
+        return transport.open_channel("direct-tcpip", (SSH_FORWARD_HOST, port), ("127.0.0.1", 0),
                                       timeout=CHANNEL_TIMEOUT_S)
 
     def read_tail(self, path: str, max_bytes: int = TAIL_BYTES) -> str:

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import NvmprovError
 from .textsafe import clean, clean_tree
 
 if TYPE_CHECKING:
@@ -124,8 +125,6 @@ class GuestReport:
 def error_message(exc: BaseException) -> str:
     """What a report's error says about an exception: nvmprov's own by their message (they are
     written for people), an interrupt as such, anything else (a bug) with its type."""
-    from .errors import NvmprovError
-
     if isinstance(exc, NvmprovError):
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):

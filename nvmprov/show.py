@@ -14,7 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import domxml
+from . import agent, domain, identity, managed, proof, state, virt
+from .errors import GuestError, NvmprovError
 
 if TYPE_CHECKING:
     import libvirt
@@ -117,8 +118,8 @@ def _region_name(alias: str | None) -> str:
 
 def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | None) -> MemoryMap:
     """The map from libvirt alone: the live XML when running, the persistent one otherwise."""
-    now = domxml.parse(live_xml if running else config_xml)
-    cfg = domxml.parse(config_xml)
+    now = domain.parse(live_xml if running else config_xml)
+    cfg = domain.parse(config_xml)
     views: dict[str, RegionView] = {}
     live_aliases = {d.alias for d in now.devices} if running else set()
     cfg_aliases = {d.alias for d in cfg.devices}
@@ -239,9 +240,6 @@ def render_text(mm: MemoryMap) -> str:
 
 
 def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
-    from . import domain, state, virt
-    from .errors import GuestError, NvmprovError
-
     dom = virt.require(conn, name)
     config_xml = virt.xml_desc(dom, inactive=True)
     running = virt.is_active(dom)
@@ -252,27 +250,20 @@ def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
             mm.notes.append("nvmprov cannot log in to a domain it did not create: guest addresses are what "
                             "libvirt reports")
         return mm
-    from . import identity
-
     files = state.current_files(state.check_name(name), identity.of(conn))  # show moves nothing
-    mm.ssh = {"host": "127.0.0.1", "port": md.ssh_port, "user": md.ssh_user,
-              "identity_file": str(files.client_key), "known_hosts": str(files.known_hosts)}
+    mm.ssh = asdict(managed.ssh_coordinates(files, md.ssh_port, md.ssh_user))
     if not running:
         return mm
     try:
-        merge_probe(mm, _probe(conn, dom, md, files, progress), md)
+        merge_probe(mm, _probe(dom, md, files, progress), md)
     except (GuestError, NvmprovError) as exc:
         mm.notes.append(f"could not read the map inside the guest ({exc}); addresses are what libvirt reports")
     return mm
 
 
-def _probe(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata, files: Any, progress: Progress) -> Probe:
-    from . import agent
-    from .guests import plan_from_metadata
-    from .workflow import open_session
-
-    the_plan = plan_from_metadata(conn, md)
-    session = open_session(dom, the_plan, files, md.ssh_port, PROBE_DEADLINE_S, progress)
+def _probe(dom: libvirt.virDomain, md: Metadata, files: state.GuestFiles, progress: Progress) -> Probe:
+    coords = managed.ssh_coordinates(files, md.ssh_port, md.ssh_user)
+    session = proof.open_session(dom, files, coords, PROBE_DEADLINE_S, progress)
     try:
         facts = agent.gather(session)  # the agent's own read, no modules loaded, nothing run
     finally:

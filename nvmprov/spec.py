@@ -35,6 +35,7 @@ from pydantic import (
 
 from .diskimage import file_kind
 from .errors import HostError, SpecError, UsageError
+from .naming import backing_volume, shared_paths
 from .sizes import (
     DIMM_ALIGN_BYTES,
     LABELLED_NS_ALIGN_BYTES,
@@ -50,6 +51,7 @@ from .sizes import (
     namespace_usable_bytes,
     round_up,
 )
+from .uris import pool_dir_for
 
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
 MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
@@ -902,8 +904,6 @@ class GuestSpec(BaseModel):
 
     def volume_of(self, region: RegionSpec) -> str:
         """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""
-        from .naming import backing_volume
-
         return region.volume or backing_volume(self.name, region.name)
 
     def canonical(self) -> dict[str, Any]:
@@ -1306,9 +1306,6 @@ def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSp
 
 def _check_shared_paths(guests: list[GuestSpec], pos: _Positions, filename: str) -> None:
     """Two guests of one fleet must never get one file (an adopted `volume:` can name another's)."""
-    from .naming import shared_paths
-    from .uris import pool_dir_for
-
     where: dict[str, tuple[int, int]] = {}
     uses = []
     for i, g in enumerate(guests):

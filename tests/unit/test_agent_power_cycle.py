@@ -2,7 +2,7 @@
 
 apply() would quietly re-create a lost namespace or filesystem (and rewrite fstab) and so hide the
 very data loss the proof is there to find. These run the re-check against the fake guest kernel of
-test_agent_steps after FakeGuest.power_cycle(), and workflow.power_cycle_proof with libvirt stubbed.
+test_agent_steps after FakeGuest.power_cycle(), and proof.power_cycle_proof with libvirt stubbed.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from nvmprov import agent, workflow
+from nvmprov import agent, proof
 from nvmprov.agent import RegionReport, after_power_cycle
 from nvmprov.agent.facts import parse_guest_facts
 from nvmprov.plan import Plan
+from nvmprov.progress import Progress
+from nvmprov.report import GuestReport, SshInfo
 
 from .test_agent_steps import LABEL, FakeGuest, FakeNs, MiB, plan_of, region
 
@@ -166,7 +168,7 @@ def test_payload_changed_or_gone(damage: str) -> None:
     assert (reports[0].persisted, reports[1].persisted) == (True, True)
 
 
-# --- workflow.power_cycle_proof with libvirt stubbed ------------------------------------------------------
+# --- proof.power_cycle_proof with libvirt stubbed ---------------------------------------------------------
 
 
 class Session(FakeGuest):
@@ -197,17 +199,19 @@ def test_power_cycle_proof_never_runs_apply(monkeypatch: pytest.MonkeyPatch) -> 
     def forbidden(*_a: Any, **_k: Any) -> None:
         raise AssertionError("the power-cycle proof must not converge the guest")
 
-    monkeypatch.setattr(workflow.virt, "power_off", cut_and_boot)
-    monkeypatch.setattr(workflow.virt, "start", lambda dom: calls.append("start"))
-    monkeypatch.setattr(workflow, "_hotplug_virtio_pmem", lambda *a: calls.append("hotplug"))
-    monkeypatch.setattr(workflow, "open_session", lambda *a: session)
-    monkeypatch.setattr(workflow.agent, "apply", forbidden)
-    monkeypatch.setattr(workflow.storage, "pool_of", lambda conn, name: "pool")
-    monkeypatch.setattr(workflow.storage, "volume", lambda pool, name: name)
-    monkeypatch.setattr(workflow.storage, "find_marker", find_marker)
+    monkeypatch.setattr(proof.virt, "power_off", cut_and_boot)
+    monkeypatch.setattr(proof.virt, "start", lambda dom: calls.append("start"))
+    monkeypatch.setattr(proof, "hotplug_virtio_pmem", lambda *a: calls.append("hotplug"))
+    monkeypatch.setattr(proof, "open_session", lambda *a: session)
+    monkeypatch.setattr(proof.agent, "apply", forbidden)
+    monkeypatch.setattr(proof.storage, "pool_of", lambda conn, name: "pool")
+    monkeypatch.setattr(proof.storage, "volume", lambda pool, name: name)
+    monkeypatch.setattr(proof.storage, "find_marker", find_marker)
     reports = [replace(r, backing_path=f"/pool/g-{r.name}.raw") for r in reports]
+    report = GuestReport(name="g", ssh=SshInfo("127.0.0.1", 2222, "nvmprov", "/k", "/kh"))
+    run = proof.GuestRun(None, THREE, None, Progress(), report, dom=object())  # type: ignore[arg-type]
 
-    workflow.power_cycle_proof(None, None, THREE, None, 2222, reports, workflow.Progress())  # type: ignore[arg-type]
+    proof.power_cycle_proof(run, reports)
 
     assert calls == ["power_off", "start", "hotplug"]
     assert not any(c.startswith(MUTATING) for c in session.commands), session.commands

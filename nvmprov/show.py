@@ -5,7 +5,7 @@ when nvmprov can log in), RAM and every region with its guest physical address r
 the guest when nvmprov can log in: /proc/iomem and /sys/bus/nd/devices/regionN; else from
 libvirt's live XML where it has a base address), model, size and usable bytes, free slots,
 hotplug headroom and SSH coordinates.
-Building the map is pure (build_map, parse_probe); only show() talks to libvirt and the guest.
+Building the map is pure (build_map, probe_of); only show() talks to libvirt and the guest.
 """
 
 from __future__ import annotations
@@ -14,34 +14,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import domain, identity, managed, proof, state, virt
+from . import agent, domain, identity, managed, proof, state, virt
 from .errors import GuestError, NvmprovError
 from .sizes import human_size
 
 if TYPE_CHECKING:
     import libvirt
 
+    from .agent.facts import GuestFacts
     from .domain import Metadata
     from .progress import Progress
 
 PROBE_DEADLINE_S = 20.0     # show must not hang on a guest that is still booting
-PROBE_TIMEOUT_S = 30.0
-
-# Run as root in the guest: top-level System RAM ranges, each nd region with its physical range,
-# its sysfs path (PCI address of a virtio-pmem device), its NFIT handle (nvdimm) and block devices.
-PROBE_SCRIPT = r"""
-grep -E '^[0-9a-f]+-[0-9a-f]+ : System RAM$' /proc/iomem | sed 's/^/ram /'
-for r in /sys/bus/nd/devices/region*; do
-  [ -e "$r" ] || continue
-  h=-
-  m=$(cut -d, -f1 "$r/mapping0" 2>/dev/null)
-  [ -n "$m" ] && h=$(cat "/sys/bus/nd/devices/$m/nfit/handle" 2>/dev/null || echo -)
-  b=$(ls -d "$r"/*/block/* 2>/dev/null | sed 's#.*/##' | tr '\n' ',')
-  n=$(cat "$r/target_node" 2>/dev/null || echo -)
-  echo "region $(basename "$r") $(cat "$r/resource") $(cat "$r/size") $h $(readlink -f "$r") ${b:--} ${n:--}"
-done
-"""
-
 
 @dataclass(frozen=True)
 class GuestRegion:
@@ -65,23 +49,20 @@ class Probe:
     regions: tuple[GuestRegion, ...]
 
 
-def parse_probe(text: str) -> Probe:
-    ram, regions = [], []
-    for line in text.splitlines():
-        parts = line.split()
-        if parts[:1] == ["ram"] and len(parts) >= 2:
-            lo, hi = parts[1].split("-")
-            ram.append((int(lo, 16), int(hi, 16)))
-        elif parts[:1] == ["region"] and len(parts) >= 7:
-            _, dev, start, size, handle, sysfs, blocks = parts[:7]
-            node = parts[7] if len(parts) > 7 else "-"
-            regions.append(GuestRegion(
-                dev=dev, start=int(start, 0), size_bytes=int(size),
-                nfit_handle=None if handle == "-" else int(handle, 0), sysfs=sysfs,
-                blockdevs=tuple(b for b in blocks.split(",") if b and b != "-"),
-                target_node=int(node) if re.fullmatch(r"-?[0-9]+", node) else None,
-            ))
-    return Probe(tuple(ram), tuple(regions))
+def probe_of(facts: GuestFacts) -> Probe:
+    """The map's part of the agent's facts: System RAM, and each region's range, handle and devices."""
+    regions = []
+    for r in facts.regions.values():
+        if r.start is None:  # root-only: a facts read without root sees no ranges
+            continue
+        dimm = facts.dimms.get(r.mappings[0].dimm) if r.mappings else None
+        regions.append(GuestRegion(
+            dev=r.dev, start=r.start, size_bytes=r.size_bytes,
+            nfit_handle=dimm.handle if dimm is not None else None, sysfs=r.sysfs_path,
+            blockdevs=tuple(sorted(b.name for b in facts.blockdevs.values() if b.region == r.dev)),
+            target_node=r.target_node,
+        ))
+    return Probe(facts.system_ram, tuple(regions))
 
 
 @dataclass
@@ -277,7 +258,7 @@ def _probe(dom: libvirt.virDomain, md: Metadata, files: state.GuestFiles, progre
     coords = managed.ssh_coordinates(files, md.ssh_port, md.ssh_user)
     session = proof.open_session(dom, files, coords, PROBE_DEADLINE_S, progress)
     try:
-        out = session.run("sh -s", sudo=True, stdin=PROBE_SCRIPT.encode(), timeout_s=PROBE_TIMEOUT_S).stdout
+        facts = agent.gather(session)  # the agent's own read, no modules loaded, nothing run
     finally:
         session.close()
-    return parse_probe(out)
+    return probe_of(facts)

@@ -90,10 +90,11 @@ def prove(
         return
     checked = run.plan if only is None else replace(run.plan, regions=only)
     try:
-        with progress.phase("agent"):
-            states = agent.apply(session, checked, reformat=reformat)
-        with progress.phase("verify"):
-            regions = agent.verify(session, checked, states, write_tails=made)
+        with agent.started(session) as guest:  # one guest program start for apply and verify
+            with progress.phase("agent"):
+                states = agent.apply(guest, checked, reformat=reformat)
+            with progress.phase("verify"):
+                regions = agent.verify(guest, checked, states, write_tails=made)
     finally:
         session.close()
     for r in regions:

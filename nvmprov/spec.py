@@ -6,7 +6,6 @@ field path, what is wrong and what would be right. Defaults and rules: docs/spec
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +13,6 @@ import posixpath
 import re
 import stat
 import sys
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -936,28 +934,10 @@ class GuestSpec(BaseModel):
         return [k for k in keys if mine.get(k, _MISSING) != theirs.get(k, _MISSING)]
 
 
-@contextlib.contextmanager
-def _no_pydantic_plugins() -> Iterator[None]:
-    """pydantic without its plugin discovery while nvmprov's models are built: its loader imports
-    importlib.metadata and reads the entry points of every installed distribution (~25 ms, a tenth
-    of `nvmprov render`) to find plugins (observers of validation) that nvmprov does not use. Its
-    models get plain validators; pydantic models built after this (anyone else's) still get them."""
-    name = "pydantic.plugin._loader"
-    if name in sys.modules:  # discovery already paid for (or done): nothing to save
-        yield
-        return
-    stub = types.ModuleType(name, "nvmprov.spec: no pydantic plugins for nvmprov's models")
-    stub.get_plugins = lambda: ()  # type: ignore[attr-defined]
-    sys.modules[name] = stub
-    try:
-        yield
-    finally:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]
-
-
 def _build_models() -> None:
-    with _no_pydantic_plugins():
+    from .speedups import no_pydantic_plugins
+
+    with no_pydantic_plugins():
         for model in (SshSpec, NetworkSpec, HotplugSpec, TimeoutsSpec, NamespaceSpec, RegionSpec, GuestSpec):
             model.model_rebuild()
 

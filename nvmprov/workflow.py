@@ -36,6 +36,7 @@ from .progress import Progress
 from .proof import GuestRun, save_report
 from .report import GuestReport, error_message
 from .rollback import Rollback
+from .sizes import human_size
 from .spec import load_recorded
 from .uris import effective_uri, pool_dir_for
 
@@ -280,7 +281,7 @@ def _prealloc_hint(the_plan: Plan) -> str:
     big = sum(r.backing_bytes for r in the_plan.nvdimm_regions if not r.host_pmem)
     if big >= 2 * 1024**3:
         return (
-            f"libvirt preallocates {big / 1024**3:.0f} GiB of nvdimm backing (QEMU prealloc); "
+            f"libvirt preallocates {human_size(big)} of nvdimm backing (QEMU prealloc); "
             "under TCG this takes several seconds per GiB"
         )
     return ""

@@ -196,7 +196,7 @@ def _create_new(run: _Creation) -> None:
     try:
         _build_guest(run)
         if opts.until not in ("define", "start"):
-            proof.prove(run, deadline_s=run.plan.boot_timeout_s, reformat=opts.reformat, made=True,
+            proof.prove(run, booting=True, reformat=opts.reformat, made=True,
                         power_cycle=opts.power_cycle, ssh_only=opts.until == "ssh")
         run.md = replace(run.metadata, complete=True)
         _record(run.domain, run.md)
@@ -530,7 +530,7 @@ def _reverify_existing(run: _Creation, dom: libvirt.virDomain, md: domain.Metada
     if opts.until == "start":
         run.report.settle()
         return
-    proof.prove(run, deadline_s=run.plan.boot_timeout_s, reformat=opts.reformat, ssh_only=opts.until == "ssh")
+    proof.prove(run, booting=True, reformat=opts.reformat, ssh_only=opts.until == "ssh")
     run.report.settle()
 
 

@@ -544,11 +544,13 @@ def test_create_verify_and_attach_prove_through_the_one_proof_function(conn, mon
     from nvmprov import attach
 
     calls: list[tuple[str, str, int, tuple[str, ...], bool, bool]] = []
+    booting: list[bool] = []  # create waits a boot's timeout for SSH; verify and attach the ssh timeout
 
     def recording_prove(run: proof.GuestRun, **kw: object) -> None:
         only = kw.get("only") or run.plan.regions
         calls.append((run.report.name, run.domain.name(), run.ssh.port, tuple(r.name for r in only),  # type: ignore[attr-defined]
                       bool(kw.get("made")), bool(kw.get("power_cycle"))))
+        booting.append(bool(kw.get("booting")))
         raise GuestError("the guest never answers")
 
     monkeypatch.setattr(proof, "prove", recording_prove)
@@ -573,6 +575,7 @@ def test_create_verify_and_attach_prove_through_the_one_proof_function(conn, mon
         (port, ("hp0",), True, False),     # attach: the new region alone, made by this run
     ]
     assert calls[0][3:] == (("data",), True, True)  # a new guest: made here, power-cycle proof
+    assert booting == [True, True, False, False]
     assert len(plugged) == 1 and "ua-pmem-hp0" in plugged[0]
     for report in (new, rerun, verified, attached):
         assert report.ok is False and "the guest never answers" in (report.error or {}).get("message", "")

@@ -1,7 +1,7 @@
 """Facts about a guest: pure parsers of command output, and the mapping of spec regions to devices.
 
-Nothing here talks to a guest. `gather()` in nvmprov.agent runs guest/collect_facts.py once and
-hands its JSON to `parse_guest_facts`. Each parser takes text and returns frozen dataclasses.
+Nothing here talks to a guest. `gather()` in nvmprov.agent asks the guest program for the facts
+(guest/read_facts.py) and hands them to `guest_facts`. Each parser takes text and returns frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class NdNamespace:
     uuid: str | None  # None for label-less namespaces
     enabled: bool  # False when ndctl says "state": "disabled" (shown with --idle)
     align: int | None = None  # fsdax/devdax: the page size of its mappings ("align"); None: not shown
+    name: str | None = None  # the name in its label (`create-namespace -n`); None: unnamed or label-less
+    chardev: str | None = None  # devdax: its character device ("dax0.1"), as ndctl names it
 
     @property
     def active(self) -> bool:
@@ -110,7 +112,16 @@ def _namespace(obj: dict[str, Any]) -> NdNamespace:
         uuid=obj.get("uuid"),
         enabled=_enabled(obj),
         align=_int(obj.get("align")),
+        name=obj.get("name") or None,
+        chardev=obj.get("chardev") or _chardev_in_daxregion(obj),
     )
+
+
+def _chardev_in_daxregion(obj: dict[str, Any]) -> str | None:
+    """`ndctl list -N` alone nests a devdax namespace's device under daxregion.devices[]."""
+    daxregion = obj.get("daxregion")
+    devices = _as_list(daxregion.get("devices")) if isinstance(daxregion, dict) else []
+    return str(devices[0]["chardev"]) if devices and devices[0].get("chardev") else None
 
 
 def _region(obj: dict[str, Any]) -> NdRegion:
@@ -322,6 +333,7 @@ class Region:
     # sysfs persistence_domain: "cpu_cache" or "memory_controller"; None when the kernel shows none
     # (it hides the attribute when the platform declares neither, as QEMU's NFIT does by default)
     persistence_domain: str | None = None
+    start: int | None = None  # regionN/resource: the guest physical address (None: not shown)
 
     @property
     def active_namespace(self) -> NdNamespace | None:
@@ -396,6 +408,7 @@ class GuestFacts:
     steps: tuple[StepResult, ...] = ()  # the round's commands run before reading, in order; stops at a failure
     modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
     daxdevs: dict[str, DaxDevice] = field(default_factory=dict)  # device-dax character devices
+    system_ram: tuple[tuple[int, int], ...] = ()  # /proc/iomem's top-level System RAM, inclusive ranges
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
         return tuple(line for line in self.kernel_log if any(w in line for w in words))
@@ -422,6 +435,7 @@ def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) 
         target_node=parse_node(raw.get("target_node")),
         numa_node=parse_node(raw.get("numa_node")),
         persistence_domain=raw.get("persistence_domain") or None,
+        start=_int(raw.get("resource")),
     )
 
 
@@ -468,11 +482,18 @@ def _blockdev(name: str, raw: dict[str, Any]) -> BlockDevice:
 
 
 def parse_guest_facts(text: str) -> GuestFacts:
-    """The JSON printed by guest/collect_facts.py (older captures without "steps"/"modprobe" too)."""
+    """Facts as JSON text (the captures in tests/unit/fixtures/agent)."""
     try:
         raw = json.loads(text)
     except ValueError as e:
-        raise GuestError(f"the guest's fact collector printed no JSON: {e}: {text[:200]!r}") from e
+        raise GuestError(f"the guest's facts are no JSON: {e}: {text[:200]!r}") from e
+    return guest_facts(raw)
+
+
+def guest_facts(raw: dict[str, Any]) -> GuestFacts:
+    """What guest/read_facts.py read, with the round's "steps" and "modprobe" (absent: none ran)."""
+    if not isinstance(raw, dict):
+        raise GuestError(f"the guest's facts are no JSON object: {str(raw)[:200]!r}")
     ndctl_run = raw.get("ndctl") or {}
     ndctl_ok = ndctl_run.get("rc") == 0
     listed = parse_ndctl_list(ndctl_run.get("stdout", "")) if ndctl_ok else NdctlList()
@@ -493,7 +514,17 @@ def parse_guest_facts(text: str) -> GuestFacts:
         steps=tuple(_step_result(r) for r in raw.get("steps") or ()),
         modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
         daxdevs={n: _daxdev(n, d) for n, d in (raw.get("daxdevs") or {}).items()},
+        system_ram=tuple(r for r in (_hex_range(t) for t in raw.get("system_ram") or ()) if r is not None),
     )
+
+
+def _hex_range(text: str) -> tuple[int, int] | None:
+    """/proc/iomem's "start-end" (hex, inclusive)."""
+    lo, sep, hi = str(text).partition("-")
+    try:
+        return (int(lo, 16), int(hi, 16)) if sep else None
+    except ValueError:
+        return None
 
 
 def _step_result(raw: dict[str, Any]) -> StepResult:
@@ -564,16 +595,31 @@ def dimm_of(guest: Region) -> str | None:
     return guest.mappings[0].dimm if len(guest.mappings) == 1 else None
 
 
-def blockdev_of(facts: GuestFacts, guest: Region) -> BlockDevice | None:
-    """The region's block device: the active namespace's, else the one under the region in sysfs."""
-    ns = guest.active_namespace
+def namespace_of(guest: Region, region: RegionPlan | None = None) -> NdNamespace | None:
+    """The namespace of a spec region: the guest region's active one; for a unit of a split region
+    (RegionPlan.namespace_name) the active namespace with that name in its label, else None."""
+    if region is None or region.namespace_name is None:
+        return guest.active_namespace
+    named = [ns for ns in guest.namespaces if ns.active and ns.name == region.namespace_name]
+    return named[0] if named else None
+
+
+def blockdev_of(facts: GuestFacts, guest: Region, region: RegionPlan | None = None) -> BlockDevice | None:
+    """The region's block device: the active namespace's, else the one under the region in sysfs.
+    A unit of a split region has only its own namespace's (the region holds its siblings' too)."""
+    ns = namespace_of(guest, region)
     if ns is not None and ns.blockdev and ns.blockdev in facts.blockdevs:
         return facts.blockdevs[ns.blockdev]
+    if region is not None and region.namespace_name is not None:
+        return None
     under = [b for b in facts.blockdevs.values() if b.region == guest.dev]
     return max(under, key=lambda b: b.size_bytes) if under else None
 
 
-def daxdev_of(facts: GuestFacts, guest: Region) -> DaxDevice | None:
+def daxdev_of(facts: GuestFacts, guest: Region, region: RegionPlan | None = None) -> DaxDevice | None:
     """The region's device-dax character device (a devdax namespace), if the guest shows one."""
+    if region is not None and region.namespace_name is not None:
+        ns = namespace_of(guest, region)
+        return facts.daxdevs.get(ns.chardev) if ns is not None and ns.chardev else None
     under = [d for d in facts.daxdevs.values() if d.region == guest.dev]
     return max(under, key=lambda d: d.size_bytes) if under else None

@@ -1,7 +1,8 @@
 """Facts -> commands, and apply() against a simulated guest kernel.
 
-FakeGuest answers the real fact collector's command with JSON in the collector's format (ndctl
-list text included) and changes its state on the commands a real guest would accept; it refuses
+FakeGuest starts as the real guest program would (the loader, the bundle on stdin), answers its
+requests with JSON in its format (ndctl list text included) and changes its state on the commands a
+real guest would accept; it refuses
 what the real kernel refuses (create-namespace on blank labels, init-labels on an active region,
 mkfs on a mounted device). Every command apply() runs is recorded.
 """
@@ -11,22 +12,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 
 import pytest
 
+from nvmprov import sizes
 from nvmprov.agent import apply, steps
-from nvmprov.agent.converge import gather, guest_program
+from nvmprov.agent.converge import gather
 from nvmprov.agent.facts import parse_guest_facts
+from nvmprov.agent.program import LOADER, bundle
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Filesystem, Model, Plan, RegionPlan
 from nvmprov.ssh import Result
 
 MiB = 1024 * 1024
 KiB = 1024
-COLLECTOR = guest_program("collect_facts.py")
+BUNDLE = bundle()
 LABEL = 128 * KiB
 
 
@@ -45,6 +47,9 @@ class FakeNs:
     uuid: str | None = None
     enabled: bool = True
     align: int | None = None  # devdax
+    name: str | None = None  # `create-namespace -n` (a split region's namespaces)
+    chardev: str | None = None  # devdax of a split region: ndctl's "chardev"
+    allocated: int = 0  # of the region's capacity (a split region's namespaces)
 
 
 @dataclass
@@ -65,6 +70,30 @@ class FakeRegion:
         return f"/sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/{self.dev}"
 
 
+class FakeProgram:
+    """guest/serve.py as FakeGuest runs it: each request line answered at once, in order."""
+
+    stderr = ""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        self.guest = guest
+        self.answers: list[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        assert not self.closed
+        for line in data.splitlines():
+            result = self.guest.answer(json.loads(line))
+            self.answers.append(json.dumps({"ok": True, "result": result}).encode())
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        return self.answers.pop(0) if self.answers else None
+
+    def close(self, timeout_s: float = 0) -> int | None:
+        self.closed = True
+        return 0
+
+
 class FakeGuest:
     def __init__(self) -> None:
         self.modules = {"libvirt_dummy", "nfit", "nd_pmem", "virtio_pmem", "libnvdimm"}
@@ -76,8 +105,8 @@ class FakeGuest:
         self.fstab = "# /etc/fstab: static file system information.\nUUID=abcd / ext4 errors=remount-ro 0 1\n"
         self.commands: list[str] = []
         self.blkid_runs: dict[str, dict[str, object]] = {}  # blockdev -> what blkid "printed" instead
-        self.gathers = 0  # collect_facts.py runs
-        self.execs = 0  # SSH execs of any kind
+        self.gathers = 0  # facts read by the guest program
+        self.execs = 0  # SSH execs of any kind (a started guest program is one)
         self.pythons = 0  # python3 starts in the guest
         self.modprobes: list[str] = []  # the collector's own module loading
         self.modprobe_fails = False
@@ -130,6 +159,8 @@ class FakeGuest:
                             **({"align": ns.align} if ns.align else {}),
                             **({"blockdev": ns.blockdev} if ns.blockdev and ns.enabled else {}),
                             **({} if ns.enabled and r.enabled else {"state": "disabled"}),
+                            **({"name": ns.name} if ns.name else {}),
+                            **({"chardev": ns.chardev} if ns.chardev and ns.enabled else {}),
                         }
                         for ns in r.namespaces
                     ],
@@ -182,8 +213,9 @@ class FakeGuest:
                 },
                 "blockdevs": blockdevs,
                 "daxdevs": {
-                    f"dax{r.dev.removeprefix('region')}.0": {
-                        "path": f"{r.path}/dax{r.dev.removeprefix('region')}.0/dax{r.dev.removeprefix('region')}.0",
+                    ns.chardev or f"dax{r.dev.removeprefix('region')}.0": {
+                        "path": f"{r.path}/dax{r.dev.removeprefix('region')}.0/"
+                        + (ns.chardev or f"dax{r.dev.removeprefix('region')}.0"),
                         "size": str(ns.size),
                         "align": str(ns.align),
                     }
@@ -210,46 +242,52 @@ class FakeGuest:
         command = cmd % tuple(shlex.quote(str(a)) for a in args) if args else cmd
         assert sudo, f"agent commands must run as root: {command}"
         self.execs += 1
-        if command.startswith("python3 -"):
-            self.pythons += 1
-        if stdin == COLLECTOR:
-            assert cmd == "python3 -" + " %s" * len(args), command
-            return Result(0, self._collect(*(str(a) for a in args)), "", command)
         self.commands.append(command)
-        sums = re.fullmatch(r'for f in (.*); do sha256sum < "\$f" \|\| echo unreadable; done', command)
-        if sums:  # verify.sha256_of_files: read-only
-            paths = shlex.split(sums.group(1))
-            digest = {p: hashlib.sha256(data).hexdigest() + "  -" for p, data in self.files.items()}
-            return Result(0, "".join(digest.get(p, "unreadable") + "\n" for p in paths), "", command)
         rc, err = self._mutate(command, stdin)
         if check and rc != 0:
             raise RemoteCommandError(command, rc, err)
         return Result(rc, "", err, command)
 
-    def _collect(self, request: str | None = None) -> str:
-        """What collect_facts.py does: load the modules, run the steps until one fails, read the facts."""
-        self.gathers += 1
-        wanted = json.loads(request) if request else {}
-        missing = [m for m in wanted.get("modules", ()) if m not in self.modules]
+    def start(self, cmd: str, *args: object, sudo: bool = False, stdin: bytes = b"") -> FakeProgram:
+        assert sudo, f"the guest program must run as root: {cmd}"
+        assert (cmd, args, stdin) == ("python3 -c %s", (LOADER,), BUNDLE), "not the guest program's own start"
+        self.execs += 1
+        self.pythons += 1
+        return FakeProgram(self)
+
+    def answer(self, request: dict[str, object]) -> object:
+        """What guest/serve.py answers, from this fake kernel."""
+        if request["op"] == "facts":
+            self.gathers += 1
+            return json.loads(self.facts_json())
+        if request["op"] == "run":
+            return self._run(request)
+        if request["op"] == "sha256":  # read-only
+            paths = request["paths"]
+            assert isinstance(paths, list)
+            return {"sums": {p: hashlib.sha256(self.files[p]).hexdigest() if p in self.files else None for p in paths}}
+        raise AssertionError(f"FakeGuest does not answer {request['op']!r}")
+
+    def _run(self, wanted: dict[str, object]) -> dict[str, object]:
+        """What run_steps.py does: load the missing modules, run the steps until one fails."""
+        missing = [m for m in wanted.get("modules", ()) if m not in self.modules]  # type: ignore[attr-defined]
         modprobe = None
         if missing:
             modprobe = {"command": "modprobe -a " + " ".join(missing), "rc": 0, "stdout": "", "stderr": ""}
             self.modprobes.append(modprobe["command"])
             if self.modprobe_fails:
                 modprobe.update(rc=1, stderr=f"modprobe: FATAL: Module {missing[0]} not found in directory")
-            else:
-                self.modules |= set(missing)
+                return {"modprobe": modprobe, "steps": []}
+            self.modules |= set(missing)
         results = []
-        for step in wanted.get("steps", ()):
+        for step in wanted.get("steps", ()):  # type: ignore[attr-defined]
             data = base64.b64decode(step["stdin_b64"]) if step["stdin_b64"] else None
             self.commands.append(step["command"])
             rc, err = self._mutate(step["command"], data)
             results.append({"command": step["command"], "rc": rc, "stderr": err})
             if rc != 0:
                 break
-        facts = json.loads(self.facts_json())
-        facts.update(steps=results, modprobe=modprobe)
-        return json.dumps(facts)
+        return {"modprobe": modprobe, "steps": results}
 
     def power_cycle(self, *, boot_modules: frozenset[str] = frozenset({"libnvdimm", "nfit", "nd_pmem"})) -> None:
         """Power cut and boot: nothing mounted or loaded but what boot brings. Boot loads the NFIT
@@ -277,6 +315,28 @@ class FakeGuest:
     def _new_uuid(self) -> str:
         self._uuids += 1
         return f"00000000-0000-4000-8000-{self._uuids:012d}"
+
+    def _create_named(self, r: FakeRegion, size: int, name: str, mode: str, rest: list[str]) -> tuple[int, str]:
+        """create-namespace -r -s -n on labelled capacity: the idle seed becomes the namespace, a new seed follows."""
+        if not (r.labelled and r.labels_initialised):
+            return 1, f"failed to create namespace: align setting is 0x1000000 size {r.size:#x} is misaligned"
+        if size % (16 * MiB):
+            return 234, f"Error: create namespace: {r.dev}: align setting is 0x1000000 size {size:#x} is misaligned"
+        if sum(ns.allocated for ns in r.namespaces) + size > r.size // (16 * MiB) * (16 * MiB):
+            return 1, f"Error: create namespace: {r.dev}: insufficient capacity"
+        seed = next(ns for ns in r.namespaces if not ns.enabled)
+        n, k = r.dev.removeprefix("region"), int(seed.dev.rsplit(".", 1)[1])
+        block = f"pmem{n}" if k == 0 else f"pmem{n}.{k}"
+        made = FakeNs(seed.dev, mode, sizes.namespace_usable_bytes(size, mode), None, self._new_uuid(), name=name,
+                      allocated=size)
+        if mode == "devdax":
+            assert rest in ([], ["-a", "4096"], ["-a", "2097152"]), rest
+            made.align, made.chardev = int(rest[1]) if rest else 2 * MiB, f"dax{n}.{k}"
+        else:
+            made.blockdev = block + ("s" if mode == "sector" else "")
+        r.namespaces.remove(seed)
+        r.namespaces += [made, FakeNs(f"namespace{n}.{k + 1}", "raw", 0, None, "0" * 8, enabled=False)]
+        return 0, ""
 
     def _mutate(self, command: str, stdin: bytes | None) -> tuple[int, str]:  # noqa: C901 - a dispatcher
         argv = shlex.split(command.split(" && ")[0])
@@ -324,6 +384,8 @@ class FakeGuest:
                     return 1, f"failed to create namespace: align setting is 0x1000000 size {r.size:#x} is misaligned"
                 n = dev.removeprefix("region")
                 r.namespaces = [FakeNs(f"namespace{n}.0", "fsdax", fsdax_bytes(r.size), f"pmem{n}", self._new_uuid())]
+            case ["ndctl", "create-namespace", "-r", dev, "-s", size, "-n", name, "-m", mode, *rest]:
+                return self._create_named(self.regions[dev], int(size), name, mode, rest)
             case ["mkfs.ext4" | "mkfs.xfs" as mkfs, *opts, "-L", label, device]:
                 if mkfs == "mkfs.ext4":
                     assert opts[:4] == ["-q", "-F", "-b", "4096"] and opts[4] == "-U", opts

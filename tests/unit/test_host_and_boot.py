@@ -40,7 +40,7 @@ def test_kvm_facts_ignores_other_arches() -> None:
 
 
 def check(name: str, log_path: str, *, active: bool) -> None:
-    """What workflow.open_session does between SSH attempts, on a local serial log."""
+    """What proof.open_session does between SSH attempts, on a local serial log."""
     boot.check_boot_text(name, boot.read_tail(log_path, max_lines=200), active=active)
 
 
@@ -161,7 +161,8 @@ def test_seed_applied_is_the_appliers_own_last_line() -> None:
     from nvmprov import image
 
     applier = (image.RECIPE_DIR / "files/usr/local/lib/nvmprov/apply_seed.sh").read_text()
-    assert 'say() {\n    echo "nvmprov-seed: $*"\n    [ -z "$CONSOLE" ] || echo "nvmprov-seed: $*" > "$CONSOLE"' in applier
+    say = 'say() {\n    echo "nvmprov-seed: $*"\n    [ -z "$CONSOLE" ] || echo "nvmprov-seed: $*" > "$CONSOLE"'
+    assert say in applier
     # ... straight onto the console: through journald (journal+console) it came 4-9 s late
     assert "    CONSOLE=/dev/console\n" in applier.split("main() {", 1)[1].split("mount_seed", 1)[0]
     unit = (image.RECIPE_DIR / "files/etc/systemd/system/nvmprov-seed.service").read_text()

@@ -119,12 +119,14 @@ def power_cycle_proof(run: GuestRun, regions: list[agent.RegionReport]) -> None:
     and find each region's marker in its host backing volume (read through libvirt)."""
     dom, the_plan, progress = run.domain, run.plan, run.progress
     progress.line("cutting the guest's power (virDomainDestroy, no clean shutdown)")
+    cut = time.monotonic()
     virt.power_off(dom)
     virt.start(dom)
     pool_dir = os.path.dirname(regions[0].backing_path) if regions and regions[0].backing_path else ""
     hotplug_virtio_pmem(dom, the_plan, pool_dir)
     session = open_session(dom, run.files, run.ssh, the_plan.boot_timeout_s, progress,
                            seed_line=the_plan.base_volume is not None)
+    progress.line(f"power-cycle: the guest answers on SSH again {time.monotonic() - cut:.1f}s after the cut")
     try:
         # Not agent.apply: after the cut only modules and mounts may run; a region that would need
         # its namespace or filesystem made again is reported not persisted, and nothing is made.

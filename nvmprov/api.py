@@ -184,7 +184,7 @@ def attach(
     size: int | str,
     *,
     region: str | None = None,
-    model: Literal["nvdimm", "virtio-pmem"] = "nvdimm",
+    model: Literal["nvdimm", "virtio-pmem", "cxl"] = "nvdimm",
     label: int | str | None = None,
     mode: Literal["fsdax", "devdax", "sector", "raw"] | None = None,
     align: int | str | None = None,
@@ -205,6 +205,8 @@ def attach(
     from . import attach as attachmod
     from . import guests
 
+    if model == "cxl":
+        raise UsageError(attachmod.CXL_NO_HOTPLUG)
     try:
         size_bytes = _bytes(size, "size")
         label_bytes = _bytes(label, "label") if label is not None else None

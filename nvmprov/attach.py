@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import domxml
+from . import domain
 from .errors import GuestError, HostError, UsageError, VirtError
 from .plan import FIRST_PORT_PCI_SLOT, Filesystem, Model, RegionPlan, label_bytes_for
 from .report import GuestReport, Report, SshInfo
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 SUGGESTED_HEADROOM_BYTES = 8 * 1024**3  # what nvmprov gives its own guests (hotplug.headroom)
 SUGGESTED_SLOTS = 4
+CXL_NO_HOTPLUG = ("--model cxl: a CXL region cannot be attached: there is no CXL hotplug on this stack (libvirt 9.0 "
+                  "has no CXL device, QEMU 7.2 builds the CXL topology at start only); put the region in the spec "
+                  "with model: cxl and create (or recreate) the guest")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
 
     DOMAIN_XML is the live XML when `running` (for request.live) or the persistent one. Empty: go.
     """
-    d = domxml.parse(domain_xml)
+    d = domain.parse(domain_xml)
     name = d.name
     problems: list[str] = []
     if request.live and not running:
@@ -119,7 +122,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
     return problems
 
 
-def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _memory_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     name = d.name
     problems = []
     after = "; power the domain off and start it again for it to take effect" if request.live else ""
@@ -152,7 +155,7 @@ def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]
     return problems
 
 
-def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _node_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     """--numa-node: an nvdimm only (libvirt 9.0 refuses a node on virtio-pmem), and a node the domain has."""
     if request.numa_node == 0:
         return []   # node 0: the default, and what libvirt gives a device without <node>
@@ -168,7 +171,7 @@ def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
             "numa_nodes: in its spec, recreated)"]
 
 
-def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _virtio_pmem_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     problems = []
     if request.config and not request.virtio_pmem_in_config:
         problems.append(
@@ -197,7 +200,7 @@ def volume_name(domain_name: str, region: str) -> str:
     return volume
 
 
-def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
+def foreign_region_plan(d: domain.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
     """The region of a domain nvmprov did not make: the first free DIMM slot or root port."""
     label = label_bytes_for(request.label_bytes)
     dimm_slot = d.free_dimm_slot() if request.model == "nvdimm" else None
@@ -214,7 +217,7 @@ def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: s
     )
 
 
-def placement_problems(d: domxml.DomainFacts, region: RegionPlan) -> list[str]:
+def placement_problems(d: domain.DomainFacts, region: RegionPlan) -> list[str]:
     """A managed guest's plan puts the region at a fixed slot/port: is it free in the domain?"""
     if region.model == "nvdimm" and any(x.dimm_slot == region.dimm_slot for x in d.devices):
         return [f"DIMM slot {region.dimm_slot} that the recorded spec gives region {region.name} is taken in domain "
@@ -345,17 +348,17 @@ def plan_detach(live_xml: str, config_xml: str, md: Metadata | None, region: str
     a domain nvmprov did not make). Neither flag: wherever the region is. A managed guest's
     virtio-pmem is never in the config: its record is nvmprov's metadata (start re-plugs it).
     """
-    name, alias = domxml.parse(config_xml).name, f"ua-pmem-{region}"
+    name, alias = domain.parse(config_xml).name, f"ua-pmem-{region}"
     recorded = next((r for r in md.regions if r.name == region), None) if md else None
     problems = _recorded_problems(name, region, md, recorded)
     if problems:
         return DetachPlan(name, region, problems=tuple(problems))
-    live_dev = _device_xml(live_xml, alias) if running else None
-    config_dev = _device_xml(config_xml, alias)
+    live_dev = domain.device_xml(live_xml, alias) if running else None
+    config_dev = domain.device_xml(config_xml, alias)
     if not (live or config):
         live, config = live_dev is not None, config_dev is not None
     metadata_only = recorded is not None and recorded.model == "virtio-pmem"
-    found = domxml.parse(live_xml).device(alias) or domxml.parse(config_xml).device(alias)
+    found = domain.parse(live_xml).device(alias) or domain.parse(config_xml).device(alias)
     model = found.model if found else recorded.model if recorded else None
     problems = _live_problems(name, region, running=running, model=model, found=live_dev is not None) if live else []
     if config and not metadata_only and config_dev is None:
@@ -503,7 +506,7 @@ def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStorageP
 def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None:
     from . import virt
 
-    users = virt.domains_using_path(conn, path)
+    users = virt.path_users(conn, [path])[path]
     if users:
         raise HostError(f"backing volume {volume} is used by domain(s) {', '.join(users)}; choose another --name "
                         "or detach it there first")
@@ -574,7 +577,7 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     pool, pool_dir = _pool(conn, "nvmprov")
     volume = volume_name(name, request.region)
     _check_volume_free(conn, f"{pool_dir}/{volume}", volume)
-    facts = domxml.parse(virt.xml_desc(dom, inactive=not request.live))
+    facts = domain.parse(virt.xml_desc(dom, inactive=not request.live))
     region = foreign_region_plan(facts, request, volume)
     with state.pool_lock(hv.key, pool.name()):  # held against prune until a domain uses it
         made = _make_backing(dom, hv.key, pool, region, progress)
@@ -630,14 +633,14 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
             notes.append("virtio-pmem is kept in nvmprov's metadata, not the libvirt config: nvmprov start "
                          "hot-plugs it after every start")
     # before the recorded spec's own rule, which would name the spec key instead of --numa-node
-    node_problems = _node_problems(domxml.parse(virt.xml_desc(dom, inactive=not request.live)), request)
+    node_problems = _node_problems(domain.parse(virt.xml_desc(dom, inactive=not request.live)), request)
     if node_problems:
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", node_problems)
     new_plan, spec_json = _managed_plan(conn, md, request)
     region = new_plan.region(request.region)
     problems = _problems(dom, request, running)
     for xml in {virt.xml_desc(dom), virt.xml_desc(dom, inactive=True)}:
-        problems += [p for p in placement_problems(domxml.parse(xml), region) if p not in problems]
+        problems += [p for p in placement_problems(domain.parse(xml), region) if p not in problems]
     if problems:
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", problems)
     pool, pool_dir = _pool(conn, md.pool)
@@ -699,17 +702,6 @@ DETACH_DEADLINE_S = 30.0   # the guest must release a virtio-pmem device (PCIe h
 DETACH_POLL_S = 0.5
 
 
-def _device_xml(domain_xml: str, alias: str) -> str | None:
-    import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
-
-    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
-    for el in root.findall("./devices/memory"):
-        a = el.find("alias")
-        if a is not None and a.get("name") == alias:
-            return ET.tostring(el, encoding="unicode")
-    return None
-
-
 def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
     import time
 
@@ -717,10 +709,10 @@ def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
 
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        if _device_xml(virt.xml_desc(dom), alias) is None:
+        if domain.device_xml(virt.xml_desc(dom), alias) is None:
             return True
         time.sleep(DETACH_POLL_S)
-    return _device_xml(virt.xml_desc(dom), alias) is None
+    return domain.device_xml(virt.xml_desc(dom), alias) is None
 
 
 def managed_spec_without(spec_json: str, region: RegionPlan) -> str:
@@ -783,7 +775,7 @@ def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metad
 def _carry_out(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, step: DetachStep,
                notes: list[str], progress: Progress) -> bool:
     """One step of a detach plan; True when it deleted the backing volume."""
-    from . import domain, virt
+    from . import virt
     from .ledger import Purge
 
     name = dom.name()
@@ -826,7 +818,7 @@ def _plan_for(conn: libvirt.virConnect, md: Metadata, spec_json: str) -> Plan:
 
 
 def _path_of(domain_xml: str, alias: str) -> str | None:
-    d = domxml.parse(domain_xml).device(alias)
+    d = domain.parse(domain_xml).device(alias)
     return d.path if d else None
 
 
@@ -838,7 +830,7 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
 
     if volume is None or not purge.volumes:
         return False
-    users = virt.domains_using_path(conn, path) if path else []
+    users = virt.path_users(conn, [path])[path] if path else []
     if users:
         notes.append(f"kept {volume}: still used by {', '.join(users)} (until powered off); `nvmprov prune` "
                      "removes it later")
@@ -865,7 +857,7 @@ def with_default_name(dom: libvirt.virDomain, request: AttachRequest) -> AttachR
     from . import domain, virt
 
     config_xml = virt.xml_desc(dom, inactive=True)
-    d, live = domxml.parse(config_xml), domxml.parse(virt.xml_desc(dom))
+    d, live = domain.parse(config_xml), domain.parse(virt.xml_desc(dom))
     md = domain.parse_metadata(config_xml)
     # virtio-pmem regions of a stopped managed guest are only in its metadata
     taken = {x.alias for x in (*d.devices, *live.devices)} | {r.alias for r in (md.regions if md else ())}

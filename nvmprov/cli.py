@@ -281,7 +281,8 @@ def _attach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("--size", required=True, help="region size, e.g. 512MiB")
     p.add_argument("--name", dest="region", help="region name (default: hpN)")
-    p.add_argument("--model", choices=["nvdimm", "virtio-pmem"], default="nvdimm")
+    p.add_argument("--model", choices=["nvdimm", "virtio-pmem", "cxl"], default="nvdimm",
+                   help="cxl is refused, with the reason: there is no CXL hotplug")
     p.add_argument("--label", help="nvdimm label area, e.g. 128KiB")
     p.add_argument("--mode", choices=["fsdax", "devdax", "sector", "raw"],
                    help="managed guests, nvdimm only: the namespace mode (default fsdax)")

@@ -7,7 +7,6 @@ Each check is a small function returning a Check; the verdicts on host facts are
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import subprocess  # noqa: S404  (qemu-system-x86_64 -device help, a fixed argument list)
@@ -185,44 +184,16 @@ def _spec_need(spec_path: str) -> tuple[int, str]:
     return need, f"the regions of {spec_path}"
 
 
-def _domain_refs(dom: libvirt.virDomain) -> tuple[set[str], set[tuple[str, str]]]:
-    """The files and the (pool, volume) sources of a domain's live and persistent XML."""
-    from . import virt
-    from .errors import VirtError
-
-    paths: set[str] = set()
-    volumes: set[tuple[str, str]] = set()
-    for inactive in (False, True):
-        # A domain that went away while we looked references nothing any more.
-        with contextlib.suppress(VirtError):
-            more_paths, more_volumes = virt.references(virt.xml_desc(dom, inactive=inactive))
-            paths |= more_paths
-            volumes |= more_volumes
-    return paths, volumes
-
-
-def _backing_path(vol: libvirt.virStorageVol) -> str | None:
-    import libvirt
-
-    try:
-        return ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")  # noqa: S314 - libvirt's own XML
-    except libvirt.libvirtError:
-        return None  # deleted while we looked
-
-
 def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[str]:
-    """Volume names some domain (live or persistent XML) or some volume's backing chain references."""
+    """Names of the pool's volumes some domain uses (virt.path_users) or some volume's backing
+    chain names."""
     from . import storage, virt
 
-    paths: set[str] = set()
-    names: set[str] = set()
-    for dom in virt.all_domains(conn):
-        dom_paths, dom_volumes = _domain_refs(dom)
-        paths |= dom_paths
-        names |= {vol for pool_name, vol in dom_volumes if pool_name == pool.name()}  # <disk type='volume'>
     storage.refresh(pool)
-    paths |= {p for p in map(_backing_path, pool.listAllVolumes(0)) if p}
-    return names | {p.rsplit("/", 1)[-1] for p in paths}
+    vols = pool.listAllVolumes(0)
+    by_path = {v.path(): v.name() for v in vols}
+    used = {by_path[p] for p, users in virt.path_users(conn, by_path).items() if users}
+    return used | {p.rsplit("/", 1)[-1] for p in map(storage.backing_path, vols) if p}
 
 
 def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None,

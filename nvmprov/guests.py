@@ -185,9 +185,10 @@ def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: le
         if purge.deletes(entry):
             if storage.delete(pool, entry.volume):
                 deleted.append(entry.volume)
-                what = "adopted backing volume" if entry.adopted else "backing volume" if entry.kind == "backing" \
-                    else "volume"
-                progress.line(f"deleted {what} {entry.volume}" + (" (--purge)" if entry.kind == "backing" else ""))
+                what = "adopted backing volume" if entry.adopted else {
+                    "backing": "backing volume", "label": "label storage area"}.get(entry.kind, "volume")
+                purged = entry.kind in ledger.DATA_KINDS
+                progress.line(f"deleted {what} {entry.volume}" + (" (--purge)" if purged else ""))
         elif entry.adopted:
             handed_back.append(entry.volume)
         else:

@@ -389,13 +389,13 @@ def _shq(s: str) -> str:
 
 
 def _refuse_if_in_use(conn: libvirt.virConnect, pool: libvirt.virStoragePool, names: Iterable[str]) -> None:
-    from nvmprov import storage
+    from nvmprov import storage, virt
 
     for name in names:
         vol = storage.lookup(pool, name)
         if vol is None:
             continue
-        users = storage.volume_users(conn, vol.path())
+        users = virt.path_users(conn, [vol.path()])[vol.path()]
         if users:
             raise HostError(
                 f"cannot rebuild the built-in image: volume {name} is used by domain(s) {', '.join(users)}; "

@@ -196,6 +196,11 @@ def in_the_way(pool: libvirt.virStoragePool, volume: str, owner: str, region: st
             f"(virsh vol-delete --pool {pool.name()} {volume}, after saving its data){legacy}")
 
 
+# Volumes that hold region data, kept unless purged: backings, and a CXL device's label storage area
+# (its namespace labels: without them the kept backing's namespace is gone).
+DATA_KINDS = ("backing", "label")
+
+
 @dataclass(frozen=True)
 class Purge:
     """What destroy and detach may delete beyond overlays and seeds. --purge-adopted implies
@@ -210,7 +215,7 @@ class Purge:
 
     def deletes(self, entry: Entry) -> bool:
         """Whether this purge deletes ENTRY (one nvmprov holds for the guest being destroyed)."""
-        return entry.kind != "backing" or (self.adopted if entry.adopted else self.volumes)
+        return entry.kind not in DATA_KINDS or (self.adopted if entry.adopted else self.volumes)
 
 
 def may_delete(entry: Entry | None, hypervisor: str, owner: str, *, adopted_too: bool = False) -> bool:

@@ -75,6 +75,11 @@ class RegionReport:
     # Regions proved without a filesystem: where in guest_device the payload (and its marker) starts,
     # inside the reserved tail after usable_bytes; None for a payload file
     payload_offset: int | None = None
+    # A namespace of a split region (issue 19) is an entry of its own, named REGION.NAMESPACE, with the
+    # spec region it is in and its name (ndctl's, in its label); size_bytes is the namespace's. Both
+    # None for an entry that is a whole region.
+    region: str | None = None
+    namespace: str | None = None
 
     def observe(self, state: RegionState | None) -> None:
         """Take every enumeration-dependent field from `state`, the region as the guest shows it

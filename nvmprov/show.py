@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import domxml
+from . import domain
 
 if TYPE_CHECKING:
     import libvirt
@@ -136,8 +136,8 @@ def _region_name(alias: str | None) -> str:
 
 def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | None) -> MemoryMap:
     """The map from libvirt alone: the live XML when running, the persistent one otherwise."""
-    now = domxml.parse(live_xml if running else config_xml)
-    cfg = domxml.parse(config_xml)
+    now = domain.parse(live_xml if running else config_xml)
+    cfg = domain.parse(config_xml)
     views: dict[str, RegionView] = {}
     live_aliases = {d.alias for d in now.devices} if running else set()
     cfg_aliases = {d.alias for d in cfg.devices}

@@ -77,13 +77,30 @@ def btt_usable_bytes(namespace_bytes: int, sector_bytes: int = BTT_SECTOR_BYTES)
     return max(internal_nlba - BTT_NFREE, 0) * sector_bytes
 
 
+def labelled_available_bytes(backing_bytes: int, label_bytes: int) -> int:
+    """What a labelled region offers its namespaces: the backing minus the label area, aligned down to
+    the region's 16 MiB namespace alignment (measured: 512 MiB with a 2 MiB label -> 510 MiB region,
+    available_size 496 MiB; `ndctl create-namespace -s` refuses sizes off a 16 MiB multiple)."""
+    return align_down(backing_bytes - label_bytes, LABELLED_NS_ALIGN_BYTES)
+
+
+def namespace_usable_bytes(namespace_bytes: int, mode: str) -> int:
+    """What one namespace of NAMESPACE_BYTES gives in MODE (measured on a split region: fsdax 192 MiB
+    -> 197132288, devdax 304 MiB -> 312475648, sector 160 MiB -> 166526976, raw 144 MiB -> 144 MiB)."""
+    if mode == "raw":
+        return namespace_bytes
+    if mode == "sector":
+        return btt_usable_bytes(namespace_bytes)
+    return fsdax_usable_bytes(namespace_bytes)
+
+
 def reserves_tail(model: str, mode: str | None, filesystem: str, readonly: bool) -> bool:
     """Does nvmprov keep a reserved tail on this region (see RESERVED_TAIL_BYTES)?"""
     return model == "nvdimm" and not readonly and filesystem == "none" and mode in ("devdax", "raw", "sector")
 
 
 def expected_usable_bytes(
-    model: Literal["nvdimm", "virtio-pmem"],
+    model: Literal["nvdimm", "virtio-pmem", "cxl"],
     backing_bytes: int,
     label_bytes: int | None,
     *,
@@ -99,7 +116,8 @@ def expected_usable_bytes(
     mode (None: fsdax, raw when readonly): fsdax and devdax take their page map
     (fsdax_usable_bytes), sector its BTT metadata (btt_usable_bytes), raw nothing. `tail`: minus
     the reserved tail of a region nvmprov proves without a filesystem.
-    virtio-pmem: the whole device is one pmem disk.
+    virtio-pmem: the whole device is one pmem disk. cxl: as a label-less nvdimm (the region spans
+    the device; its labels live in the device's own label storage area).
     """
     if model == "virtio-pmem":
         return backing_bytes

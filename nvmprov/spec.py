@@ -37,7 +37,21 @@ from pydantic import (
 
 from .diskimage import file_kind
 from .errors import HostError, SpecError, UsageError
-from .sizes import GiB, KiB, MiB, TiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
+from .sizes import (
+    DIMM_ALIGN_BYTES,
+    LABELLED_NS_ALIGN_BYTES,
+    GiB,
+    KiB,
+    MiB,
+    TiB,
+    align_down,
+    backing_bytes_for,
+    expected_usable_bytes,
+    format_size,
+    labelled_available_bytes,
+    namespace_usable_bytes,
+    round_up,
+)
 
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
 MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
@@ -57,6 +71,11 @@ NUMA_NODE_RAM_ALIGN_BYTES = 2 * MiB  # each node's RAM is a backend of its own, 
 MIN_NUMA_NODE_RAM_BYTES = 128 * MiB  # a node's RAM share: the kernel boots on node 0's alone
 DEVDAX_ALIGNS = (4 * KiB, 2 * MiB)  # what a devdax namespace takes here (1GiB: see _check_mode)
 DEFAULT_DEVDAX_ALIGN = 2 * MiB
+# CXL (issue 20, measured in docs/performance.md): a cxl-type3 device reports its capacity in 256MiB
+# units (a 384MiB memdev gives no mem0 in the guest at all); one region per guest is what was measured.
+CXL_GRANULE_BYTES = 256 * MiB
+MAX_CXL_REGIONS = 1
+MAX_NAMESPACES = 8                 # per split region: a handful; each is a round of the agent's work
 
 _UNITS = {"b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
 _DECIMAL_UNITS = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
@@ -478,13 +497,81 @@ class TimeoutsSpec(BaseModel):
     ssh_s: int = Field(600, ge=1, le=86_400)
 
 
+class NamespaceSpec(BaseModel):
+    """One namespace of a labelled region split in several (`namespaces:`, issue 19). Each follows
+    the rules of a region of its mode; its size must fit the region (GuestSpec checks the sum)."""
+
+    model_config = _CONFIG
+    name: RegionName
+    size_bytes: Annotated[int, BeforeValidator(_size("size", minimum=LABELLED_NS_ALIGN_BYTES)), _Ser] = Field(
+        alias="size"
+    )
+    mode: Literal["fsdax", "devdax", "sector", "raw"] = "fsdax"
+    align_bytes: Annotated[int | None, BeforeValidator(_optional_size("align")), _OptSer] = Field(None, alias="align")
+    # None: ext4, or none for devdax
+    filesystem: Literal["ext4", "xfs", "none"] | None = None
+    # None: /mnt/REGION-NAME, set by the region (it knows its own name)
+    mount: Annotated[str | None, AfterValidator(_lenient(_check_mount))] = None
+
+    @model_validator(mode="after")
+    def _namespace_rules(self) -> NamespaceSpec:
+        if self.size_bytes % LABELLED_NS_ALIGN_BYTES:
+            down, up = align_down(self.size_bytes, LABELLED_NS_ALIGN_BYTES), round_up(self.size_bytes,
+                                                                                      LABELLED_NS_ALIGN_BYTES)
+            raise _Problem(f"size {format_size(self.size_bytes)} is not a multiple of "
+                           f"{format_size(LABELLED_NS_ALIGN_BYTES)}, the alignment of a labelled region's namespaces "
+                           f"(ndctl refuses it as misaligned); use {format_size(up)} or {format_size(down)}", "size")
+        if self.mode == "devdax" and self.filesystem not in (None, "none"):
+            raise _Problem(f"devdax is a character device (/dev/daxN.M) and takes no filesystem, not "
+                           f"{self.filesystem}; remove filesystem, or use mode: fsdax for a DAX filesystem",
+                           "filesystem")
+        _check_align(self.align_bytes, self.mode)
+        if self.filesystem is None:
+            self.filesystem = "none" if self.mode == "devdax" else "ext4"
+        if self.filesystem == "none" and self.mount is not None:
+            fix = "use mode: fsdax" if self.mode == "devdax" else "set filesystem: ext4"
+            raise _Problem(f"a namespace without a filesystem cannot be mounted; remove mount or {fix}", "mount")
+        usable = namespace_usable_bytes(self.size_bytes, self.mode)
+        if self.filesystem == "xfs" and usable < XFS_MIN_USABLE_BYTES:
+            size = LABELLED_NS_ALIGN_BYTES
+            while namespace_usable_bytes(size, self.mode) < XFS_MIN_USABLE_BYTES:
+                size += LABELLED_NS_ALIGN_BYTES
+            raise _Problem(f"xfs needs at least 300MiB but a {format_size(self.size_bytes)} {self.mode} namespace "
+                           f"leaves {usable} bytes usable; use size >= {format_size(size)} or filesystem: ext4",
+                           "filesystem")
+        if self.mode == "devdax" and self.align_bytes == DEFAULT_DEVDAX_ALIGN:
+            self.align_bytes = None
+        return self
+
+    @property
+    def devdax_align_bytes(self) -> int | None:
+        return (self.align_bytes or DEFAULT_DEVDAX_ALIGN) if self.mode == "devdax" else None
+
+
+def _check_align(align_bytes: int | None, mode: str) -> None:
+    """align: devdax only, one of DEVDAX_ALIGNS (a region's and a namespace's rule alike)."""
+    if align_bytes is None:
+        return
+    align = format_size(align_bytes)
+    if mode != "devdax":
+        raise _Problem(f"align is for mode: devdax only (nvmprov makes {mode} with the kernel's "
+                       "alignment); remove align, or set mode: devdax", "align")
+    if align_bytes == GiB:
+        raise _Problem("align 1GiB needs 1GiB pages (pdpe1gb), which the guest CPU nvmprov uses under TCG "
+                       "(Nehalem) does not offer, and a region of more than 1GiB; use align: 2MiB or 4KiB",
+                       "align")
+    if align_bytes not in DEVDAX_ALIGNS:
+        raise _Problem(f"align {align} is not one a devdax namespace takes; use 2MiB (the default) or 4KiB",
+                       "align")
+
+
 class RegionSpec(BaseModel):
     model_config = _CONFIG
     name: RegionName
     size_bytes: Annotated[int, BeforeValidator(_size("size", minimum=MIN_REGION_BYTES)), _Ser] = Field(
         alias="size"
     )
-    model: Literal["nvdimm", "virtio-pmem"] = "nvdimm"
+    model: Literal["nvdimm", "virtio-pmem", "cxl"] = "nvdimm"
     label_bytes: Annotated[
         int | None, BeforeValidator(_optional_size("label", minimum=MIN_LABEL_BYTES, multiple=LABEL_MULTIPLE_BYTES)),
         _OptSer,
@@ -504,6 +591,8 @@ class RegionSpec(BaseModel):
     volume: Annotated[str | None, AfterValidator(_check_volume)] = None
     # The guest NUMA node the region sits on (nvdimm <target><node>); < the guest's numa_nodes.
     numa_node: int = Field(0, ge=0, le=MAX_NUMA_NODES - 1)
+    # A labelled nvdimm split into several namespaces (issue 19); None: one namespace, the region's keys.
+    namespaces: list[NamespaceSpec] | None = None
 
     @property
     def namespace_mode(self) -> str | None:
@@ -516,6 +605,9 @@ class RegionSpec(BaseModel):
     def _region_rules(self) -> RegionSpec:
         self._check_model_rules()
         self._check_label()
+        if self.namespaces is not None:
+            self._check_namespaces()
+            return self
         self._check_mode()
         if self.filesystem is None:
             self.filesystem = "none" if self.mode == "devdax" else "ext4"
@@ -547,21 +639,57 @@ class RegionSpec(BaseModel):
             raise _Problem(f"devdax is a character device (/dev/daxN.M) and takes no filesystem, not "
                            f"{self.filesystem}; remove filesystem, or use mode: fsdax for a DAX filesystem",
                            "filesystem")
-        if self.align_bytes is None:
+        _check_align(self.align_bytes, self.namespace_mode or "fsdax")
+
+    def _check_namespaces(self) -> None:
+        """A split region: labelled nvdimm, written, its own keys left to the namespaces; they fit."""
+        if self.model != "nvdimm" or self.label_bytes is None or self.readonly:
+            why = ("virtio-pmem has no namespaces to choose from" if self.model == "virtio-pmem" else
+                   "splitting a CXL region is not measured here" if self.model == "cxl" else
+                   "a readonly region cannot be written (namespaces live in its labels)" if self.readonly else
+                   "namespaces are kept in the region's label area and a label-less region has one namespace")
+            fix = ("use model: nvdimm with label: 128KiB" if self.model != "nvdimm" else
+                   "remove readonly" if self.readonly else "add label: 128KiB")
+            raise _Problem(f"only a labelled, writable nvdimm can be split into namespaces: {why}; {fix}",
+                           "namespaces")
+        for key, value in (("mode", self.mode), ("align", self.align_bytes), ("filesystem", self.filesystem),
+                           ("mount", self.mount)):
+            if value is not None:
+                raise _Problem(f"{key} belongs to each namespace of a split region; move it into its namespace "
+                               "(namespaces: [{name: ..., size: ..., " + key + ": ...}])", key)
+        if not 1 <= len(self.namespaces or ()) <= MAX_NAMESPACES:
+            raise _Problem(f"give 1 to {MAX_NAMESPACES} namespaces, not {len(self.namespaces or ())}", "namespaces")
+        self.filesystem = "none"  # the region itself holds none: its namespaces do
+        names: dict[str, int] = {}
+        for i, ns in enumerate(self.namespaces or ()):
+            if ns.name in names:
+                raise _Problem(f"namespace name {ns.name!r} is used twice (also namespaces[{names[ns.name]}]); "
+                               "give each namespace its own name", "namespaces", i, "name")
+            names[ns.name] = i
+            if ns.filesystem != "none" and ns.mount is None:
+                ns.mount = f"/mnt/{self.name}-{ns.name}"
+        self._check_namespaces_fit()
+
+    def _check_namespaces_fit(self) -> None:
+        """The sizes must fit what the region offers after its label and the 16MiB alignment
+        (measured: 512MiB with a 128KiB label -> a 510MiB region, 496MiB available)."""
+        sizes = [ns.size_bytes for ns in self.namespaces or ()]
+        label = round_up(self.label_bytes or 0, DIMM_ALIGN_BYTES)
+        available = labelled_available_bytes(backing_bytes_for(self.size_bytes), label)
+        if sum(sizes) <= available:
             return
-        align = format_size(self.align_bytes)
-        if self.mode != "devdax":
-            raise _Problem(f"align is for mode: devdax only (nvmprov makes {self.namespace_mode} with the kernel's "
-                           "alignment); remove align, or set mode: devdax", "align")
-        if self.align_bytes == GiB:
-            raise _Problem("align 1GiB needs 1GiB pages (pdpe1gb), which the guest CPU nvmprov uses under TCG "
-                           "(Nehalem) does not offer, and a region of more than 1GiB; use align: 2MiB or 4KiB",
-                           "align")
-        if self.align_bytes not in DEVDAX_ALIGNS:
-            raise _Problem(f"align {align} is not one a devdax namespace takes; use 2MiB (the default) or 4KiB",
-                           "align")
+        fix = f"use size: {format_size(sum(sizes) + label)}"
+        last = available - sum(sizes[:-1])
+        if last >= LABELLED_NS_ALIGN_BYTES:
+            fix += f" or make the last namespace {format_size(last)}"
+        raise _Problem(f"the namespaces take {format_size(sum(sizes))} but the {format_size(self.size_bytes)} region "
+                       f"offers {format_size(available)} after its {format_size(label)} label and the "
+                       f"{format_size(LABELLED_NS_ALIGN_BYTES)} alignment; {fix}", "namespaces")
 
     def _check_model_rules(self) -> None:
+        if self.model == "cxl":
+            self._check_cxl()
+            return
         if self.model != "virtio-pmem":
             return
         if self.label_bytes is not None:
@@ -577,6 +705,31 @@ class RegionSpec(BaseModel):
             raise _Problem("only an nvdimm takes a NUMA node: libvirt 9.0 refuses a NUMA node on virtio-pmem "
                            "('virtio-pmem does not support NUMA nodes'; QEMU 7.2's virtio-pmem-pci has none); "
                            "remove numa_node or use model: nvdimm", "numa_node")
+
+    def _check_cxl(self) -> None:
+        """What a CXL pmem region cannot be on this stack (QEMU 7.2 cxl-type3, guest kernel 6.1)."""
+        if self.size_bytes % CXL_GRANULE_BYTES:
+            raise _Problem(f"size {format_size(self.size_bytes)} is not a multiple of 256MiB: a CXL memory device "
+                           "reports its capacity in 256MiB units (a 384MiB one shows no memdev in the guest); use "
+                           f"size: {format_size(round_up(self.size_bytes, CXL_GRANULE_BYTES))}", "size")
+        refusals = (
+            ("readonly", self.readonly, "QEMU 7.2's cxl-type3 has no read-only mode; remove readonly or use model: "
+             "nvdimm"),
+            ("label", self.label_bytes is not None, "a CXL device keeps its labels in its own label storage area "
+             "(a 1MiB volume nvmprov makes beside the backing); remove label"),
+            ("host_pmem", self.host_pmem, "QEMU 7.2's cxl-type3 has no pmem=on (that is an nvdimm's, on real host "
+             "pmem); remove host_pmem or use model: nvdimm"),
+            ("numa_node", self.numa_node != 0, "the CXL window's node comes from the firmware's CEDT, not from "
+             "the spec; remove numa_node or use model: nvdimm"),
+            ("volume", self.volume is not None, "a CXL region's volumes are named on QEMU's command line, which "
+             "libvirt neither chowns nor labels, so nvmprov makes them owned by QEMU's user and cannot adopt a "
+             "volume made elsewhere; remove volume"),
+            ("mode", self.mode not in (None, "fsdax"), f"mode {self.mode} on CXL is not measured here (fsdax is); "
+             "remove mode or use model: nvdimm"),
+        )
+        for key, refused, why in refusals:
+            if refused:
+                raise _Problem(why, key)
 
     def _check_label(self) -> None:
         if self.label_bytes is None:
@@ -616,6 +769,14 @@ def _usable(model: str, size_bytes: int, label_bytes: int | None, mode: str | No
                                  mode=mode)
 
 
+def _display_loc(loc: tuple[str | int, ...]) -> str:
+    """("pmem", 0, "namespaces", 1) -> pmem[0].namespaces[1]"""
+    text = ""
+    for part in loc:
+        text = _join(text, part)
+    return text
+
+
 def _min_size_for_xfs(region: RegionSpec) -> int:
     size = round_up(XFS_MIN_USABLE_BYTES, 2 * MiB)
     while _usable(region.model, size, region.label_bytes, region.namespace_mode) < XFS_MIN_USABLE_BYTES:
@@ -623,7 +784,7 @@ def _min_size_for_xfs(region: RegionSpec) -> int:
     return size
 
 
-_ADDED_REGION_KEYS = ("mode", "align", "volume")  # issues 17 and 15
+_ADDED_REGION_KEYS = ("mode", "align", "volume", "namespaces")  # issues 17, 15 and 19
 
 
 class GuestSpec(BaseModel):
@@ -682,19 +843,28 @@ class GuestSpec(BaseModel):
     def _check_home_mounts(self, warnings: list[str] | None) -> None:
         """RULE_MOUNT for the login user's home: nvmprov logs in with the key kept there."""
         home = f"/home/{self.ssh.user}"
-        for i, r in enumerate(self.pmem):
-            if r.mount is None or not _under(r.mount, home):
+        for mount, loc in self._mounts():
+            if not _under(mount, home):
                 continue
-            message = (f"mount {r.mount!r} is the login user's home ({home}) or in it; a filesystem there hides "
+            message = (f"mount {mount!r} is the login user's home ({home}) or in it; a filesystem there hides "
                        "its .ssh/authorized_keys and nvmprov cannot log in after the next boot; "
                        "use a directory of its own, e.g. /mnt/data")
             if warnings is None:
-                raise _Problem(message, "pmem", i, "mount")
+                raise _Problem(message, *loc)
             warnings.append(f"{RULE_MOUNT!r}: {message}")
+
+    def _mounts(self) -> Iterator[tuple[str, tuple[str | int, ...]]]:
+        """Every mount point of the guest (regions' and their namespaces'), with where it is written."""
+        for i, r in enumerate(self.pmem):
+            if r.mount is not None:
+                yield r.mount, ("pmem", i, "mount")
+            for j, ns in enumerate(r.namespaces or ()):
+                if ns.mount is not None:
+                    yield ns.mount, ("pmem", i, "namespaces", j, "mount")
 
     def _check_regions(self) -> None:
         names: dict[str, int] = {}
-        mounts: dict[str, int] = {}
+        mounts: dict[str, str] = {}
         volumes: dict[str, int] = {}
         for i, r in enumerate(self.pmem):
             if r.name in names:
@@ -709,16 +879,14 @@ class GuestSpec(BaseModel):
                 raise _Problem(f"volume {volume!r} is also the backing of pmem[{volumes[volume]}]; a volume backs one "
                                "region: name another volume", "pmem", i, "volume")
             volumes[volume] = i
-            if r.mount is None:
-                continue
-            for other, j in mounts.items():
-                if other == r.mount:
-                    raise _Problem(f"mount {r.mount!r} is used twice (also pmem[{j}]); give each region its own",
-                                   "pmem", i, "mount")
-                if r.mount.startswith(other + "/") or other.startswith(r.mount + "/"):
-                    raise _Problem(f"mount {r.mount!r} nests with {other!r} of pmem[{j}]; use separate directories",
-                                   "pmem", i, "mount")
-            mounts[r.mount] = i
+        self._check_cxl_regions()
+        for mount, loc in self._mounts():
+            for other, where in mounts.items():
+                if other == mount:
+                    raise _Problem(f"mount {mount!r} is used twice (also {where}); give each region its own", *loc)
+                if mount.startswith(other + "/") or other.startswith(mount + "/"):
+                    raise _Problem(f"mount {mount!r} nests with {other!r} of {where}; use separate directories", *loc)
+            mounts[mount] = _display_loc(loc[:-1])
         n_virtio = sum(1 for r in self.pmem if r.model == "virtio-pmem")
         if n_virtio > MAX_VIRTIO_PMEM:
             raise _Problem(f"{n_virtio} virtio-pmem regions; at most {MAX_VIRTIO_PMEM} fit (one PCIe port each)",
@@ -731,6 +899,17 @@ class GuestSpec(BaseModel):
             raise _Problem(f"{len(self.pmem)} regions + {self.hotplug.slots} hotplug slots = {total} memory slots; "
                            f"QEMU allows {MAX_MEMORY_SLOTS}: use slots <= {MAX_MEMORY_SLOTS - len(self.pmem)}",
                            "hotplug", "slots")
+
+    def _check_cxl_regions(self) -> None:
+        cxl = [i for i, r in enumerate(self.pmem) if r.model == "cxl"]
+        if len(cxl) > MAX_CXL_REGIONS:
+            raise _Problem(f"{len(cxl)} cxl regions; one per guest is what is measured here (one type-3 device "
+                           "behind a host bridge with two root ports): keep one, make the others nvdimm",
+                           "pmem", cxl[MAX_CXL_REGIONS], "model")
+        if cxl and self.accel == "kvm":
+            raise _Problem("accel: kvm with a cxl region is unmeasured here (this host has no usable KVM; QEMU may "
+                           "emulate CXL memory as I/O memory, which KVM cannot map into the guest); use accel: "
+                           "auto (it picks tcg for a CXL guest) or tcg", "accel")
 
     def volume_of(self, region: RegionSpec) -> str:
         """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""
@@ -788,7 +967,7 @@ def _no_pydantic_plugins() -> Iterator[None]:
 
 def _build_models() -> None:
     with _no_pydantic_plugins():
-        for model in (SshSpec, NetworkSpec, HotplugSpec, TimeoutsSpec, RegionSpec, GuestSpec):
+        for model in (SshSpec, NetworkSpec, HotplugSpec, TimeoutsSpec, NamespaceSpec, RegionSpec, GuestSpec):
             model.model_rebuild()
 
 

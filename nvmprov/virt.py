@@ -5,9 +5,9 @@ Every libvirt failure leaves here as VirtError (or HostError for the connection)
 
 from __future__ import annotations
 
+import posixpath
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import libvirt
 
@@ -132,32 +132,61 @@ def all_domains(conn: libvirt.virConnect) -> Iterator[libvirt.virDomain]:
     yield from _call("listing domains", conn.listAllDomains)  # type: ignore[misc]
 
 
-def domains_using_path(conn: libvirt.virConnect, path: str, *, exclude: str | None = None) -> list[str]:
-    """Names of domains (running or not) whose config or live XML references `path`: by file or
-    path, or as a storage volume (<source pool='P' volume='V'/>, resolved through the connection)."""
-    target = _volume_of_path(conn, path)
+def path_users(conn: libvirt.virConnect, paths: Iterable[str], *, exclude: str | None = None
+               ) -> dict[str, list[str]]:
+    """For each of PATHS, the sorted names of the domains (running or not, EXCLUDE left out) that use
+    it: whatever domain.references reads in their live or persistent XML names it, as a file, in a
+    <qemu:commandline> argument, or as a storage volume (resolved through the connection). The one
+    answer to "which domains use this path", for create, attach, detach --purge, prune and image."""
+    from . import domain
+
+    wanted = {p: posixpath.normpath(p) for p in paths}
+    users: dict[str, list[str]] = {p: [] for p in wanted}
     resolved: dict[tuple[str, str], str | None] = {}
-    users = []
+    volumes_at: dict[str, tuple[str, str] | None] = {}
     for dom in all_domains(conn):
-        if dom.name() == exclude:
+        name = dom.name()
+        if name == exclude:
             continue
-        for xml in {xml_desc(dom, inactive=True), xml_desc(dom)}:
-            paths, volumes = references(xml)
-            if path in paths or any(
-                ref == target or _volume_path(conn, ref, resolved) == path for ref in volumes
-            ):
-                users.append(dom.name())
-                break
-    return users
+        used: set[str] = set()
+        for xml in _definitions(dom):
+            refs = domain.references(xml)
+            used |= refs.paths
+            for ref in refs.volumes:
+                path = _volume_path(conn, ref, resolved)
+                if path:
+                    used.add(posixpath.normpath(path))
+                else:  # its pool inactive: compare with the volume libvirt has at each path
+                    used |= {p for p in wanted if _volume_of_path(conn, p, volumes_at) == ref}
+        for path, norm in wanted.items():
+            if norm in used or path in used:
+                users[path].append(name)
+    return {p: sorted(names) for p, names in users.items()}
 
 
-def _volume_of_path(conn: libvirt.virConnect, path: str) -> tuple[str, str] | None:
-    """(pool, volume) of the volume at `path`, None when libvirt knows no volume there."""
+def _definitions(dom: libvirt.virDomain) -> list[str]:
+    """The live XML and, when it differs, the persistent one; none of a domain that went away."""
     try:
-        vol = conn.storageVolLookupByPath(path)
-        return vol.storagePoolLookupByVolume().name(), vol.name()
-    except libvirt.libvirtError:
-        return None
+        xmls = [dom.XMLDesc(0)]
+        if dom.isActive() and dom.isPersistent():
+            xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return []
+        raise VirtError(f"reading the XML of {dom.name()}: {exc.get_error_message()}") from None
+    return xmls
+
+
+def _volume_of_path(conn: libvirt.virConnect, path: str, cache: dict[str, tuple[str, str] | None]
+                    ) -> tuple[str, str] | None:
+    """(pool, volume) of the volume at `path`, None when libvirt knows no volume there."""
+    if path not in cache:
+        try:
+            vol = conn.storageVolLookupByPath(path)
+            cache[path] = (vol.storagePoolLookupByVolume().name(), vol.name())
+        except libvirt.libvirtError:
+            cache[path] = None
+    return cache[path]
 
 
 def _volume_path(conn: libvirt.virConnect, ref: tuple[str, str], cache: dict[tuple[str, str], str | None]
@@ -169,22 +198,3 @@ def _volume_path(conn: libvirt.virConnect, ref: tuple[str, str], cache: dict[tup
         except libvirt.libvirtError:
             cache[ref] = None
     return cache[ref]
-
-
-def references(domain_xml: str) -> tuple[set[str], set[tuple[str, str]]]:
-    """Files a domain names (source file=/path=, <path>, kernel, initrd) and the (pool, volume)
-    pairs of its volume sources (<disk type='volume'>, anything else sourced from a pool)."""
-    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
-    paths = set()
-    volumes = set()
-    for el in root.iter():
-        if el.tag in ("source", "path") or el.tag.endswith("kernel") or el.tag.endswith("initrd"):
-            for attr in ("file", "path"):
-                value = el.get(attr)
-                if value:
-                    paths.add(value)
-            if el.tag == "path" and el.text:
-                paths.add(el.text.strip())
-            if el.tag == "source" and el.get("pool") and el.get("volume"):
-                volumes.add((el.get("pool", ""), el.get("volume", "")))
-    return paths, volumes

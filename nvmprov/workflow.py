@@ -147,8 +147,8 @@ def _create_locked(
 
     undo = Rollback(progress)
     try:
-        build = _build_guest(conn, _Owner(pool, hv.key, spec.name), the_plan, spec, files, opts, progress, undo,
-                             report)
+        owner = _Owner(pool, hv.key, spec.name, facts.qemu_ids)
+        build = _build_guest(conn, owner, the_plan, spec, files, opts, progress, undo, report)
         if opts.until not in ("define", "start"):
             _prove(conn, build.dom, the_plan, files, opts, progress, report, power_cycle=opts.power_cycle, made=True)
         build.md = replace(build.md, complete=True)
@@ -290,19 +290,22 @@ def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Pl
     pool_dir = storage.pool_path(pool)
     book = ledger.read(pool)
     for region in the_plan.regions:
-        path = f"{pool_dir}/{region.volume}"
-        users = virt.domains_using_path(conn, path, exclude=the_plan.name)
-        if users:
-            raise HostError(
-                f"backing volume {region.volume} of region {region.name} is used by domain(s) "
-                f"{', '.join(users)}; give the region another name or detach it there first"
-            )
-        if region.adopted:
-            _check_adoptable(pool, book, owner, region)
-        elif storage.lookup(pool, region.volume) is not None and not ledger.may_delete(
-                book.get(region.volume), hv, the_plan.name):
-            raise HostError(ledger.in_the_way(pool, region.volume, f"guest {the_plan.name}", region.name,
-                                              guest=the_plan.name))
+        for volume in (region.volume, region.lsa_volume):
+            if volume is None:
+                continue
+            path = f"{pool_dir}/{volume}"
+            users = virt.path_users(conn, [path], exclude=the_plan.name)[path]
+            if users:
+                raise HostError(
+                    f"volume {volume} of region {region.name} is used by domain(s) "
+                    f"{', '.join(users)}; give the region another name or detach it there first"
+                )
+            if region.adopted:
+                _check_adoptable(pool, book, owner, region)
+            elif storage.lookup(pool, volume) is not None and not ledger.may_delete(book.get(volume), hv,
+                                                                                      the_plan.name):
+                raise HostError(ledger.in_the_way(pool, volume, f"guest {the_plan.name}", region.name,
+                                                  guest=the_plan.name))
 
 
 def _check_adoptable(pool: libvirt.virStoragePool, book: ledger.Ledger, owner: _Owner,
@@ -373,6 +376,7 @@ class _Owner:
     pool: libvirt.virStoragePool
     hv: str
     name: str
+    qemu_ids: tuple[int, int] | None = None   # HostFacts.qemu_ids: owner of CXL's files
 
 
 def _make_volumes(
@@ -398,8 +402,19 @@ def _make_volumes(
         _record(dom, md)
 
     for region in the_plan.regions:
+        # CXL's files are named only on QEMU's command line: libvirt does not chown them, so they are
+        # made owned by QEMU's user (docs/performance.md, the CXL spike)
+        qemu_owned = owner.qemu_ids if region.model == "cxl" else None
+        if region.lsa_volume is not None and storage.make_backing(
+                pool, region.lsa_volume, planmod.CXL_LSA_BYTES, owner=qemu_owned) is not None:
+            made(region.lsa_volume, "label")
+            progress.line(f"region {region.name}: label storage area {region.lsa_volume}")
+        elif region.lsa_volume is not None:
+            how = _use_existing(owner, replace(region, volume=region.lsa_volume, backing_bytes=planmod.CXL_LSA_BYTES,
+                                               adopted=False), undo)
+            progress.line(f"region {region.name}: {how} label storage area {region.lsa_volume}")
         made_now = not region.adopted and storage.make_backing(
-            pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None
+            pool, region.volume, region.backing_bytes, allocation=region.allocation, owner=qemu_owned) is not None
         if made_now:
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
-from nvmprov.agent.facts import GuestFacts, blockdev_of, daxdev_of, locate, parse_guest_facts
+from nvmprov.agent.facts import GuestFacts, blockdev_of, daxdev_of, locate, namespace_of, parse_guest_facts
 from nvmprov.agent.steps import Command, Phase, fstab_command, needed_modules, plan_commands
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Plan, RegionPlan
@@ -164,9 +164,10 @@ def apply(
     Idempotent: facts first, then only what is missing; on a finished guest it runs nothing
     but the fact collector. `reformat` lets it replace existing filesystems (once per run).
     """
-    to_reformat = {r.name for r in plan.regions} if reformat else set()
-    ran: dict[str, list[str]] = {r.name: [] for r in plan.regions}
-    modules = plan_modules(plan.regions)
+    units = plan.units  # a split region's namespaces, each on its own
+    to_reformat = {r.name for r in units} if reformat else set()
+    ran: dict[str, list[str]] = {r.name: [] for r in units}
+    modules = plan_modules(units)
     pending: list[Command] = []
     for _ in range(MAX_ROUNDS):
         for command in pending:
@@ -176,10 +177,10 @@ def apply(
         for command in pending:
             for name in [command.region] if command.region else list(ran):
                 ran[name].append(command.render())
-        _note_modprobe(facts, plan.regions, ran, progress)
-        pending = _next_commands(facts, plan.regions, to_reformat)
+        _note_modprobe(facts, units, ran, progress)
+        pending = _next_commands(facts, units, to_reformat)
         if not pending:
-            return [describe(facts, r, tuple(ran[r.name])) for r in plan.regions]
+            return [describe(facts, r, tuple(ran[r.name])) for r in units]
     raise GuestError(
         f"the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
         + "; ".join(c.render() for c in pending)
@@ -202,7 +203,8 @@ def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | No
     loss). So does a region the agent cannot place or mount any more (the error text). /etc/fstab
     is not rewritten.
     """
-    modules = plan_modules(plan.regions)
+    units = plan.units
+    modules = plan_modules(units)
     lost: dict[str, str] = {}
     pending: list[Command] = []
     for _ in range(MAX_ROUNDS):
@@ -216,7 +218,7 @@ def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | No
                 raise error
             lost[command.region] = _not_persisted(command.region, f"after the power cycle, {error}")
         pending = []
-        for region in plan.regions:
+        for region in units:
             if region.name in lost:
                 continue
             try:
@@ -230,7 +232,7 @@ def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | No
                 continue
             pending += [c for c in commands if c not in pending]  # one modprobe for several regions
         if not pending:
-            return Recheck({r.name: s for r in plan.regions if (s := _describe_if_found(facts, r)) is not None}, lost)
+            return Recheck({r.name: s for r in units if (s := _describe_if_found(facts, r)) is not None}, lost)
     raise GuestError(
         f"after the power cycle the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
         + "; ".join(c.render() for c in pending)
@@ -305,9 +307,9 @@ def tail_offset(device_bytes: int, align_bytes: int | None) -> int | None:
 
 def describe(facts: GuestFacts, region: RegionPlan, commands_run: tuple[str, ...] = ()) -> RegionState:
     guest = locate(facts, region)
-    ns = guest.active_namespace
-    dev = blockdev_of(facts, guest)
-    dax = daxdev_of(facts, guest) if ns is not None and ns.mode == "devdax" else None
+    ns = namespace_of(guest, region)
+    dev = blockdev_of(facts, guest, region)
+    dax = daxdev_of(facts, guest, region) if ns is not None and ns.mode == "devdax" else None
     device = f"/dev/{dev.name}" if dev else None
     mounts = facts.mounts_of(device) if device else ()
     mount = next((m for m in mounts if m.target == region.mount), mounts[0] if mounts else None)

@@ -31,6 +31,8 @@ class NdNamespace:
     uuid: str | None  # None for label-less namespaces
     enabled: bool  # False when ndctl says "state": "disabled" (shown with --idle)
     align: int | None = None  # fsdax/devdax: the page size of its mappings ("align"); None: not shown
+    name: str | None = None  # the name in its label (`create-namespace -n`); None: unnamed or label-less
+    chardev: str | None = None  # devdax: its character device ("dax0.1"), as ndctl names it
 
     @property
     def active(self) -> bool:
@@ -110,7 +112,16 @@ def _namespace(obj: dict[str, Any]) -> NdNamespace:
         uuid=obj.get("uuid"),
         enabled=_enabled(obj),
         align=_int(obj.get("align")),
+        name=obj.get("name") or None,
+        chardev=obj.get("chardev") or _chardev_in_daxregion(obj),
     )
+
+
+def _chardev_in_daxregion(obj: dict[str, Any]) -> str | None:
+    """`ndctl list -N` alone nests a devdax namespace's device under daxregion.devices[]."""
+    daxregion = obj.get("daxregion")
+    devices = _as_list(daxregion.get("devices")) if isinstance(daxregion, dict) else []
+    return str(devices[0]["chardev"]) if devices and devices[0].get("chardev") else None
 
 
 def _region(obj: dict[str, Any]) -> NdRegion:
@@ -564,16 +575,31 @@ def dimm_of(guest: Region) -> str | None:
     return guest.mappings[0].dimm if len(guest.mappings) == 1 else None
 
 
-def blockdev_of(facts: GuestFacts, guest: Region) -> BlockDevice | None:
-    """The region's block device: the active namespace's, else the one under the region in sysfs."""
-    ns = guest.active_namespace
+def namespace_of(guest: Region, region: RegionPlan | None = None) -> NdNamespace | None:
+    """The namespace of a spec region: the guest region's active one; for a unit of a split region
+    (RegionPlan.namespace_name) the active namespace with that name in its label, else None."""
+    if region is None or region.namespace_name is None:
+        return guest.active_namespace
+    named = [ns for ns in guest.namespaces if ns.active and ns.name == region.namespace_name]
+    return named[0] if named else None
+
+
+def blockdev_of(facts: GuestFacts, guest: Region, region: RegionPlan | None = None) -> BlockDevice | None:
+    """The region's block device: the active namespace's, else the one under the region in sysfs.
+    A unit of a split region has only its own namespace's (the region holds its siblings' too)."""
+    ns = namespace_of(guest, region)
     if ns is not None and ns.blockdev and ns.blockdev in facts.blockdevs:
         return facts.blockdevs[ns.blockdev]
+    if region is not None and region.namespace_name is not None:
+        return None
     under = [b for b in facts.blockdevs.values() if b.region == guest.dev]
     return max(under, key=lambda b: b.size_bytes) if under else None
 
 
-def daxdev_of(facts: GuestFacts, guest: Region) -> DaxDevice | None:
+def daxdev_of(facts: GuestFacts, guest: Region, region: RegionPlan | None = None) -> DaxDevice | None:
     """The region's device-dax character device (a devdax namespace), if the guest shows one."""
+    if region is not None and region.namespace_name is not None:
+        ns = namespace_of(guest, region)
+        return facts.daxdevs.get(ns.chardev) if ns is not None and ns.chardev else None
     under = [d for d in facts.daxdevs.values() if d.region == guest.dev]
     return max(under, key=lambda d: d.size_bytes) if under else None

@@ -16,7 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from nvmprov.agent.facts import BlockDevice, GuestFacts, Mount, NdNamespace, Region, blockdev_of, dimm_of, locate
+from nvmprov.agent.facts import (
+    BlockDevice,
+    GuestFacts,
+    Mount,
+    NdNamespace,
+    Region,
+    blockdev_of,
+    dimm_of,
+    locate,
+    namespace_of,
+)
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 from nvmprov.ssh import render_command
@@ -99,6 +109,8 @@ def _namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *,
             "`network: {mode: user, outbound: true}` so cloud-init installs it, or bake ndctl into the image "
             "(the built-in image has it)"
         )
+    if region.namespace_name is not None:
+        return _split_namespace_commands(facts, region, guest, reformat=reformat)
     ns = guest.active_namespace
     want = region.effective_mode or "fsdax"
     options = namespace_options(region)
@@ -131,6 +143,47 @@ def _namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *,
                  timeout_s=NAMESPACE_TIMEOUT_S)]
 
 
+def _split_namespace_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *,
+                              reformat: bool) -> list[Command]:
+    """One namespace of a split region, found by the name in its label: made when missing, never
+    made again when it is there (only --reformat reconfigures one of another mode, name kept)."""
+    assert region.namespace_name is not None and region.namespace_bytes is not None
+    options = namespace_options(region)
+    template = " %s" * len(options)
+    ns = namespace_of(guest, region)
+    if ns is not None and namespace_is_done(region, ns.mode, ns.align):
+        return []
+    if ns is not None:
+        if not reformat:
+            raise GuestError(
+                f"region {region.name}: {ns.dev} ({region.namespace_name!r} in {guest.dev}) is already a "
+                f"{ns.mode} namespace, not {_wanted(region)}; pass --reformat to reconfigure it (its contents "
+                "are lost)")
+        return [_cmd("ndctl create-namespace -f -e %s -n %s" + template, ns.dev, region.namespace_name, *options,
+                     region=region, timeout_s=NAMESPACE_TIMEOUT_S)]
+    create = _cmd("ndctl create-namespace -r %s -s %s -n %s" + template, guest.dev, str(region.namespace_bytes),
+                  region.namespace_name, *options, region=region, timeout_s=NAMESPACE_TIMEOUT_S)
+    blank = [n for n in guest.namespaces if n.active and n.uuid is None]
+    if blank:
+        # Labels never initialised: the kernel shows the whole region as one label-less raw namespace.
+        # Only a raw one that blkid calls empty is written over (as for a region of one namespace).
+        _refuse_to_destroy(facts, region, guest, blank[0], reformat=reformat)
+        nmem = dimm_of(guest)
+        if nmem is None:
+            raise GuestError(f"region {region.name}: {guest.dev} spans several DIMMs; cannot init its labels")
+        # The split's other units plan the same three commands; the round sends them once.
+        return [_cmd("ndctl disable-region %s", guest.dev, region=region),
+                _cmd("ndctl init-labels -f %s", nmem, region=region),
+                _cmd("ndctl enable-region %s", guest.dev, region=region), create]
+    unnamed = [n for n in guest.namespaces if n.active and n.name is None]
+    if unnamed:
+        raise GuestError(
+            f"region {region.name}: {guest.dev} holds {unnamed[0].dev} ({unnamed[0].mode}, no name), which nvmprov "
+            f"did not make for this split and will not destroy; remove it in the guest (ndctl destroy-namespace -f "
+            f"{unnamed[0].dev}) if its data may go, or give the region no namespaces:")
+    return [create]
+
+
 def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, ns: NdNamespace, *,
                        reformat: bool) -> None:
     """Converting a namespace rewrites its start: never over a filesystem or a non-raw mode unless told.
@@ -143,7 +196,7 @@ def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, ns:
         return
     want = region.effective_mode or "fsdax"
     what = f"{ns.mode}" + (f" (align {ns.align})" if ns.mode == "devdax" and ns.align else "")
-    dev = blockdev_of(facts, guest)
+    dev = blockdev_of(facts, guest) if region.namespace_name is None else _blockdev_of_namespace(facts, ns)
     if dev is not None:
         _refuse_unknown_contents(region, dev, f"make {guest.dev} {want}")
     if dev is not None and dev.fs is not None:
@@ -156,6 +209,10 @@ def _refuse_to_destroy(facts: GuestFacts, region: RegionPlan, guest: Region, ns:
             f"region {region.name}: {guest.dev} is already a {what} namespace, not {_wanted(region)}; "
             "pass --reformat to reconfigure it (its contents are lost)"
         )
+
+
+def _blockdev_of_namespace(facts: GuestFacts, ns: NdNamespace) -> BlockDevice | None:
+    return facts.blockdevs.get(ns.blockdev) if ns.blockdev else None
 
 
 def _wanted(region: RegionPlan) -> str:
@@ -201,7 +258,7 @@ def _cmd(
 def _filesystem_commands(facts: GuestFacts, region: RegionPlan, guest: Region, *, reformat: bool) -> list[Command]:
     if region.filesystem == "none" or region.mount is None:
         return []
-    dev = blockdev_of(facts, guest)
+    dev = blockdev_of(facts, guest, region)
     if dev is None:
         raise GuestError(no_blockdev_message(facts, region, guest))
     device = f"/dev/{dev.name}"
@@ -272,11 +329,14 @@ def _mkfs(region: RegionPlan, device: str) -> Command:
 def fs_uuid(region: RegionPlan) -> str:
     """The UUID of a filesystem nvmprov makes on this region, known before mkfs runs.
 
-    uuid5 of the region's backing volume name ("GUEST-pmem-REGION.raw", unique in its pool), so
+    uuid5 of the region's backing volume name ("GUEST-pmem-REGION.raw", unique in its pool; with
+    "/NAMESPACE" for a namespace of a split region, so each of its filesystems has its own), so
     a --reformat keeps the fstab entry and the plan alone decides it: the Plan holds no domain UUID
     (libvirt's is random, chosen at define time). A filesystem nvmprov did not make keeps its own
     UUID; the fstab entry then comes from blkid.
     """
+    if region.namespace_name is not None:  # one region, several filesystems: one UUID each
+        return str(uuid.uuid5(FS_UUID_NAMESPACE, f"{region.volume}/{region.namespace_name}"))
     return str(uuid.uuid5(FS_UUID_NAMESPACE, region.volume))
 
 
@@ -364,7 +424,7 @@ def fstab_entries(
         if any(c.makes_filesystem for c in mine):
             fs_id: str | None = fs_uuid(region)
         else:
-            dev = blockdev_of(facts, locate(facts, region))
+            dev = blockdev_of(facts, locate(facts, region), region)
             if dev is None or dev.fs is None or dev.fs.type != region.filesystem:
                 continue
             fs_id = dev.fs.uuid

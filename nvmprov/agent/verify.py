@@ -309,7 +309,7 @@ def verify(
     by_name = {s.name: s for s in states}
     reports: list[RegionReport] = []
     jobs: list[tuple[RegionReport, Job]] = []
-    for region in plan.regions:
+    for region in plan.units:
         state = by_name[region.name]
         # A namespace made in this run is new too (e.g. a region attached while the guest was stopped)
         made = write_tails or any(c.startswith("ndctl create-namespace") for c in state.commands_run)
@@ -356,7 +356,7 @@ def _prepare(
     report = RegionReport(
         name=region.name,
         model=region.model,
-        size_bytes=region.size_bytes,
+        size_bytes=region.namespace_bytes or region.size_bytes,
         usable_bytes=None,
         backing_path=None,
         guest_device=None,
@@ -367,6 +367,8 @@ def _prepare(
         xip_ok=None,
         data_ok=None,
         numa_node=region.numa_node if region.model == "nvdimm" else None,
+        region=region.namespace_of,
+        namespace=region.namespace_name,
     )
     report.observe(state)
     mode = region.effective_mode

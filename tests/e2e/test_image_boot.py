@@ -25,7 +25,7 @@ import libvirt
 import paramiko
 import pytest
 
-from nvmprov import image, image_seed, seed, storage
+from nvmprov import image, image_seed, seed, storage, virt
 from tests.volumes import create_backing
 
 pytestmark = pytest.mark.e2e
@@ -217,7 +217,7 @@ def booted(conn: libvirt.virConnect, pool: libvirt.virStoragePool, tmp_path_fact
         serial_log = tmp_path_factory.mktemp("imgboot") / "serial.log"
         port = free_loopback_port()
         dom = conn.defineXML(domain_xml(name, vols, port=port, mac=mac, serial_log=str(serial_log)))
-        assert storage.volume_users(conn, vols.backing) == [name]
+        assert virt.path_users(conn, [vols.backing])[vols.backing] == [name]
         start = time.monotonic()
         dom.create()
         started = time.monotonic() - start

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,7 +29,20 @@ def test_no_stale_golden_files() -> None:
 
 
 def test_every_example_has_a_golden_file() -> None:
-    assert {c.example for c in CASES} == {"guest.yaml", "mixed.yaml", "fleet.yaml", "numa.yaml"}
+    assert {c.example for c in CASES} == {"guest.yaml", "mixed.yaml", "fleet.yaml", "numa.yaml", "namespaces.yaml",
+                                          "cxl.yaml"}
+
+
+def test_split_region_plan_matches_golden(regen_golden: bool) -> None:
+    """The units a split region becomes (issue 19): what the agent makes, verifies and reports on."""
+    (case,) = [c for c in CASES if c.example == "namespaces.yaml"]
+    units = [{k: v for k, v in dataclasses.asdict(u).items() if k not in ("notes", "namespaces")}
+             for u in case.plan().units]
+    text = json.dumps(units, indent=2, sort_keys=True) + "\n"
+    golden = GOLDEN / "namespaces-units.json"
+    if regen_golden:
+        golden.write_text(text)
+    assert text == golden.read_text(), "namespaces-units.json differs: check the change, then --regen-golden"
 
 
 def _validate(xml: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

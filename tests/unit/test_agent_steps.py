@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from nvmprov import sizes
 from nvmprov.agent import apply, steps
 from nvmprov.agent.converge import gather, guest_program
 from nvmprov.agent.facts import parse_guest_facts
@@ -45,6 +46,9 @@ class FakeNs:
     uuid: str | None = None
     enabled: bool = True
     align: int | None = None  # devdax
+    name: str | None = None  # `create-namespace -n` (a split region's namespaces)
+    chardev: str | None = None  # devdax of a split region: ndctl's "chardev"
+    allocated: int = 0  # of the region's capacity (a split region's namespaces)
 
 
 @dataclass
@@ -130,6 +134,8 @@ class FakeGuest:
                             **({"align": ns.align} if ns.align else {}),
                             **({"blockdev": ns.blockdev} if ns.blockdev and ns.enabled else {}),
                             **({} if ns.enabled and r.enabled else {"state": "disabled"}),
+                            **({"name": ns.name} if ns.name else {}),
+                            **({"chardev": ns.chardev} if ns.chardev and ns.enabled else {}),
                         }
                         for ns in r.namespaces
                     ],
@@ -182,8 +188,9 @@ class FakeGuest:
                 },
                 "blockdevs": blockdevs,
                 "daxdevs": {
-                    f"dax{r.dev.removeprefix('region')}.0": {
-                        "path": f"{r.path}/dax{r.dev.removeprefix('region')}.0/dax{r.dev.removeprefix('region')}.0",
+                    ns.chardev or f"dax{r.dev.removeprefix('region')}.0": {
+                        "path": f"{r.path}/dax{r.dev.removeprefix('region')}.0/"
+                        + (ns.chardev or f"dax{r.dev.removeprefix('region')}.0"),
                         "size": str(ns.size),
                         "align": str(ns.align),
                     }
@@ -278,6 +285,28 @@ class FakeGuest:
         self._uuids += 1
         return f"00000000-0000-4000-8000-{self._uuids:012d}"
 
+    def _create_named(self, r: FakeRegion, size: int, name: str, mode: str, rest: list[str]) -> tuple[int, str]:
+        """create-namespace -r -s -n on labelled capacity: the idle seed becomes the namespace, a new seed follows."""
+        if not (r.labelled and r.labels_initialised):
+            return 1, f"failed to create namespace: align setting is 0x1000000 size {r.size:#x} is misaligned"
+        if size % (16 * MiB):
+            return 234, f"Error: create namespace: {r.dev}: align setting is 0x1000000 size {size:#x} is misaligned"
+        if sum(ns.allocated for ns in r.namespaces) + size > r.size // (16 * MiB) * (16 * MiB):
+            return 1, f"Error: create namespace: {r.dev}: insufficient capacity"
+        seed = next(ns for ns in r.namespaces if not ns.enabled)
+        n, k = r.dev.removeprefix("region"), int(seed.dev.rsplit(".", 1)[1])
+        block = f"pmem{n}" if k == 0 else f"pmem{n}.{k}"
+        made = FakeNs(seed.dev, mode, sizes.namespace_usable_bytes(size, mode), None, self._new_uuid(), name=name,
+                      allocated=size)
+        if mode == "devdax":
+            assert rest in ([], ["-a", "4096"], ["-a", "2097152"]), rest
+            made.align, made.chardev = int(rest[1]) if rest else 2 * MiB, f"dax{n}.{k}"
+        else:
+            made.blockdev = block + ("s" if mode == "sector" else "")
+        r.namespaces.remove(seed)
+        r.namespaces += [made, FakeNs(f"namespace{n}.{k + 1}", "raw", 0, None, "0" * 8, enabled=False)]
+        return 0, ""
+
     def _mutate(self, command: str, stdin: bytes | None) -> tuple[int, str]:  # noqa: C901 - a dispatcher
         argv = shlex.split(command.split(" && ")[0])
         match argv:
@@ -324,6 +353,8 @@ class FakeGuest:
                     return 1, f"failed to create namespace: align setting is 0x1000000 size {r.size:#x} is misaligned"
                 n = dev.removeprefix("region")
                 r.namespaces = [FakeNs(f"namespace{n}.0", "fsdax", fsdax_bytes(r.size), f"pmem{n}", self._new_uuid())]
+            case ["ndctl", "create-namespace", "-r", dev, "-s", size, "-n", name, "-m", mode, *rest]:
+                return self._create_named(self.regions[dev], int(size), name, mode, rest)
             case ["mkfs.ext4" | "mkfs.xfs" as mkfs, *opts, "-L", label, device]:
                 if mkfs == "mkfs.ext4":
                     assert opts[:4] == ["-q", "-F", "-b", "4096"] and opts[4] == "-U", opts

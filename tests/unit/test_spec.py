@@ -186,7 +186,7 @@ def test_specfile_guest_lookup() -> None:
 def test_every_example_loads() -> None:
     names = {p.name: [g.name for g in spec.load(p).guests] for p in EXAMPLES.glob("*.yaml")}
     assert names == {"guest.yaml": ["demo"], "mixed.yaml": ["mixed"], "fleet.yaml": ["ci-1", "ci-2", "ci-3"],
-                     "numa.yaml": ["numa"]}
+                     "numa.yaml": ["numa"], "namespaces.yaml": ["split"], "cxl.yaml": ["cxl"]}
 
 
 def test_missing_file(tmp_path: Path) -> None:

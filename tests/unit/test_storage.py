@@ -7,7 +7,6 @@ here and by tests/e2e/test_image_boot.py against qemu:///system.
 from __future__ import annotations
 
 import itertools
-import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -168,45 +167,6 @@ def test_delete(pool):
     assert storage.delete(pool, "x.raw") is True
     assert not storage.volume_exists(pool, "x.raw")
     assert storage.delete(pool, "x.raw") is False
-
-
-def _domain_xml(name: str, disk_path: str) -> str:
-    dom = ET.Element("domain", type="test")
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory").text = "65536"
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type").text = "hvm"
-    disk = ET.SubElement(ET.SubElement(dom, "devices"), "disk", type="file", device="disk")
-    ET.SubElement(disk, "source", file=disk_path)
-    ET.SubElement(disk, "target", dev="vda")
-    return ET.tostring(dom, encoding="unicode")
-
-
-def test_volume_users_finds_active_and_inactive_domains(conn, pool):
-    vol = create_backing(pool, "shared.raw", MiB, allocation="sparse")
-    names = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(3)]
-    running = conn.defineXML(_domain_xml(names[0], vol.path()))
-    stopped = conn.defineXML(_domain_xml(names[1], vol.path()))
-    other = conn.defineXML(_domain_xml(names[2], "/elsewhere/disk.raw"))
-    try:
-        running.create()
-        assert stopped.isActive() == 0
-        assert storage.volume_users(conn, vol.path()) == sorted(names[:2])
-        assert storage.volume_users(conn, "/nothing/uses/this") == []
-    finally:
-        running.destroy()
-        for d in (running, stopped, other):
-            d.undefine()
-
-
-def test_volume_users_ignores_prefix_matches(conn, pool):
-    vol = create_backing(pool, "a.raw", MiB, allocation="sparse")
-    name = f"u-{uuid.uuid4().hex[:8]}"
-    dom = conn.defineXML(_domain_xml(name, vol.path() + ".old"))
-    try:
-        assert storage.volume_users(conn, vol.path()) == []
-    finally:
-        dom.undefine()
 
 
 # ---------------------------------------------------------------- the chunk scanner

@@ -401,6 +401,10 @@ def _recorded_problems(name: str, region: str, md: Metadata | None, recorded: Re
         return [f"the nvmprov metadata of guest {name} holds no spec; recreate it with this nvmprov"]
     if recorded is None:
         return [f"guest {name} has no region {region} ({', '.join(r.name for r in md.regions) or 'none'})"]
+    if recorded.model == "cxl":  # its devices are QEMU arguments in <qemu:commandline>, set at start
+        return [f"{region} is a CXL region and there is no CXL hot-unplug on this stack (libvirt 9.0 has no CXL "
+                f"device, QEMU 7.2 builds the CXL topology at start only): take it out of {name}'s spec and "
+                "recreate the guest"]
     if not _last_of_model(md, recorded):
         return [f"nvmprov places {recorded.model} regions by their order in the guest's spec; removing {region} "
                 f"would move the later ones: detach the later {recorded.model} regions first (or destroy and "

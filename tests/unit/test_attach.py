@@ -299,6 +299,13 @@ def test_detach_plan_keeps_the_order_that_places_regions() -> None:
                               purge=KEEP).problems == ()
 
 
+def test_detach_plan_refuses_a_cxl_region_which_only_a_recreate_removes() -> None:
+    text = "name: g\npmem:\n  - {name: cxl, size: 256MiB, model: cxl}\n  - {name: nv, size: 64MiB}\n"
+    live, cfg, md = managed_guest(text)
+    p = attach.plan_detach(live, cfg, md, "cxl", running=True, live=False, config=False, purge=PURGE)
+    assert p.steps == () and [("no CXL hot-unplug" in x and "recreate the guest" in x) for x in p.problems] == [True]
+
+
 def test_detach_plan_on_a_foreign_domain() -> None:
     cfg = with_nvdimm(FOREIGN)
     p = attach.plan_detach(cfg, cfg, None, "nv", running=False, live=False, config=False, purge=PURGE)

@@ -18,16 +18,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import domain
+from pydantic import ValidationError
+
+from . import domain, host, identity, ledger, naming, proof, state, storage, virt
 from .errors import GuestError, HostError, UsageError, VirtError
+from .managed import plan_from_metadata, ssh_coordinates
 from .plan import FIRST_PORT_PCI_SLOT, Filesystem, Model, RegionPlan, label_bytes_for
-from .report import GuestReport, Report, SshInfo
+from .report import GuestReport, Report
 from .sizes import DIMM_ALIGN_BYTES, KiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
+from .spec import RegionSpec, parse_size
+from .uris import pool_dir_for
 
 if TYPE_CHECKING:
     import libvirt
 
-    from . import identity, ledger
     from .domain import Metadata
     from .plan import Plan
     from .progress import Progress
@@ -191,10 +195,8 @@ def _virtio_pmem_problems(d: domain.DomainFacts, request: AttachRequest) -> list
 def volume_name(domain_name: str, region: str) -> str:
     """The backing volume of a region attached to a domain nvmprov did not make: one per (domain,
     region), never another's (naming.foreign_backing_volume escapes, it does not fold)."""
-    from .naming import foreign_backing_volume, too_long
-
-    volume = foreign_backing_volume(domain_name, region)
-    if too_long(volume):
+    volume = naming.foreign_backing_volume(domain_name, region)
+    if naming.too_long(volume):
         raise UsageError(f"the volume name for domain {domain_name!r} would be {len(volume.encode())} bytes, more than "
                          "a file name takes; rename the domain (virsh domrename) or give a shorter --name")
     return volume
@@ -235,8 +237,6 @@ def managed_spec_json(spec_json: str, region: dict[str, object], backing_bytes: 
     data["pmem"].append(region)
     hp = data.setdefault("hotplug", {})
     hp["slots"] = max(int(hp.get("slots", SUGGESTED_SLOTS)) - 1, 0)
-    from .spec import parse_size
-
     headroom = parse_size(hp.get("headroom", "8GiB"), allow_zero=True)
     hp["headroom"] = format_size(max(headroom - backing_bytes, 0))
     return json.dumps(data, separators=(",", ":"))
@@ -244,10 +244,6 @@ def managed_spec_json(spec_json: str, region: dict[str, object], backing_bytes: 
 
 def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
     """The region as a spec entry (YAML keys), validated by the spec's own rules (UsageError)."""
-    from pydantic import ValidationError
-
-    from .spec import RegionSpec
-
     raw: dict[str, object] = {"name": request.region, "size": format_size(request.size_bytes),
                               "model": request.model, "allocation": request.allocation}
     if request.filesystem is not None or not managed:
@@ -449,8 +445,6 @@ def refuse(what: str, problems: list[str]) -> UsageError:
 def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress: Progress) -> Report:
     """Attach one region to domain NAME; `request.live/config` as the user gave them (both False:
     the default for this domain, see targets())."""
-    from . import domain, identity, virt
-
     hv = identity.of(conn)  # once per command: a round trip over qemu+ssh
     with domain_lock(conn, name, hv):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
@@ -466,8 +460,6 @@ def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress
 def domain_lock(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor) -> Iterator[None]:
     """The lock of domain NAME on HV: a guest name's own lock (the one create and destroy take), or,
     for a name nvmprov would not give a guest, a lock under its escaped name."""
-    from . import naming, state
-
     if state.valid_name(name):
         with state.lock(name, hv=hv):
             yield
@@ -477,8 +469,6 @@ def domain_lock(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor) ->
 
 
 def _resolve(dom: libvirt.virDomain, request: AttachRequest, conn: libvirt.virConnect) -> tuple[AttachRequest, bool]:
-    from . import host, virt
-
     running = virt.is_active(dom)
     live, config = targets(live=request.live, config=request.config, model=request.model, running=running)
     in_config = host.facts(conn, "").virtio_pmem_in_config
@@ -487,8 +477,6 @@ def _resolve(dom: libvirt.virDomain, request: AttachRequest, conn: libvirt.virCo
 
 def _problems(dom: libvirt.virDomain, request: AttachRequest, running: bool) -> list[str]:
     """Checked against each XML the request changes (live and/or persistent)."""
-    from . import virt
-
     problems: list[str] = []
     if request.live or running:
         problems += attach_problems(virt.xml_desc(dom), replace(request, config=False), running)
@@ -499,17 +487,12 @@ def _problems(dom: libvirt.virDomain, request: AttachRequest, running: bool) -> 
 
 
 def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStoragePool, str]:
-    from . import storage
-    from .workflow import pool_dir_for
-
     # with the URI: on qemu:///session a missing pool goes under the user's XDG dirs, not /var/lib
     pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name, conn.getURI()))
     return pool, storage.pool_path(pool)
 
 
 def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None:
-    from . import virt
-
     users = virt.path_users(conn, [path])[path]
     if users:
         raise HostError(f"backing volume {volume} is used by domain(s) {', '.join(users)}; choose another --name "
@@ -522,8 +505,6 @@ def _make_backing(dom: libvirt.virDomain, hv: str, pool: libvirt.virStoragePool,
     for this domain); True when this run made it. An existing one is used only when nvmprov made it
     for this domain (a region detached earlier, its data kept); anything else is refused. HV: the
     key of the hypervisor the domain is on."""
-    from . import ledger, storage
-
     owner = dom.name()
     if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
         ledger.record(pool, ledger.Entry(region.volume, owner, hv, "backing"))
@@ -540,8 +521,6 @@ def _make_backing(dom: libvirt.virDomain, hv: str, pool: libvirt.virStoragePool,
 def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, pool_dir: str, made: bool, *,
           hv: str, live: bool, config: bool, progress: Progress) -> None:
     """Attach the device; a failure removes the volume this run made (for HV's domain)."""
-    from . import domain, ledger, storage, virt
-
     if not (live or config):
         return
     try:
@@ -562,8 +541,6 @@ def _where(live: bool, config: bool) -> str:
 
 def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libvirt.virDomain,
                     request: AttachRequest, progress: Progress) -> Report:
-    from . import state, virt
-
     name = dom.name()
     if request.filesystem not in (None, "none") or request.mount:
         raise UsageError(f"--filesystem/--mount need a guest nvmprov manages (it logs in with its own key); {name} "
@@ -604,10 +581,6 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
 
 
 def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest) -> tuple[Plan, str]:
-    from pydantic import ValidationError
-
-    from .guests import plan_from_metadata
-
     if md.spec_json is None:
         raise HostError("the nvmprov metadata of this domain holds no spec; recreate it with this nvmprov")
     entry = region_spec(request, managed=True)
@@ -622,8 +595,6 @@ def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest
 
 def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libvirt.virDomain, md: Metadata,
                     request: AttachRequest, progress: Progress) -> Report:
-    from . import domain, state, virt
-
     name = dom.name()
     if any(r.name == request.region for r in md.regions):
         raise UsageError(f"guest {name} already has a region named {request.region}; choose another --name")
@@ -661,9 +632,9 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     state.write_private(files.spec_json, spec_json)
     progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
     g = GuestReport(name=name, accel=new_plan.accel, notes=notes,
-                    ssh=SshInfo("127.0.0.1", md.ssh_port, md.ssh_user, str(files.client_key), str(files.known_hosts)))
-    if request.live:  # the agent can only prove a region the running guest has
-        _run_agent(conn, dom, new_plan, region, files, md.ssh_port, progress, g, pool_dir)
+                    ssh=ssh_coordinates(files, md.ssh_port, md.ssh_user))
+    if request.live:  # the proof can only reach a region the running guest has
+        _run_agent(proof.GuestRun(conn, new_plan, files, progress, g, dom=dom), region)
     elif running:
         g.notes.append(f"{region.name} is in {name}'s config only: it appears after `nvmprov stop {name}` and "
                        f"`nvmprov start {name}`; `nvmprov verify {name}` then formats and checks it")
@@ -675,28 +646,13 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     return Report(guests=[g])
 
 
-def _run_agent(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan, region: RegionPlan,
-               files: object, port: int, progress: Progress, g: GuestReport, pool_dir: str) -> None:
-    """converge + verify on the new region only (the others stay as they are)."""
-    from . import agent
-    from .workflow import open_session
-
-    only = replace(the_plan, regions=(region,))
+def _run_agent(run: proof.GuestRun, region: RegionPlan) -> None:
+    """The proof on the new region only (the others stay as they are); it is new: made=True."""
     try:
-        with progress.phase("ssh"):
-            session = open_session(dom, the_plan, files, port, the_plan.ssh_timeout_s, progress)  # type: ignore[arg-type]
-        try:
-            with progress.phase("agent"):
-                states = agent.apply(session, only)
-            with progress.phase("verify"):
-                g.regions = agent.verify(session, only, states, write_tails=True)  # the region is new
-        finally:
-            session.close()
+        proof.prove(run, deadline_s=run.plan.ssh_timeout_s, only=(region,), made=True)
     except GuestError as exc:
-        g.fail("agent", f"{exc} (the region stays attached and recorded; `nvmprov verify {the_plan.name}` retries)")
-        return
-    for r in g.regions:
-        r.backing_path = f"{pool_dir}/{region.volume}"
+        run.report.fail("agent", f"{exc} (the region stays attached and recorded; `nvmprov verify {run.plan.name}` "
+                                 "retries)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,8 +665,6 @@ DETACH_POLL_S = 0.5
 def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
     import time
 
-    from . import virt
-
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if domain.device_xml(virt.xml_desc(dom), alias) is None:
@@ -721,8 +675,6 @@ def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
 
 def managed_spec_without(spec_json: str, region: RegionPlan) -> str:
     """The recorded spec without REGION, its slot and headroom given back to the hotplug reserve."""
-    from .spec import parse_size
-
     data = json.loads(spec_json)
     data["pmem"] = [r for r in data["pmem"] if r["name"] != region.name]
     hp = data.setdefault("hotplug", {})
@@ -748,8 +700,6 @@ class DetachResult:
 
 def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: ledger.Purge,
            progress: Progress) -> DetachResult:
-    from . import domain, identity, virt
-
     hv = identity.of(conn)
     with domain_lock(conn, name, hv):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
@@ -761,8 +711,6 @@ def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, conf
 def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
             config: bool, purge: ledger.Purge, progress: Progress) -> DetachResult:
     """plan_detach, then its steps in order; a step that fails stops the rest."""
-    from . import virt
-
     running = virt.is_active(dom)
     the_plan = plan_detach(virt.xml_desc(dom), virt.xml_desc(dom, inactive=True), md, region, running=running,
                            live=live, config=config, purge=purge)
@@ -779,9 +727,6 @@ def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metad
 def _carry_out(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, step: DetachStep,
                notes: list[str], progress: Progress) -> bool:
     """One step of a detach plan; True when it deleted the backing volume."""
-    from . import virt
-    from .ledger import Purge
-
     name = dom.name()
     if isinstance(step, Unplug):
         with progress.phase("detach", f"{step.region} from the running domain"):
@@ -796,7 +741,7 @@ def _carry_out(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Me
         new_md = replace(md, spec_json=step.spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
         virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
     elif isinstance(step, PurgeVolume):
-        return _maybe_purge(conn, step.pool, step.volume, step.path, Purge(volumes=True, adopted=step.adopted),
+        return _maybe_purge(conn, step.pool, step.volume, step.path, ledger.Purge(volumes=True, adopted=step.adopted),
                             notes, owner=(hv, name, step.made))
     return False
 
@@ -816,8 +761,6 @@ def _unplug_live(dom: libvirt.virDomain, device_xml: str, region: str, *, manage
 
 
 def _plan_for(conn: libvirt.virConnect, md: Metadata, spec_json: str) -> Plan:
-    from .guests import plan_from_metadata
-
     return plan_from_metadata(conn, replace(md, spec_json=spec_json))
 
 
@@ -830,8 +773,6 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
                  notes: list[str], *, owner: tuple[str, str, tuple[str, ...]]) -> bool:
     """Delete the region's volume when asked, no domain uses it and nvmprov made it for this domain
     (the ledger, or the guest's metadata for guests made before it); an adopted one only when asked."""
-    from . import ledger, storage, virt
-
     if volume is None or not purge.volumes:
         return False
     users = virt.path_users(conn, [path])[path] if path else []
@@ -858,8 +799,6 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
 
 def with_default_name(dom: libvirt.virDomain, request: AttachRequest) -> AttachRequest:
     """--name not given: hp0, hp1, ... the first not used by the domain (read under its lock)."""
-    from . import domain, virt
-
     config_xml = virt.xml_desc(dom, inactive=True)
     d, live = domain.parse(config_xml), domain.parse(virt.xml_desc(dom))
     md = domain.parse_metadata(config_xml)

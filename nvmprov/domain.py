@@ -29,6 +29,7 @@ ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
 VOLUME_KINDS = ("overlay", "seed", "backing", "label")   # label: a CXL device's label storage area
+SSH_FORWARD_HOST = "127.0.0.1"  # each guest's SSH forward listens on the hypervisor's loopback only
 DISK_PCI_SLOT = 0x0F     # the root disk, an integrated endpoint on pcie.0 below the root ports
 NVDIMM_MMAP_ALIGN_BYTES = 2 * MiB   # see _region_element; backing sizes are 2 MiB multiples
 
@@ -615,7 +616,7 @@ def user_netdev_args(plan: Plan, ssh_port: int) -> list[str]:
     unless the spec asks (restrict=on)."""
     restrict = "off" if plan.network_outbound else "on"
     return [
-        "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:{SSH_FORWARD_HOST}:{ssh_port}-:22",
         # The explicit address matters: without it the NIC takes slot 1, libvirt's root port.
         "-device", f"virtio-net-pci,netdev=net0,mac={plan.mac},bus=pcie.0,addr=0x{NIC_PCI_SLOT:02x}",
     ]

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import libvirt
 
+from nvmprov import diskimage
 from nvmprov.errors import StorageError
 
 DEFAULT_POOL = "nvmprov"
@@ -346,8 +347,6 @@ def create_overlay_for_path(
     backing chain too) and its format and virtual size read from its header, so the file must be
     readable here (a local hypervisor). The overlay names the file itself, links resolved.
     """
-    from . import diskimage
-
     try:
         image = diskimage.vet(image_path)
     except diskimage.ImageRefused as e:  # create vetted it already: this is the file changing since

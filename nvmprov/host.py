@@ -34,6 +34,19 @@ def kvm_facts(capabilities_xml: str, arch: str = "x86_64") -> tuple[bool, bool]:
     return offers_kvm, has_ext
 
 
+def qemu_ids(capabilities_xml: str) -> tuple[int, int] | None:
+    """(uid, gid) of QEMU's processes: the DAC security model's base label ('+64055:+64055')."""
+    root = ET.fromstring(capabilities_xml)  # noqa: S314 - libvirt's own output
+    for model in root.findall("./host/secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.findall("baselabel"):
+            uid, _, gid = (label.text or "").partition(":")
+            if uid.lstrip("+").isdigit() and gid.lstrip("+").isdigit():
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+    return None
+
+
 def facts(conn: libvirt.virConnect, pool_dir: str) -> HostFacts:
     caps = conn.getCapabilities()
     arch_el = ET.fromstring(caps).find("./host/cpu/arch")  # noqa: S314 - libvirt's own XML
@@ -48,4 +61,5 @@ def facts(conn: libvirt.virConnect, pool_dir: str) -> HostFacts:
         cpu_virt_extensions=has_ext,
         pool_dir=pool_dir,
         virtio_pmem_in_config=libvirt_version >= VIRTIO_PMEM_CONFIG_MIN_LIBVIRT,
+        qemu_ids=qemu_ids(caps),
     )

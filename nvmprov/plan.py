@@ -27,7 +27,7 @@ from .sizes import (
 if TYPE_CHECKING:  # spec imports this module's neighbours; only the type is needed here
     from .spec import GuestSpec, NamespaceSpec, RegionSpec
 
-Model = Literal["nvdimm", "virtio-pmem"]
+Model = Literal["nvdimm", "virtio-pmem", "cxl"]
 Mode = Literal["fsdax", "devdax", "sector", "raw"]
 Filesystem = Literal["ext4", "xfs", "none"]
 Accel = Literal["kvm", "tcg"]
@@ -48,6 +48,9 @@ class HostFacts:
     # (base, kernel, initrd) volume names of the built-in image; the caller fills them from
     # nvmprov.image.builtin_volume_names(). None: DEFAULT_BUILTIN_VOLUMES.
     builtin_volumes: tuple[str, str, str] | None = None
+    # (uid, gid) QEMU runs as (libvirt's DAC base label); files named only on QEMU's command line
+    # (CXL's) must be owned by it. None: not known (no DAC driver, or a test).
+    qemu_ids: tuple[int, int] | None = None
 
     @property
     def kvm_usable(self) -> bool:
@@ -85,6 +88,11 @@ class RegionPlan:
     reserved_tail: bool = False
     adopted: bool = False         # the spec named the volume (`volume:`): made elsewhere, never deleted unasked
     numa_node: int = 0            # guest NUMA node (nvdimm <target><node>); virtio-pmem: always 0
+    # cxl: the label storage area's volume (the type-3 device's `lsa`) and the device serial (`sn`).
+    # Without a serial the kernel's interleave-set cookie is 0 and a re-created region is refused
+    # ("invalid interleave-set-cookie"); with one it comes back with its namespace (docs/performance.md).
+    lsa_volume: str | None = None
+    cxl_serial: int | None = None
     # A labelled nvdimm split into namespaces (issue 19): the device is this region, the agent works on
     # each namespace as a unit of its own (Plan.units). () : one namespace, made from the keys above.
     namespaces: tuple[NamespacePlan, ...] = ()
@@ -104,6 +112,22 @@ class RegionPlan:
     def dax_mount(self) -> bool:
         """Is its filesystem mounted with -o dax? fsdax and virtio-pmem: yes; sector and raw: not DAX."""
         return self.model == "virtio-pmem" or self.effective_mode == "fsdax"
+
+
+@dataclass(frozen=True)
+class CxlRegion:
+    """How the guest makes a CXL region (`cxl create-region`), again at every boot: no firmware
+    programs the HDM decoders here, so the region is gone after each start (docs/performance.md)."""
+
+    root_decoder: str             # the fixed memory window's decoder in the guest
+    memdev_serial: int            # the type-3 device whose capacity it takes, by its serial (not mem0)
+    ways: int
+    granularity: int
+
+    def command(self, memdev: str) -> tuple[str, tuple[str, ...]]:
+        """The `cxl create-region` template and its arguments for MEMDEV (the guest's name of the device)."""
+        return ("cxl create-region -d %s -t pmem -m %s -w %s -g %s",
+                (self.root_decoder, memdev, str(self.ways), str(self.granularity)))
 
 
 @dataclass(frozen=True)
@@ -207,6 +231,20 @@ class Plan:
         return tuple(r for r in self.regions if r.model == "virtio-pmem")
 
     @property
+    def cxl_regions(self) -> tuple[RegionPlan, ...]:
+        return tuple(r for r in self.regions if r.model == "cxl")
+
+    @property
+    def memory_device_regions(self) -> tuple[RegionPlan, ...]:
+        """The regions libvirt sees as <memory> devices (a CXL region is QEMU command line only)."""
+        return tuple(r for r in self.regions if r.model != "cxl")
+
+    @property
+    def cxl_window_bytes(self) -> int:
+        """The fixed memory window (cxl-fmw.0.size): room for every CXL region, in 256 MiB units."""
+        return round_up(sum(r.backing_bytes for r in self.cxl_regions), CXL_GRANULE_BYTES)
+
+    @property
     def units(self) -> tuple[RegionPlan, ...]:
         """What the agent makes, verifies and reports on: each region, or each namespace of a split one."""
         return tuple(u for r in self.regions for u in (tuple(namespace_unit(r, ns) for ns in r.namespaces) or (r,)))
@@ -233,13 +271,17 @@ DEFAULT_BUILTIN_VOLUMES = ("nvmprov-debian12.qcow2", "nvmprov-debian12-vmlinuz",
 FIRST_PORT_PCI_SLOT = 0x10           # pcie.0 slots 0x10..0x1d: libvirt fills from 0x01, NIC at 0x1e,
 LAST_PORT_PCI_SLOT = 0x1D            # ICH9 at 0x1f
 NIC_PCI_SLOT = 0x1E
+CXL_GRANULE_BYTES = 256 * 1024 * 1024   # CXL capacity and window units (spec.CXL_GRANULE_BYTES)
+CXL_LSA_BYTES = 1024 * 1024             # the label storage area measured to work (QEMU wants one)
+CXL_ROOT_DECODER = "decoder0.0"         # the guest's name of window 0 (cxl-fmw.0), measured
+CXL_INTERLEAVE_GRANULARITY = 256        # the window's granularity in the guest, measured
 
 
 def build(spec: GuestSpec, facts: HostFacts) -> Plan:
     """Every derived number of one guest. Raises HostError when the host cannot run it."""
     if facts.arch != "x86_64":
         raise HostError(f"nvmprov plans x86_64 guests with q35 and ACPI NVDIMMs; this host is {facts.arch}")
-    accel, notice = choose_accel(spec.accel, facts)
+    accel, notice = choose_accel(spec.accel, facts, cxl=any(r.model == "cxl" for r in spec.pmem))
     regions = tuple(_regions(spec))
     boot = _boot(spec)
     base, kernel, initrd = facts.builtin_volumes or DEFAULT_BUILTIN_VOLUMES
@@ -258,7 +300,7 @@ def build(spec: GuestSpec, facts: HostFacts) -> Plan:
         vcpus=spec.vcpus,
         memory_bytes=spec.memory_bytes,
         max_memory_bytes=max_memory_bytes(spec.memory_bytes, regions, spec.hotplug.headroom_bytes),
-        memory_slots=len(regions) + spec.hotplug.slots,
+        memory_slots=sum(1 for r in regions if r.model != "cxl") + spec.hotplug.slots,
         numa_cells=len(cells),
         boot=boot,
         image=spec.image,
@@ -297,7 +339,10 @@ def numa_layout(memory_bytes: int, vcpus: int, nodes: int) -> tuple[NumaCell, ..
     return tuple(cells)
 
 
-def choose_accel(wanted: str, facts: HostFacts) -> tuple[Accel, str | None]:
+def choose_accel(wanted: str, facts: HostFacts, *, cxl: bool = False) -> tuple[Accel, str | None]:
+    if facts.kvm_usable and cxl and wanted == "auto":
+        # spec validation refuses accel: kvm with a cxl region; auto keeps to what was measured
+        return "tcg", "accel auto: using tcg because CXL under KVM is unmeasured here"
     if facts.kvm_usable:
         return ("tcg", None) if wanted == "tcg" else ("kvm", None)
     if not facts.kvm_domain_type:
@@ -320,7 +365,8 @@ def mac_for(name: str) -> str:
 def max_memory_bytes(memory_bytes: int, regions: tuple[RegionPlan, ...], headroom_bytes: int) -> int:
     """RAM + every region's backing + hotplug headroom, in whole 2 MiB blocks (memory devices are
     placed in 2 MiB steps)."""
-    total = memory_bytes + sum(r.backing_bytes for r in regions) + round_up(headroom_bytes, DIMM_ALIGN_BYTES)
+    devices = sum(r.backing_bytes for r in regions if r.model != "cxl")  # CXL memory sits in its window
+    total = memory_bytes + devices + round_up(headroom_bytes, DIMM_ALIGN_BYTES)
     return round_up(total, DIMM_ALIGN_BYTES)
 
 
@@ -334,7 +380,9 @@ def _regions(spec: GuestSpec) -> list[RegionPlan]:
     result = []
     n_dimm = n_port = 0
     for r in spec.pmem:
-        if r.model == "nvdimm":
+        if r.model == "cxl":
+            result.append(region_plan(spec.name, r))
+        elif r.model == "nvdimm":
             result.append(region_plan(spec.name, r, dimm_slot=n_dimm))
             n_dimm += 1
         else:
@@ -377,6 +425,8 @@ def region_plan(guest: str, r: RegionSpec, *, dimm_slot: int | None = None, port
         mode=mode,  # type: ignore[arg-type]
         align_bytes=r.devdax_align_bytes,
         reserved_tail=tail,
+        lsa_volume=lsa_volume(guest, r.name) if r.model == "cxl" else None,
+        cxl_serial=cxl_serial(guest, r.name) if r.model == "cxl" else None,
         namespaces=namespaces,
     )
 
@@ -395,6 +445,26 @@ def namespace_plan(ns: NamespaceSpec) -> NamespacePlan:
         expected_usable_bytes=max(usable - RESERVED_TAIL_BYTES, 0) if tail else usable,
         reserved_tail=tail,
     )
+
+
+def lsa_volume(guest: str, region: str) -> str:
+    """The label storage area's volume of a CXL region: its backing's name with .lsa for .raw."""
+    return backing_volume(guest, region).removesuffix(".raw") + ".lsa"
+
+
+def cxl_serial(guest: str, region: str) -> int:
+    """A stable, non-zero device serial for the region's cxl-type3 (QEMU's `sn`). Not UINT64_MAX,
+    which QEMU takes as "no serial" (then the interleave-set cookie is 0 and a re-created region
+    is refused): 63 bits of a hash of the guest and region names, never 0."""
+    digest = hashlib.sha256(f"nvmprov-cxl/{guest}/{region}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 1) or 1
+
+
+def cxl_region(region: RegionPlan) -> CxlRegion:
+    """The recorded parameters the guest re-creates REGION (model cxl) with at every boot."""
+    if region.cxl_serial is None:
+        raise HostError(f"region {region.name}: a cxl region without a device serial in its plan")
+    return CxlRegion(CXL_ROOT_DECODER, region.cxl_serial, 1, CXL_INTERLEAVE_GRANULARITY)
 
 
 def label_bytes_for(asked: int | None) -> int | None:

@@ -39,6 +39,18 @@ def format_size(n_bytes: int) -> str:
     return f"{n_bytes}B"
 
 
+def human_size(n_bytes: object) -> str:
+    """A size for people to read (show, report, doctor, prune): "512 MiB", "1.50 GiB" (two decimals
+    unless exact), "-" when unknown (None, or not a number of bytes: a report read back from JSON).
+    format_size writes the spec's exact unit syntax instead."""
+    if not isinstance(n_bytes, int) or isinstance(n_bytes, bool):
+        return "-"
+    for unit, name in ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if n_bytes >= unit:
+            return f"{n_bytes // unit} {name}" if n_bytes % unit == 0 else f"{n_bytes / unit:.2f} {name}"
+    return f"{n_bytes} B"
+
+
 def backing_bytes_for(size_bytes: int) -> int:
     """Backing volume size for a region the user asked `size_bytes` of: whole 2 MiB blocks.
 
@@ -100,7 +112,7 @@ def reserves_tail(model: str, mode: str | None, filesystem: str, readonly: bool)
 
 
 def expected_usable_bytes(
-    model: Literal["nvdimm", "virtio-pmem"],
+    model: Literal["nvdimm", "virtio-pmem", "cxl"],
     backing_bytes: int,
     label_bytes: int | None,
     *,
@@ -116,7 +128,8 @@ def expected_usable_bytes(
     mode (None: fsdax, raw when readonly): fsdax and devdax take their page map
     (fsdax_usable_bytes), sector its BTT metadata (btt_usable_bytes), raw nothing. `tail`: minus
     the reserved tail of a region nvmprov proves without a filesystem.
-    virtio-pmem: the whole device is one pmem disk.
+    virtio-pmem: the whole device is one pmem disk. cxl: as a label-less nvdimm (the region spans
+    the device; its labels live in the device's own label storage area).
     """
     if model == "virtio-pmem":
         return backing_bytes

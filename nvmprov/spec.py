@@ -6,7 +6,6 @@ field path, what is wrong and what would be right. Defaults and rules: docs/spec
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +13,6 @@ import posixpath
 import re
 import stat
 import sys
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,6 +35,7 @@ from pydantic import (
 
 from .diskimage import file_kind
 from .errors import HostError, SpecError, UsageError
+from .naming import backing_volume, shared_paths
 from .sizes import (
     DIMM_ALIGN_BYTES,
     LABELLED_NS_ALIGN_BYTES,
@@ -52,6 +51,7 @@ from .sizes import (
     namespace_usable_bytes,
     round_up,
 )
+from .uris import pool_dir_for
 
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
 MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
@@ -71,6 +71,10 @@ NUMA_NODE_RAM_ALIGN_BYTES = 2 * MiB  # each node's RAM is a backend of its own, 
 MIN_NUMA_NODE_RAM_BYTES = 128 * MiB  # a node's RAM share: the kernel boots on node 0's alone
 DEVDAX_ALIGNS = (4 * KiB, 2 * MiB)  # what a devdax namespace takes here (1GiB: see _check_mode)
 DEFAULT_DEVDAX_ALIGN = 2 * MiB
+# CXL (issue 20, measured in docs/performance.md): a cxl-type3 device reports its capacity in 256MiB
+# units (a 384MiB memdev gives no mem0 in the guest at all); one region per guest is what was measured.
+CXL_GRANULE_BYTES = 256 * MiB
+MAX_CXL_REGIONS = 1
 MAX_NAMESPACES = 8                 # per split region: a handful; each is a round of the agent's work
 
 _UNITS = {"b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
@@ -558,7 +562,7 @@ class RegionSpec(BaseModel):
     size_bytes: Annotated[int, BeforeValidator(_size("size", minimum=MIN_REGION_BYTES)), _Ser] = Field(
         alias="size"
     )
-    model: Literal["nvdimm", "virtio-pmem"] = "nvdimm"
+    model: Literal["nvdimm", "virtio-pmem", "cxl"] = "nvdimm"
     label_bytes: Annotated[
         int | None, BeforeValidator(_optional_size("label", minimum=MIN_LABEL_BYTES, multiple=LABEL_MULTIPLE_BYTES)),
         _OptSer,
@@ -631,7 +635,8 @@ class RegionSpec(BaseModel):
     def _check_namespaces(self) -> None:
         """A split region: labelled nvdimm, written, its own keys left to the namespaces; they fit."""
         if self.model != "nvdimm" or self.label_bytes is None or self.readonly:
-            why = ("virtio-pmem has no namespaces to choose from" if self.model != "nvdimm" else
+            why = ("virtio-pmem has no namespaces to choose from" if self.model == "virtio-pmem" else
+                   "splitting a CXL region is not measured here" if self.model == "cxl" else
                    "a readonly region cannot be written (namespaces live in its labels)" if self.readonly else
                    "namespaces are kept in the region's label area and a label-less region has one namespace")
             fix = ("use model: nvdimm with label: 128KiB" if self.model != "nvdimm" else
@@ -675,6 +680,9 @@ class RegionSpec(BaseModel):
                        f"{format_size(LABELLED_NS_ALIGN_BYTES)} alignment; {fix}", "namespaces")
 
     def _check_model_rules(self) -> None:
+        if self.model == "cxl":
+            self._check_cxl()
+            return
         if self.model != "virtio-pmem":
             return
         if self.label_bytes is not None:
@@ -690,6 +698,31 @@ class RegionSpec(BaseModel):
             raise _Problem("only an nvdimm takes a NUMA node: libvirt 9.0 refuses a NUMA node on virtio-pmem "
                            "('virtio-pmem does not support NUMA nodes'; QEMU 7.2's virtio-pmem-pci has none); "
                            "remove numa_node or use model: nvdimm", "numa_node")
+
+    def _check_cxl(self) -> None:
+        """What a CXL pmem region cannot be on this stack (QEMU 7.2 cxl-type3, guest kernel 6.1)."""
+        if self.size_bytes % CXL_GRANULE_BYTES:
+            raise _Problem(f"size {format_size(self.size_bytes)} is not a multiple of 256MiB: a CXL memory device "
+                           "reports its capacity in 256MiB units (a 384MiB one shows no memdev in the guest); use "
+                           f"size: {format_size(round_up(self.size_bytes, CXL_GRANULE_BYTES))}", "size")
+        refusals = (
+            ("readonly", self.readonly, "QEMU 7.2's cxl-type3 has no read-only mode; remove readonly or use model: "
+             "nvdimm"),
+            ("label", self.label_bytes is not None, "a CXL device keeps its labels in its own label storage area "
+             "(a 1MiB volume nvmprov makes beside the backing); remove label"),
+            ("host_pmem", self.host_pmem, "QEMU 7.2's cxl-type3 has no pmem=on (that is an nvdimm's, on real host "
+             "pmem); remove host_pmem or use model: nvdimm"),
+            ("numa_node", self.numa_node != 0, "the CXL window's node comes from the firmware's CEDT, not from "
+             "the spec; remove numa_node or use model: nvdimm"),
+            ("volume", self.volume is not None, "a CXL region's volumes are named on QEMU's command line, which "
+             "libvirt neither chowns nor labels, so nvmprov makes them owned by QEMU's user and cannot adopt a "
+             "volume made elsewhere; remove volume"),
+            ("mode", self.mode not in (None, "fsdax"), f"mode {self.mode} on CXL is not measured here (fsdax is); "
+             "remove mode or use model: nvdimm"),
+        )
+        for key, refused, why in refusals:
+            if refused:
+                raise _Problem(why, key)
 
     def _check_label(self) -> None:
         if self.label_bytes is None:
@@ -839,6 +872,7 @@ class GuestSpec(BaseModel):
                 raise _Problem(f"volume {volume!r} is also the backing of pmem[{volumes[volume]}]; a volume backs one "
                                "region: name another volume", "pmem", i, "volume")
             volumes[volume] = i
+        self._check_cxl_regions()
         for mount, loc in self._mounts():
             for other, where in mounts.items():
                 if other == mount:
@@ -859,10 +893,19 @@ class GuestSpec(BaseModel):
                            f"QEMU allows {MAX_MEMORY_SLOTS}: use slots <= {MAX_MEMORY_SLOTS - len(self.pmem)}",
                            "hotplug", "slots")
 
+    def _check_cxl_regions(self) -> None:
+        cxl = [i for i, r in enumerate(self.pmem) if r.model == "cxl"]
+        if len(cxl) > MAX_CXL_REGIONS:
+            raise _Problem(f"{len(cxl)} cxl regions; one per guest is what is measured here (one type-3 device "
+                           "behind a host bridge with two root ports): keep one, make the others nvdimm",
+                           "pmem", cxl[MAX_CXL_REGIONS], "model")
+        if cxl and self.accel == "kvm":
+            raise _Problem("accel: kvm with a cxl region is unmeasured here (this host has no usable KVM; QEMU may "
+                           "emulate CXL memory as I/O memory, which KVM cannot map into the guest); use accel: "
+                           "auto (it picks tcg for a CXL guest) or tcg", "accel")
+
     def volume_of(self, region: RegionSpec) -> str:
         """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""
-        from .naming import backing_volume
-
         return region.volume or backing_volume(self.name, region.name)
 
     def canonical(self) -> dict[str, Any]:
@@ -893,28 +936,10 @@ class GuestSpec(BaseModel):
         return [k for k in keys if mine.get(k, _MISSING) != theirs.get(k, _MISSING)]
 
 
-@contextlib.contextmanager
-def _no_pydantic_plugins() -> Iterator[None]:
-    """pydantic without its plugin discovery while nvmprov's models are built: its loader imports
-    importlib.metadata and reads the entry points of every installed distribution (~25 ms, a tenth
-    of `nvmprov render`) to find plugins (observers of validation) that nvmprov does not use. Its
-    models get plain validators; pydantic models built after this (anyone else's) still get them."""
-    name = "pydantic.plugin._loader"
-    if name in sys.modules:  # discovery already paid for (or done): nothing to save
-        yield
-        return
-    stub = types.ModuleType(name, "nvmprov.spec: no pydantic plugins for nvmprov's models")
-    stub.get_plugins = lambda: ()  # type: ignore[attr-defined]
-    sys.modules[name] = stub
-    try:
-        yield
-    finally:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]
-
-
 def _build_models() -> None:
-    with _no_pydantic_plugins():
+    from .speedups import no_pydantic_plugins
+
+    with no_pydantic_plugins():
         for model in (SshSpec, NetworkSpec, HotplugSpec, TimeoutsSpec, NamespaceSpec, RegionSpec, GuestSpec):
             model.model_rebuild()
 
@@ -1283,9 +1308,6 @@ def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSp
 
 def _check_shared_paths(guests: list[GuestSpec], pos: _Positions, filename: str) -> None:
     """Two guests of one fleet must never get one file (an adopted `volume:` can name another's)."""
-    from .naming import shared_paths
-    from .uris import pool_dir_for
-
     where: dict[str, tuple[int, int]] = {}
     uses = []
     for i, g in enumerate(guests):

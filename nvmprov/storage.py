@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import libvirt
 
+from nvmprov import diskimage
 from nvmprov.errors import StorageError
 
 DEFAULT_POOL = "nvmprov"
@@ -188,6 +189,15 @@ def volume_format(vol: libvirt.virStorageVol) -> str | None:
     return _parse(vol.XMLDesc(0)).find("target/format").get("type")  # type: ignore[union-attr]
 
 
+def backing_path(vol: libvirt.virStorageVol) -> str | None:
+    """The backing file a volume's header names (an overlay's base); None without one or when the
+    volume was deleted while we looked."""
+    try:
+        return _parse(vol.XMLDesc(0)).findtext("backingStore/path")
+    except libvirt.libvirtError:
+        return None
+
+
 def _volume_xml(
     name: str,
     capacity: int,
@@ -196,6 +206,7 @@ def _volume_xml(
     fmt: str,
     mode: int,
     backing: tuple[str, str] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> str:
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
@@ -207,6 +218,9 @@ def _volume_xml(
         ET.SubElement(target, "compat").text = "1.1"  # libvirt's default is 0.10: no zero clusters
     perms = ET.SubElement(target, "permissions")
     ET.SubElement(perms, "mode").text = f"0{mode:o}"
+    if owner is not None:  # (uid, gid): libvirt chowns the new file
+        ET.SubElement(perms, "owner").text = str(owner[0])
+        ET.SubElement(perms, "group").text = str(owner[1])
     if backing is not None:
         path, backing_fmt = backing
         store = ET.SubElement(vol, "backingStore")
@@ -248,9 +262,12 @@ def make_backing(
     capacity_bytes: int,
     *,
     allocation: Allocation = "full",
+    owner: tuple[int, int] | None = None,
 ) -> libvirt.virStorageVol | None:
     """A new raw backing volume (0600), fully allocated unless `sparse`; None when a volume of that
-    name exists (nothing made, nothing changed). Only a volume this returns was made by this call."""
+    name exists (nothing made, nothing changed). Only a volume this returns was made by this call.
+    OWNER (uid, gid): who owns the file (None: the pool's default, root; libvirt chowns the files a
+    domain's XML names while it runs, but not those named only on QEMU's command line, as CXL's)."""
     if lookup(pool, name) is not None:
         return None  # no free-space check for a volume that need not be made
     if allocation == "full":
@@ -267,6 +284,7 @@ def make_backing(
         allocation=capacity_bytes if allocation == "full" else 0,  # allocation == capacity: fallocate
         fmt="raw",
         mode=PRIVATE_MODE,
+        owner=owner,
     )
     try:
         return _create(pool, xml, f"backing volume {name!r} ({capacity_bytes} bytes, {allocation})")
@@ -329,8 +347,6 @@ def create_overlay_for_path(
     backing chain too) and its format and virtual size read from its header, so the file must be
     readable here (a local hypervisor). The overlay names the file itself, links resolved.
     """
-    from . import diskimage
-
     try:
         image = diskimage.vet(image_path)
     except diskimage.ImageRefused as e:  # create vetted it already: this is the file changing since

@@ -29,7 +29,8 @@ def test_no_stale_golden_files() -> None:
 
 
 def test_every_example_has_a_golden_file() -> None:
-    assert {c.example for c in CASES} == {"guest.yaml", "mixed.yaml", "fleet.yaml", "numa.yaml", "namespaces.yaml"}
+    assert {c.example for c in CASES} == {"guest.yaml", "mixed.yaml", "fleet.yaml", "numa.yaml", "namespaces.yaml",
+                                          "cxl.yaml"}
 
 
 def test_split_region_plan_matches_golden(regen_golden: bool) -> None:

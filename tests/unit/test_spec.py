@@ -186,7 +186,7 @@ def test_specfile_guest_lookup() -> None:
 def test_every_example_loads() -> None:
     names = {p.name: [g.name for g in spec.load(p).guests] for p in EXAMPLES.glob("*.yaml")}
     assert names == {"guest.yaml": ["demo"], "mixed.yaml": ["mixed"], "fleet.yaml": ["ci-1", "ci-2", "ci-3"],
-                     "numa.yaml": ["numa"], "namespaces.yaml": ["split"]}
+                     "numa.yaml": ["numa"], "namespaces.yaml": ["split"], "cxl.yaml": ["cxl"]}
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -251,3 +251,11 @@ def test_many_nodes_are_capped() -> None:
     text = "name: d\npmem: [" + ",".join(["1"] * (spec.MAX_YAML_NODES + 10)) + "]\n"
     with pytest.raises(SpecError, match="YAML values; a guest file is far smaller"):
         spec.loads(text)
+
+
+def test_human_size_is_the_one_size_for_people() -> None:
+    from nvmprov.sizes import human_size
+
+    assert [human_size(n) for n in (512 * MiB, 1536 * MiB, 1 << 30, (1 << 30) + 4096, 3 << 40, 1000, 4096)] == [
+        "512 MiB", "1.50 GiB", "1 GiB", "1.00 GiB", "3 TiB", "1000 B", "4 KiB"]
+    assert human_size(None) == human_size("12") == human_size(True) == "-"   # unknown, or not bytes (report JSON)

@@ -137,7 +137,7 @@ BAD = [
                  "g.yaml:2:1: not valid YAML: while scanning for the next token; found character '\\t' that cannot start any token; check the indentation and quoting there",
                  id='tab'),
     pytest.param(B + "    model: dimm\n",
-                 "g.yaml:5:12: pmem[0].model: 'dimm' is not allowed; use 'nvdimm' or 'virtio-pmem'",
+                 "g.yaml:5:12: pmem[0].model: 'dimm' is not allowed; use 'nvdimm', 'virtio-pmem' or 'cxl'",
                  id='model_bad'),
     pytest.param("name: demo\nvcpus: '2'\n" + TAIL,
                  "g.yaml:2:8: vcpus: expected a whole number, not str '2'; write 2 without quotes",

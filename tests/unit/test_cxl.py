@@ -1,0 +1,163 @@
+"""model: cxl (issue 20): what validate refuses, the plan, the QEMU arguments, the metadata, attach."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvmprov import cli, domain, host, ledger, plan, spec
+from nvmprov.errors import HostError, SpecError
+
+MiB = 1024**2
+TCG_HOST = plan.HostFacts(kvm_domain_type=True, cpu_virt_extensions=False)
+KVM_HOST = plan.HostFacts(kvm_domain_type=True, cpu_virt_extensions=True)
+CTX = domain.RenderContext(uuid="00000000-0000-0000-0000-000000000001", ssh_port=2222, pool_dir="/p")
+
+
+def guest(pmem: str, extra: str = "") -> spec.GuestSpec:
+    return spec.loads(f"name: g\n{extra}pmem:\n{pmem}").guests[0]
+
+
+CXL = "  - {name: c, size: 512MiB, model: cxl}\n"
+
+
+@pytest.mark.parametrize(("pmem", "extra", "words"), [
+    ("  - {name: c, size: 384MiB, model: cxl}\n", "", "pmem[0].size: 384MiB is not a multiple of 256MiB"),
+    ("  - {name: c, size: 100MiB, model: cxl}\n", "", "use size: 256MiB"),
+    ("  - {name: c, size: 512MiB, model: cxl, readonly: true, filesystem: none}\n", "", "no read-only mode"),
+    ("  - {name: c, size: 512MiB, model: cxl, label: 128KiB}\n", "", "label storage area"),
+    ("  - {name: c, size: 512MiB, model: cxl, host_pmem: true}\n", "", "has no pmem=on"),
+    ("  - {name: c, size: 512MiB, model: cxl, numa_node: 1}\n", "numa_nodes: 2\n", "CEDT"),
+    ("  - {name: c, size: 512MiB, model: cxl, volume: mine.raw}\n", "", "neither chowns nor labels"),
+    ("  - {name: c, size: 512MiB, model: cxl, mode: devdax}\n", "", "pmem[0].mode: devdax on CXL is not measured"),
+    (CXL + "  - {name: d, size: 512MiB, model: cxl}\n", "", "one per guest is what is measured"),
+    (CXL, "accel: kvm\n", "accel: kvm with a cxl region is unmeasured here"),
+], ids=["384MiB", "100MiB", "readonly", "label", "host_pmem", "numa_node", "volume", "devdax", "two", "kvm"])
+def test_validate_refuses_what_cannot_work_with_the_reason(pmem: str, extra: str, words: str) -> None:
+    with pytest.raises(SpecError) as info:
+        guest(pmem, extra)
+    assert words in str(info.value)
+    assert cli.exit_status(info.value) == 2
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_validate_exit_2_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "g.yaml"
+    f.write_text("name: g\npmem:\n  - {name: c, size: 300MiB, model: cxl}\n")
+    assert cli.main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "pmem[0].size" in err and "256MiB" in err
+
+
+def test_a_cxl_region_beside_an_nvdimm_is_valid_and_fsdax_ext4_by_default() -> None:
+    g = guest(CXL + "  - {name: d, size: 256MiB}\n")
+    r = g.pmem[0]
+    assert (r.model, r.namespace_mode, r.filesystem, r.mount) == ("cxl", "fsdax", "ext4", "/mnt/c")
+    assert guest("  - {name: c, size: 1GiB, model: cxl, filesystem: xfs}\n").pmem[0].filesystem == "xfs"
+
+
+def test_plan_keeps_cxl_out_of_libvirt_memory_and_records_volumes_and_serial() -> None:
+    p = plan.build(guest(CXL + "  - {name: d, size: 256MiB}\n"), TCG_HOST)
+    c = p.region("c")
+    assert c.volume == "g-pmem-c.raw" and c.lsa_volume == "g-pmem-c.lsa"
+    assert c.dimm_slot is None and c.pci_slot is None and c.label_bytes is None
+    assert 0 < (c.cxl_serial or 0) < 2**63
+    assert c.cxl_serial == plan.build(guest(CXL), TCG_HOST).region("c").cxl_serial   # stable
+    assert c.cxl_serial != plan.cxl_serial("h", "c")
+    assert p.memory_slots == 1 + 4                      # the nvdimm and the hotplug slots, not CXL
+    assert p.max_memory_bytes == 1024 * MiB + 256 * MiB + 8192 * MiB
+    assert p.cxl_window_bytes == 512 * MiB
+    assert p.memory_device_regions == (p.region("d"),)
+    assert plan.cxl_region(c).command("mem3") == (
+        "cxl create-region -d %s -t pmem -m %s -w %s -g %s", ("decoder0.0", "mem3", "1", "256"))
+
+
+def test_auto_picks_tcg_for_a_cxl_guest_where_kvm_works() -> None:
+    p = plan.build(guest(CXL), KVM_HOST)
+    assert p.accel == "tcg" and "CXL under KVM is unmeasured" in (p.accel_notice or "")
+    assert plan.build(guest("  - {name: d, size: 256MiB}\n"), KVM_HOST).accel == "kvm"
+
+
+def _args(xml: str) -> list[str]:
+    return [a for a in domain.ET.fromstring(xml).iter(f"{{{domain.QEMU_NS}}}arg")  # noqa: S314
+            for a in [a.get("value", "")]]
+
+
+def test_qemu_arguments_are_the_measured_topology_in_json_form() -> None:
+    p = plan.build(guest(CXL), TCG_HOST)
+    args = _args(domain.render(p, CTX))
+    i = args.index("cxl=on")
+    cxl = args[i - 1:]
+    assert cxl[:2] == ["-machine", "cxl=on"]
+    assert "memory-backend-file,id=cxl-mem0,share=on,mem-path=/p/g-pmem-c.raw,size=536870912" in cxl
+    assert "memory-backend-file,id=cxl-lsa0,share=on,mem-path=/p/g-pmem-c.lsa,size=1048576" in cxl
+    devices = [json.loads(cxl[j + 1]) for j, a in enumerate(cxl) if a == "-device"]
+    assert [d["driver"] for d in devices] == ["pxb-cxl", "cxl-rp", "cxl-rp", "cxl-type3"]
+    assert [d.get("port") for d in devices[1:3]] == [0, 1]    # two root ports: one leaves the file unwritten
+    t3 = devices[3]
+    assert (t3["bus"], t3["memdev"], t3["lsa"], t3["sn"]) == ("rp0", "cxl-mem0", "cxl-lsa0", p.region("c").cxl_serial)
+    assert cxl[-2:] == ["-machine", "cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=536870912"]
+    assert "g-pmem-c.raw</path>" not in domain.render(p, CTX)   # no <memory> device for it
+
+
+def test_no_cxl_no_arguments_and_network_mode_still_gets_them() -> None:
+    assert "cxl=on" not in _args(domain.render(plan.build(guest("  - {name: d, size: 256MiB}\n"), TCG_HOST), CTX))
+    p = plan.build(guest(CXL, "network: {mode: network, name: default}\n"), TCG_HOST)
+    args = _args(domain.render(p, CTX))
+    assert args[:2] == ["-machine", "cxl=on"] and "-netdev" not in args
+
+
+def test_a_comma_in_the_pool_path_is_refused() -> None:
+    p = plan.build(guest(CXL), TCG_HOST)
+    with pytest.raises(HostError, match="comma"):
+        domain.render(p, domain.RenderContext(uuid=CTX.uuid, ssh_port=1, pool_dir="/a,b"))
+
+
+def test_metadata_round_trips_the_cxl_fields() -> None:
+    p = plan.build(guest(CXL + "  - {name: d, size: 256MiB}\n"), TCG_HOST)
+    md = domain.parse_metadata(domain.render(p, CTX))
+    assert md is not None and md.regions == p.regions
+    assert "lsa_volume" not in domain.metadata_xml(domain.Metadata.from_plan(  # nvdimm metadata unchanged
+        plan.build(guest("  - {name: d, size: 256MiB}\n"), TCG_HOST), ssh_port=1))
+    lsa = ("g-pmem-c.lsa", "label")
+    assert domain.Metadata("v", "d", 1, "u").with_volume(*lsa).volumes == (lsa,)
+
+
+def test_the_label_storage_area_is_region_data_kept_unless_purged() -> None:
+    entry = ledger.Entry("g-pmem-c.lsa", "g", "hv", "label")
+    assert not ledger.Purge.asked(False, False).deletes(entry)
+    assert ledger.Purge.asked(True, False).deletes(entry)
+    assert ledger.Purge.asked(False, False).deletes(ledger.Entry("g-seed.iso", "g", "hv", "seed"))
+
+
+def test_qemu_ids_from_the_dac_base_label() -> None:
+    caps = ("<capabilities><host><secmodel><model>none</model></secmodel><secmodel><model>dac</model>"
+            "<baselabel type='kvm'>+64055:+64055</baselabel><baselabel type='qemu'>+64055:+64055</baselabel>"
+            "</secmodel></host></capabilities>")
+    assert host.qemu_ids(caps) == (64055, 64055)
+    assert host.qemu_ids("<capabilities><host/></capabilities>") is None
+
+
+def test_attach_refuses_cxl_with_the_reason_before_connecting(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu+unix:///system?socket=/nonexistent")  # must not be reached
+    monkeypatch.setattr(sys, "stdin", open("/dev/null"))  # noqa: SIM115 - closed by pytest's monkeypatch undo
+    assert cli.main(["attach", "g", "--size", "512MiB", "--model", "cxl"]) == 2
+    err = capsys.readouterr().err
+    assert "no CXL hotplug on this stack" in err and len(err.strip().splitlines()) == 1
+
+
+def test_who_uses_a_path_sees_a_cxl_guests_volumes_in_its_real_xml() -> None:
+    """prune and purge ask domain.references (through virt.path_users): the CXL files are named only in
+    <qemu:commandline> arguments (key=value), and in the metadata for a guest whose XML lost them."""
+    p = plan.build(guest(CXL + "  - {name: d, size: 256MiB}\n"), TCG_HOST)
+    xml = domain.render(p, CTX)
+    refs = domain.references(xml)
+    assert {"/p/g-pmem-c.raw", "/p/g-pmem-c.lsa", "/p/g-pmem-d.raw"} <= refs.paths
+    assert {("nvmprov", "g-pmem-c.raw"), ("nvmprov", "g-pmem-c.lsa")} <= refs.volumes
+    bare = domain.ET.fromstring(xml)  # noqa: S314 - our own
+    bare.remove(bare.find(f"{{{domain.QEMU_NS}}}commandline"))
+    without = domain.references(domain.ET.tostring(bare, encoding="unicode"))
+    assert "/p/g-pmem-c.lsa" not in without.paths and ("nvmprov", "g-pmem-c.lsa") in without.volumes

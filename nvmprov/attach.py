@@ -520,7 +520,7 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
 def _run_agent(run: proof.GuestRun, region: RegionPlan) -> None:
     """The proof on the new region only (the others stay as they are); it is new: made=True."""
     try:
-        proof.prove(run, deadline_s=run.plan.ssh_timeout_s, only=(region,), made=True)
+        proof.prove(run, only=(region,), made=True)
     except GuestError as exc:
         run.report.fail("agent", f"{exc} (the region stays attached and recorded; `nvmprov verify {run.plan.name}` "
                                  "retries)")

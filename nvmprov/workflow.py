@@ -310,8 +310,9 @@ def _check_backing_volumes(run: _Creation) -> None:
             path = f"{pool_dir}/{volume}"
             users = virt.path_users(run.conn, [path], exclude=the_plan.name)[path]
             if users:
+                what = "backing volume" if volume == region.volume else "label storage volume"
                 raise HostError(
-                    f"volume {volume} of region {region.name} is used by domain(s) "
+                    f"{what} {volume} of region {region.name} is used by domain(s) "
                     f"{', '.join(users)}; give the region another name or detach it there first"
                 )
             if region.adopted:

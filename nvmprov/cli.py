@@ -517,6 +517,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def confirm(question: str, without_terminal: str) -> bool:
+    """Ask QUESTION with [y/N] (only y or yes says yes); without a terminal to ask on, refuse with
+    UsageError WITHOUT_TERMINAL (which names --yes) instead of waiting."""
+    if not sys.stdin.isatty():
+        raise UsageError(without_terminal)
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def cmd_destroy(args: argparse.Namespace) -> int:
     from . import guests
     from .ledger import Purge
@@ -524,13 +532,11 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     targets = _targets(args)
     names = [n for n, _c in targets]
     purge = Purge.asked(args.purge, args.purge_adopted)
-    if purge.volumes and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("--purge deletes the backing volumes (region data); add --yes to confirm")
-        answer = input(f"delete the backing volumes of {', '.join(names)}? this destroys their data [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing destroyed")
-            return EXIT_OK
+    if purge.volumes and not args.yes and not confirm(
+            f"delete the backing volumes of {', '.join(names)}? this destroys their data",
+            "--purge deletes the backing volumes (region data); add --yes to confirm"):
+        print("nothing destroyed")
+        return EXIT_OK
     if args.file:  # a fleet: guests already gone are skipped, one failure does not stop the rest
         from . import fleet
 
@@ -668,12 +674,11 @@ def cmd_detach(args: argparse.Namespace) -> int:
     from .ledger import Purge
 
     purge = Purge.asked(args.purge, args.purge_adopted)
-    if purge.volumes and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("--purge deletes the backing volume (the region's data); add --yes to confirm")
-        if input(f"delete the backing volume of {args.region}? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing detached")
-            return EXIT_OK
+    if purge.volumes and not args.yes and not confirm(
+            f"delete the backing volume of {args.region}?",
+            "--purge deletes the backing volume (the region's data); add --yes to confirm"):
+        print("nothing detached")
+        return EXIT_OK
     result = api.detach(name, args.region, live=args.live, config=args.config, purge=args.purge,
                         purge_adopted=args.purge_adopted, connect=args.connect, progress=Progress())
     if args.json:
@@ -724,6 +729,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import json
 
     from . import doctor, storage
+    from .sizes import human_size
 
     conn = _admin_conn(args.connect)
     try:
@@ -731,19 +737,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         found = doctor.candidates(conn, pool, only=args.only)
         if not args.json:
             for v in found:
-                print(f"unused: {v.path} ({doctor.human(v.allocation_bytes)} on disk)")
+                print(f"unused: {v.path} ({human_size(v.allocation_bytes)} on disk)")
         if not found or args.dry_run:
             if args.json:
                 print(json.dumps({"unused": doctor.as_dicts(found), "deleted": []}, indent=2))
             elif not found:
                 print("no unused nvmprov volumes")
             return EXIT_OK
-        if not args.yes:
-            if not sys.stdin.isatty():
-                raise UsageError(f"{len(found)} unused volume(s) listed above; add --yes to delete them")
-            if input(f"delete these {len(found)} volume(s) and their data? [y/N] ").strip().lower() not in ("y", "yes"):
-                print("nothing deleted")
-                return EXIT_OK
+        if not args.yes and not confirm(f"delete these {len(found)} volume(s) and their data?",
+                                        f"{len(found)} unused volume(s) listed above; add --yes to delete them"):
+            print("nothing deleted")
+            return EXIT_OK
         deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found], only=args.only)
     finally:
         conn.close()

@@ -20,7 +20,7 @@ import libvirt
 
 from . import host, identity, image, ledger, spec, state, storage, virt
 from .errors import HostError, StorageError
-from .sizes import backing_bytes_for
+from .sizes import backing_bytes_for, human_size
 
 Status = Literal["ok", "warn", "fail"]
 QEMU_HELP_TIMEOUT_S = 30.0
@@ -78,21 +78,14 @@ def leftover_names(owned: Iterable[str], existing: Iterable[str], referenced: se
 
 def space_check(pool_name: str, free_bytes: int, need_bytes: int, what: str) -> Check:
     if need_bytes <= free_bytes:
-        return Check("pool space", "ok", f"pool {pool_name}: {human(free_bytes)} free, {what} need "
-                     f"{human(need_bytes)} fully allocated")
+        return Check("pool space", "ok", f"pool {pool_name}: {human_size(free_bytes)} free, {what} need "
+                     f"{human_size(need_bytes)} fully allocated")
     return Check("pool space", "fail", f"pool {pool_name}: {free_bytes} bytes free, {what} need {need_bytes} bytes",
                  "free space in the pool, ask for smaller regions, or use allocation: sparse")
 
 
 # ---------------------------------------------------------------------------------------------
 # side effects
-
-
-def human(n: int) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _version(n: int) -> str:
@@ -150,7 +143,7 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
         need, what = _spec_need(spec_path)
         checks.append(space_check(pool.name(), free, need, what))
     else:
-        checks.append(Check("pool space", "ok", f"pool {pool.name()}: {human(free)} free "
+        checks.append(Check("pool space", "ok", f"pool {pool.name()}: {human_size(free)} free "
                             "(-f FILE checks it against a spec)"))
     names = image.builtin_volume_names()
     if image.is_built(pool):
@@ -163,7 +156,7 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
         total = sum(v.allocation_bytes for v in left)
         shown = ", ".join(v.name for v in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
         checks.append(Check("leftover volumes", "warn", f"{len(left)} volume(s) no domain uses, "
-                            f"{human(total)} on disk: {shown}",
+                            f"{human_size(total)} on disk: {shown}",
                             "`nvmprov prune` lists them and removes them after confirmation"))
     else:
         checks.append(Check("leftover volumes", "ok", "every nvmprov volume in the pool is in use"))

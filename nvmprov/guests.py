@@ -272,7 +272,7 @@ def _verify_locked(conn: libvirt.virConnect, hv: identity.Hypervisor, name: str,
     try:
         if not virt.is_active(m.dom):
             proof.start_guest(conn, m.dom, m.plan, progress)
-        proof.prove(run, deadline_s=m.plan.ssh_timeout_s, power_cycle=power_cycle)
+        proof.prove(run, power_cycle=power_cycle)
     except GuestError as exc:
         report.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
     report.timings_s = dict(progress.timings_s)

@@ -64,7 +64,7 @@ class GuestRun:
 def prove(
     run: GuestRun,
     *,
-    deadline_s: float,
+    booting: bool = False,
     only: tuple[RegionPlan, ...] | None = None,
     reformat: bool = False,
     made: bool = False,
@@ -74,12 +74,16 @@ def prove(
     """The proof on RUN's running guest, filling run.report.regions; a guest failure raises
     GuestError (the phase it happened in is progress.last_phase()).
 
-    deadline_s: how long to wait for SSH; only: these regions alone (attach: the new one; the
-    others stay as they are); reformat: make filesystems again; made: this run made the regions,
-    so the reserved tails of those without a filesystem are written (otherwise only re-read);
-    power_cycle: then the persistence proof; ssh_only: stop once SSH answers (create --until ssh)."""
+    booting: the guest may still be booting (create), so SSH waits the boot timeout, not the ssh
+    timeout; only: these regions alone (attach: the new one; the others stay as they are);
+    reformat: make filesystems again; made: this run made the regions, so the reserved tails of
+    those without a filesystem are written (otherwise only re-read); power_cycle: then the
+    persistence proof; ssh_only: stop once SSH answers (create --until ssh)."""
     progress, coords = run.progress, run.ssh
-    with progress.phase("ssh", f"waiting for SSH on {coords.host}:{coords.port}"):
+    deadline_s = run.plan.boot_timeout_s if booting else run.plan.ssh_timeout_s
+    waiting = f"waiting for SSH on {coords.host}:{coords.port}" + (" (TCG boot takes about a minute)"
+                                                                   if booting else "")
+    with progress.phase("ssh", waiting):
         session = open_session(run.domain, run.files, coords, deadline_s, progress)
     if ssh_only:
         session.close()

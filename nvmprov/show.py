@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import agent, domain, identity, managed, proof, state, virt
 from .errors import GuestError, NvmprovError
+from .sizes import human_size
 
 if TYPE_CHECKING:
     import libvirt
@@ -177,15 +178,6 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
 # text
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size and n % (size // 1024 or 1) == 0:
-            return f"{n / size:.2f} {unit}".replace(".00 ", " ")
-    return f"{n} B"
-
-
 def _range(start: int | None, end: int | None) -> str:
     return "-" if start is None or end is None else f"0x{start:011x}-0x{end:011x}"
 
@@ -202,7 +194,7 @@ def _node_lines(mm: MemoryMap) -> list[str]:
     for n in mm.nodes:
         cpus = f"vCPUs {n.cpus}" if n.cpus else "no vCPUs (memory only)"
         regions = ", ".join(region(r) for r in n.regions) or "-"
-        lines.append(f"  NUMA node {n.id:<2} {_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
+        lines.append(f"  NUMA node {n.id:<2} {human_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
     placed = {r for n in mm.nodes for r in n.regions}
     off = [region(v.name) for v in mm.regions if v.name not in placed]
     if mm.nodes and off:
@@ -213,10 +205,10 @@ def _node_lines(mm: MemoryMap) -> list[str]:
 def render_text(mm: MemoryMap) -> str:
     lines = [f"{mm.name}: {mm.state}" + ("" if mm.managed else " (not managed by nvmprov)")]
     ram = ", ".join(_range(a, b) for a, b in mm.ram_ranges) or "-"
-    lines.append(f"  RAM          {_size(mm.ram_bytes):>10}  {ram}")
+    lines.append(f"  RAM          {human_size(mm.ram_bytes):>10}  {ram}")
     lines += _node_lines(mm)
     headers = ("region", "model", "size", "usable", "guest physical range", "device", "attached", "backing")
-    rows = [(v.name, v.model, _size(v.size_bytes), _size(v.usable_bytes), _range(v.guest_start, v.guest_end),
+    rows = [(v.name, v.model, human_size(v.size_bytes), human_size(v.usable_bytes), _range(v.guest_start, v.guest_end),
              v.guest_device or v.guest_region or "-", v.where, v.backing_path or "-") for v in mm.regions]
     if rows:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -224,8 +216,9 @@ def render_text(mm: MemoryMap) -> str:
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     else:
         lines.append("  no pmem regions")
-    lines.append(f"  hotplug: {mm.free_slots} of {mm.slots} memory slots free, {_size(mm.headroom_bytes)} headroom "
-                 f"under maxMemory {_size(mm.max_memory_bytes)}, {mm.free_root_ports} free PCIe root ports")
+    lines.append(f"  hotplug: {mm.free_slots} of {mm.slots} memory slots free, {human_size(mm.headroom_bytes)} "
+                 f"headroom under maxMemory {human_size(mm.max_memory_bytes)}, {mm.free_root_ports} free PCIe root "
+                 "ports")
     lines.append(f"  addresses from: {mm.addresses_from}")
     if mm.ssh:
         s = mm.ssh

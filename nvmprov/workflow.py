@@ -36,6 +36,7 @@ from .progress import Progress
 from .proof import GuestRun, save_report
 from .report import GuestReport, error_message
 from .rollback import Rollback
+from .sizes import human_size
 from .spec import load_recorded
 from .uris import effective_uri, pool_dir_for
 
@@ -195,7 +196,7 @@ def _create_new(run: _Creation) -> None:
     try:
         _build_guest(run)
         if opts.until not in ("define", "start"):
-            proof.prove(run, deadline_s=run.plan.boot_timeout_s, reformat=opts.reformat, made=True,
+            proof.prove(run, booting=True, reformat=opts.reformat, made=True,
                         power_cycle=opts.power_cycle, ssh_only=opts.until == "ssh")
         run.md = replace(run.metadata, complete=True)
         _record(run.domain, run.md)
@@ -280,7 +281,7 @@ def _prealloc_hint(the_plan: Plan) -> str:
     big = sum(r.backing_bytes for r in the_plan.nvdimm_regions if not r.host_pmem)
     if big >= 2 * 1024**3:
         return (
-            f"libvirt preallocates {big / 1024**3:.0f} GiB of nvdimm backing (QEMU prealloc); "
+            f"libvirt preallocates {human_size(big)} of nvdimm backing (QEMU prealloc); "
             "under TCG this takes several seconds per GiB"
         )
     return ""
@@ -309,8 +310,9 @@ def _check_backing_volumes(run: _Creation) -> None:
             path = f"{pool_dir}/{volume}"
             users = virt.path_users(run.conn, [path], exclude=the_plan.name)[path]
             if users:
+                what = "backing volume" if volume == region.volume else "label storage volume"
                 raise HostError(
-                    f"volume {volume} of region {region.name} is used by domain(s) "
+                    f"{what} {volume} of region {region.name} is used by domain(s) "
                     f"{', '.join(users)}; give the region another name or detach it there first"
                 )
             if region.adopted:
@@ -529,7 +531,7 @@ def _reverify_existing(run: _Creation, dom: libvirt.virDomain, md: domain.Metada
     if opts.until == "start":
         run.report.settle()
         return
-    proof.prove(run, deadline_s=run.plan.boot_timeout_s, reformat=opts.reformat, ssh_only=opts.until == "ssh")
+    proof.prove(run, booting=True, reformat=opts.reformat, ssh_only=opts.until == "ssh")
     run.report.settle()
 
 

@@ -114,3 +114,31 @@ def test_stop_timeout_takes_positive_finite_seconds(text: str) -> None:
     assert cli.build_parser().parse_args(["stop", "x", "--timeout-s", text]).timeout_s == float(text)
 
 
+class _Terminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_the_one_confirmation_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """destroy --purge, detach --purge and prune ask through cli.confirm: only y/yes is yes, and
+    without a terminal it refuses (exit 2, the --yes hint) instead of waiting for an answer."""
+    from nvmprov.errors import UsageError
+
+    asked: list[str] = []
+    for answer, said_yes in (("y", True), (" YES\n", True), ("", False), ("n", False), ("yes please", False)):
+        monkeypatch.setattr("builtins.input", lambda q, a=answer: asked.append(q) or a)
+        monkeypatch.setattr(sys, "stdin", _Terminal(True))
+        assert cli.confirm("delete x?", "add --yes") is said_yes
+    assert asked[0] == "delete x? [y/N] "
+    monkeypatch.setattr(sys, "stdin", _Terminal(False))
+    with pytest.raises(UsageError, match="add --yes"):
+        cli.confirm("delete x?", "add --yes")
+    assert len(asked) == 5
+
+
+def test_the_prompts_of_destroy_detach_and_prune_all_go_through_confirm() -> None:
+    source = Path(cli.__file__).read_text()
+    assert source.count("input(") == 1 and source.count("confirm(") == 4   # the definition and three callers

@@ -544,11 +544,13 @@ def test_create_verify_and_attach_prove_through_the_one_proof_function(conn, mon
     from nvmprov import attach
 
     calls: list[tuple[str, str, int, tuple[str, ...], bool, bool]] = []
+    booting: list[bool] = []  # create waits a boot's timeout for SSH; verify and attach the ssh timeout
 
     def recording_prove(run: proof.GuestRun, **kw: object) -> None:
         only = kw.get("only") or run.plan.regions
         calls.append((run.report.name, run.domain.name(), run.ssh.port, tuple(r.name for r in only),  # type: ignore[attr-defined]
                       bool(kw.get("made")), bool(kw.get("power_cycle"))))
+        booting.append(bool(kw.get("booting")))
         raise GuestError("the guest never answers")
 
     monkeypatch.setattr(proof, "prove", recording_prove)
@@ -573,6 +575,22 @@ def test_create_verify_and_attach_prove_through_the_one_proof_function(conn, mon
         (port, ("hp0",), True, False),     # attach: the new region alone, made by this run
     ]
     assert calls[0][3:] == (("data",), True, True)  # a new guest: made here, power-cycle proof
+    assert booting == [True, True, False, False]
     assert len(plugged) == 1 and "ua-pmem-hp0" in plugged[0]
     for report in (new, rerun, verified, attached):
         assert report.ok is False and "the guest never answers" in (report.error or {}).get("message", "")
+
+
+def test_a_backing_volume_another_domain_uses_is_named_as_such_before_anything_is_made(conn) -> None:
+    g = guest_spec("wf-used")
+    volume = plan.build(g, FACTS).regions[0].volume
+    path = f"{storage.pool_path(_pool(conn))}/{volume}"
+    conn.defineXML(f"<domain type='test'><name>wf-user</name><memory>131072</memory><os><type>hvm</type></os>"
+                   f"<devices><disk type='file' device='disk'><source file='{path}'/><target dev='vdb'/></disk>"
+                   "</devices></domain>")
+    conn.made.append("wf-user")
+    with pytest.raises(HostError) as info:
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert str(info.value).startswith(f"backing volume {volume} of region data is used by domain(s) wf-user; ")
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-used")

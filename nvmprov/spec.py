@@ -652,7 +652,9 @@ class RegionSpec(BaseModel):
                    "remove readonly" if self.readonly else "add label: 128KiB")
             raise _Problem(f"only a labelled, writable nvdimm can be split into namespaces: {why}; {fix}",
                            "namespaces")
-        for key, value in (("mode", self.mode), ("align", self.align_bytes), ("filesystem", self.filesystem),
+        # filesystem: none is what the region itself holds (the recorded spec says so): not refused
+        for key, value in (("mode", self.mode), ("align", self.align_bytes),
+                           ("filesystem", None if self.filesystem == "none" else self.filesystem),
                            ("mount", self.mount)):
             if value is not None:
                 raise _Problem(f"{key} belongs to each namespace of a split region; move it into its namespace "

@@ -196,7 +196,7 @@ def _create_new(run: _Creation) -> None:
     try:
         _build_guest(run)
         if opts.until not in ("define", "start"):
-            proof.prove(run, booting=True, reformat=opts.reformat, made=True,
+            proof.prove(run, booting=True, started=True, reformat=opts.reformat, made=True,
                         power_cycle=opts.power_cycle, ssh_only=opts.until == "ssh")
         run.md = replace(run.metadata, complete=True)
         _record(run.domain, run.md)
@@ -526,12 +526,13 @@ def _reverify_existing(run: _Creation, dom: libvirt.virDomain, md: domain.Metada
     if opts.until == "define":  # the guest is defined: nothing to do, and starting it would be a change
         run.report.settle()
         return
-    if not virt.is_active(dom):
+    started = not virt.is_active(dom)
+    if started:
         proof.start_guest(run.conn, dom, run.plan, run.progress)
     if opts.until == "start":
         run.report.settle()
         return
-    proof.prove(run, booting=True, reformat=opts.reformat, ssh_only=opts.until == "ssh")
+    proof.prove(run, booting=True, started=started, reformat=opts.reformat, ssh_only=opts.until == "ssh")
     run.report.settle()
 
 

@@ -384,6 +384,31 @@ def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatc
     assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None
 
 
+def test_destroy_purge_keeps_a_volume_another_domain_uses(conn, monkeypatch) -> None:
+    """A backing volume nvmprov made, since given to another domain by hand: --purge keeps it."""
+    monkeypatch.setattr(guests.virt, "undefine", lambda dom: dom.undefine())  # the test driver takes no flags
+    g = guest_spec("wf-own-shared")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    pool = _pool(conn)
+    path = storage.lookup(pool, "wf-own-shared-pmem-data.raw").path()
+    other = conn.defineXML(f"""<domain type='test'><name>wf-own-borrower</name><memory unit='KiB'>262144</memory>
+        <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>
+        <source file='{path}'/><target dev='vdb' bus='virtio'/></disk></devices></domain>""")
+    try:
+        out = io.StringIO()
+        guests.destroy_one(conn, identity.of(conn), g.name, purge=ledger.Purge(volumes=True), progress=Progress(out))
+        assert "kept volume wf-own-shared-pmem-data.raw: still used by domain wf-own-borrower" in out.getvalue()
+        assert storage.lookup(pool, "wf-own-shared-pmem-data.raw") is not None
+        assert ledger.read(pool).get("wf-own-shared-pmem-data.raw") is not None  # still nvmprov's, for a later purge
+        assert storage.lookup(pool, "wf-own-shared-root.qcow2") is None          # unshared: deleted as before
+    finally:
+        other.undefine()
+    out = io.StringIO()
+    guests.destroy_one(conn, identity.of(conn), g.name, purge=ledger.Purge(volumes=True), progress=Progress(out))
+    assert storage.lookup(pool, "wf-own-shared-pmem-data.raw") is None, out.getvalue()
+
+
 def _adopting(name: str, volume: str) -> spec.GuestSpec:
     return spec.loads(SPEC_TEXT.format(name=name).replace("mount: /mnt/data",
                                                           f"mount: /mnt/data\n    volume: {volume}")).guests[0]

@@ -27,10 +27,11 @@ MAX_ROUNDS = 6  # read, namespace, filesystem+mount+fstab (and its read), then s
 # One argument of `sh -c` may not exceed 128 KiB (Linux MAX_ARG_STRLEN); the round's request
 # (commands and the new fstab) travels as one.
 MAX_REQUEST_BYTES = 100_000
-# What may run after a power cut (recheck): loading modules and mounting. virtio-pmem is hot-plugged
-# after start, so fstab's nofail line cannot mount it at boot. Never a namespace or a filesystem step:
-# those would hide the loss they repair.
-SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "mount"})
+# What may run after a power cut (recheck): loading modules, re-making a CXL region from its recorded
+# parameters (nothing programs the CXL decoders at boot; it writes no namespace and no filesystem), and
+# mounting. virtio-pmem is hot-plugged after start, so fstab's nofail line cannot mount it at boot.
+# Never a namespace or a filesystem step: those would hide the loss they repair.
+SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "region", "mount"})
 
 
 class Runner(Protocol):

@@ -340,6 +340,12 @@ class Region:
         return max(active, key=lambda ns: ns.size_bytes) if active else None
 
     @property
+    def cxl(self) -> bool:
+        """Is this the nd region of a CXL region? (its bus hangs off the CXL nvdimm bridge:
+        .../ACPI0017:00/root0/nvdimm-bridge0/ndbus0/region0)"""
+        return "/nvdimm-bridge" in self.sysfs_path
+
+    @property
     def pci_path(self) -> tuple[str, ...]:
         """PCI addresses from the root bus down to a virtio-pmem device; () for an NFIT region.
 
@@ -407,6 +413,7 @@ class GuestFacts:
     steps: tuple[StepResult, ...] = ()  # the round's commands run before reading, in order; stops at a failure
     modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
     daxdevs: dict[str, DaxDevice] = field(default_factory=dict)  # device-dax character devices
+    cxl_memdevs: dict[str, int | None] = field(default_factory=dict)  # CXL memdev ("mem0") -> its serial
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
         return tuple(line for line in self.kernel_log if any(w in line for w in words))
@@ -504,6 +511,7 @@ def parse_guest_facts(text: str) -> GuestFacts:
         steps=tuple(_step_result(r) for r in raw.get("steps") or ()),
         modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
         daxdevs={n: _daxdev(n, d) for n, d in (raw.get("daxdevs") or {}).items()},
+        cxl_memdevs={n: _int((m or {}).get("serial")) for n, m in (raw.get("cxl_memdevs") or {}).items()},
     )
 
 
@@ -543,6 +551,10 @@ def locate(facts: GuestFacts, region: RegionPlan) -> Region:
     if region.model == "nvdimm":
         found = _by_handle(facts, nfit_handle(region))
         where = f"NFIT handle {nfit_handle(region):#x} (dimm slot {region.dimm_slot})"
+    elif region.model == "cxl":
+        # one CXL region per guest (spec rule): the nd region on the CXL nvdimm bridge's bus
+        found = [r for r in facts.regions.values() if r.cxl]
+        where = "the CXL nvdimm bridge (made by `cxl create-region`)"
     else:
         # The first address under the root bus: the device itself, or the root port it sits behind.
         found = [r for r in facts.regions.values() if r.pci_path[:1] == (pci_address(region),)]
@@ -563,6 +575,19 @@ def locate(facts: GuestFacts, region: RegionPlan) -> Region:
             f"expected {expected}; the device is not the one the plan describes"
         )
     return guest
+
+
+def cxl_memdev(facts: GuestFacts, region: RegionPlan) -> str:
+    """The guest's name of the CXL region's type-3 device ("mem0"), found by its recorded serial."""
+    found = [name for name, serial in facts.cxl_memdevs.items() if serial == region.cxl_serial]
+    if len(found) != 1:
+        seen = ", ".join(f"{n} (serial {s:#x})" if s is not None else n for n, s in sorted(facts.cxl_memdevs.items()))
+        raise GuestError(
+            f"region {region.name}: {'no' if not found else 'more than one'} CXL memory device with serial "
+            f"{region.cxl_serial or 0:#x} in the guest (it shows: {seen or 'none'}); is the guest kernel's CXL "
+            "support (cxl_acpi, cxl_pci, cxl_mem) loaded, and was the domain started with its CXL arguments?"
+        )
+    return found[0]
 
 
 def _by_handle(facts: GuestFacts, handle: int) -> list[Region]:

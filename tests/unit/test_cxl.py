@@ -161,3 +161,62 @@ def test_who_uses_a_path_sees_a_cxl_guests_volumes_in_its_real_xml() -> None:
     bare.remove(bare.find(f"{{{domain.QEMU_NS}}}commandline"))
     without = domain.references(domain.ET.tostring(bare, encoding="unicode"))
     assert "/p/g-pmem-c.lsa" not in without.paths and ("nvmprov", "g-pmem-c.lsa") in without.volumes
+
+
+# ---------------------------------------------------------------------------------------------
+# the guest side: facts -> commands (pure)
+
+CXL_ND_PATH = "/sys/devices/platform/ACPI0017:00/root0/nvdimm-bridge0/ndbus0/region0"   # measured here
+
+
+def _facts(*, region: bool, serial: int | None, ns: dict | None = None, modules: tuple[str, ...] = ()) -> object:
+    from nvmprov.agent.facts import parse_guest_facts
+
+    mods = ["nd_pmem", "cxl_acpi", "cxl_pci", "cxl_port", "cxl_mem", "cxl_pmem", *modules]
+    seed = {"dev": "namespace0.0", "mode": "raw", "size": 0, "uuid": "00000000-0000-0000-0000-000000000000",
+            "sector_size": 512, "state": "disabled"}
+    listed = {"regions": [{"dev": "region0", "size": 536870912, "type": "pmem", "namespaces": [ns or seed],
+                           "mappings": [{"dimm": "nmem0", "offset": 0, "length": 536870912, "position": 0}]}],
+              "dimms": [{"dev": "nmem0"}]} if region else {}
+    raw = {
+        "modules": mods, "ndctl": {"rc": 0, "stdout": json.dumps(listed), "stderr": ""},
+        "regions": {"region0": {"path": CXL_ND_PATH, "size": "536870912", "read_only": "0",
+                                "mappings": ["nmem0,0,536870912,0"]}} if region else {},
+        "nmems": {}, "daxdevs": {}, "mounts": "", "fstab": "",
+        "blockdevs": {"pmem0": {"path": CXL_ND_PATH + "/pfn0.0/block/pmem0", "size_sectors": "1028096", "ro": "0",
+                                "dax": "1", "blkid": {"rc": 2, "stdout": "", "stderr": ""}}} if ns else {},
+        "cxl_memdevs": {"mem0": {"serial": hex(serial) if serial is not None else None}},
+    }
+    return parse_guest_facts(json.dumps(raw))
+
+
+def test_the_guest_makes_the_cxl_region_from_its_recorded_parameters_by_serial() -> None:
+    from nvmprov.agent import steps
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    [cmd] = steps.plan_commands(_facts(region=False, serial=r.cxl_serial), r, reformat=False)
+    assert cmd.render() == "cxl create-region -d decoder0.0 -t pmem -m mem0 -w 1 -g 256"
+    assert cmd.phase == "region"
+    from nvmprov.agent.converge import SAFE_AFTER_POWER_CYCLE
+    assert "region" in SAFE_AFTER_POWER_CYCLE and "namespace" not in SAFE_AFTER_POWER_CYCLE
+
+
+def test_a_memdev_of_another_serial_is_not_taken() -> None:
+    from nvmprov.agent import steps
+    from nvmprov.errors import GuestError
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    with pytest.raises(GuestError, match="no CXL memory device with serial"):
+        steps.plan_commands(_facts(region=False, serial=12345), r, reformat=False)
+
+
+def test_a_new_cxl_region_gets_an_fsdax_namespace_then_a_filesystem() -> None:
+    from nvmprov.agent import steps
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    [cmd] = steps.plan_commands(_facts(region=True, serial=r.cxl_serial), r, reformat=False)
+    assert cmd.render() == "ndctl create-namespace -r region0 -m fsdax" and cmd.phase == "namespace"
+    fsdax = {"dev": "namespace0.0", "mode": "fsdax", "size": 526385152, "uuid": "0f1e", "sector_size": 512,
+             "blockdev": "pmem0", "align": 2097152}
+    cmds = steps.plan_commands(_facts(region=True, serial=r.cxl_serial, ns=fsdax), r, reformat=False)
+    assert cmds[0].render().startswith("mkfs.ext4") and "-b 4096" in cmds[0].render()

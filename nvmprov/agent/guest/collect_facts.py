@@ -12,7 +12,7 @@ registers regions and namespaces asynchronously, e.g. right after a modprobe or 
 so are udev and systemd's running mount jobs (fstab's entries, mounted as their devices appear).
 Then everything the agent needs in the same round trip (each costs a second or more under TCG):
 modules, `ndctl list`, the sysfs topology (regions with their NUMA nodes, DIMM mappings and
-persistence domain, NFIT handles, block devices, device-dax character devices), blkid of each pmem
+persistence domain, NFIT handles, CXL memdev serials, block devices, device-dax character devices), blkid of each pmem
 block device, /proc/self/mounts and /etc/fstab.
 Values are raw text; the host parses them, so this stays dumb and old-python friendly.
 Nothing but the given steps and the module loading changes the guest.
@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem")
+MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem",
+           "cxl_acpi", "cxl_pci", "cxl_port", "cxl_mem", "cxl_pmem")
 ND = "/sys/bus/nd/devices/"
 KERNEL_LOG_LINES = 40
 # systemd mounts fstab's nofail entries as their devices appear; with sshd up early in the boot the
@@ -156,6 +157,14 @@ def nmems():
     return out
 
 
+def cxl_memdevs():
+    """CXL memory devices and their serials (how a CXL region's device is found, not by enumeration)."""
+    out = {}
+    for path in sorted(glob.glob("/sys/bus/cxl/devices/mem*")):
+        out[os.path.basename(path)] = {"serial": read(path + "/serial")}
+    return out
+
+
 def blockdevs():
     out = {}
     for path in sorted(glob.glob("/sys/class/block/pmem*")):
@@ -187,6 +196,7 @@ def main(argv):
         "ndctl": run(["ndctl", "list", "--regions", "--namespaces", "--dimms", "--idle"]),
         "regions": regions(),
         "nmems": nmems(),
+        "cxl_memdevs": cxl_memdevs(),
         "blockdevs": blockdevs(),
         "daxdevs": daxdevs(),
         "mounts": read("/proc/self/mounts") or "",

@@ -14,7 +14,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import domxml
+from . import domain, domxml
+from .plan import CXL_GRANULE_BYTES
+from .sizes import round_up
 
 if TYPE_CHECKING:
     import libvirt
@@ -38,6 +40,10 @@ for r in /sys/bus/nd/devices/region*; do
   n=$(cat "$r/target_node" 2>/dev/null || echo -)
   echo "region $(basename "$r") $(cat "$r/resource") $(cat "$r/size") $h $(readlink -f "$r") ${b:--} ${n:--}"
 done
+for d in /sys/bus/cxl/devices/decoder0.*; do
+  [ -e "$d/start" ] || continue
+  echo "cxlwindow $(basename "$d") $(cat "$d/start") $(cat "$d/size")"
+done
 """
 
 
@@ -57,14 +63,30 @@ class GuestRegion:
         return int(m.group(1), 16) if m else None
 
 
+    @property
+    def cxl(self) -> bool:
+        """The nd region of a CXL region (its bus hangs off the CXL nvdimm bridge)."""
+        return "/nvdimm-bridge" in self.sysfs
+
+
+@dataclass(frozen=True)
+class CxlWindow:
+    """A CXL fixed memory window as the guest shows it (a root decoder: decoder0.0)."""
+
+    decoder: str
+    start: int
+    size_bytes: int
+
+
 @dataclass(frozen=True)
 class Probe:
     ram: tuple[tuple[int, int], ...]          # inclusive (start, end)
     regions: tuple[GuestRegion, ...]
+    cxl_windows: tuple[CxlWindow, ...] = ()
 
 
 def parse_probe(text: str) -> Probe:
-    ram, regions = [], []
+    ram, regions, windows = [], [], []
     for line in text.splitlines():
         parts = line.split()
         if parts[:1] == ["ram"] and len(parts) >= 2:
@@ -79,7 +101,9 @@ def parse_probe(text: str) -> Probe:
                 blockdevs=tuple(b for b in blocks.split(",") if b and b != "-"),
                 target_node=int(node) if re.fullmatch(r"-?[0-9]+", node) else None,
             ))
-    return Probe(tuple(ram), tuple(regions))
+        elif parts[:1] == ["cxlwindow"] and len(parts) >= 4:
+            windows.append(CxlWindow(parts[1], int(parts[2], 0), int(parts[3], 0)))
+    return Probe(tuple(ram), tuple(regions), tuple(windows))
 
 
 @dataclass
@@ -123,6 +147,9 @@ class MemoryMap:
     headroom_bytes: int = 0
     free_root_ports: int = 0
     addresses_from: str = "libvirt"  # "guest" when the ranges were read inside the guest
+    # The CXL fixed memory window: {"size_bytes", "regions", and from the guest "decoder", "start", "end"};
+    # None without CXL regions. Its size is on QEMU's command line, the address only in the guest.
+    cxl_window: dict[str, Any] | None = None
     ssh: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -152,7 +179,11 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
             view.guest_start = dev.base
             view.guest_end = dev.base + dev.size_bytes - (dev.label_bytes or 0) - 1
         views[name] = view
+    cxl_paths = domain.references(config_xml).paths
     for r in md.regions if md else ():
+        if r.model == "cxl":  # on QEMU's command line, not a libvirt device
+            path = next((p for p in sorted(cxl_paths) if p.endswith("/" + r.volume)), None)
+            views[r.name] = RegionView(r.name, r.model, r.backing_bytes, None, "qemu args", path)
         view = views.get(r.name) or RegionView(r.name, r.model, r.backing_bytes, None, "recorded", None)
         view.usable_bytes = r.expected_usable_bytes
         if view.numa_node is None and r.model == "nvdimm":
@@ -163,11 +194,14 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
         node = next((n for n in nodes if n.id == view.numa_node), None)
         if node is not None:
             node.regions.append(view.name)
+    cxl = [r for r in md.regions if r.model == "cxl"] if md else []
+    window = {"size_bytes": round_up(sum(r.backing_bytes for r in cxl), CXL_GRANULE_BYTES),
+              "regions": [r.name for r in cxl]} if cxl else None
     return MemoryMap(
         name=now.name, state="running" if running else "shut off", managed=md is not None,
         ram_bytes=now.ram_bytes, regions=list(views.values()), max_memory_bytes=now.max_memory_bytes,
         slots=now.slots, free_slots=now.free_slots, headroom_bytes=now.headroom_bytes,
-        free_root_ports=len(now.free_root_ports), nodes=nodes,
+        free_root_ports=len(now.free_root_ports), nodes=nodes, cxl_window=window,
     )
 
 
@@ -181,6 +215,8 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
             continue
         if r.model == "nvdimm":
             found = [g for g in probe.regions if g.nfit_handle == (r.dimm_slot or 0) + 1]
+        elif r.model == "cxl":
+            found = [g for g in probe.regions if g.cxl]
         else:
             found = [g for g in probe.regions if g.nfit_handle is None and g.pci_slot() == r.pci_slot]
         if len(found) == 1:
@@ -189,6 +225,10 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
             view.guest_region = g.dev
             view.guest_device = f"/dev/{g.blockdevs[0]}" if g.blockdevs else None
             view.target_node = g.target_node
+    if mm.cxl_window is not None and probe.cxl_windows:
+        w = probe.cxl_windows[0]   # nvmprov makes one window (cxl-fmw.0)
+        mm.cxl_window.update(decoder=w.decoder, start=w.start, end=w.start + w.size_bytes - 1,
+                             size_bytes=w.size_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +262,7 @@ def _node_lines(mm: MemoryMap) -> list[str]:
         regions = ", ".join(region(r) for r in n.regions) or "-"
         lines.append(f"  NUMA node {n.id:<2} {_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
     placed = {r for n in mm.nodes for r in n.regions}
-    off = [region(v.name) for v in mm.regions if v.name not in placed]
+    off = [region(v.name) for v in mm.regions if v.name not in placed and v.model != "cxl"]
     if mm.nodes and off:
         lines.append(f"  no NUMA node (virtio-pmem has none in libvirt): {', '.join(off)}")
     return lines
@@ -233,6 +273,11 @@ def render_text(mm: MemoryMap) -> str:
     ram = ", ".join(_range(a, b) for a, b in mm.ram_ranges) or "-"
     lines.append(f"  RAM          {_size(mm.ram_bytes):>10}  {ram}")
     lines += _node_lines(mm)
+    if mm.cxl_window is not None:
+        w = mm.cxl_window
+        at = _range(w.get("start"), w.get("end"))
+        lines.append(f"  CXL window   {_size(w['size_bytes']):>10}  {at}  ({w.get('decoder', 'cxl-fmw.0')}; regions: "
+                     f"{', '.join(w['regions'])})")
     headers = ("region", "model", "size", "usable", "guest physical range", "device", "attached", "backing")
     rows = [(v.name, v.model, _size(v.size_bytes), _size(v.usable_bytes), _range(v.guest_start, v.guest_end),
              v.guest_device or v.guest_region or "-", v.where, v.backing_path or "-") for v in mm.regions]
@@ -258,7 +303,7 @@ def render_text(mm: MemoryMap) -> str:
 
 
 def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
-    from . import domain, state, virt
+    from . import state, virt
     from .errors import GuestError, NvmprovError
 
     dom = virt.require(conn, name)

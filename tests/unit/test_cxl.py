@@ -220,3 +220,58 @@ def test_a_new_cxl_region_gets_an_fsdax_namespace_then_a_filesystem() -> None:
              "blockdev": "pmem0", "align": 2097152}
     cmds = steps.plan_commands(_facts(region=True, serial=r.cxl_serial, ns=fsdax), r, reformat=False)
     assert cmds[0].render().startswith("mkfs.ext4") and "-b 4096" in cmds[0].render()
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor and show
+
+
+def test_doctor_checks_qemus_cxl_devices_the_guest_kernel_and_confinement() -> None:
+    from nvmprov import doctor
+
+    have = 'name "pxb-cxl", bus PCI\nname "cxl-rp", bus PCI\nname "cxl-type3", bus PCI\n'
+    assert doctor.cxl_qemu_check(have).status == "ok"
+    missing = doctor.cxl_qemu_check('name "nvdimm"\nname "cxl-rp"\n')
+    assert missing.status == "warn" and "no pxb-cxl, cxl-type3" in missing.detail and missing.fix
+    assert doctor.cxl_qemu_check(None).status == "warn"
+    assert doctor.cxl_kernel_check("6.1.0-57-amd64").status == "ok"
+    assert doctor.cxl_kernel_check("5.10.0-30-amd64").status == "warn"
+    assert doctor.cxl_kernel_check(None).status == "warn"
+    assert doctor.cxl_confinement_check(["none", "dac"], (64055, 64055)).status == "ok"
+    confined = doctor.cxl_confinement_check(["apparmor", "dac"], (64055, 64055))
+    assert confined.status == "warn" and "apparmor" in confined.detail and "abstractions/libvirt-qemu" in (
+        confined.fix or "")
+
+
+def test_kernel_version_from_a_bzimage_header() -> None:
+    from nvmprov import doctor
+
+    head = bytearray(0x5000)
+    head[0x202:0x206] = b"HdrS"
+    head[0x20E:0x210] = (0x42C0).to_bytes(2, "little")
+    text = b"6.1.0-57-amd64 (debian-kernel@lists.debian.org) #1 SMP\0"
+    head[0x44C0:0x44C0 + len(text)] = text
+    assert doctor.kernel_version(bytes(head)) == "6.1.0-57-amd64"
+    assert doctor.kernel_version(b"\0" * 0x1000) is None
+
+
+def test_show_maps_the_cxl_window_and_the_region() -> None:
+    from nvmprov import show
+
+    p = plan.build(guest(CXL + "  - {name: d, size: 256MiB}\n"), TCG_HOST)
+    xml = domain.render(p, CTX)
+    md = domain.parse_metadata(xml)
+    mm = show.build_map(xml, xml, running=True, md=md)
+    view = next(v for v in mm.regions if v.name == "c")
+    assert (view.model, view.where, view.backing_path) == ("cxl", "qemu args", "/p/g-pmem-c.raw")
+    assert mm.cxl_window == {"size_bytes": 512 * MiB, "regions": ["c"]}
+    probe = show.parse_probe(
+        f"ram 0-9fbff\nregion region0 0x460000000 536870912 - {CXL_ND_PATH} pmem0, -1\n"
+        "region region1 0x140000000 268435456 0x1 /sys/devices/LNXSYSTM:00/ACPI0012:00/ndbus1/region1 pmem1, 0\n"
+        "cxlwindow decoder0.0 0x460000000 0x20000000\n")
+    assert md is not None
+    show.merge_probe(mm, probe, md)
+    assert (view.guest_region, view.guest_device, view.guest_start) == ("region0", "/dev/pmem0", 0x460000000)
+    text = show.render_text(mm)
+    assert "  CXL window      512 MiB  0x00460000000-0x0047fffffff  (decoder0.0; regions: c)" in text, text
+    assert "no NUMA node" not in text

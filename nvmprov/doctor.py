@@ -258,10 +258,12 @@ def _kernel_version(pool: libvirt.virStoragePool, volume: str) -> str | None:
 
 def _spec_need(spec_path: str) -> tuple[int, str]:
     from . import spec
+    from .plan import CXL_LSA_BYTES
     from .sizes import backing_bytes_for
 
     loaded = spec.load(spec_path)
     need = sum(backing_bytes_for(r.size_bytes) for g in loaded.guests for r in g.pmem if r.allocation == "full")
+    need += sum(CXL_LSA_BYTES for g in loaded.guests for r in g.pmem if r.model == "cxl")  # its label area
     return need, f"the regions of {spec_path}"
 
 

@@ -235,7 +235,7 @@ def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
     raw = json.loads(proc.stdout)
     assert set(raw) == {
         "modules", "ndctl", "regions", "nmems", "blockdevs", "daxdevs", "mounts", "fstab", "kernel_log", "steps",
-        "modprobe",
+        "modprobe", "cxl_memdevs",
     }
     assert (raw["steps"], raw["modprobe"]) == ([], None)
 

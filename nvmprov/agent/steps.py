@@ -424,7 +424,7 @@ def fstab_entries(
 ) -> list[FstabEntry]:
     """One entry per region with a mount point whose filesystem exists, or is made by `planned`.
 
-    A region with module or namespace steps still `planned` gets none yet: its device is not
+    A region with module, CXL region or namespace steps still `planned` gets none yet: its device is not
     known until they ran (the next round writes it).
     """
     entries = []
@@ -432,7 +432,7 @@ def fstab_entries(
         if region.filesystem == "none" or region.mount is None:
             continue
         mine = [c for c in planned if c.region == region.name]
-        if any(c.phase in ("modules", "namespace") for c in mine):
+        if any(c.phase in ("modules", "region", "namespace") for c in mine):
             continue
         if any(c.makes_filesystem for c in mine):
             fs_id: str | None = fs_uuid(region)

@@ -47,8 +47,8 @@ def _regions(created: Created) -> dict[str, dict]:
 
 
 def test_create_proves_dax_and_data_on_the_cxl_region(cxl_guest: Created) -> None:
-    assert cxl_guest.proc.returncode == 0, cxl_guest.proc.stderr[-6000:]
     g = cxl_guest.guest
+    assert cxl_guest.proc.returncode == 0, f"{g['error']}\n{cxl_guest.proc.stderr[-6000:]}"
     assert g["ok"] is True and g["error"] is None and g["accel"] == "tcg"
     cxl = _regions(cxl_guest)["cxl"]
     assert (cxl["model"], cxl["namespace_mode"], cxl["filesystem"], cxl["mountpoint"]) == (

@@ -94,3 +94,22 @@ def test_both_volumes_are_pool_volumes_owned_by_qemus_user_and_in_use(cxl_guest:
 def test_attach_refuses_cxl_with_the_reason(cxl_guest: Created) -> None:
     proc = nvmprov("attach", NAME, "--size", "256MiB", "--model", "cxl", timeout_s=120)
     assert proc.returncode == 2 and "no CXL hotplug on this stack" in proc.stderr, proc.stderr
+
+
+def test_show_maps_the_cxl_window_and_the_region(cxl_guest: Created) -> None:
+    proc = nvmprov("show", NAME, timeout_s=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    window = next((ln for ln in lines if ln.startswith("  CXL window")), "")
+    assert "512 MiB" in window and "(decoder0.0; regions: cxl)" in window and "0x" in window, proc.stdout
+    row = next((ln for ln in lines if ln.split()[:2] == ["cxl", "cxl"]), "")
+    assert "/dev/pmem" in row and "qemu args" in row and f"{NAME}-pmem-cxl.raw" in row, proc.stdout
+    assert window.split()[4] in row, proc.stdout       # the region's guest range is the window's
+
+
+def test_doctor_checks_cxl(cxl_guest: Created) -> None:
+    proc = nvmprov("doctor", "--json", timeout_s=300)
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert checks["qemu cxl devices"]["status"] == "ok", checks
+    assert checks["cxl confinement"]["status"] == "ok", checks   # no AppArmor here (the spike)
+    assert checks["guest kernel cxl"]["status"] == "ok" and "6.1" in checks["guest kernel cxl"]["detail"], checks

@@ -158,11 +158,11 @@ def destroy(
     nvmprov did not make is deleted. A guest already destroyed: what nvmprov kept for it. True when a
     domain was destroyed; a missing guest with nothing kept raises HostError, or returns False with
     MISSING_OK. A domain nvmprov did not make raises UsageError."""
-    from . import guests, identity, ledger, state, virt
+    from . import guests, identity, ledger, managed, state, virt
 
     check = state.check_name(name)
     prog = _progress(progress, prefix=f"{name}: ")
-    with guests.connection(connect) as conn:
+    with managed.connection(connect) as conn:
         hv = identity.of(conn)
         with state.lock(check, hv=hv):
             existed = virt.lookup(conn, check) is not None
@@ -173,9 +173,9 @@ def destroy(
 
 def exists(name: str, *, connect: str | None = None) -> bool:
     """Whether libvirt has a domain of this name (nvmprov's or not)."""
-    from . import guests, state, virt
+    from . import managed, state, virt
 
-    with guests.connection(connect) as conn:
+    with managed.connection(connect) as conn:
         return virt.lookup(conn, state.check_name(name)) is not None
 
 
@@ -203,7 +203,7 @@ def attach(
     nvdimm's guest node. Neither LIVE nor CONFIG: what lasts and works on this domain. What the
     domain cannot take raises UsageError naming each change it needs; nothing is changed then."""
     from . import attach as attachmod
-    from . import guests
+    from . import managed
 
     if model == "cxl":
         raise UsageError(attachmod.CXL_NO_HOTPLUG)
@@ -218,7 +218,7 @@ def attach(
         align_bytes=align_bytes, filesystem=filesystem, mount=mount, allocation=allocation, live=live, config=config,
         numa_node=numa_node,
     )
-    with guests.connection(connect) as conn:  # an empty REGION: attach picks hpN under the domain's lock
+    with managed.connection(connect) as conn:  # an empty REGION: attach picks hpN under the domain's lock
         return attachmod.attach(conn, domain, request, _progress(progress))
 
 
@@ -248,9 +248,9 @@ def detach(
     domain uses it, when nvmprov made it (PURGE_ADOPTED: an adopted one too; no question asked). What
     cannot be done raises UsageError; nothing is changed."""
     from . import attach as attachmod
-    from . import guests, ledger
+    from . import ledger, managed
 
-    with guests.connection(connect) as conn:
+    with managed.connection(connect) as conn:
         return attachmod.detach(conn, domain, region, live=live, config=config,
                                 purge=ledger.Purge.asked(purge, purge_adopted), progress=_progress(progress))
 
@@ -265,14 +265,13 @@ def open_ssh(
     """An SSH session (nvmprov.ssh.Session: run(cmd, *args) with each argument shell-quoted) into a
     running guest nvmprov made, with its own key and pinned host key, waiting up to TIMEOUT_S (default:
     the spec's ssh timeout) for its sshd. The caller closes it."""
-    from . import guests, identity, workflow
+    from . import identity, managed, proof
 
-    with guests.connection(connect) as conn:
-        m = guests.managed(conn, name, identity.of(conn))
-        files = m.files
-        guests.check_same_domain(files, m.dom)
+    with managed.connection(connect) as conn:
+        m = managed.guest(conn, name, identity.of(conn))
+        managed.check_same_domain(m.files, m.dom)
         deadline_s = timeout_s if timeout_s is not None else m.plan.ssh_timeout_s
-        return workflow.open_session(m.dom, m.plan, files, m.md.ssh_port, deadline_s, _progress(progress))
+        return proof.open_session(m.dom, m.files, m.ssh, deadline_s, _progress(progress))
 
 
 def console_tail(name: str, *, connect: str | None = None, max_lines: int = 20) -> str:

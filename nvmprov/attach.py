@@ -17,16 +17,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import domxml
+from pydantic import ValidationError
+
+from . import domain, host, identity, ledger, naming, proof, state, storage, virt
 from .errors import GuestError, HostError, UsageError, VirtError
+from .managed import plan_from_metadata, ssh_coordinates
 from .plan import FIRST_PORT_PCI_SLOT, Filesystem, Model, RegionPlan, label_bytes_for
-from .report import GuestReport, Report, SshInfo
+from .report import GuestReport, Report
 from .sizes import DIMM_ALIGN_BYTES, KiB, backing_bytes_for, expected_usable_bytes, format_size, round_up
+from .spec import RegionSpec, parse_size
+from .uris import pool_dir_for
 
 if TYPE_CHECKING:
     import libvirt
 
-    from . import identity, ledger
     from .domain import Metadata
     from .plan import Plan
     from .progress import Progress
@@ -97,7 +101,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
 
     DOMAIN_XML is the live XML when `running` (for request.live) or the persistent one. Empty: go.
     """
-    d = domxml.parse(domain_xml)
+    d = domain.parse(domain_xml)
     name = d.name
     problems: list[str] = []
     if request.live and not running:
@@ -121,7 +125,7 @@ def attach_problems(domain_xml: str, request: AttachRequest, running: bool) -> l
     return problems
 
 
-def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _memory_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     name = d.name
     problems = []
     after = "; power the domain off and start it again for it to take effect" if request.live else ""
@@ -154,7 +158,7 @@ def _memory_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]
     return problems
 
 
-def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _node_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     """--numa-node: an nvdimm only (libvirt 9.0 refuses a node on virtio-pmem), and a node the domain has."""
     if request.numa_node == 0:
         return []   # node 0: the default, and what libvirt gives a device without <node>
@@ -170,7 +174,7 @@ def _node_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
             "numa_nodes: in its spec, recreated)"]
 
 
-def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list[str]:
+def _virtio_pmem_problems(d: domain.DomainFacts, request: AttachRequest) -> list[str]:
     problems = []
     if request.config and not request.virtio_pmem_in_config:
         problems.append(
@@ -190,16 +194,14 @@ def _virtio_pmem_problems(d: domxml.DomainFacts, request: AttachRequest) -> list
 def volume_name(domain_name: str, region: str) -> str:
     """The backing volume of a region attached to a domain nvmprov did not make: one per (domain,
     region), never another's (naming.foreign_backing_volume escapes, it does not fold)."""
-    from .naming import foreign_backing_volume, too_long
-
-    volume = foreign_backing_volume(domain_name, region)
-    if too_long(volume):
+    volume = naming.foreign_backing_volume(domain_name, region)
+    if naming.too_long(volume):
         raise UsageError(f"the volume name for domain {domain_name!r} would be {len(volume.encode())} bytes, more than "
                          "a file name takes; rename the domain (virsh domrename) or give a shorter --name")
     return volume
 
 
-def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
+def foreign_region_plan(d: domain.DomainFacts, request: AttachRequest, volume: str) -> RegionPlan:
     """The region of a domain nvmprov did not make: the first free DIMM slot or root port."""
     label = label_bytes_for(request.label_bytes)
     dimm_slot = d.free_dimm_slot() if request.model == "nvdimm" else None
@@ -216,7 +218,7 @@ def foreign_region_plan(d: domxml.DomainFacts, request: AttachRequest, volume: s
     )
 
 
-def placement_problems(d: domxml.DomainFacts, region: RegionPlan) -> list[str]:
+def placement_problems(d: domain.DomainFacts, region: RegionPlan) -> list[str]:
     """A managed guest's plan puts the region at a fixed slot/port: is it free in the domain?"""
     if region.model == "nvdimm" and any(x.dimm_slot == region.dimm_slot for x in d.devices):
         return [f"DIMM slot {region.dimm_slot} that the recorded spec gives region {region.name} is taken in domain "
@@ -234,8 +236,6 @@ def managed_spec_json(spec_json: str, region: dict[str, object], backing_bytes: 
     data["pmem"].append(region)
     hp = data.setdefault("hotplug", {})
     hp["slots"] = max(int(hp.get("slots", SUGGESTED_SLOTS)) - 1, 0)
-    from .spec import parse_size
-
     headroom = parse_size(hp.get("headroom", "8GiB"), allow_zero=True)
     hp["headroom"] = format_size(max(headroom - backing_bytes, 0))
     return json.dumps(data, separators=(",", ":"))
@@ -243,10 +243,6 @@ def managed_spec_json(spec_json: str, region: dict[str, object], backing_bytes: 
 
 def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
     """The region as a spec entry (YAML keys), validated by the spec's own rules (UsageError)."""
-    from pydantic import ValidationError
-
-    from .spec import RegionSpec
-
     raw: dict[str, object] = {"name": request.region, "size": format_size(request.size_bytes),
                               "model": request.model, "allocation": request.allocation}
     if request.filesystem is not None or not managed:
@@ -278,7 +274,7 @@ def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
 
 
 def detach_problems(domain_xml: str, region: str, *, live: bool, running: bool) -> list[str]:
-    d = domxml.parse(domain_xml)
+    d = domain.parse(domain_xml)
     dev = d.device(f"ua-pmem-{region}")
     if dev is None:
         where = "running domain" if live else "config of domain"
@@ -323,8 +319,6 @@ def refuse(what: str, problems: list[str]) -> UsageError:
 def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress: Progress) -> Report:
     """Attach one region to domain NAME; `request.live/config` as the user gave them (both False:
     the default for this domain, see targets())."""
-    from . import domain, identity, virt
-
     hv = identity.of(conn)  # once per command: a round trip over qemu+ssh
     with domain_lock(conn, name, hv):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
@@ -340,8 +334,6 @@ def attach(conn: libvirt.virConnect, name: str, request: AttachRequest, progress
 def domain_lock(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor) -> Iterator[None]:
     """The lock of domain NAME on HV: a guest name's own lock (the one create and destroy take), or,
     for a name nvmprov would not give a guest, a lock under its escaped name."""
-    from . import naming, state
-
     if state.valid_name(name):
         with state.lock(name, hv=hv):
             yield
@@ -351,8 +343,6 @@ def domain_lock(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor) ->
 
 
 def _resolve(dom: libvirt.virDomain, request: AttachRequest, conn: libvirt.virConnect) -> tuple[AttachRequest, bool]:
-    from . import host, virt
-
     running = virt.is_active(dom)
     live, config = targets(live=request.live, config=request.config, model=request.model, running=running)
     in_config = host.facts(conn, "").virtio_pmem_in_config
@@ -361,8 +351,6 @@ def _resolve(dom: libvirt.virDomain, request: AttachRequest, conn: libvirt.virCo
 
 def _problems(dom: libvirt.virDomain, request: AttachRequest, running: bool) -> list[str]:
     """Checked against each XML the request changes (live and/or persistent)."""
-    from . import virt
-
     problems: list[str] = []
     if request.live or running:
         problems += attach_problems(virt.xml_desc(dom), replace(request, config=False), running)
@@ -373,17 +361,12 @@ def _problems(dom: libvirt.virDomain, request: AttachRequest, running: bool) -> 
 
 
 def _pool(conn: libvirt.virConnect, pool_name: str) -> tuple[libvirt.virStoragePool, str]:
-    from . import storage
-    from .workflow import pool_dir_for
-
     # with the URI: on qemu:///session a missing pool goes under the user's XDG dirs, not /var/lib
     pool = storage.ensure_pool(conn, pool_name, pool_dir_for(pool_name, conn.getURI()))
     return pool, storage.pool_path(pool)
 
 
 def _check_volume_free(conn: libvirt.virConnect, path: str, volume: str) -> None:
-    from . import virt
-
     users = virt.path_users(conn, [path])[path]
     if users:
         raise HostError(f"backing volume {volume} is used by domain(s) {', '.join(users)}; choose another --name "
@@ -396,8 +379,6 @@ def _make_backing(dom: libvirt.virDomain, hv: str, pool: libvirt.virStoragePool,
     for this domain); True when this run made it. An existing one is used only when nvmprov made it
     for this domain (a region detached earlier, its data kept); anything else is refused. HV: the
     key of the hypervisor the domain is on."""
-    from . import ledger, storage
-
     owner = dom.name()
     if storage.make_backing(pool, region.volume, region.backing_bytes, allocation=region.allocation) is not None:
         ledger.record(pool, ledger.Entry(region.volume, owner, hv, "backing"))
@@ -414,8 +395,6 @@ def _make_backing(dom: libvirt.virDomain, hv: str, pool: libvirt.virStoragePool,
 def _plug(dom: libvirt.virDomain, pool: libvirt.virStoragePool, region: RegionPlan, pool_dir: str, made: bool, *,
           hv: str, live: bool, config: bool, progress: Progress) -> None:
     """Attach the device; a failure removes the volume this run made (for HV's domain)."""
-    from . import domain, ledger, storage, virt
-
     if not (live or config):
         return
     try:
@@ -436,8 +415,6 @@ def _where(live: bool, config: bool) -> str:
 
 def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libvirt.virDomain,
                     request: AttachRequest, progress: Progress) -> Report:
-    from . import state, virt
-
     name = dom.name()
     if request.filesystem not in (None, "none") or request.mount:
         raise UsageError(f"--filesystem/--mount need a guest nvmprov manages (it logs in with its own key); {name} "
@@ -455,7 +432,7 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     pool, pool_dir = _pool(conn, "nvmprov")
     volume = volume_name(name, request.region)
     _check_volume_free(conn, f"{pool_dir}/{volume}", volume)
-    facts = domxml.parse(virt.xml_desc(dom, inactive=not request.live))
+    facts = domain.parse(virt.xml_desc(dom, inactive=not request.live))
     region = foreign_region_plan(facts, request, volume)
     with state.pool_lock(hv.key, pool.name()):  # held against prune until a domain uses it
         made = _make_backing(dom, hv.key, pool, region, progress)
@@ -478,10 +455,6 @@ def _attach_foreign(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
 
 
 def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest) -> tuple[Plan, str]:
-    from pydantic import ValidationError
-
-    from .guests import plan_from_metadata
-
     if md.spec_json is None:
         raise HostError("the nvmprov metadata of this domain holds no spec; recreate it with this nvmprov")
     entry = region_spec(request, managed=True)
@@ -496,8 +469,6 @@ def _managed_plan(conn: libvirt.virConnect, md: Metadata, request: AttachRequest
 
 def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libvirt.virDomain, md: Metadata,
                     request: AttachRequest, progress: Progress) -> Report:
-    from . import domain, state, virt
-
     name = dom.name()
     if any(r.name == request.region for r in md.regions):
         raise UsageError(f"guest {name} already has a region named {request.region}; choose another --name")
@@ -511,14 +482,14 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
             notes.append("virtio-pmem is kept in nvmprov's metadata, not the libvirt config: nvmprov start "
                          "hot-plugs it after every start")
     # before the recorded spec's own rule, which would name the spec key instead of --numa-node
-    node_problems = _node_problems(domxml.parse(virt.xml_desc(dom, inactive=not request.live)), request)
+    node_problems = _node_problems(domain.parse(virt.xml_desc(dom, inactive=not request.live)), request)
     if node_problems:
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", node_problems)
     new_plan, spec_json = _managed_plan(conn, md, request)
     region = new_plan.region(request.region)
     problems = _problems(dom, request, running)
     for xml in {virt.xml_desc(dom), virt.xml_desc(dom, inactive=True)}:
-        problems += [p for p in placement_problems(domxml.parse(xml), region) if p not in problems]
+        problems += [p for p in placement_problems(domain.parse(xml), region) if p not in problems]
     if problems:
         raise refuse(f"guest {name} cannot take {_a(request.model)} region this way", problems)
     pool, pool_dir = _pool(conn, md.pool)
@@ -535,9 +506,9 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     state.write_private(files.spec_json, spec_json)
     progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
     g = GuestReport(name=name, accel=new_plan.accel, notes=notes,
-                    ssh=SshInfo("127.0.0.1", md.ssh_port, md.ssh_user, str(files.client_key), str(files.known_hosts)))
+                    ssh=ssh_coordinates(files, md.ssh_port, md.ssh_user))
     if running:
-        _run_agent(conn, dom, new_plan, region, files, md.ssh_port, progress, g, pool_dir)
+        _run_agent(proof.GuestRun(conn, new_plan, files, progress, g, dom=dom), region)
     else:
         g.notes.append(f"{name} is not running: `nvmprov start {name}` then `nvmprov verify {name}` formats and "
                        "checks the region")
@@ -546,28 +517,13 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     return Report(guests=[g])
 
 
-def _run_agent(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan, region: RegionPlan,
-               files: object, port: int, progress: Progress, g: GuestReport, pool_dir: str) -> None:
-    """converge + verify on the new region only (the others stay as they are)."""
-    from . import agent
-    from .workflow import open_session
-
-    only = replace(the_plan, regions=(region,))
+def _run_agent(run: proof.GuestRun, region: RegionPlan) -> None:
+    """The proof on the new region only (the others stay as they are); it is new: made=True."""
     try:
-        with progress.phase("ssh"):
-            session = open_session(dom, the_plan, files, port, the_plan.ssh_timeout_s, progress)  # type: ignore[arg-type]
-        try:
-            with progress.phase("agent"):
-                states = agent.apply(session, only)
-            with progress.phase("verify"):
-                g.regions = agent.verify(session, only, states, write_tails=True)  # the region is new
-        finally:
-            session.close()
+        proof.prove(run, only=(region,), made=True)
     except GuestError as exc:
-        g.fail("agent", f"{exc} (the region stays attached and recorded; `nvmprov verify {the_plan.name}` retries)")
-        return
-    for r in g.regions:
-        r.backing_path = f"{pool_dir}/{region.volume}"
+        run.report.fail("agent", f"{exc} (the region stays attached and recorded; `nvmprov verify {run.plan.name}` "
+                                 "retries)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,17 +533,6 @@ DETACH_DEADLINE_S = 30.0   # the guest must release a virtio-pmem device (PCIe h
 DETACH_POLL_S = 0.5
 
 
-def _device_xml(domain_xml: str, alias: str) -> str | None:
-    import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
-
-    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
-    for el in root.findall("./devices/memory"):
-        a = el.find("alias")
-        if a is not None and a.get("name") == alias:
-            return ET.tostring(el, encoding="unicode")
-    return None
-
-
 def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
     import time
 
@@ -595,10 +540,10 @@ def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
 
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        if _device_xml(virt.xml_desc(dom), alias) is None:
+        if domain.device_xml(virt.xml_desc(dom), alias) is None:
             return True
         time.sleep(DETACH_POLL_S)
-    return _device_xml(virt.xml_desc(dom), alias) is None
+    return domain.device_xml(virt.xml_desc(dom), alias) is None
 
 
 def managed_spec_without(spec_json: str, region: RegionPlan) -> str:
@@ -655,11 +600,11 @@ def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metad
             f"nvmprov places {recorded.model} regions by their order in the guest's spec; removing {region} would "
             f"move the later ones: detach the later {recorded.model} regions first (or destroy and re-create)"])
     if not (live or config):
-        live = running and _device_xml(live_xml, alias) is not None
-        config = _device_xml(config_xml, alias) is not None
+        live = running and domain.device_xml(live_xml, alias) is not None
+        config = domain.device_xml(config_xml, alias) is not None
     managed_virtio = recorded is not None and recorded.model == "virtio-pmem"
     problems = []
-    anywhere = domxml.parse(live_xml).device(alias) or domxml.parse(config_xml).device(alias)
+    anywhere = domain.parse(live_xml).device(alias) or domain.parse(config_xml).device(alias)
     if live and ((anywhere and anywhere.model == "nvdimm") or (recorded and recorded.model == "nvdimm")):
         problems.append(nvdimm_unplug_problem(name, region))
     elif live:
@@ -676,13 +621,13 @@ def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metad
     notes: list[str] = []
     if live:
         with progress.phase("detach", f"{region} from the running domain"):
-            _unplug_live(dom, _device_xml(live_xml, alias) or "", region, managed=recorded is not None)
+            _unplug_live(dom, domain.device_xml(live_xml, alias) or "", region, managed=recorded is not None)
             if not _wait_gone(dom, alias, DETACH_DEADLINE_S):
                 raise VirtError(f"the guest of {name} did not release {region} within {DETACH_DEADLINE_S:.0f}s "
                                 "(PCIe hot-unplug needs the guest's cooperation); nothing else was changed")
         done.append("live")
     if config and not managed_virtio:
-        detach_device(dom, _device_xml(config_xml, alias) or "", live=False, config=True)
+        detach_device(dom, domain.device_xml(config_xml, alias) or "", live=False, config=True)
         done.append("config")
         if running and not live:
             notes.append(f"{region} stays in the running guest until {name} is powered off")
@@ -717,13 +662,11 @@ def _unplug_live(dom: libvirt.virDomain, device_xml: str, region: str, *, manage
 
 
 def _plan_for(conn: libvirt.virConnect, md: Metadata, spec_json: str) -> Plan:
-    from .guests import plan_from_metadata
-
     return plan_from_metadata(conn, replace(md, spec_json=spec_json))
 
 
 def _path_of(domain_xml: str, alias: str) -> str | None:
-    d = domxml.parse(domain_xml).device(alias)
+    d = domain.parse(domain_xml).device(alias)
     return d.path if d else None
 
 
@@ -763,10 +706,8 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
 
 def with_default_name(dom: libvirt.virDomain, request: AttachRequest) -> AttachRequest:
     """--name not given: hp0, hp1, ... the first not used by the domain (read under its lock)."""
-    from . import domain, virt
-
     config_xml = virt.xml_desc(dom, inactive=True)
-    d, live = domxml.parse(config_xml), domxml.parse(virt.xml_desc(dom))
+    d, live = domain.parse(config_xml), domain.parse(virt.xml_desc(dom))
     md = domain.parse_metadata(config_xml)
     # virtio-pmem regions of a stopped managed guest are only in its metadata
     taken = {x.alias for x in (*d.devices, *live.devices)} | {r.alias for r in (md.regions if md else ())}

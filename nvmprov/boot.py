@@ -6,7 +6,10 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import session, uris
+from .domain import SSH_FORWARD_HOST
 from .errors import GuestError, HostError
+from .state import write_private
 from .textsafe import clean
 
 PANIC_MARKERS = ("Kernel panic", "end Kernel panic", "Unable to mount root fs")
@@ -18,8 +21,6 @@ COPY_MAX_BYTES = 4 * 1024 * 1024  # virtlogd rotates at 2 MiB; a guest could pri
 def console_log_path(name: str, uri: str | None = None) -> str:
     """Where virtlogd keeps the guest's serial output (on the hypervisor; a session's in the user's
     own directory, as its virtlogd runs as the user)."""
-    from . import session, uris
-
     if uri is not None and uris.is_session(uri):
         return session.console_log_path(name)
     return f"{LOG_DIR}/{name}-nvmprov-serial.log"
@@ -61,8 +62,6 @@ def check_boot_text(name: str, tail: str, *, active: bool) -> None:
 
 def copy_log(log_path: str, dest: Path) -> None:
     """Keep the end of the serial log (at most COPY_MAX_BYTES) as cleaned text, mode 0600."""
-    from .state import write_private
-
     try:
         with open(log_path, "rb") as fh:
             fh.seek(max(0, fh.seek(0, 2) - COPY_MAX_BYTES))
@@ -79,8 +78,8 @@ def free_port(taken: Iterable[int], candidates: Iterable[int] = SSH_PORT_RANGE) 
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((SSH_FORWARD_HOST, port))
             except OSError:
                 continue
             return port
-    raise HostError("no free SSH port on 127.0.0.1 in the nvmprov range; destroy unused guests")
+    raise HostError(f"no free SSH port on {SSH_FORWARD_HOST} in the nvmprov range; destroy unused guests")

@@ -9,18 +9,17 @@ and traceback), so `--help`, `validate` and `render` start fast.
 from __future__ import annotations
 
 import argparse
-import functools
-import gc
 import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from . import __version__
 from .errors import GuestError, HostError, Interrupted, SpecError, UsageError
+from .speedups import without_gc
 
 if TYPE_CHECKING:
     from .fleet import FleetResult
@@ -146,33 +145,8 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="guests at a time for a fleet (default: one per CPU core, at most the number of guests)")
 
 
-class _Commands(argparse._SubParsersAction):  # noqa: SLF001 - argparse's documented action=, no public base
-    """The subcommands, each one's parser made when it is the command being run (add_lazy): making
-    the 16 parsers and their hundred options cost ~12 ms of every start-up, `--help` and `render`
-    included, and a run uses one of them. --help needs only their names and help lines."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-
-    def add_lazy(self, name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
-        """NAME's line in --help and its place among the choices now, its parser when it is run."""
-        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help_text))  # what add_parser(help=) adds
-        self._name_parser_map[name] = None  # the choices, until it is run: argparse checks the keys
-        self.pending[name] = add_arguments
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        add_arguments = self.pending.pop(values[0], None)
-        if add_arguments is not None:
-            del self._name_parser_map[values[0]]  # else add_parser refuses the name as taken
-            add_arguments(self.add_parser(values[0]))  # its line in --help is there already
-        super().__call__(parser, namespace, values, option_string)
-
-
-def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
-    """The whole command line. With LAZY, a subcommand's parser is made only when it is the one
-    parsed (main: one command per run); without, all of them now (for who inspects the parsers)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
     parser = _Parser(
         prog="nvmprov",
         description=(
@@ -181,14 +155,10 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nvmprov {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, action=_Commands)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    assert isinstance(sub, _Commands)
     for name, help_text, add_arguments in SUBCOMMANDS:
-        if lazy:
-            sub.add_lazy(name, help_text, add_arguments)
-        else:
-            add_arguments(sub.add_parser(name, help=help_text))
+        add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -355,31 +325,7 @@ SUBCOMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], .
 # commands
 
 
-def _without_gc(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """For the commands that are over in a fraction of a second and end the process (validate,
-    render): no cyclic garbage collection while they run, and what is alive when they return is
-    frozen (gc.freeze: never examined by the collector again). Importing pydantic and yaml and
-    building the models fills the heap with long-lived objects and hardly any garbage cycles: the
-    ~50 collections while `render` ran found ~1,200 objects to free. At exit, where Python clears
-    the modules and collects what that leaves, that heap cost 50-100 ms of render's wall time
-    (13 ms frozen: the OS takes it back). Reference counting still frees everything else; an
-    in-process caller (the tests) gets the collector back, minus the objects frozen here."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        if not gc.isenabled():
-            return command(args)
-        gc.disable()
-        try:
-            return command(args)
-        finally:
-            gc.freeze()
-            gc.enable()
-
-    return run
-
-
-@_without_gc
+@without_gc
 def cmd_validate(args: argparse.Namespace) -> int:
     from . import plan, spec
 
@@ -393,7 +339,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@_without_gc
+@without_gc
 def cmd_render(args: argparse.Namespace) -> int:
     import uuid
 
@@ -571,6 +517,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def confirm(question: str, without_terminal: str) -> bool:
+    """Ask QUESTION with [y/N] (only y or yes says yes); without a terminal to ask on, refuse with
+    UsageError WITHOUT_TERMINAL (which names --yes) instead of waiting."""
+    if not sys.stdin.isatty():
+        raise UsageError(without_terminal)
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def cmd_destroy(args: argparse.Namespace) -> int:
     from . import guests
     from .ledger import Purge
@@ -578,13 +532,11 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     targets = _targets(args)
     names = [n for n, _c in targets]
     purge = Purge.asked(args.purge, args.purge_adopted)
-    if purge.volumes and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("--purge deletes the backing volumes (region data); add --yes to confirm")
-        answer = input(f"delete the backing volumes of {', '.join(names)}? this destroys their data [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing destroyed")
-            return EXIT_OK
+    if purge.volumes and not args.yes and not confirm(
+            f"delete the backing volumes of {', '.join(names)}? this destroys their data",
+            "--purge deletes the backing volumes (region data); add --yes to confirm"):
+        print("nothing destroyed")
+        return EXIT_OK
     if args.file:  # a fleet: guests already gone are skipped, one failure does not stop the rest
         from . import fleet
 
@@ -634,7 +586,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from . import image, storage, virt
     from .progress import Progress
-    from .workflow import effective_uri, pool_dir_for
+    from .uris import effective_uri, pool_dir_for
 
     conn = virt.connect(effective_uri(virt.DEFAULT_URI, args.connect))
     try:
@@ -688,7 +640,7 @@ def _domain_arg(name: str) -> str:
 
 def _admin_conn(connect: str | None):
     from . import virt
-    from .workflow import effective_uri
+    from .uris import effective_uri
 
     return virt.connect(effective_uri(virt.DEFAULT_URI, connect))
 
@@ -722,12 +674,11 @@ def cmd_detach(args: argparse.Namespace) -> int:
     from .ledger import Purge
 
     purge = Purge.asked(args.purge, args.purge_adopted)
-    if purge.volumes and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("--purge deletes the backing volume (the region's data); add --yes to confirm")
-        if input(f"delete the backing volume of {args.region}? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing detached")
-            return EXIT_OK
+    if purge.volumes and not args.yes and not confirm(
+            f"delete the backing volume of {args.region}?",
+            "--purge deletes the backing volume (the region's data); add --yes to confirm"):
+        print("nothing detached")
+        return EXIT_OK
     result = api.detach(name, args.region, live=args.live, config=args.config, purge=args.purge,
                         purge_adopted=args.purge_adopted, connect=args.connect, progress=Progress())
     if args.json:
@@ -759,7 +710,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
     from . import doctor, virt
-    from .workflow import effective_uri
+    from .uris import effective_uri
 
     checks = doctor.run(effective_uri(virt.DEFAULT_URI, args.connect), spec_path=args.file)
     failed = any(c.status == "fail" for c in checks)
@@ -778,6 +729,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import json
 
     from . import doctor, storage
+    from .sizes import human_size
 
     conn = _admin_conn(args.connect)
     try:
@@ -785,19 +737,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         found = doctor.candidates(conn, pool, only=args.only)
         if not args.json:
             for v in found:
-                print(f"unused: {v.path} ({doctor.human(v.allocation_bytes)} on disk)")
+                print(f"unused: {v.path} ({human_size(v.allocation_bytes)} on disk)")
         if not found or args.dry_run:
             if args.json:
                 print(json.dumps({"unused": doctor.as_dicts(found), "deleted": []}, indent=2))
             elif not found:
                 print("no unused nvmprov volumes")
             return EXIT_OK
-        if not args.yes:
-            if not sys.stdin.isatty():
-                raise UsageError(f"{len(found)} unused volume(s) listed above; add --yes to delete them")
-            if input(f"delete these {len(found)} volume(s) and their data? [y/N] ").strip().lower() not in ("y", "yes"):
-                print("nothing deleted")
-                return EXIT_OK
+        if not args.yes and not confirm(f"delete these {len(found)} volume(s) and their data?",
+                                        f"{len(found)} unused volume(s) listed above; add --yes to delete them"):
+            print("nothing deleted")
+            return EXIT_OK
         deleted = doctor.prune(conn, storage.DEFAULT_POOL, [v.name for v in found], only=args.only)
     finally:
         conn.close()
@@ -828,7 +778,7 @@ def _aftermath(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser(lazy=True).parse_args(argv)
+    args = build_parser().parse_args(argv)
     # SIGTERM (and SIGHUP: the terminal went away) take the same path as Ctrl-C so the rollback runs.
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGHUP, _raise_interrupted)

@@ -14,10 +14,14 @@ import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    import libvirt
+import libvirt
+
+from . import host, identity, image, ledger, spec, state, storage, virt
+from .errors import HostError, StorageError
+from .plan import CXL_LSA_BYTES
+from .sizes import backing_bytes_for, human_size
 
 Status = Literal["ok", "warn", "fail"]
 QEMU_HELP_TIMEOUT_S = 30.0
@@ -138,21 +142,14 @@ def leftover_names(owned: Iterable[str], existing: Iterable[str], referenced: se
 
 def space_check(pool_name: str, free_bytes: int, need_bytes: int, what: str) -> Check:
     if need_bytes <= free_bytes:
-        return Check("pool space", "ok", f"pool {pool_name}: {human(free_bytes)} free, {what} need "
-                     f"{human(need_bytes)} fully allocated")
+        return Check("pool space", "ok", f"pool {pool_name}: {human_size(free_bytes)} free, {what} need "
+                     f"{human_size(need_bytes)} fully allocated")
     return Check("pool space", "fail", f"pool {pool_name}: {free_bytes} bytes free, {what} need {need_bytes} bytes",
                  "free space in the pool, ask for smaller regions, or use allocation: sparse")
 
 
 # ---------------------------------------------------------------------------------------------
 # side effects
-
-
-def human(n: int) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _version(n: int) -> str:
@@ -168,11 +165,9 @@ def _emulator(conn: libvirt.virConnect) -> str | None:
 
 
 def _device_help(conn: libvirt.virConnect) -> str | None:
-    from .storage import _is_local
-
-    emulator = _emulator(conn) if _is_local(conn) else None
+    emulator = _emulator(conn) if storage._is_local(conn) else None
     binary = emulator or shutil.which("qemu-system-x86_64")
-    if not _is_local(conn) or binary is None:
+    if not storage._is_local(conn) or binary is None:
         return None
     try:
         proc = subprocess.run([binary, "-device", "help"], capture_output=True, text=True,  # noqa: S603 - fixed argv, no shell
@@ -184,9 +179,6 @@ def _device_help(conn: libvirt.virConnect) -> str | None:
 
 def run(uri: str, *, spec_path: str | None = None) -> list[Check]:
     """Every check against the hypervisor at URI; stops early only when libvirt is unreachable."""
-    from . import host, virt
-    from .errors import HostError
-
     try:
         conn = virt.connect(uri)
     except HostError as exc:
@@ -208,9 +200,6 @@ def run(uri: str, *, spec_path: str | None = None) -> list[Check]:
 
 
 def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]:
-    from . import image, storage
-    from .errors import StorageError
-
     try:
         pool = storage.pool_of(conn, storage.DEFAULT_POOL)
     except StorageError as exc:
@@ -222,7 +211,7 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
         need, what = _spec_need(spec_path)
         checks.append(space_check(pool.name(), free, need, what))
     else:
-        checks.append(Check("pool space", "ok", f"pool {pool.name()}: {human(free)} free "
+        checks.append(Check("pool space", "ok", f"pool {pool.name()}: {human_size(free)} free "
                             "(-f FILE checks it against a spec)"))
     names = image.builtin_volume_names()
     if image.is_built(pool):
@@ -236,7 +225,7 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
         total = sum(v.allocation_bytes for v in left)
         shown = ", ".join(v.name for v in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
         checks.append(Check("leftover volumes", "warn", f"{len(left)} volume(s) no domain uses, "
-                            f"{human(total)} on disk: {shown}",
+                            f"{human_size(total)} on disk: {shown}",
                             "`nvmprov prune` lists them and removes them after confirmation"))
     else:
         checks.append(Check("leftover volumes", "ok", "every nvmprov volume in the pool is in use"))
@@ -244,11 +233,6 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
 
 
 def _kernel_version(pool: libvirt.virStoragePool, volume: str) -> str | None:
-    import libvirt
-
-    from . import storage
-    from .errors import StorageError
-
     try:
         head = b"".join(storage.download(storage.volume(pool, volume), length=KERNEL_HEAD_BYTES))
     except (StorageError, libvirt.libvirtError):
@@ -257,35 +241,20 @@ def _kernel_version(pool: libvirt.virStoragePool, volume: str) -> str | None:
 
 
 def _spec_need(spec_path: str) -> tuple[int, str]:
-    from . import spec
-    from .plan import CXL_LSA_BYTES
-    from .sizes import backing_bytes_for
-
     loaded = spec.load(spec_path)
     need = sum(backing_bytes_for(r.size_bytes) for g in loaded.guests for r in g.pmem if r.allocation == "full")
     need += sum(CXL_LSA_BYTES for g in loaded.guests for r in g.pmem if r.model == "cxl")  # its label area
     return need, f"the regions of {spec_path}"
 
 
-def _backing_path(vol: libvirt.virStorageVol) -> str | None:
-    import libvirt
-
-    try:
-        return ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")  # noqa: S314 - libvirt's own XML
-    except libvirt.libvirtError:
-        return None  # deleted while we looked
-
-
 def _referenced(conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> set[str]:
     """Names of the pool's volumes some domain uses (virt.path_users) or some volume's backing
     chain names."""
-    from . import storage, virt
-
     storage.refresh(pool)
     vols = pool.listAllVolumes(0)
     by_path = {v.path(): v.name() for v in vols}
     used = {by_path[p] for p, users in virt.path_users(conn, by_path).items() if users}
-    return used | {p.rsplit("/", 1)[-1] for p in map(_backing_path, vols) if p}
+    return used | {p.rsplit("/", 1)[-1] for p in map(storage.backing_path, vols) if p}
 
 
 def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None,
@@ -294,8 +263,6 @@ def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str 
     images of earlier recipes that no overlay or domain uses. Adopted volumes (the spec named them)
     only when ONLY names one exactly: nvmprov did not make them. HV: the hypervisor's key, when the
     caller already asked."""
-    from . import identity, image, ledger
-
     hv = hv or identity.of(conn).key
     vols = {v.name(): v for v in pool.listAllVolumes(0)}
     owned = [e.volume for e in ledger.read(pool).entries
@@ -307,8 +274,6 @@ def leftovers(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str 
 def candidates(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str | None = None) -> list[Leftover]:
     """What `prune` lists: leftovers, after the volumes of guests made before the ledger were
     recorded (ledger.migrate; the pool held shared, as a create holds it)."""
-    from . import identity, ledger, state
-
     hv = identity.of(conn).key
     with state.pool_lock(hv, pool.name()):
         ledger.migrate(conn, pool, hv)
@@ -318,8 +283,6 @@ def candidates(conn: libvirt.virConnect, pool: libvirt.virStoragePool, only: str
 def prune(conn: libvirt.virConnect, pool_name: str, names: list[str], only: str | None = None) -> list[str]:
     """Delete NAMES after checking again, with the pool held exclusively (no create or attach runs),
     that nvmprov made them and nothing references them; forget ledger entries whose volume is gone."""
-    from . import identity, ledger, state, storage
-
     pool = storage.pool_of(conn, pool_name)
     hv = identity.of(conn).key
     with state.pool_lock(hv, pool_name, exclusive=True):

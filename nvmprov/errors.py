@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .textsafe import clean
+
 
 class NvmprovError(Exception):
     """Base of every error nvmprov raises on purpose; raise one of its subclasses."""
@@ -75,8 +77,6 @@ class RemoteCommandError(GuestError):
         self.command = command
         self.exit_status = exit_status
         self.stderr = stderr
-        from .textsafe import clean
-
         tail = "\n".join(clean(stderr).strip().splitlines()[-5:])  # the guest's words, no escapes
         super().__init__(f"guest command failed (exit {exit_status}): {command}" + (f": {tail}" if tail else ""))
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, cast
 
+from . import guests as guestsmod
+from . import identity, managed, state, workflow
 from .errors import Interrupted, NvmprovError
 from .progress import CancelToken, Progress
 from .report import GuestReport, Report, error_message
@@ -203,8 +205,6 @@ def create(
     guests: Sequence[GuestSpec], opts: CreateOptions, *, parallel: int, stream: IO[str], log: IO[str] | None = None
 ) -> FleetResult:
     """Create every guest of a fleet, PARALLEL at a time; each guest fails and rolls back alone."""
-    from . import workflow
-
     def job(g: GuestSpec) -> Callable[[Progress, GuestReport], GuestReport]:
         return lambda progress, report: workflow.create(g, opts, progress, report=report)
 
@@ -217,8 +217,6 @@ def verify(
 ) -> FleetResult:
     """Re-verify several guests concurrently (each in its own connection and SSH session), each on
     its own hypervisor when CONNECT_OF names one (a fleet's `connect:`)."""
-    from . import guests as guestsmod
-
     def job(name: str) -> Callable[[Progress, GuestReport], GuestReport]:
         uri = connect_of.get(name, connect) if connect_of is not None else connect
 
@@ -233,13 +231,10 @@ def verify(
 def destroy(names: Sequence[str], *, connect: str | None, purge: ledger.Purge, stream: IO[str]) -> list[str]:
     """Destroy every guest of a fleet that exists; a guest already gone is said and skipped.
     Returns the failures ("name: message"); the others are destroyed regardless."""
-    from . import guests as guestsmod
-    from . import identity, state
-
     failures = []
     left = list(names)
     try:
-        with guestsmod.connection(connect) as conn:
+        with managed.connection(connect) as conn:
             hv = identity.of(conn)
             while left:
                 name = left.pop(0)

@@ -1,127 +1,46 @@
 """Commands on guests that exist: start, stop, destroy, list, verify, ssh, console.
 
-libvirt is the store of managed guests: a domain is nvmprov's when it carries nvmprov's metadata,
-which holds the spec (so the plan can be rebuilt) and every volume nvmprov made for it.
+Which domains are nvmprov's, and what their metadata holds: managed.py. verify's proof: proof.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import boot, domain, host, identity, ledger, state, storage, virt
+import libvirt
+
+from . import boot, domain, identity, inventory, ledger, managed, proof, remote, state, storage, virt
 from .errors import GuestError, HostError, UsageError, VirtError
+from .managed import connection
 from .progress import Progress
 from .report import GuestReport, SshInfo
-
-if TYPE_CHECKING:
-    import libvirt
-
-    from .plan import Plan
-
-
-@dataclass
-class Managed:
-    dom: libvirt.virDomain
-    md: domain.Metadata
-    plan: Plan
-    files: state.GuestFiles   # under the hypervisor's identity (moved there from the old layout)
-
-
-@contextmanager
-def _connection(connect: str | None) -> Iterator[libvirt.virConnect]:
-    from .workflow import effective_uri
-
-    conn = virt.connect(effective_uri(virt.DEFAULT_URI, connect))
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-connection = _connection  # for fleet.py: one connection per worker thread
-
-
-def managed(conn: libvirt.virConnect, name: str, hv: identity.Hypervisor | None = None) -> Managed:
-    """nvmprov's guest NAME on CONN (HV: its hypervisor, when the caller already asked)."""
-    dom = virt.require(conn, state.check_name(name))
-    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
-    if md is None:
-        raise UsageError(f"domain {name!r} was not made by nvmprov (no nvmprov metadata); nothing done")
-    files = state.adopt_legacy(name, hv or identity.of(conn), dom.UUIDString())
-    return Managed(dom, md, plan_from_metadata(conn, md), files)
-
-
-def check_same_domain(files: state.GuestFiles, dom: libvirt.virDomain) -> None:
-    """The keys kept here are for the domain nvmprov made; refuse one replaced under its name."""
-    recorded = state.recorded_domain_uuid(files)
-    if recorded is not None and recorded != dom.UUIDString():
-        raise HostError(
-            f"domain {dom.name()} on {dom.connect().getURI()} is not the one nvmprov made and keeps keys for "
-            f"(domain uuid {dom.UUIDString()}, recorded {recorded}): it was replaced outside this nvmprov; "
-            f"`nvmprov destroy {dom.name()}` and create it again"
-        )
-
-
-def plan_from_metadata(conn: libvirt.virConnect, md: domain.Metadata) -> Plan:
-    """Rebuild the plan from the spec recorded in the domain: same spec + same host -> same plan."""
-    from dataclasses import replace
-
-    from . import image, plan
-    from .spec import load_recorded
-
-    if md.spec_json is None:
-        raise HostError(f"the nvmprov metadata of this domain holds no spec (made by nvmprov {md.version}?)")
-    try:
-        spec, broken = load_recorded(json.loads(md.spec_json))
-    except ValueError:
-        raise HostError("the spec in this domain's nvmprov metadata is not JSON; recreate the guest") from None
-    for rule in broken:  # made before the rule: warned about, used as it is, nothing changed
-        Progress(prefix=f"{spec.name}: ").line(f"warning: the spec this guest was made with breaks a rule added "
-                                               f"since: {rule}; the guest is left as it is")
-    pool = storage.pool_of(conn, spec.pool)
-    facts = host.facts(conn, storage.pool_path(pool))
-    if spec.image == "builtin":
-        facts = replace(facts, builtin_volumes=image.builtin_volume_names())
-    return with_recorded_volumes(plan.build(spec, facts), md)
-
-
-def with_recorded_volumes(the_plan: Plan, md: domain.Metadata) -> Plan:
-    """The plan with each region's volume as the metadata recorded it: a guest made under an earlier
-    naming (naming.py) keeps its volumes."""
-    from dataclasses import replace
-
-    recorded = {r.name: r.volume for r in md.regions if r.volume}
-    regions = tuple(replace(r, volume=recorded.get(r.name, r.volume)) for r in the_plan.regions)
-    return replace(the_plan, regions=regions)
+from .spec import check_connect
+from .textsafe import clean
+from .uris import effective_uri
 
 
 def start(names: list[str], *, connect: str | None) -> None:
-    from .workflow import start_guest
-
-    with _connection(connect) as conn:
+    with connection(connect) as conn:
         hv = identity.of(conn)
         for name in names:
             with state.lock(name, hv=hv):
-                m = managed(conn, name, hv)
+                m = managed.guest(conn, name, hv)
                 if virt.is_active(m.dom):
                     Progress().line(f"{name}: already running")
                     continue
-                start_guest(conn, m.dom, m.plan, Progress(prefix=f"{name}: "))
+                proof.start_guest(conn, m.dom, m.plan, Progress(prefix=f"{name}: "))
 
 
 def stop(names: list[str], *, connect: str | None, force: bool, timeout_s: float) -> None:
-    with _connection(connect) as conn:
+    with connection(connect) as conn:
         hv = identity.of(conn)
         for name in names:
             with state.lock(name, hv=hv):
                 progress = Progress(prefix=f"{name}: ")
-                stop_one(managed(conn, name, hv).dom, force=force, timeout_s=timeout_s, progress=progress)
+                stop_one(managed.guest(conn, name, hv).dom, force=force, timeout_s=timeout_s, progress=progress)
 
 
 def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress: Progress) -> None:
@@ -140,7 +59,7 @@ def stop_one(dom: libvirt.virDomain, *, force: bool, timeout_s: float, progress:
 
 
 def destroy(names: list[str], *, connect: str | None, purge: ledger.Purge) -> None:
-    with _connection(connect) as conn:
+    with connection(connect) as conn:
         hv = identity.of(conn)
         for name in names:
             with state.lock(name, hv=hv):
@@ -227,8 +146,6 @@ def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: st
 
 
 def _pools_with_ledgers(conn: libvirt.virConnect) -> list[libvirt.virStoragePool]:
-    import libvirt
-
     try:
         pools = conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
     except libvirt.libvirtError as exc:
@@ -247,20 +164,17 @@ def list_guests(conn: libvirt.virConnect, hv: identity.Hypervisor | None = None)
         rows.append({
             "name": dom.name(),
             "state": "running" if virt.is_active(dom) else "shut off",
-            "ssh": {"host": "127.0.0.1", "port": md.ssh_port, "user": md.ssh_user,
-                    "identity_file": str(files.client_key), "known_hosts": str(files.known_hosts)},
+            "ssh": dataclasses.asdict(managed.ssh_coordinates(files, md.ssh_port, md.ssh_user)),
             "regions": [{"name": r.name, "model": r.model, "size_bytes": r.size_bytes} for r in md.regions],
         })
     return sorted(rows, key=lambda r: str(r["name"]))
 
 
 def list_text(*, connect: str | None, fmt: str) -> str:
-    with _connection(connect) as conn:
+    with connection(connect) as conn:
         rows = list_guests(conn)
         uri = conn.getURI()
     if fmt == "ansible":
-        from . import inventory
-
         return inventory.render(rows, uri)
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
@@ -271,7 +185,7 @@ def list_text(*, connect: str | None, fmt: str) -> str:
         ssh = r["ssh"]
         assert isinstance(ssh, dict)
         regions = ", ".join(f"{x['name']}({x['model']})" for x in r["regions"])  # type: ignore[attr-defined]
-        out.append(f"{r['name']:<24} {r['state']:<9} {ssh['user']}@127.0.0.1:{ssh['port']:<8} {regions}")
+        out.append(f"{r['name']:<24} {r['state']:<9} {ssh['user']}@{ssh['host']}:{ssh['port']:<8} {regions}")
     return "\n".join(out) + "\n"
 
 
@@ -280,8 +194,6 @@ def list_all(current: str | None = None) -> list[dict[str, object]]:
     with the URI it was reached by and its state; a hypervisor that does not answer gives rows
     from its state directories, state "unreachable". The hypervisor of this command's URI first;
     every hypervisor once, whatever URIs reach it."""
-    from .workflow import effective_uri
-
     rows: list[dict[str, object]] = []
     seen: set[str] = set()
     targets = [("", effective_uri(virt.DEFAULT_URI, current))]
@@ -311,8 +223,6 @@ def list_all(current: str | None = None) -> list[dict[str, object]]:
 
 def _replayable(uri: str) -> bool:
     """A URI a spec file could name (no program, socket or key file of its choosing)."""
-    from .spec import check_connect
-
     try:
         check_connect(uri)
     except ValueError:
@@ -335,7 +245,7 @@ def list_all_text(*, fmt: str, connect: str | None = None) -> str:
     out = [f"{'NAME':<24} {'STATE':<11} {'SSH':<22} URI"]
     for r in rows:
         ssh = r.get("ssh")
-        where = f"{ssh['user']}@127.0.0.1:{ssh['port']}" if isinstance(ssh, dict) else "-"
+        where = f"{ssh['user']}@{ssh['host']}:{ssh['port']}" if isinstance(ssh, dict) else "-"
         out.append(f"{r['name']:<24} {r['state']:<11} {where:<22} {r['uri']}")
     return "\n".join(out) + "\n"
 
@@ -346,7 +256,7 @@ def verify_one(
     """Re-run the in-guest checks on one guest in its own connection (fleet.verify runs several),
     filling REPORT (a new one by default); an error other than the guest's passes, REPORT kept."""
     g = report if report is not None else GuestReport(name=name)
-    with _connection(connect) as conn:
+    with connection(connect) as conn:
         hv = identity.of(conn)
         with state.lock(name, hv=hv):
             return _verify_locked(conn, hv, name, power_cycle=power_cycle, progress=progress, report=g)
@@ -354,46 +264,27 @@ def verify_one(
 
 def _verify_locked(conn: libvirt.virConnect, hv: identity.Hypervisor, name: str, *, power_cycle: bool,
                    progress: Progress, report: GuestReport) -> GuestReport:
-    from . import agent
-    from .workflow import open_session, power_cycle_proof, save_report, start_guest
-
-    m = managed(conn, name, hv)
-    files = m.files
-    check_same_domain(files, m.dom)
+    m = managed.guest(conn, name, hv)
+    managed.check_same_domain(m.files, m.dom)
+    run = proof.GuestRun(conn, m.plan, m.files, progress, report, dom=m.dom)
     report.accel = m.plan.accel
-    report.ssh = SshInfo("127.0.0.1", m.md.ssh_port, m.md.ssh_user, str(files.client_key), str(files.known_hosts))
+    report.ssh = m.ssh
     try:
         if not virt.is_active(m.dom):
-            start_guest(conn, m.dom, m.plan, progress)
-        with progress.phase("ssh"):
-            session = open_session(m.dom, m.plan, files, m.md.ssh_port, m.plan.ssh_timeout_s, progress)
-        try:
-            with progress.phase("agent"):
-                states = agent.apply(session, m.plan)
-            with progress.phase("verify"):
-                report.regions = agent.verify(session, m.plan, states)
-        finally:
-            session.close()
-        pool_dir = storage.pool_path(storage.pool_of(conn, m.plan.pool))
-        for r in report.regions:
-            r.backing_path = f"{pool_dir}/{m.plan.region(r.name).volume}"
-        if power_cycle:
-            with progress.phase("power-cycle"):
-                power_cycle_proof(conn, m.dom, m.plan, files, m.md.ssh_port, report.regions, progress)
+            proof.start_guest(conn, m.dom, m.plan, progress)
+        proof.prove(run, power_cycle=power_cycle)
     except GuestError as exc:
         report.fail(progress.last_phase("verify"), str(exc))  # ssh, agent, ...: where it failed
     report.timings_s = dict(progress.timings_s)
     report.settle()
-    save_report(report, progress, hv)
+    proof.save_report(report, progress, hv)
     return report
 
 
 def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]:
-    from . import remote
-
-    with _connection(connect) as conn:
-        m = managed(conn, name)
-        check_same_domain(m.files, m.dom)
+    with connection(connect) as conn:
+        m = managed.guest(conn, name)
+        managed.check_same_domain(m.files, m.dom)
         proxy = remote.ssh_proxy_options(conn.getURI())  # a remote guest: through the hypervisor's SSH
     files = m.files
     if not files.client_key.exists():
@@ -401,32 +292,27 @@ def ssh_argv(name: str, *, connect: str | None, command: list[str]) -> list[str]
     ssh_bin = shutil.which("ssh")
     if ssh_bin is None:
         raise HostError("the OpenSSH client is not installed; apt-get install openssh-client")
-    return openssh_argv(ssh_bin, files, port=m.md.ssh_port, user=m.md.ssh_user, proxy=proxy, command=command)
+    return openssh_argv(ssh_bin, m.ssh, proxy=proxy, command=command)
 
 
-def openssh_argv(
-    ssh_bin: str, files: state.GuestFiles, *, port: int, user: str, proxy: list[str], command: list[str]
-) -> list[str]:
+def openssh_argv(ssh_bin: str, coords: SshInfo, *, proxy: list[str], command: list[str]) -> list[str]:
     """OpenSSH with the guest's own key and only its pinned host key: neither the user's nor the
     system's known_hosts counts (GlobalKnownHostsFile=/dev/null), no agent, no other identity.
     PROXY (a remote guest's ProxyCommand) runs an ssh of its own to the hypervisor, which keeps
     the user's usual config and known_hosts: these options are not passed on to it."""
     return [
-        ssh_bin, "-i", str(files.client_key), "-o", f"UserKnownHostsFile={files.known_hosts}",
+        ssh_bin, "-i", coords.identity_file, "-o", f"UserKnownHostsFile={coords.known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-        *proxy, "-p", str(port), f"{user}@127.0.0.1", *command,
+        *proxy, "-p", str(coords.port), f"{coords.user}@{coords.host}", *command,
     ]
 
 
 def console_text(name: str, *, connect: str | None) -> str:
     """The guest's serial log, without its escape sequences and control characters (the guest
     wrote it: it must not drive the user's terminal)."""
-    from . import remote
-    from .textsafe import clean
-
-    with _connection(connect) as conn:
-        managed(conn, name)
+    with connection(connect) as conn:
+        managed.guest(conn, name)
         path = boot.console_log_path(name, conn.getURI())
         hop = remote.hypervisor_for(conn.getURI())
     if hop is not None:  # the log is on the hypervisor

@@ -24,11 +24,11 @@ import hashlib
 import re
 import xml.etree.ElementTree as ET  # noqa: S405  (libvirt's own XML)
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-if TYPE_CHECKING:
-    import libvirt
+import libvirt
+
+from .errors import HostError
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MARK = "nvmprov-hypervisor-identity"
@@ -67,8 +67,6 @@ def driver(uri: str) -> str:
 def _mark(conn: libvirt.virConnect) -> str:
     """The UUID of the daemon's identity secret, defining it when there is none. Raises the
     libvirtError of a daemon that keeps no secrets or may not define one (read-only)."""
-    import libvirt
-
     try:
         return str(conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_TLS, MARK).UUIDString())
     except libvirt.libvirtError as exc:
@@ -89,10 +87,6 @@ def may_fall_back(uri: str) -> bool:
 
 def of(conn: libvirt.virConnect) -> Hypervisor:
     """The hypervisor CONN reaches (a capabilities call and a secret lookup)."""
-    import libvirt
-
-    from .errors import HostError
-
     try:
         caps = conn.getCapabilities()
         uri = conn.getURI()

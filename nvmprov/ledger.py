@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
 
-from .errors import StorageError
+import libvirt
 
-if TYPE_CHECKING:
-    import libvirt
+from . import domain, naming, state, storage, virt
+from .errors import StorageError, VirtError
 
 SLOTS = ("nvmprov-ledger-a.json", "nvmprov-ledger-b.json")
 FORMAT = 1
@@ -111,12 +111,6 @@ def _slot_bytes(pool: libvirt.virStoragePool, name: str) -> bytes | None:
     """The bytes of slot NAME, None when it does not exist. Reads take no lock, so a writer may
     delete and re-make this slot (always the older one) while we read it: a read that fails while
     the slot is there again is tried anew, a few times, before the failure counts."""
-    import time
-
-    import libvirt
-
-    from . import storage
-
     for attempt in range(_READ_ATTEMPTS):
         vol = storage.lookup(pool, name)
         if vol is None:
@@ -150,8 +144,6 @@ def read(pool: libvirt.virStoragePool) -> Ledger:
 
 def update(pool: libvirt.virStoragePool, hypervisor: str, change: Callable[[Ledger], Ledger]) -> Ledger:
     """Read, CHANGE, write the next generation into the other slot, under the ledger's lock."""
-    from . import state, storage
-
     with state.host_lock(f"ledger-{hypervisor}-{pool.name()}"):
         current = read(pool)
         changed = change(current)
@@ -182,8 +174,6 @@ def in_the_way(pool: libvirt.virStoragePool, volume: str, owner: str, region: st
                guest: str | None = None) -> str:
     """The one-line refusal for a volume nvmprov did not make for OWNER, with both ways out. GUEST:
     the nvmprov guest OWNER is, whose region's name before the ledger gets a hint."""
-    from . import naming, storage
-
     path = f"{storage.pool_path(pool)}/{volume}"
     adopt = ("choose another --name for the region" if attach
              else f"adopt it on purpose with `volume: {volume}` under region {region} in the spec")
@@ -240,9 +230,6 @@ def migrate(conn: libvirt.virConnect, pool: libvirt.virStoragePool, hypervisor: 
     those that exist when recorded. Callers hold the pool lock (create shared, prune exclusive).
     Returns the volumes recorded now. Volumes of guests already destroyed stay unrecorded: no
     domain says they were nvmprov's."""
-    from . import domain, storage, virt
-    from .errors import VirtError
-
     made: list[tuple[str, tuple[tuple[str, str], ...]]] = []
     for dom in virt.all_domains(conn):
         try:

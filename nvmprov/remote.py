@@ -12,6 +12,7 @@ The pure part (parse, resolve, proxy arguments for OpenSSH) needs no network and
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+from .domain import SSH_FORWARD_HOST
 from .errors import HostError, UsageError
 
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
@@ -192,7 +194,7 @@ class Hypervisor:
     def open_channel(self, port: int):  # -> paramiko.Channel, socket-like
         """A direct-tcpip channel to the hypervisor's 127.0.0.1:PORT (the guest's SSH forward)."""
         transport = self._connected()
-        return transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0),
+        return transport.open_channel("direct-tcpip", (SSH_FORWARD_HOST, port), ("127.0.0.1", 0),
                                       timeout=CHANNEL_TIMEOUT_S)
 
     def read_tail(self, path: str, max_bytes: int = TAIL_BYTES) -> str:
@@ -261,7 +263,11 @@ _HYPERVISORS_LOCK = threading.Lock()
 
 
 def hypervisor_for(uri: str) -> Hypervisor | None:
-    """The shared hypervisor connection for a qemu+ssh URI (made on first use); None if local."""
+    """The shared hypervisor connection for a qemu+ssh URI (made on first use); None if local.
+
+    Shared by every guest of the process (a fleet's guests tunnel through one SSH login) and closed
+    at the process's exit (close_all), not by its users.
+    """
     ep = endpoint_for(uri)
     if ep is None:
         return None
@@ -270,3 +276,15 @@ def hypervisor_for(uri: str) -> Hypervisor | None:
         if hv is None:
             hv = _HYPERVISORS[ep] = Hypervisor(ep)
     return hv
+
+
+def close_all() -> None:
+    """Close every shared hypervisor connection (at exit; a later hypervisor_for opens a new one)."""
+    with _HYPERVISORS_LOCK:
+        hvs = list(_HYPERVISORS.values())
+        _HYPERVISORS.clear()
+    for hv in hvs:
+        hv.close()
+
+
+atexit.register(close_all)

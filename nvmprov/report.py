@@ -14,6 +14,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import NvmprovError
+from .sizes import human_size
 from .textsafe import clean, clean_tree
 
 if TYPE_CHECKING:
@@ -124,8 +126,6 @@ class GuestReport:
 def error_message(exc: BaseException) -> str:
     """What a report's error says about an exception: nvmprov's own by their message (they are
     written for people), an interrupt as such, anything else (a bug) with its type."""
-    from .errors import NvmprovError
-
     if isinstance(exc, NvmprovError):
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):
@@ -194,15 +194,6 @@ def _fmt_sync(value: Any) -> str:
     return "yes" if value else "no"
 
 
-def _fmt_bytes(value: Any) -> str:
-    if not isinstance(value, int):
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if value >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value} B"
-
-
 def render_text(report: Report) -> str:
     """A plain table a person can read; no colour codes so it pastes into tickets and logs."""
     lines: list[str] = []
@@ -222,8 +213,8 @@ def render_text(report: Report) -> str:
         for r in g.regions:
             d = _as_dict(r)
             rows.append((
-                str(d.get("name")), str(d.get("model")), _fmt_bytes(d.get("size_bytes")),
-                _fmt_bytes(d.get("usable_bytes")), str(d.get("guest_device") or "-"),
+                str(d.get("name")), str(d.get("model")), human_size(d.get("size_bytes")),
+                human_size(d.get("usable_bytes")), str(d.get("guest_device") or "-"),
                 str(d.get("namespace_mode") or "-"), str(d.get("filesystem") or "-"),
                 str(d.get("mountpoint") or "-"), _fmt_bool(d.get("dax")), _fmt_sync(d.get("map_sync")),
                 _fmt_bool(d.get("xip_ok")),

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from nvmprov import image_seed
 from nvmprov.errors import UsageError
 from nvmprov.resources import TEMPLATES_ROOT, require
 
@@ -134,8 +135,6 @@ def build_iso(
     """The NoCloud seed as an ISO 9660 image (label cidata, Joliet and Rock Ridge names); with
     FINAL (image_seed.final_files, for the built-in image) also its files in nvmprov/."""
     import pycdlib
-
-    from nvmprov import image_seed
 
     contents = {"user-data": user_data, "meta-data": meta_data}
     if network_config is not None:

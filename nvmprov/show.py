@@ -5,7 +5,7 @@ when nvmprov can log in), RAM and every region with its guest physical address r
 the guest when nvmprov can log in: /proc/iomem and /sys/bus/nd/devices/regionN; else from
 libvirt's live XML where it has a base address), model, size and usable bytes, free slots,
 hotplug headroom and SSH coordinates.
-Building the map is pure (build_map, parse_probe); only show() talks to libvirt and the guest.
+Building the map is pure (build_map, probe_of); only show() talks to libvirt and the guest.
 """
 
 from __future__ import annotations
@@ -14,38 +14,19 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import domain, domxml
+from . import agent, domain, identity, managed, proof, state, virt
+from .errors import GuestError, NvmprovError
 from .plan import CXL_GRANULE_BYTES
-from .sizes import round_up
+from .sizes import human_size, round_up
 
 if TYPE_CHECKING:
     import libvirt
 
+    from .agent.facts import GuestFacts
     from .domain import Metadata
     from .progress import Progress
 
 PROBE_DEADLINE_S = 20.0     # show must not hang on a guest that is still booting
-PROBE_TIMEOUT_S = 30.0
-
-# Run as root in the guest: top-level System RAM ranges, each nd region with its physical range,
-# its sysfs path (PCI address of a virtio-pmem device), its NFIT handle (nvdimm) and block devices.
-PROBE_SCRIPT = r"""
-grep -E '^[0-9a-f]+-[0-9a-f]+ : System RAM$' /proc/iomem | sed 's/^/ram /'
-for r in /sys/bus/nd/devices/region*; do
-  [ -e "$r" ] || continue
-  h=-
-  m=$(cut -d, -f1 "$r/mapping0" 2>/dev/null)
-  [ -n "$m" ] && h=$(cat "/sys/bus/nd/devices/$m/nfit/handle" 2>/dev/null || echo -)
-  b=$(ls -d "$r"/*/block/* 2>/dev/null | sed 's#.*/##' | tr '\n' ',')
-  n=$(cat "$r/target_node" 2>/dev/null || echo -)
-  echo "region $(basename "$r") $(cat "$r/resource") $(cat "$r/size") $h $(readlink -f "$r") ${b:--} ${n:--}"
-done
-for d in /sys/bus/cxl/devices/decoder0.*; do
-  [ -e "$d/start" ] || continue
-  echo "cxlwindow $(basename "$d") $(cat "$d/start") $(cat "$d/size")"
-done
-"""
-
 
 @dataclass(frozen=True)
 class GuestRegion:
@@ -85,25 +66,21 @@ class Probe:
     cxl_windows: tuple[CxlWindow, ...] = ()
 
 
-def parse_probe(text: str) -> Probe:
-    ram, regions, windows = [], [], []
-    for line in text.splitlines():
-        parts = line.split()
-        if parts[:1] == ["ram"] and len(parts) >= 2:
-            lo, hi = parts[1].split("-")
-            ram.append((int(lo, 16), int(hi, 16)))
-        elif parts[:1] == ["region"] and len(parts) >= 7:
-            _, dev, start, size, handle, sysfs, blocks = parts[:7]
-            node = parts[7] if len(parts) > 7 else "-"
-            regions.append(GuestRegion(
-                dev=dev, start=int(start, 0), size_bytes=int(size),
-                nfit_handle=None if handle == "-" else int(handle, 0), sysfs=sysfs,
-                blockdevs=tuple(b for b in blocks.split(",") if b and b != "-"),
-                target_node=int(node) if re.fullmatch(r"-?[0-9]+", node) else None,
-            ))
-        elif parts[:1] == ["cxlwindow"] and len(parts) >= 4:
-            windows.append(CxlWindow(parts[1], int(parts[2], 0), int(parts[3], 0)))
-    return Probe(tuple(ram), tuple(regions), tuple(windows))
+def probe_of(facts: GuestFacts) -> Probe:
+    """The map's part of the agent's facts: System RAM, and each region's range, handle and devices."""
+    regions = []
+    for r in facts.regions.values():
+        if r.start is None:  # root-only: a facts read without root sees no ranges
+            continue
+        dimm = facts.dimms.get(r.mappings[0].dimm) if r.mappings else None
+        regions.append(GuestRegion(
+            dev=r.dev, start=r.start, size_bytes=r.size_bytes,
+            nfit_handle=dimm.handle if dimm is not None else None, sysfs=r.sysfs_path,
+            blockdevs=tuple(sorted(b.name for b in facts.blockdevs.values() if b.region == r.dev)),
+            target_node=r.target_node,
+        ))
+    windows = tuple(CxlWindow(name, start, size) for name, (start, size) in sorted(facts.cxl_windows.items()))
+    return Probe(facts.system_ram, tuple(regions), windows)
 
 
 @dataclass
@@ -163,8 +140,8 @@ def _region_name(alias: str | None) -> str:
 
 def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | None) -> MemoryMap:
     """The map from libvirt alone: the live XML when running, the persistent one otherwise."""
-    now = domxml.parse(live_xml if running else config_xml)
-    cfg = domxml.parse(config_xml)
+    now = domain.parse(live_xml if running else config_xml)
+    cfg = domain.parse(config_xml)
     views: dict[str, RegionView] = {}
     live_aliases = {d.alias for d in now.devices} if running else set()
     cfg_aliases = {d.alias for d in cfg.devices}
@@ -235,15 +212,6 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
 # text
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size and n % (size // 1024 or 1) == 0:
-            return f"{n / size:.2f} {unit}".replace(".00 ", " ")
-    return f"{n} B"
-
-
 def _range(start: int | None, end: int | None) -> str:
     return "-" if start is None or end is None else f"0x{start:011x}-0x{end:011x}"
 
@@ -260,7 +228,7 @@ def _node_lines(mm: MemoryMap) -> list[str]:
     for n in mm.nodes:
         cpus = f"vCPUs {n.cpus}" if n.cpus else "no vCPUs (memory only)"
         regions = ", ".join(region(r) for r in n.regions) or "-"
-        lines.append(f"  NUMA node {n.id:<2} {_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
+        lines.append(f"  NUMA node {n.id:<2} {human_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
     placed = {r for n in mm.nodes for r in n.regions}
     off = [region(v.name) for v in mm.regions if v.name not in placed and v.model != "cxl"]
     if mm.nodes and off:
@@ -271,15 +239,15 @@ def _node_lines(mm: MemoryMap) -> list[str]:
 def render_text(mm: MemoryMap) -> str:
     lines = [f"{mm.name}: {mm.state}" + ("" if mm.managed else " (not managed by nvmprov)")]
     ram = ", ".join(_range(a, b) for a, b in mm.ram_ranges) or "-"
-    lines.append(f"  RAM          {_size(mm.ram_bytes):>10}  {ram}")
+    lines.append(f"  RAM          {human_size(mm.ram_bytes):>10}  {ram}")
     lines += _node_lines(mm)
     if mm.cxl_window is not None:
         w = mm.cxl_window
-        at = _range(w.get("start"), w.get("end"))
-        lines.append(f"  CXL window   {_size(w['size_bytes']):>10}  {at}  ({w.get('decoder', 'cxl-fmw.0')}; regions: "
+        at, decoder = _range(w.get("start"), w.get("end")), w.get("decoder", "cxl-fmw.0")
+        lines.append(f"  CXL window   {human_size(w['size_bytes']):>10}  {at}  ({decoder}; regions: "
                      f"{', '.join(w['regions'])})")
     headers = ("region", "model", "size", "usable", "guest physical range", "device", "attached", "backing")
-    rows = [(v.name, v.model, _size(v.size_bytes), _size(v.usable_bytes), _range(v.guest_start, v.guest_end),
+    rows = [(v.name, v.model, human_size(v.size_bytes), human_size(v.usable_bytes), _range(v.guest_start, v.guest_end),
              v.guest_device or v.guest_region or "-", v.where, v.backing_path or "-") for v in mm.regions]
     if rows:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -287,8 +255,9 @@ def render_text(mm: MemoryMap) -> str:
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     else:
         lines.append("  no pmem regions")
-    lines.append(f"  hotplug: {mm.free_slots} of {mm.slots} memory slots free, {_size(mm.headroom_bytes)} headroom "
-                 f"under maxMemory {_size(mm.max_memory_bytes)}, {mm.free_root_ports} free PCIe root ports")
+    lines.append(f"  hotplug: {mm.free_slots} of {mm.slots} memory slots free, {human_size(mm.headroom_bytes)} "
+                 f"headroom under maxMemory {human_size(mm.max_memory_bytes)}, {mm.free_root_ports} free PCIe root "
+                 "ports")
     lines.append(f"  addresses from: {mm.addresses_from}")
     if mm.ssh:
         s = mm.ssh
@@ -303,9 +272,6 @@ def render_text(mm: MemoryMap) -> str:
 
 
 def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
-    from . import state, virt
-    from .errors import GuestError, NvmprovError
-
     dom = virt.require(conn, name)
     config_xml = virt.xml_desc(dom, inactive=True)
     running = virt.is_active(dom)
@@ -316,28 +282,22 @@ def show(conn: libvirt.virConnect, name: str, progress: Progress) -> MemoryMap:
             mm.notes.append("nvmprov cannot log in to a domain it did not create: guest addresses are what "
                             "libvirt reports")
         return mm
-    from . import identity
-
     files = state.current_files(state.check_name(name), identity.of(conn))  # show moves nothing
-    mm.ssh = {"host": "127.0.0.1", "port": md.ssh_port, "user": md.ssh_user,
-              "identity_file": str(files.client_key), "known_hosts": str(files.known_hosts)}
+    mm.ssh = asdict(managed.ssh_coordinates(files, md.ssh_port, md.ssh_user))
     if not running:
         return mm
     try:
-        merge_probe(mm, _probe(conn, dom, md, files, progress), md)
+        merge_probe(mm, _probe(dom, md, files, progress), md)
     except (GuestError, NvmprovError) as exc:
         mm.notes.append(f"could not read the map inside the guest ({exc}); addresses are what libvirt reports")
     return mm
 
 
-def _probe(conn: libvirt.virConnect, dom: libvirt.virDomain, md: Metadata, files: Any, progress: Progress) -> Probe:
-    from .guests import plan_from_metadata
-    from .workflow import open_session
-
-    the_plan = plan_from_metadata(conn, md)
-    session = open_session(dom, the_plan, files, md.ssh_port, PROBE_DEADLINE_S, progress)
+def _probe(dom: libvirt.virDomain, md: Metadata, files: state.GuestFiles, progress: Progress) -> Probe:
+    coords = managed.ssh_coordinates(files, md.ssh_port, md.ssh_user)
+    session = proof.open_session(dom, files, coords, PROBE_DEADLINE_S, progress)
     try:
-        out = session.run("sh -s", sudo=True, stdin=PROBE_SCRIPT.encode(), timeout_s=PROBE_TIMEOUT_S).stdout
+        facts = agent.gather(session)  # the agent's own read, no modules loaded, nothing run
     finally:
         session.close()
-    return parse_probe(out)
+    return probe_of(facts)

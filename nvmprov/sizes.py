@@ -39,6 +39,18 @@ def format_size(n_bytes: int) -> str:
     return f"{n_bytes}B"
 
 
+def human_size(n_bytes: object) -> str:
+    """A size for people to read (show, report, doctor, prune): "512 MiB", "1.50 GiB" (two decimals
+    unless exact), "-" when unknown (None, or not a number of bytes: a report read back from JSON).
+    format_size writes the spec's exact unit syntax instead."""
+    if not isinstance(n_bytes, int) or isinstance(n_bytes, bool):
+        return "-"
+    for unit, name in ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if n_bytes >= unit:
+            return f"{n_bytes // unit} {name}" if n_bytes % unit == 0 else f"{n_bytes / unit:.2f} {name}"
+    return f"{n_bytes} B"
+
+
 def backing_bytes_for(size_bytes: int) -> int:
     """Backing volume size for a region the user asked `size_bytes` of: whole 2 MiB blocks.
 

@@ -6,7 +6,6 @@ field path, what is wrong and what would be right. Defaults and rules: docs/spec
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +13,6 @@ import posixpath
 import re
 import stat
 import sys
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,6 +35,7 @@ from pydantic import (
 
 from .diskimage import file_kind
 from .errors import HostError, SpecError, UsageError
+from .naming import backing_volume, shared_paths
 from .sizes import (
     DIMM_ALIGN_BYTES,
     LABELLED_NS_ALIGN_BYTES,
@@ -52,6 +51,7 @@ from .sizes import (
     namespace_usable_bytes,
     round_up,
 )
+from .uris import pool_dir_for
 
 MAX_SIZE_BYTES = 16 * TiB          # far above any host here; catches unit typos such as 1000TiB
 MAX_FILE_BYTES = 1 * MiB           # a guest file is a few hundred bytes; refuse to parse megabytes
@@ -904,8 +904,6 @@ class GuestSpec(BaseModel):
 
     def volume_of(self, region: RegionSpec) -> str:
         """The backing volume's name: the adopted `volume:`, else nvmprov's own (naming.py)."""
-        from .naming import backing_volume
-
         return region.volume or backing_volume(self.name, region.name)
 
     def canonical(self) -> dict[str, Any]:
@@ -936,28 +934,10 @@ class GuestSpec(BaseModel):
         return [k for k in keys if mine.get(k, _MISSING) != theirs.get(k, _MISSING)]
 
 
-@contextlib.contextmanager
-def _no_pydantic_plugins() -> Iterator[None]:
-    """pydantic without its plugin discovery while nvmprov's models are built: its loader imports
-    importlib.metadata and reads the entry points of every installed distribution (~25 ms, a tenth
-    of `nvmprov render`) to find plugins (observers of validation) that nvmprov does not use. Its
-    models get plain validators; pydantic models built after this (anyone else's) still get them."""
-    name = "pydantic.plugin._loader"
-    if name in sys.modules:  # discovery already paid for (or done): nothing to save
-        yield
-        return
-    stub = types.ModuleType(name, "nvmprov.spec: no pydantic plugins for nvmprov's models")
-    stub.get_plugins = lambda: ()  # type: ignore[attr-defined]
-    sys.modules[name] = stub
-    try:
-        yield
-    finally:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]
-
-
 def _build_models() -> None:
-    with _no_pydantic_plugins():
+    from .speedups import no_pydantic_plugins
+
+    with no_pydantic_plugins():
         for model in (SshSpec, NetworkSpec, HotplugSpec, TimeoutsSpec, NamespaceSpec, RegionSpec, GuestSpec):
             model.model_rebuild()
 
@@ -1326,9 +1306,6 @@ def _fleet(data: dict[str, Any], pos: _Positions, filename: str) -> list[GuestSp
 
 def _check_shared_paths(guests: list[GuestSpec], pos: _Positions, filename: str) -> None:
     """Two guests of one fleet must never get one file (an adopted `volume:` can name another's)."""
-    from .naming import shared_paths
-    from .uris import pool_dir_for
-
     where: dict[str, tuple[int, int]] = {}
     uses = []
     for i, g in enumerate(guests):

@@ -47,6 +47,7 @@ SHORT_ATTEMPT_S = 4.0
 FULL_ATTEMPT_EVERY = 4
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs
 READ_CHUNK_BYTES = 65536
+START_TIMEOUT_S = 30.0  # open a channel and send a started command its first input
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,28 @@ class Session:
             raise RemoteCommandError(command, rc, result.stderr)
         return result
 
+    def start(self, cmd: str, *args: object, sudo: bool = False, stdin: bytes = b"") -> RemoteProcess:
+        """Start a command template that keeps running: write to it and read its lines as you go.
+
+        `stdin` is sent first. The caller closes it (RemoteProcess.close) to end the command.
+        """
+        command = render_command(cmd, *args)
+        wire = wrap_sudo(command) if sudo and not self.is_root else command
+        log.debug("guest %s:%s start: %s", self.target.host, self.target.port, wire)
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestError(f"SSH connection to {self.target.host}:{self.target.port} is closed")
+        chan = transport.open_session(timeout=START_TIMEOUT_S)
+        try:
+            chan.settimeout(START_TIMEOUT_S)
+            chan.exec_command(wire)
+        except BaseException:
+            chan.close()
+            raise
+        process = RemoteProcess(chan, command)
+        process.send(stdin)
+        return process
+
     def close(self) -> None:
         self._client.close()
 
@@ -307,3 +330,65 @@ class Session:
                 raise TimeoutError
             else:
                 select.select([chan], [], [], min(READ_POLL_S, deadline.remaining_s))
+
+
+class RemoteProcess:
+    """A command started in the guest (Session.start): send input, read its output line by line."""
+
+    def __init__(self, chan: paramiko.Channel, command: str) -> None:
+        self._chan = chan
+        self.command = command
+        self._out = bytearray()
+        self._err = bytearray()
+
+    def send(self, data: bytes) -> None:
+        """Write to its stdin. A command that already exited takes nothing: read_line() then says so."""
+        self._chan.settimeout(START_TIMEOUT_S)
+        try:
+            self._chan.sendall(data)
+        except (OSError, EOFError) as e:
+            log.debug("guest command took no more input (%s): %s", e, self.command)
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        """The next line of stdout (without its newline); None once the command has exited."""
+        deadline = Deadline(f"command {self.command[:60]}", timeout_s)
+        while b"\n" not in self._out:
+            if not self._pump(deadline):
+                if not self._out:
+                    return None
+                break
+        line, _, rest = bytes(self._out).partition(b"\n")
+        self._out[:] = rest
+        return line
+
+    @property
+    def stderr(self) -> str:
+        return clean_bytes(bytes(self._err[-4000:]))
+
+    def close(self, timeout_s: float = START_TIMEOUT_S) -> int | None:
+        """End its input, wait for it to exit; its exit status (None when it did not exit in time)."""
+        try:
+            self._chan.shutdown_write()
+            deadline = Deadline(f"command {self.command[:60]}", timeout_s)
+            while self._pump(deadline):
+                pass
+            return self._chan.recv_exit_status() if self._chan.exit_status_ready() else None
+        except (OSError, EOFError, GuestTimeout):
+            return None
+        finally:
+            self._chan.close()
+
+    def _pump(self, deadline: Deadline) -> bool:
+        """Read what arrived (both streams, so neither fills the window); False once it exited."""
+        chan = self._chan
+        if chan.recv_ready():
+            self._out += chan.recv(READ_CHUNK_BYTES)
+        elif chan.recv_stderr_ready():
+            self._err += chan.recv_stderr(READ_CHUNK_BYTES)
+        elif chan.closed or (chan.exit_status_ready() and chan.eof_received):
+            return False
+        elif deadline.expired:
+            raise GuestTimeout(f"guest command gave no answer within {deadline.seconds:g} s: {self.command}")
+        else:
+            select.select([chan], [], [], min(READ_POLL_S, deadline.remaining_s))
+        return True

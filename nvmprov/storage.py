@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import libvirt
 
+from nvmprov import diskimage
 from nvmprov.errors import StorageError
 
 DEFAULT_POOL = "nvmprov"
@@ -188,6 +189,15 @@ def volume_format(vol: libvirt.virStorageVol) -> str | None:
     return _parse(vol.XMLDesc(0)).find("target/format").get("type")  # type: ignore[union-attr]
 
 
+def backing_path(vol: libvirt.virStorageVol) -> str | None:
+    """The backing file a volume's header names (an overlay's base); None without one or when the
+    volume was deleted while we looked."""
+    try:
+        return _parse(vol.XMLDesc(0)).findtext("backingStore/path")
+    except libvirt.libvirtError:
+        return None
+
+
 def _volume_xml(
     name: str,
     capacity: int,
@@ -337,8 +347,6 @@ def create_overlay_for_path(
     backing chain too) and its format and virtual size read from its header, so the file must be
     readable here (a local hypervisor). The overlay names the file itself, links resolved.
     """
-    from . import diskimage
-
     try:
         image = diskimage.vet(image_path)
     except diskimage.ImageRefused as e:  # create vetted it already: this is the file changing since

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import libvirt
 
+from . import domain
 from .errors import HostError, VirtError
 
 # libvirt prints every error to stderr by default; we raise instead.
@@ -138,8 +139,6 @@ def path_users(conn: libvirt.virConnect, paths: Iterable[str], *, exclude: str |
     it: whatever domain.references reads in their live or persistent XML names it, as a file, in a
     <qemu:commandline> argument, or as a storage volume (resolved through the connection). The one
     answer to "which domains use this path", for create, attach, detach --purge, prune and image."""
-    from . import domain
-
     wanted = {p: posixpath.normpath(p) for p in paths}
     users: dict[str, list[str]] = {p: [] for p in wanted}
     resolved: dict[tuple[str, str], str | None] = {}

@@ -1,8 +1,8 @@
-"""`nvmprov create` and the guest life cycle: one straight line of stages, side effects at the edges.
+"""`nvmprov create`: one straight line of stages, side effects at the edges.
 
-spec -> host facts -> plan -> define (metadata first) -> volumes (each recorded) -> start -> SSH
--> agent.apply -> agent.verify -> power-cycle proof -> report. Any failure or signal rolls back
-exactly what this run made (unless --keep-on-failure).
+spec -> host facts -> plan -> define (metadata first) -> volumes (each recorded) -> start ->
+proof.prove (SSH, agent.apply, agent.verify, power-cycle proof) -> report. Any failure or signal
+rolls back exactly what this run made (unless --keep-on-failure). docs/architecture.md: the rest.
 """
 
 from __future__ import annotations
@@ -11,16 +11,34 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-from . import boot, domain, host, identity, image, image_seed, ledger, remote, seed, ssh, state, storage, virt
+from . import (
+    boot,
+    diskimage,
+    domain,
+    host,
+    identity,
+    image,
+    image_seed,
+    ledger,
+    managed,
+    proof,
+    seed,
+    state,
+    storage,
+    virt,
+)
 from . import plan as planmod
 from .errors import GuestError, HostError, SpecError, UsageError, VirtError
 from .progress import Progress
-from .report import GuestReport, SshInfo, error_message
+from .proof import GuestRun, save_report
+from .report import GuestReport, error_message
 from .rollback import Rollback
-from .uris import DEFAULT_POOL_DIR, effective_uri, pool_dir_for  # here too: callers import them from workflow
+from .sizes import human_size
+from .spec import load_recorded
+from .uris import effective_uri, pool_dir_for
 
 if TYPE_CHECKING:
     import libvirt
@@ -85,18 +103,34 @@ def create(
     return report
 
 
-def save_report(report: GuestReport, progress: Progress, hv: identity.Hypervisor) -> None:
-    """The guest's last report, as `--json` prints it, in its state directory (0600). Only for a
-    guest that is there: a rolled-back create removed the directory and must not bring it back."""
-    from .report import Report, render_json
+@dataclass(frozen=True)
+class _Owner:
+    """Whose volumes a create makes: guest NAME of hypervisor HV (identity.py), in POOL."""
 
-    files = state.guest_files(report.name, hv, create=False)
-    if not files.dir.is_dir():
-        return
-    try:
-        state.write_private(files.report, render_json(Report(guests=[report])) + "\n")
-    except OSError as exc:
-        progress.line(f"could not save the report to {files.report}: {exc.strerror}")
+    pool: libvirt.virStoragePool
+    hv: str
+    name: str
+    qemu_ids: tuple[int, int] | None = None   # HostFacts.qemu_ids: owner of CXL's files
+
+
+@dataclass(kw_only=True)
+class _Creation(GuestRun):
+    """A create run: the guest run the proof works on, plus what only create has: the spec and
+    options, whose volumes it makes, what to undo, and the metadata recorded on the domain so far."""
+
+    spec: GuestSpec
+    opts: CreateOptions
+    owner: _Owner
+    undo: Rollback = field(init=False)
+    md: domain.Metadata | None = None
+
+    def __post_init__(self) -> None:
+        self.undo = Rollback(self.progress)
+
+    @property
+    def metadata(self) -> domain.Metadata:
+        assert self.md is not None, "the metadata is recorded when the domain is defined"
+        return self.md
 
 
 def _create_locked(
@@ -104,6 +138,29 @@ def _create_locked(
     report: GuestReport,
 ) -> None:
     """HV: the hypervisor CONN reaches, asked once per create (a round trip over qemu+ssh)."""
+    the_plan, pool, facts = _host_phase(conn, hv, spec, opts, progress)
+    _tell_plan(the_plan, progress, report)
+    existing = virt.lookup(conn, spec.name)
+    md = domain.parse_metadata(virt.xml_desc(existing, inactive=True)) if existing is not None else None
+    if existing is not None and md is not None:
+        state.adopt_legacy(spec.name, hv, existing.UUIDString())  # files kept under the old layout
+    run = _Creation(conn, the_plan, state.guest_files(spec.name, hv), progress, report,
+                    spec=spec, opts=opts, owner=_Owner(pool, hv.key, spec.name, facts.qemu_ids))
+    if existing is not None:
+        if md is None or md.complete:
+            try:
+                _reverify_existing(run, existing, md)
+            except GuestError as exc:  # like a new guest: the report carries it (nothing to roll back)
+                report.fail(progress.last_phase("create"), str(exc))
+            return
+        # A run that was killed (SIGKILL, power loss) left this: its metadata names what it made.
+        progress.line(f"guest {spec.name}: an earlier create did not finish; removing what it left")
+        remove_leftovers(conn, hv.key, existing, md, progress)
+    _create_new(run)
+
+
+def _host_phase(conn: libvirt.virConnect, hv: identity.Hypervisor, spec: GuestSpec, opts: CreateOptions,
+                progress: Progress) -> tuple[Plan, libvirt.virStoragePool, planmod.HostFacts]:
     with progress.phase("host"):
         # The plan first: a host that cannot run the guest (accel: kvm without vmx/svm, ...) fails
         # here, before the pool is made or the image built (minutes). It needs no pool, only names.
@@ -119,6 +176,10 @@ def _create_locked(
             image.build(conn, spec.pool, progress=progress.line)
         for volume in ledger.migrate(conn, pool, hv.key):  # guests made before the ledger (pool held shared)
             progress.line(f"ownership ledger: recorded {volume} as made by nvmprov (its domain's metadata says so)")
+    return the_plan, pool, facts
+
+
+def _tell_plan(the_plan: Plan, progress: Progress, report: GuestReport) -> None:
     report.accel = the_plan.accel
     if the_plan.accel_notice:
         progress.line(the_plan.accel_notice)
@@ -128,37 +189,23 @@ def _create_locked(
         for note in region.notes:
             progress.line(f"region {region.name}: {note}")
 
-    existing = virt.lookup(conn, spec.name)
-    if existing is not None and domain.parse_metadata(virt.xml_desc(existing, inactive=True)) is not None:
-        state.adopt_legacy(spec.name, hv, existing.UUIDString())  # files kept under the old layout
-    files = state.guest_files(spec.name, hv)
-    if existing is not None:
-        md = domain.parse_metadata(virt.xml_desc(existing, inactive=True))
-        if md is not None and not md.complete:
-            # A run that was killed (SIGKILL, power loss) left this: its metadata names what it made.
-            progress.line(f"guest {spec.name}: an earlier create did not finish; removing what it left")
-            remove_leftovers(conn, hv.key, existing, md, progress)
-        else:
-            try:
-                _reverify_existing(conn, existing, spec, the_plan, files, opts, progress, report)
-            except GuestError as exc:  # like a new guest: the report carries it (nothing to roll back)
-                report.fail(progress.last_phase("create"), str(exc))
-            return
 
-    undo = Rollback(progress)
+def _create_new(run: _Creation) -> None:
+    """Make the guest and prove it; anything failing undoes exactly what this run made."""
+    opts, progress, report = run.opts, run.progress, run.report
     try:
-        owner = _Owner(pool, hv.key, spec.name, facts.qemu_ids)
-        build = _build_guest(conn, owner, the_plan, spec, files, opts, progress, undo, report)
+        _build_guest(run)
         if opts.until not in ("define", "start"):
-            _prove(conn, build.dom, the_plan, files, opts, progress, report, power_cycle=opts.power_cycle, made=True)
-        build.md = replace(build.md, complete=True)
-        _record(build.dom, build.md)
-        undo.commit()
+            proof.prove(run, booting=True, reformat=opts.reformat, made=True,
+                        power_cycle=opts.power_cycle, ssh_only=opts.until == "ssh")
+        run.md = replace(run.metadata, complete=True)
+        _record(run.domain, run.md)
+        run.undo.commit()
     except BaseException as exc:
         if opts.keep_on_failure:
             progress.line("keeping what was made (--keep-on-failure); `nvmprov destroy --purge` removes it")
         else:
-            problems = undo.run()
+            problems = run.undo.run()
             if problems:
                 report.notes.append("rollback left: " + "; ".join(problems))
         if isinstance(exc, GuestError):
@@ -175,8 +222,6 @@ def vet_image(spec: GuestSpec, opts: CreateOptions) -> None:
     overlay step fails on it (exit 3) and the run is rolled back (docs/reliability.md)."""
     if spec.image == "builtin" or not os.path.lexists(spec.image):
         return
-    from . import diskimage
-
     try:
         diskimage.vet(spec.image)
     except diskimage.ImageRefused as e:
@@ -197,53 +242,33 @@ def remove_leftovers(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, 
     progress.line(f"removed leftover domain {dom.name()}")
 
 
-@dataclass
-class _Build:
-    """What a create run has made so far: the domain and the metadata recorded on it."""
-
-    dom: libvirt.virDomain
-    md: domain.Metadata
-
-
-def _build_guest(
-    conn: libvirt.virConnect,
-    owner: _Owner,
-    the_plan: Plan,
-    spec: GuestSpec,
-    files: state.GuestFiles,
-    opts: CreateOptions,
-    progress: Progress,
-    undo: Rollback,
-    report: GuestReport,
-) -> _Build:
-    pool = owner.pool
-    pool_dir = storage.pool_path(pool)
+def _build_guest(run: _Creation) -> None:
+    """Keys, domain (metadata first), volumes (each recorded), start: each registered with run.undo."""
+    conn, the_plan, files, progress, undo = run.conn, run.plan, run.files, run.progress, run.undo
     # Registered first so it runs last: a failed create leaves no keys or spec copy behind either.
     undo.add(f"state files {files.dir}", lambda: shutil.rmtree(files.dir, ignore_errors=True))
     with progress.phase("keys"):
-        client, host_key = _make_keys(files)
-        spec_json = spec.model_dump_json(by_alias=True)
+        keys = _make_keys(files)
+        spec_json = run.spec.model_dump_json(by_alias=True)
         state.write_private(files.spec_json, spec_json)
 
     with progress.phase("define"):
-        _check_backing_volumes(conn, owner, the_plan)
-        md = domain.Metadata.from_plan(the_plan, ssh_port=0, spec_path=opts.spec_path, spec_json=spec_json)
-        dom, md = _define_with_port(conn, the_plan, md, pool_dir)
+        _check_backing_volumes(run)
+        md = domain.Metadata.from_plan(the_plan, ssh_port=0, spec_path=run.opts.spec_path, spec_json=spec_json)
+        run.dom, run.md = _define_with_port(run, md)
         undo.add(f"domain {the_plan.name}", lambda: _undefine_quietly(conn, the_plan.name))
-        state.record_domain(files, dom.UUIDString())  # a domain replaced under this name is told apart
-        report.ssh = _ssh_info(the_plan, md.ssh_port, files)
-    build = _Build(dom, md)
+        state.record_domain(files, run.dom.UUIDString())  # a domain replaced under this name is told apart
+        run.set_ssh_port(run.md.ssh_port)
 
     with progress.phase("volumes"):
-        build.md = _make_volumes(owner, build.dom, the_plan, build.md, (client, host_key), progress, undo)
-    if opts.until == "define":
-        return build
+        _make_volumes(run, keys)
+    if run.opts.until == "define":
+        return
 
     with progress.phase("start", _prealloc_hint(the_plan)):
-        build.dom, build.md = _start_with_port_retry(conn, build, the_plan, pool_dir, report, files)
+        _start_with_port_retry(run)
         undo.add(f"running guest {the_plan.name}", lambda: _power_off_quietly(conn, the_plan.name))
-        _hotplug_virtio_pmem(build.dom, the_plan, pool_dir)
-    return build
+        proof.hotplug_virtio_pmem(run.domain, the_plan, run.pool_dir)
 
 
 def _power_off_quietly(conn: libvirt.virConnect, name: str) -> None:
@@ -256,7 +281,7 @@ def _prealloc_hint(the_plan: Plan) -> str:
     big = sum(r.backing_bytes for r in the_plan.nvdimm_regions if not r.host_pmem)
     if big >= 2 * 1024**3:
         return (
-            f"libvirt preallocates {big / 1024**3:.0f} GiB of nvdimm backing (QEMU prealloc); "
+            f"libvirt preallocates {human_size(big)} of nvdimm backing (QEMU prealloc); "
             "under TCG this takes several seconds per GiB"
         )
     return ""
@@ -271,21 +296,10 @@ def _make_keys(files: state.GuestFiles) -> tuple[seed.KeyPair, seed.KeyPair]:
     return client, host_key
 
 
-def _ssh_info(the_plan: Plan, port: int, files: state.GuestFiles) -> SshInfo:
-    return SshInfo(
-        host="127.0.0.1", port=port, user=the_plan.ssh_user,
-        identity_file=str(files.client_key), known_hosts=str(files.known_hosts),
-    )
-
-
-def _write_known_hosts(files: state.GuestFiles, port: int) -> None:
-    key = files.host_key_pub.read_text().split()
-    state.write_private(files.known_hosts, f"[127.0.0.1]:{port} {key[0]} {key[1]}\n")
-
-
-def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Plan) -> None:
+def _check_backing_volumes(run: _Creation) -> None:
     """Refuse before changing anything when a backing volume is in the way (not made by nvmprov for
     this guest, not adopted) or in another domain's hands. _make_volumes decides again, exclusively."""
+    owner, the_plan = run.owner, run.plan
     pool, hv = owner.pool, owner.hv
     pool_dir = storage.pool_path(pool)
     book = ledger.read(pool)
@@ -294,7 +308,7 @@ def _check_backing_volumes(conn: libvirt.virConnect, owner: _Owner, the_plan: Pl
             if volume is None:
                 continue
             path = f"{pool_dir}/{volume}"
-            users = virt.path_users(conn, [path], exclude=the_plan.name)[path]
+            users = virt.path_users(run.conn, [path], exclude=the_plan.name)[path]
             if users:
                 raise HostError(
                     f"volume {volume} of region {region.name} is used by domain(s) "
@@ -349,19 +363,15 @@ def _render(the_plan: Plan, md: domain.Metadata, pool_dir: str, dom_uuid: str, u
 
 
 def _define_with_port(
-    conn: libvirt.virConnect,
-    the_plan: Plan,
-    md: domain.Metadata,
-    pool_dir: str,
-    *,
-    avoid: frozenset[int] = frozenset(),
-    dom_uuid: str | None = None,
+    run: _Creation, md: domain.Metadata, *, avoid: frozenset[int] = frozenset(), dom_uuid: str | None = None,
 ) -> tuple[libvirt.virDomain, domain.Metadata]:
     # The host lock spans choice and define, so a concurrent create sees the port in our metadata.
     # A random UUID: a fixed one would let define silently replace another domain.
+    conn = run.conn
     with state.host_lock("ssh-ports"):
         md = replace(md, ssh_port=boot.free_port(_used_ports(conn) | set(avoid)))
-        dom = virt.define(conn, _render(the_plan, md, pool_dir, dom_uuid or str(uuid.uuid4()), conn.getURI()))
+        xml = _render(run.plan, md, storage.pool_path(run.owner.pool), dom_uuid or str(uuid.uuid4()), conn.getURI())
+        dom = virt.define(conn, xml)
     return dom, md
 
 
@@ -369,37 +379,19 @@ def _record(dom: libvirt.virDomain, md: domain.Metadata) -> None:
     virt.set_metadata(dom, domain.metadata_xml(md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
 
 
-@dataclass(frozen=True)
-class _Owner:
-    """Whose volumes a create makes: guest NAME of hypervisor HV (identity.py), in POOL."""
-
-    pool: libvirt.virStoragePool
-    hv: str
-    name: str
-    qemu_ids: tuple[int, int] | None = None   # HostFacts.qemu_ids: owner of CXL's files
-
-
-def _make_volumes(
-    owner: _Owner,
-    dom: libvirt.virDomain,
-    the_plan: Plan,
-    md: domain.Metadata,
-    keys: tuple[seed.KeyPair, seed.KeyPair],
-    progress: Progress,
-    undo: Rollback,
-) -> domain.Metadata:
+def _make_volumes(run: _Creation, keys: tuple[seed.KeyPair, seed.KeyPair]) -> None:
     """Each volume this run creates is recorded in the ownership ledger and the domain's metadata
-    right after it exists, so a killed run leaves nothing untraceable. Creation is exclusive: a
-    volume is this run's only when this run's createXML made it."""
+    (run.md) right after it exists, so a killed run leaves nothing untraceable. Creation is
+    exclusive: a volume is this run's only when this run's createXML made it."""
+    owner, the_plan, progress = run.owner, run.plan, run.progress
     pool = owner.pool
     client, host_key = keys
 
     def made(name: str, kind: str) -> None:
-        nonlocal md
-        undo.add(f"volume {name}", lambda: _delete_volume(owner, name))
+        run.undo.add(f"volume {name}", lambda: _delete_volume(owner, name))
         ledger.record(pool, ledger.Entry(name, owner.name, owner.hv, kind))
-        md = md.with_volume(name, kind)
-        _record(dom, md)
+        run.md = run.metadata.with_volume(name, kind)
+        _record(run.domain, run.md)
 
     for region in the_plan.regions:
         # CXL's files are named only on QEMU's command line: libvirt does not chown them, so they are
@@ -410,8 +402,8 @@ def _make_volumes(
             made(region.lsa_volume, "label")
             progress.line(f"region {region.name}: label storage area {region.lsa_volume}")
         elif region.lsa_volume is not None:
-            how = _use_existing(owner, replace(region, volume=region.lsa_volume, backing_bytes=planmod.CXL_LSA_BYTES,
-                                               adopted=False), undo)
+            how = _use_existing(run, replace(region, volume=region.lsa_volume, backing_bytes=planmod.CXL_LSA_BYTES,
+                                             adopted=False))
             progress.line(f"region {region.name}: {how} label storage area {region.lsa_volume}")
         made_now = not region.adopted and storage.make_backing(
             pool, region.volume, region.backing_bytes, allocation=region.allocation, owner=qemu_owned) is not None
@@ -419,7 +411,7 @@ def _make_volumes(
             made(region.volume, "backing")
             progress.line(f"region {region.name}: backing volume {region.volume} ({region.backing_bytes} bytes)")
         else:
-            how = _use_existing(owner, region, undo)
+            how = _use_existing(run, region)
             progress.line(f"region {region.name}: {how} backing volume {region.volume} (same size)")
 
     if the_plan.base_volume is not None:
@@ -442,12 +434,12 @@ def _make_volumes(
     iso = seed.build_iso(*docs, final=final)
     storage.upload(pool, the_plan.seed_volume, iso)
     made(the_plan.seed_volume, "seed")
-    return md
 
 
-def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> str:
+def _use_existing(run: _Creation, region: planmod.RegionPlan) -> str:
     """A volume of the region's name exists: use it when nvmprov made it for this guest (data kept
     by `destroy`), or when the spec names it (`volume:`, adopted); refuse anything else."""
+    owner = run.owner
     pool = owner.pool
     book = ledger.read(pool)
     entry = book.get(region.volume)
@@ -465,8 +457,8 @@ def _use_existing(owner: _Owner, region: planmod.RegionPlan, undo: Rollback) -> 
             return now.with_entry(ledger.Entry(region.volume, owner.name, owner.hv, "backing", adopted=True))
 
         ledger.update(pool, owner.hv, adopt)
-        undo.add(f"adoption of volume {region.volume} (the volume is kept)",
-                 lambda: _unadopt(owner, region.volume, entry))
+        run.undo.add(f"adoption of volume {region.volume} (the volume is kept)",
+                     lambda: _unadopt(owner, region.volume, entry))
     return "adopting"
 
 
@@ -489,206 +481,63 @@ def _undefine_quietly(conn: libvirt.virConnect, name: str) -> None:
         virt.undefine(dom)
 
 
-def _start_with_port_retry(
-    conn: libvirt.virConnect,
-    build: _Build,
-    the_plan: Plan,
-    pool_dir: str,
-    report: GuestReport,
-    files: state.GuestFiles,
-    attempts: int = 3,
-) -> tuple[libvirt.virDomain, domain.Metadata]:
+def _start_with_port_retry(run: _Creation, attempts: int = 3) -> None:
     """Start; when QEMU cannot bind the SSH forward (someone took the port since), pick another."""
-    dom, md = build.dom, build.md
     tried: set[int] = set()
     for attempt in range(attempts):
         try:
-            virt.start(dom)
-            _write_known_hosts(files, md.ssh_port)
-            return dom, md
+            virt.start(run.domain)
+            proof.write_known_hosts(run.files, run.metadata.ssh_port)
+            return
         except VirtError as exc:
             if attempt == attempts - 1 or not any(m in str(exc) for m in HOSTFWD_ERRORS):
                 raise
-            tried.add(md.ssh_port)
-            dom, md = _define_with_port(conn, the_plan, md, pool_dir, avoid=frozenset(tried), dom_uuid=dom.UUIDString())
-            report.ssh = _ssh_info(the_plan, md.ssh_port, files)
+            tried.add(run.metadata.ssh_port)
+            run.dom, run.md = _define_with_port(run, run.metadata, avoid=frozenset(tried),
+                                                dom_uuid=run.domain.UUIDString())
+            run.set_ssh_port(run.md.ssh_port)
     raise AssertionError("unreachable")
-
-
-def _hotplug_virtio_pmem(dom: libvirt.virDomain, the_plan: Plan, pool_dir: str) -> None:
-    """libvirt 9.0 cannot start a domain with virtio-pmem in its config: attach them live, every start."""
-    for region in the_plan.virtio_pmem_regions:
-        virt.attach(dom, domain.region_device_xml(region, pool_dir), live=True, config=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# SSH, agent, verification, power cycle
-
-
-def open_session(
-    dom: libvirt.virDomain, the_plan: Plan, files: state.GuestFiles, port: int, deadline_s: float, progress: Progress
-) -> ssh.Session:
-    name = the_plan.name
-    uri = dom.connect().getURI()
-    log_path = boot.console_log_path(name, uri)
-    # A remote guest's forward is on the hypervisor's loopback: reach it, and its serial log,
-    # through the hypervisor's SSH (remote.py). None on this machine.
-    hop = remote.hypervisor_for(uri)
-
-    def log_tail(max_lines: int) -> str:
-        if hop is None:
-            return boot.read_tail(log_path, max_lines=max_lines)
-        return boot.tail_lines(hop.read_tail(log_path), max_lines)
-
-    def abort_check() -> None:  # between SSH attempts: a boot that cannot succeed, or a cancelled fleet
-        progress.checkpoint()
-        boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
-
-    target = ssh.SshTarget(
-        host="127.0.0.1", port=port, user=the_plan.ssh_user, client_key_path=str(files.client_key),
-        host_public_key=files.host_key_pub.read_text().strip(),
-        sock_factory=(lambda: hop.open_channel(port)) if hop is not None else None,
-    )
-    try:
-        return ssh.connect(target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check)
-    except GuestError as exc:
-        tail = log_tail(15)
-        if hop is None:
-            boot.copy_log(log_path, files.console_copy)
-        else:
-            state.write_private(files.console_copy, log_tail(10_000))
-        if "console lines" in str(exc):
-            raise
-        # An empty console says something too: QEMU or the kernel never got as far as printing.
-        shown = tail or "(none: the guest has printed nothing on its serial console)"
-        raise GuestError(f"{exc}\nlast console lines:\n{shown}") from None
-
-
-def _prove(
-    conn: libvirt.virConnect,
-    dom: libvirt.virDomain,
-    the_plan: Plan,
-    files: state.GuestFiles,
-    opts: CreateOptions,
-    progress: Progress,
-    report: GuestReport,
-    *,
-    power_cycle: bool,
-    made: bool = False,
-) -> None:
-    """apply, verify and (power_cycle) the proof; `made`: this run made the guest, so the reserved
-    tails of its regions without a filesystem are written (a re-run only re-reads them)."""
-    assert report.ssh is not None
-    port = report.ssh.port
-    with progress.phase("ssh", f"waiting for SSH on 127.0.0.1:{port} (TCG boot takes about a minute)"):
-        session = open_session(dom, the_plan, files, port, the_plan.boot_timeout_s, progress)
-    if opts.until == "ssh":
-        session.close()
-        return
-    try:
-        with progress.phase("agent"):
-            states = agent.apply(session, the_plan, reformat=opts.reformat)
-        with progress.phase("verify"):
-            regions = agent.verify(session, the_plan, states, write_tails=made)
-    finally:
-        session.close()
-    pool_dir = storage.pool_path(storage.pool_of(conn, the_plan.pool))
-    for r in regions:
-        r.backing_path = f"{pool_dir}/{the_plan.region(r.name).volume}"
-    report.regions = regions
-    if power_cycle:
-        with progress.phase("power-cycle"):
-            power_cycle_proof(conn, dom, the_plan, files, port, regions, progress)
-
-
-def power_cycle_proof(
-    conn: libvirt.virConnect,
-    dom: libvirt.virDomain,
-    the_plan: Plan,
-    files: state.GuestFiles,
-    port: int,
-    regions: list[agent.RegionReport],
-    progress: Progress,
-) -> None:
-    """Cut the power after the guest synced, boot again, re-check each payload's sha256 in the guest
-    and find each region's marker in its host backing volume (read through libvirt)."""
-    progress.line("cutting the guest's power (virDomainDestroy, no clean shutdown)")
-    virt.power_off(dom)
-    virt.start(dom)
-    pool_dir = os.path.dirname(regions[0].backing_path) if regions and regions[0].backing_path else ""
-    _hotplug_virtio_pmem(dom, the_plan, pool_dir)
-    session = open_session(dom, the_plan, files, port, the_plan.boot_timeout_s, progress)
-    try:
-        # Not agent.apply: after the cut only modules and mounts may run; a region that would need
-        # its namespace or filesystem made again is reported not persisted, and nothing is made.
-        agent.after_power_cycle(session, the_plan, regions, progress=progress.line)
-    finally:
-        session.close()
-    pool = storage.pool_of(conn, the_plan.pool)
-    for r in regions:
-        if r.persisted and r.marker is not None:
-            volume = the_plan.region(r.name).volume
-            offset = storage.find_marker(storage.volume(pool, volume), r.marker.encode())
-            r.persisted = offset is not None
-            r.marker_offset = offset
-            if offset is None:
-                r.persisted_reason = (
-                    f"region {r.name}: not persisted: the guest reads its payload back, but its marker is not in "
-                    f"the backing volume {volume} (the guest's writes did not reach the host file)"
-                )
 
 
 # ---------------------------------------------------------------------------------------------
 # re-running create on an existing guest
 
 
-def _reverify_existing(
-    conn: libvirt.virConnect,
-    dom: libvirt.virDomain,
-    spec: GuestSpec,
-    the_plan: Plan,
-    files: state.GuestFiles,
-    opts: CreateOptions,
-    progress: Progress,
-    report: GuestReport,
-) -> None:
-    md = domain.parse_metadata(virt.xml_desc(dom, inactive=True))
+def _reverify_existing(run: _Creation, dom: libvirt.virDomain, md: domain.Metadata | None) -> None:
+    spec, opts = run.spec, run.opts
     if md is None:
         raise HostError(
             f"a domain named {spec.name!r} already exists and was not made by nvmprov; "
             "pick another name, or use `nvmprov attach` to add regions to it"
         )
-    if md.spec_digest != the_plan.spec_digest:
-        changed = ", ".join(changed_fields(spec, md, files))
+    if md.spec_digest != run.plan.spec_digest:
+        changed = ", ".join(changed_fields(spec, md, run.files))
         raise UsageError(
             f"guest {spec.name!r} exists with a different spec (changed: {changed}); "
             f"`nvmprov destroy {spec.name}` first, or keep the old spec"
         )
-    from .guests import check_same_domain, with_recorded_volumes
+    managed.check_same_domain(run.files, dom)
+    run.progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
 
-    check_same_domain(files, dom)
-    progress.line(f"guest {spec.name} exists with this spec: re-verifying without a power cycle")
-
-    the_plan = with_recorded_volumes(the_plan, md)
-    report.ssh = _ssh_info(the_plan, md.ssh_port, files)
+    run.dom, run.md = dom, md
+    run.plan = managed.with_recorded_volumes(run.plan, md)
+    run.set_ssh_port(md.ssh_port)
     if opts.until == "define":  # the guest is defined: nothing to do, and starting it would be a change
-        report.settle()
+        run.report.settle()
         return
     if not virt.is_active(dom):
-        start_guest(conn, dom, the_plan, progress)
+        proof.start_guest(run.conn, dom, run.plan, run.progress)
     if opts.until == "start":
-        report.settle()
+        run.report.settle()
         return
-    _prove(conn, dom, the_plan, files, opts, progress, report, power_cycle=False)
-    report.settle()
+    proof.prove(run, booting=True, reformat=opts.reformat, ssh_only=opts.until == "ssh")
+    run.report.settle()
 
 
 def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles | None = None) -> list[str]:
     """The spec paths that differ from the spec the guest was made with. libvirt's copy (the domain
     metadata) is the record, so this works from any machine; the local state file is only the
     fallback for domains whose metadata predates spec_json."""
-    from .spec import load_recorded
-
     try:
         if md.spec_json is not None:
             recorded = md.spec_json
@@ -702,17 +551,4 @@ def changed_fields(spec: GuestSpec, md: domain.Metadata, files: state.GuestFiles
     return spec.diff(old) or ["(digest differs)"]
 
 
-def start_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, the_plan: Plan, progress: Progress) -> None:
-    with progress.phase("start"):
-        virt.start(dom)
-        pool = storage.pool_of(conn, the_plan.pool)
-        _hotplug_virtio_pmem(dom, the_plan, storage.pool_path(pool))
-
-
-# Imported late: the agent pulls in paramiko, which `render`/`validate` never need.
-from . import agent  # noqa: E402
-
-__all__ = [
-    "DEFAULT_POOL_DIR", "CreateOptions", "create", "effective_uri", "open_session", "pool_dir_for", "power_cycle_proof",
-    "save_report", "start_guest", "vet_image",
-]
+__all__ = ["CreateOptions", "changed_fields", "create", "remove_leftovers", "vet_image"]

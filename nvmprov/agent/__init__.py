@@ -1,12 +1,16 @@
 """The in-guest agent: facts in, only the missing commands out, then verification.
 
-states = agent.apply(session, plan, reformat=False)
-reports = agent.verify(session, plan, states)
+with agent.started(session) as guest:            # one guest python3 start for the phase
+    states = agent.apply(guest, plan, reformat=False)
+    reports = agent.verify(guest, plan, states)
 ... power cut, boot ...
 agent.after_power_cycle(session, plan, reports)   # never creates a namespace or filesystem
+
+Each function also takes the session itself and then starts the guest program for that call alone.
 """
 
-from nvmprov.agent.converge import Recheck, RegionState, Runner, apply, describe, gather, recheck
+from nvmprov.agent.converge import Recheck, RegionState, apply, describe, gather, recheck
+from nvmprov.agent.program import GuestProgram, Runner, started
 from nvmprov.agent.verify import (
     after_power_cycle,
     new_marker,
@@ -16,6 +20,7 @@ from nvmprov.agent.verify import (
 from nvmprov.report import RegionReport
 
 __all__ = [
+    "GuestProgram",
     "Recheck",
     "RegionReport",
     "RegionState",
@@ -26,6 +31,7 @@ __all__ = [
     "gather",
     "new_marker",
     "recheck",
+    "started",
     "sync",
     "verify",
 ]

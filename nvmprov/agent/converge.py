@@ -1,32 +1,27 @@
 """Run the agent: read facts, run only the missing commands, repeat until nothing is missing.
 
-A round is one SSH exec of guest/collect_facts.py: it loads the plan's kernel modules when they
-are missing, runs the commands planned from the previous round's facts, then reads the facts the
-next plan is made from. A fresh guest takes three rounds (read; namespaces; filesystems, mounts
-and fstab, then the read that finds nothing left), a finished one a single read.
+A round is two requests to the phase's guest program (agent.program): "run" loads the plan's kernel
+modules when they are missing and runs the commands planned from the previous round's facts, then
+"facts" reads the facts the next plan is made from. A fresh guest takes three rounds (read;
+namespaces; filesystems, mounts and fstab, then the read that finds nothing left), a finished one a
+single read; all of them, and the verification after them, in one python3 start.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from typing import Protocol
 
-from nvmprov.agent.facts import GuestFacts, blockdev_of, daxdev_of, locate, namespace_of, parse_guest_facts
+from nvmprov.agent.facts import GuestFacts, blockdev_of, daxdev_of, guest_facts, locate, namespace_of
+from nvmprov.agent.program import GuestProgram, Runner, started
 from nvmprov.agent.steps import Command, Phase, fstab_command, needed_modules, plan_commands
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Plan, RegionPlan
 from nvmprov.sizes import RESERVED_TAIL_BYTES, align_down
-from nvmprov.ssh import Result
 
 GATHER_TIMEOUT_S = 180.0
 MAX_ROUNDS = 6  # read, namespace, filesystem+mount+fstab (and its read), then spares
-# One argument of `sh -c` may not exceed 128 KiB (Linux MAX_ARG_STRLEN); the round's request
-# (commands and the new fstab) travels as one.
-MAX_REQUEST_BYTES = 100_000
 # What may run after a power cut (recheck): loading modules, re-making a CXL region from its recorded
 # parameters (nothing programs the CXL decoders at boot; it writes no namespace and no filesystem), and
 # mounting. virtio-pmem is hot-plugged after start, so fstab's nofail line cannot mount it at boot.
@@ -34,18 +29,8 @@ MAX_REQUEST_BYTES = 100_000
 SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "region", "mount"})
 
 
-class Runner(Protocol):
-    """What the agent needs of nvmprov.ssh.Session (tests pass a fake guest)."""
-
-    def run(
-        self,
-        cmd: str,
-        *args: object,
-        sudo: bool = False,
-        check: bool = True,
-        timeout_s: float = 300,
-        stdin: bytes | None = None,
-    ) -> Result: ...
+# An SSH session (a guest program is started for the call) or the phase's running guest program
+Guest = Runner | GuestProgram
 
 
 @dataclass(frozen=True)
@@ -75,33 +60,24 @@ class RegionState:
     align_bytes: int | None = None  # devdax: the character device's page size
 
 
-def guest_program(name: str) -> bytes:
-    return resources.files("nvmprov.agent.guest").joinpath(name).read_bytes()
-
-
-def run_program(session: Runner, name: str, *args: object, timeout_s: float) -> Result:
-    """Run one of nvmprov/agent/guest/*.py in the guest's python3, as root, fed on stdin."""
-    template = "python3 -" + " %s" * len(args)
-    return session.run(template, *args, sudo=True, stdin=guest_program(name), timeout_s=timeout_s)
-
-
-def gather(session: Runner, *, modules: Sequence[str] = (), commands: Sequence[Command] = ()) -> GuestFacts:
+def gather(session: Guest, *, modules: Sequence[str] = (), commands: Sequence[Command] = ()) -> GuestFacts:
     """Every fact the agent needs, in one round trip; first load `modules` and run `commands`.
 
     Raises RemoteCommandError (command, exit status, stderr tail) for the first command that
     failed, or for the module loading when it failed; the guest ran nothing after it.
     """
-    facts, failed = _round(session, modules, commands)
+    with started(session) as guest:
+        facts, failed = _round(guest, modules, commands)
     if failed is not None:
         raise failed[1]
     return facts
 
 
 def _round(
-    session: Runner, modules: Sequence[str], commands: Sequence[Command]
+    guest: GuestProgram, modules: Sequence[str], commands: Sequence[Command]
 ) -> tuple[GuestFacts, tuple[Command, RemoteCommandError] | None]:
-    """One exec: the facts, and the planned command that failed (the guest ran none after it)."""
-    facts = _collect(session, modules, commands)
+    """One round: the facts, and the planned command that failed (the guest ran none after it)."""
+    facts = _collect(guest, modules, commands)
     if facts.modprobe is not None and facts.modprobe.rc != 0:
         raise RemoteCommandError(facts.modprobe.command, facts.modprobe.rc, facts.modprobe.stderr)
     failed = _failed_step(facts, commands)
@@ -110,29 +86,21 @@ def _round(
     return facts, (failed[0], RemoteCommandError(failed[0].render(), failed[1], failed[2]))
 
 
-def _collect(session: Runner, modules: Sequence[str], commands: Sequence[Command]) -> GuestFacts:
-    if not modules and not commands:
-        return parse_guest_facts(run_program(session, "collect_facts.py", timeout_s=GATHER_TIMEOUT_S).stdout)
-    request = json.dumps(
-        {
-            "modules": list(modules),
-            "steps": [
-                {
-                    "command": c.render(),
-                    "stdin_b64": base64.b64encode(c.stdin).decode() if c.stdin else None,
-                    "timeout_s": c.timeout_s,
-                }
-                for c in commands
-            ],
-        }
-    )
-    if len(request) > MAX_REQUEST_BYTES:
-        raise GuestError(
-            f"this round's commands for the guest take {len(request)} bytes, more than one command line may "
-            f"({MAX_REQUEST_BYTES}); is /etc/fstab in the guest unusually large?"
-        )
-    timeout_s = GATHER_TIMEOUT_S + sum(c.timeout_s for c in commands)
-    return parse_guest_facts(run_program(session, "collect_facts.py", request, timeout_s=timeout_s).stdout)
+def _collect(guest: GuestProgram, modules: Sequence[str], commands: Sequence[Command]) -> GuestFacts:
+    """Run the round's module loading and commands (when there are any), then read the facts."""
+    ran: dict[str, object] = {}
+    if modules or commands:
+        steps = [
+            {
+                "command": c.render(),
+                "stdin_b64": base64.b64encode(c.stdin).decode() if c.stdin else None,
+                "timeout_s": c.timeout_s,
+            }
+            for c in commands
+        ]
+        ran = guest.ask("run", GATHER_TIMEOUT_S + sum(c.timeout_s for c in commands), modules=list(modules),
+                        steps=steps)
+    return guest_facts({**guest.ask("facts", GATHER_TIMEOUT_S), **ran})
 
 
 def _failed_step(facts: GuestFacts, commands: Sequence[Command]) -> tuple[Command, int, str] | None:
@@ -154,7 +122,7 @@ def plan_modules(regions: Sequence[RegionPlan]) -> tuple[str, ...]:
 
 
 def apply(
-    session: Runner,
+    session: Guest,
     plan: Plan,
     *,
     reformat: bool = False,
@@ -170,18 +138,19 @@ def apply(
     ran: dict[str, list[str]] = {r.name: [] for r in units}
     modules = plan_modules(units)
     pending: list[Command] = []
-    for _ in range(MAX_ROUNDS):
-        for command in pending:
-            if progress is not None:
-                progress(f"{command.region or 'guest'}: {command.render()}")
-        facts = gather(session, modules=modules, commands=pending)
-        for command in pending:
-            for name in [command.region] if command.region else list(ran):
-                ran[name].append(command.render())
-        _note_modprobe(facts, units, ran, progress)
-        pending = _next_commands(facts, units, to_reformat)
-        if not pending:
-            return [describe(facts, r, tuple(ran[r.name])) for r in units]
+    with started(session) as guest:
+        for _ in range(MAX_ROUNDS):
+            for command in pending:
+                if progress is not None:
+                    progress(f"{command.region or 'guest'}: {command.render()}")
+            facts = gather(guest, modules=modules, commands=pending)
+            for command in pending:
+                for name in [command.region] if command.region else list(ran):
+                    ran[name].append(command.render())
+            _note_modprobe(facts, units, ran, progress)
+            pending = _next_commands(facts, units, to_reformat)
+            if not pending:
+                return [describe(facts, r, tuple(ran[r.name])) for r in units]
     raise GuestError(
         f"the in-guest agent did not settle after {MAX_ROUNDS} rounds; still wanted: "
         + "; ".join(c.render() for c in pending)
@@ -196,7 +165,7 @@ class Recheck:
     lost: dict[str, str]  # region name -> the reason (what the guest showed, what it would have taken)
 
 
-def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | None = None) -> Recheck:
+def recheck(session: Guest, plan: Plan, *, progress: Callable[[str], None] | None = None) -> Recheck:
     """After a power cut: load modules and mount what fstab could not; create nothing.
 
     A region whose facts call for a namespace or filesystem step did not survive the cut: it goes
@@ -204,6 +173,11 @@ def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | No
     loss). So does a region the agent cannot place or mount any more (the error text). /etc/fstab
     is not rewritten.
     """
+    with started(session) as guest:
+        return _recheck(guest, plan, progress)
+
+
+def _recheck(guest: GuestProgram, plan: Plan, progress: Callable[[str], None] | None) -> Recheck:
     units = plan.units
     modules = plan_modules(units)
     lost: dict[str, str] = {}
@@ -212,7 +186,7 @@ def recheck(session: Runner, plan: Plan, *, progress: Callable[[str], None] | No
         for command in pending:
             if progress is not None:
                 progress(f"{command.region or 'guest'}: {command.render()}")
-        facts, failed = _round(session, modules, pending)
+        facts, failed = _round(guest, modules, pending)
         if failed is not None:
             command, error = failed
             if command.region is None:

@@ -1,7 +1,7 @@
 """Facts about a guest: pure parsers of command output, and the mapping of spec regions to devices.
 
-Nothing here talks to a guest. `gather()` in nvmprov.agent runs guest/collect_facts.py once and
-hands its JSON to `parse_guest_facts`. Each parser takes text and returns frozen dataclasses.
+Nothing here talks to a guest. `gather()` in nvmprov.agent asks the guest program for the facts
+(guest/read_facts.py) and hands them to `guest_facts`. Each parser takes text and returns frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -333,6 +333,7 @@ class Region:
     # sysfs persistence_domain: "cpu_cache" or "memory_controller"; None when the kernel shows none
     # (it hides the attribute when the platform declares neither, as QEMU's NFIT does by default)
     persistence_domain: str | None = None
+    start: int | None = None  # regionN/resource: the guest physical address (None: not shown)
 
     @property
     def active_namespace(self) -> NdNamespace | None:
@@ -414,6 +415,8 @@ class GuestFacts:
     modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
     daxdevs: dict[str, DaxDevice] = field(default_factory=dict)  # device-dax character devices
     cxl_memdevs: dict[str, int | None] = field(default_factory=dict)  # CXL memdev ("mem0") -> its serial
+    cxl_windows: dict[str, tuple[int, int]] = field(default_factory=dict)  # root decoder -> (start, size)
+    system_ram: tuple[tuple[int, int], ...] = ()  # /proc/iomem's top-level System RAM, inclusive ranges
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
         return tuple(line for line in self.kernel_log if any(w in line for w in words))
@@ -440,6 +443,7 @@ def _region_from_sysfs(name: str, raw: dict[str, Any], nd: dict[str, NdRegion]) 
         target_node=parse_node(raw.get("target_node")),
         numa_node=parse_node(raw.get("numa_node")),
         persistence_domain=raw.get("persistence_domain") or None,
+        start=_int(raw.get("resource")),
     )
 
 
@@ -486,11 +490,18 @@ def _blockdev(name: str, raw: dict[str, Any]) -> BlockDevice:
 
 
 def parse_guest_facts(text: str) -> GuestFacts:
-    """The JSON printed by guest/collect_facts.py (older captures without "steps"/"modprobe" too)."""
+    """Facts as JSON text (the captures in tests/unit/fixtures/agent)."""
     try:
         raw = json.loads(text)
     except ValueError as e:
-        raise GuestError(f"the guest's fact collector printed no JSON: {e}: {text[:200]!r}") from e
+        raise GuestError(f"the guest's facts are no JSON: {e}: {text[:200]!r}") from e
+    return guest_facts(raw)
+
+
+def guest_facts(raw: dict[str, Any]) -> GuestFacts:
+    """What guest/read_facts.py read, with the round's "steps" and "modprobe" (absent: none ran)."""
+    if not isinstance(raw, dict):
+        raise GuestError(f"the guest's facts are no JSON object: {str(raw)[:200]!r}")
     ndctl_run = raw.get("ndctl") or {}
     ndctl_ok = ndctl_run.get("rc") == 0
     listed = parse_ndctl_list(ndctl_run.get("stdout", "")) if ndctl_ok else NdctlList()
@@ -512,7 +523,20 @@ def parse_guest_facts(text: str) -> GuestFacts:
         modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
         daxdevs={n: _daxdev(n, d) for n, d in (raw.get("daxdevs") or {}).items()},
         cxl_memdevs={n: _int((m or {}).get("serial")) for n, m in (raw.get("cxl_memdevs") or {}).items()},
+        cxl_windows={n: (start, size) for n, w in (raw.get("cxl_windows") or {}).items()
+                     if (start := _int((w or {}).get("start"))) is not None
+                     and (size := _int((w or {}).get("size"))) is not None},
+        system_ram=tuple(r for r in (_hex_range(t) for t in raw.get("system_ram") or ()) if r is not None),
     )
+
+
+def _hex_range(text: str) -> tuple[int, int] | None:
+    """/proc/iomem's "start-end" (hex, inclusive)."""
+    lo, sep, hi = str(text).partition("-")
+    try:
+        return (int(lo, 16), int(hi, 16)) if sep else None
+    except ValueError:
+        return None
 
 
 def _step_result(raw: dict[str, Any]) -> StepResult:

@@ -2,10 +2,10 @@
 
 Per mounted region: a probe (statx STATX_ATTR_DAX, a program run from the DAX mount with 0
 page-cache pages against > 0 for the same program on the root disk), then 16 MiB of random
-data behind a unique marker, fsynced, with its sha256. All regions in one run of
-guest/verify_regions.py (one SSH exec, one python3 start: each costs seconds under TCG), which
-ends with a sync. The power-cycle half: after_power_cycle here for the guest (persisted), the
-marker in the host backing volume in the caller.
+data behind a unique marker, fsynced, with its sha256. All regions in one request to the phase's
+guest program (guest/verify_regions.py; the same python3 start as apply's rounds when the caller
+shares it: each start costs seconds under TCG), which ends with a sync. The power-cycle half:
+after_power_cycle here for the guest (persisted), the marker in the host backing volume in the caller.
 
 Every region that can be measured gets map_sync: does the kernel grant MAP_SYNC on a file of its
 filesystem (devdax: on its character device)? That is what PMDK's libpmem asks to decide is_pmem.
@@ -28,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nvmprov.agent.converge import RegionState, Runner, recheck, run_program
+from nvmprov.agent.converge import Guest, RegionState, recheck
 from nvmprov.agent.facts import parse_fincore, parse_statx
+from nvmprov.agent.program import GuestProgram, started
 from nvmprov.errors import GuestError
 from nvmprov.plan import Plan, RegionPlan
 from nvmprov.report import RegionReport
@@ -167,19 +168,21 @@ class JobResult:
     tail: TailResult | None = None
 
 
-def run_jobs(session: Runner, jobs: list[Job]) -> list[JobResult]:
-    """All jobs in one run of guest/verify_regions.py (which ends with a sync), in order."""
-    request = {"scratch": SCRATCH_DIR, "program": XIP_PROGRAM, "regions": [j.request() for j in jobs]}
+def run_jobs(session: Guest, jobs: list[Job]) -> list[JobResult]:
+    """All jobs in one request to guest/verify_regions.py (which ends with a sync), in order."""
     timeout_s = sum((PROBE_TIMEOUT_S if j.probe_mount else 0) + (PAYLOAD_TIMEOUT_S if j.marker or j.tail else 0)
                     for j in jobs)
-    out = run_program(session, "verify_regions.py", json.dumps(request), timeout_s=max(timeout_s, PROBE_TIMEOUT_S))
+    requests = [j.request() for j in jobs]
+    with started(session) as guest:
+        out = guest.ask("verify", max(timeout_s, PROBE_TIMEOUT_S), scratch=SCRATCH_DIR, program=XIP_PROGRAM,
+                        regions=requests)
     try:
-        regions = json.loads(out.stdout)["regions"]
+        regions = out["regions"]
         if [r["name"] for r in regions] != [j.region.name for j in jobs]:
             raise ValueError(f"regions {[r['name'] for r in regions]}, asked for {[j.region.name for j in jobs]}")
         return [JobResult(_probe_of(r), _payload_of(r), _map_sync_of(r), _tail_of(r)) for r in regions]
     except (ValueError, KeyError, TypeError) as e:
-        raise GuestError(f"the guest's verifier printed no usable JSON: {e}: {out.stdout[:200]!r}") from e
+        raise GuestError(f"the guest's verifier answered no usable JSON: {e}: {str(out)[:200]!r}") from e
 
 
 def _map_sync_of(raw: dict[str, Any]) -> bool | None:
@@ -226,32 +229,34 @@ def payload_path(region: RegionPlan) -> str:
     return region.mount.rstrip("/") + "/" + PAYLOAD_NAME
 
 
-def sha256_of_files(session: Runner, paths: list[str]) -> dict[str, str | None]:
-    """sha256 of each file in the guest, None for one it cannot read; one exec for all of them.
-
-    Each file is fed on stdin, so sha256sum never prints (or escapes) its name.
-    """
+def sha256_of_files(session: Guest, paths: list[str]) -> dict[str, str | None]:
+    """sha256 of each file in the guest, None for one it cannot read; one request for all of them."""
     if not paths:
         return {}
-    template = "for f in" + " %s" * len(paths) + '; do sha256sum < "$f" || echo unreadable; done'
-    timeout_s = CHECK_TIMEOUT_S * len(paths)
-    out = session.run(template, *paths, sudo=True, check=False, timeout_s=timeout_s).stdout.splitlines()
-    if len(out) != len(paths):
-        raise GuestError(f"sha256 of {len(paths)} payload files printed {len(out)} lines: {out[:4]!r}")
-    sums = [line.split()[0] if line.split() and len(line.split()[0]) == 64 else None for line in out]
-    return dict(zip(paths, sums, strict=True))
+    with started(session) as guest:
+        sums = guest.ask("sha256", CHECK_TIMEOUT_S * len(paths), paths=paths).get("sums", {})
+    if not isinstance(sums, dict) or set(sums) != set(paths):
+        raise GuestError(f"sha256 of {len(paths)} payload files answered {str(sums)[:200]!r}")
+    return {p: sums[p] if isinstance(sums[p], str) and len(sums[p]) == 64 else None for p in paths}
 
 
 def after_power_cycle(
-    session: Runner, plan: Plan, regions: list[RegionReport], *, progress: Callable[[str], None] | None = None
+    session: Guest, plan: Plan, regions: list[RegionReport], *, progress: Callable[[str], None] | None = None
 ) -> None:
     """The guest half of the persistence proof, on the guest booted again after its power was cut.
 
     Fills persisted (and persisted_reason) of each region: modules and mounts only (agent.recheck);
     a region that would need a namespace or a filesystem made again lost it, and nothing is made;
     every payload is read back and compared with the sha256 written before the cut (a reserved
-    tail only read, at the offset this boot's device gives it).
+    tail only read, at the offset this boot's device gives it). One guest program start for all of it.
     """
+    with started(session) as guest:
+        _after_power_cycle(guest, plan, regions, progress)
+
+
+def _after_power_cycle(
+    session: GuestProgram, plan: Plan, regions: list[RegionReport], progress: Callable[[str], None] | None
+) -> None:
     check = recheck(session, plan, progress=progress)
     to_read: list[RegionReport] = []
     tails: list[tuple[RegionReport, Job]] = []
@@ -293,13 +298,13 @@ def after_power_cycle(
             )
 
 
-def sync(session: Runner) -> None:
+def sync(session: Guest) -> None:
     """Flush the guest's filesystems (for virtio-pmem the driver turns this into a host flush)."""
-    session.run("sync", sudo=True)
+    run_jobs(session, [])  # the verifier ends every request with a sync
 
 
 def verify(
-    session: Runner, plan: Plan, states: list[RegionState], *, write_tails: bool = False
+    session: Guest, plan: Plan, states: list[RegionState], *, write_tails: bool = False
 ) -> list[RegionReport]:
     """Every region's checks; the probes and payloads of all of them in one guest program run.
 

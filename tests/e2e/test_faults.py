@@ -132,7 +132,7 @@ def test_size_beyond_free_space_exits_3_and_makes_nothing(tmp_path: Path) -> Non
 @pytest.fixture
 def tiny_pool(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A pool named e2e-rel-tiny on a 24 MiB tmpfs at the path nvmprov gives that pool name."""
-    from nvmprov.workflow import pool_dir_for
+    from nvmprov.uris import pool_dir_for
 
     pool = "e2e-rel-tiny"
     mount = Path(pool_dir_for(pool))

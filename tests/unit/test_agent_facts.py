@@ -7,19 +7,38 @@ import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from nvmprov.agent import facts as F
-from nvmprov.agent.converge import guest_program
-from nvmprov.agent.guest import verify_regions
+from nvmprov.agent.program import started
 from nvmprov.errors import GuestError
 from nvmprov.plan import RegionPlan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agent"
 MiB = 1024 * 1024
+
+
+def guest_module(name: str) -> types.ModuleType:
+    """A guest program module as the loader makes it in the guest (siblings imported by bare name)."""
+    from nvmprov.agent.program import MODULES, source
+
+    saved = {n: sys.modules[n] for n in MODULES if n in sys.modules}
+    try:
+        for n in MODULES[: MODULES.index(name) + 1]:
+            m = sys.modules[n] = types.ModuleType(n)
+            exec(compile(source(n), f"{n}.py", "exec"), m.__dict__)  # noqa: S102 - our own resource
+        return m
+    finally:
+        for n in MODULES:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+verify_regions = guest_module("verify_regions")
 
 
 def fixture(name: str) -> str:
@@ -225,30 +244,40 @@ def test_mapping(text: str, expected: F.Mapping | None) -> None:
     assert F.parse_mapping(text) == expected
 
 
-def test_collector_runs_here_and_parses(tmp_path: Path) -> None:
-    """The real collector on this host (no NVDIMMs): valid JSON with the host's own mounts."""
-    proc = subprocess.run([sys.executable, "-"], input=guest_program("collect_facts.py"), capture_output=True)
-    assert proc.returncode == 0, proc.stderr
-    facts = F.parse_guest_facts(proc.stdout.decode())
+def _ask_here(*requests: tuple[str, dict[str, object]]) -> list[object]:
+    """The real guest program, started on this host as over SSH (loader + bundle on stdin)."""
+    from .test_agent_verify import LocalRunner
+
+    with started(LocalRunner()) as guest:
+        return [guest.ask(op, 60, **fields) for op, fields in requests]
+
+
+def test_the_guest_program_reads_facts_here(tmp_path: Path) -> None:
+    """The real fact reader on this host (no NVDIMMs): the host's own mounts, no steps."""
+    (raw,) = _ask_here(("facts", {}))
+    assert isinstance(raw, dict)
+    facts = F.guest_facts(raw)
     assert any(m.target == "/" for m in facts.mounts)
     assert facts.regions == {}
-    raw = json.loads(proc.stdout)
     assert set(raw) == {
-        "modules", "ndctl", "regions", "nmems", "blockdevs", "daxdevs", "mounts", "fstab", "kernel_log", "steps",
-        "modprobe", "cxl_memdevs",
+        "modules", "ndctl", "regions", "nmems", "blockdevs", "daxdevs", "mounts", "fstab", "kernel_log",
+        "system_ram", "waited", "cxl_memdevs", "cxl_windows",
     }
-    assert (raw["steps"], raw["modprobe"]) == ([], None)
+    assert (facts.steps, facts.modprobe) == ((), None)
+    assert "udev_s" in raw["waited"]  # the first read of a phase settles
 
 
-def _collect_here(request: dict[str, object]) -> F.GuestFacts:
-    proc = subprocess.run(
-        [sys.executable, "-", json.dumps(request)], input=guest_program("collect_facts.py"), capture_output=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    return F.parse_guest_facts(proc.stdout.decode())
+def test_only_the_first_read_of_a_phase_waits_for_udev_and_mounts() -> None:
+    first, second = _ask_here(("facts", {}), ("facts", {}))
+    assert "mount_jobs_s" in first["waited"] and set(second["waited"]) == {"probe_s"}  # type: ignore[index]
 
 
-def test_collector_runs_the_rounds_steps_in_order_and_stops_at_the_first_failure(tmp_path: Path) -> None:
+def _run_here(request: dict[str, object]) -> F.GuestFacts:
+    ran, facts = _ask_here(("run", request), ("facts", {}))
+    return F.guest_facts({**facts, **ran})  # type: ignore[dict-item]
+
+
+def test_the_guest_program_runs_the_rounds_steps_in_order_and_stops_at_the_first_failure(tmp_path: Path) -> None:
     log = tmp_path / "log"
     steps = [
         {"command": f"cat >> {log}", "stdin_b64": base64.b64encode(b"one\n").decode(), "timeout_s": 10},
@@ -256,7 +285,7 @@ def test_collector_runs_the_rounds_steps_in_order_and_stops_at_the_first_failure
         {"command": f"echo three >> {log}", "stdin_b64": None, "timeout_s": 10},
     ]
     present = sorted(os.listdir("/sys/module"))[0]  # loaded (or built in) here: nothing to modprobe
-    facts = _collect_here({"modules": [present], "steps": steps})
+    facts = _run_here({"modules": [present], "steps": steps})
     assert log.read_text() == "one\ntwo\n"  # the third never ran
     assert facts.steps == (
         F.StepResult(steps[0]["command"], 0, ""),  # type: ignore[arg-type]
@@ -266,9 +295,40 @@ def test_collector_runs_the_rounds_steps_in_order_and_stops_at_the_first_failure
     assert any(m.target == "/" for m in facts.mounts)  # the facts are read all the same
 
 
-def test_collector_step_timeout_is_exit_124() -> None:
-    facts = _collect_here({"steps": [{"command": "sleep 5", "stdin_b64": None, "timeout_s": 0.2}]})
+def test_a_step_timeout_is_exit_124() -> None:
+    facts = _run_here({"steps": [{"command": "sleep 5", "stdin_b64": None, "timeout_s": 0.2}]})
     assert facts.steps == (F.StepResult("sleep 5", 124, "timed out after 0.2 s"),)
+
+
+def test_a_request_far_beyond_a_command_line_travels_on_stdin(tmp_path: Path) -> None:
+    """Was refused above 100 KB (the request went on argv; Linux caps one argument at 128 KiB)."""
+    body = b"x" * 1_000_000
+    out = tmp_path / "big"
+    facts = _run_here({"steps": [{"command": f"cat > {out}", "stdin_b64": base64.b64encode(body).decode(),
+                                  "timeout_s": 30}]})
+    assert facts.steps == (F.StepResult(f"cat > {out}", 0, ""),) and out.read_bytes() == body
+
+
+def test_a_failing_request_is_an_error_and_the_program_answers_the_next() -> None:
+    from .test_agent_verify import LocalRunner
+
+    with started(LocalRunner()) as guest:
+        with pytest.raises(GuestError, match="failed on 'sha256'.*KeyError"):
+            guest.ask("sha256", 10)  # no paths
+        with pytest.raises(GuestError, match="unknown op 'nope'"):
+            guest.ask("nope", 10)
+        assert guest.ask("sha256", 10, paths=["/nonexistent"]) == {"sums": {"/nonexistent": None}}
+
+
+def test_a_guest_without_python3_is_named() -> None:
+    class NoPython:
+        def start(self, cmd: str, *args: object, sudo: bool = False, stdin: bytes = b"") -> object:
+            from .test_agent_verify import LocalProcess
+
+            return LocalProcess("echo 'sh: 1: python3: not found' >&2; exit 127", stdin)
+
+    with pytest.raises(GuestError, match=r"answered .facts.: sh: 1: python3: not found \(has the guest python3"):
+        F.guest_facts(started(NoPython()).__enter__().ask("facts", 10))  # type: ignore[arg-type]
 
 
 def test_old_collector_output_without_steps_parses() -> None:
@@ -277,7 +337,7 @@ def test_old_collector_output_without_steps_parses() -> None:
 
 
 def test_guest_facts_garbage() -> None:
-    with pytest.raises(GuestError, match="printed no JSON"):
+    with pytest.raises(GuestError, match="are no JSON"):
         F.parse_guest_facts("Traceback (most recent call last):")
 
 

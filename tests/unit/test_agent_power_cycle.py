@@ -2,7 +2,7 @@
 
 apply() would quietly re-create a lost namespace or filesystem (and rewrite fstab) and so hide the
 very data loss the proof is there to find. These run the re-check against the fake guest kernel of
-test_agent_steps after FakeGuest.power_cycle(), and workflow.power_cycle_proof with libvirt stubbed.
+test_agent_steps after FakeGuest.power_cycle(), and proof.power_cycle_proof with libvirt stubbed.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from nvmprov import agent, workflow
+from nvmprov import agent, proof
 from nvmprov.agent import RegionReport, after_power_cycle
 from nvmprov.agent.facts import parse_guest_facts
 from nvmprov.plan import Plan
+from nvmprov.progress import Progress
+from nvmprov.report import GuestReport, SshInfo
 
 from .test_agent_steps import LABEL, FakeGuest, FakeNs, MiB, plan_of, region
 
@@ -55,7 +57,7 @@ def after_cut(g: FakeGuest) -> tuple[list[str], str]:
     """Cut the power; what the guest runs from here on is what the re-check sent."""
     g.power_cycle()
     g.commands.clear()
-    g.execs = g.gathers = 0
+    g.execs = g.gathers = g.pythons = 0
     return g.commands, g.fstab
 
 
@@ -67,9 +69,10 @@ def test_everything_survived_only_modules_and_the_virtio_pmem_mount_run() -> Non
         ("fast", True, None), ("labelled", True, None), ("v", True, None),
     ]
     assert g.modprobes[-1] == "modprobe -a virtio_pmem"  # the hot-plugged device's driver, by the collector
-    assert [c.split()[0] for c in commands] == ["mkdir", "mount", "for"]  # virtio-pmem's mount, then sha256
+    assert [c.split()[0] for c in commands] == ["mkdir", "mount"]  # virtio-pmem's mount; sha256 reads only
     assert g.fstab == fstab
-    assert (g.execs, g.gathers) == (3, 2)  # read; mount + read; one sha256 exec for all three payloads
+    # one guest program start for it all (was 3 execs): read; mount + read; sha256 of all three payloads
+    assert (g.execs, g.pythons, g.gathers) == (1, 1, 2)
 
 
 def test_namespace_gone_after_the_cycle_is_not_persisted_and_nothing_is_recreated() -> None:
@@ -165,7 +168,7 @@ def test_payload_changed_or_gone(damage: str) -> None:
     assert (reports[0].persisted, reports[1].persisted) == (True, True)
 
 
-# --- workflow.power_cycle_proof with libvirt stubbed ------------------------------------------------------
+# --- proof.power_cycle_proof with libvirt stubbed ---------------------------------------------------------
 
 
 class Session(FakeGuest):
@@ -196,17 +199,19 @@ def test_power_cycle_proof_never_runs_apply(monkeypatch: pytest.MonkeyPatch) -> 
     def forbidden(*_a: Any, **_k: Any) -> None:
         raise AssertionError("the power-cycle proof must not converge the guest")
 
-    monkeypatch.setattr(workflow.virt, "power_off", cut_and_boot)
-    monkeypatch.setattr(workflow.virt, "start", lambda dom: calls.append("start"))
-    monkeypatch.setattr(workflow, "_hotplug_virtio_pmem", lambda *a: calls.append("hotplug"))
-    monkeypatch.setattr(workflow, "open_session", lambda *a: session)
-    monkeypatch.setattr(workflow.agent, "apply", forbidden)
-    monkeypatch.setattr(workflow.storage, "pool_of", lambda conn, name: "pool")
-    monkeypatch.setattr(workflow.storage, "volume", lambda pool, name: name)
-    monkeypatch.setattr(workflow.storage, "find_marker", find_marker)
+    monkeypatch.setattr(proof.virt, "power_off", cut_and_boot)
+    monkeypatch.setattr(proof.virt, "start", lambda dom: calls.append("start"))
+    monkeypatch.setattr(proof, "hotplug_virtio_pmem", lambda *a: calls.append("hotplug"))
+    monkeypatch.setattr(proof, "open_session", lambda *a: session)
+    monkeypatch.setattr(proof.agent, "apply", forbidden)
+    monkeypatch.setattr(proof.storage, "pool_of", lambda conn, name: "pool")
+    monkeypatch.setattr(proof.storage, "volume", lambda pool, name: name)
+    monkeypatch.setattr(proof.storage, "find_marker", find_marker)
     reports = [replace(r, backing_path=f"/pool/g-{r.name}.raw") for r in reports]
+    report = GuestReport(name="g", ssh=SshInfo("127.0.0.1", 2222, "nvmprov", "/k", "/kh"))
+    run = proof.GuestRun(None, THREE, None, Progress(), report, dom=object())  # type: ignore[arg-type]
 
-    workflow.power_cycle_proof(None, None, THREE, None, 2222, reports, workflow.Progress())  # type: ignore[arg-type]
+    proof.power_cycle_proof(run, reports)
 
     assert calls == ["power_off", "start", "hotplug"]
     assert not any(c.startswith(MUTATING) for c in session.commands), session.commands

@@ -2,16 +2,17 @@
 
 Before the rounds were folded (docs/performance.md, 'What dominates' item 2), a fresh one-region
 guest took 11 execs (5 fact reads) and a fresh three-region guest 22; verify took two python3 runs
-per region plus a sync (now one run for all regions: test_agent_verify). These tests pin the folded
-counts so that a regression fails.
+per region plus a sync. Then each round was one exec and one python3 start (3 for a fresh guest,
+and one more for verify); now the phase's one guest program serves every round and the verify.
+These tests pin the counts so that a regression fails.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from nvmprov.agent import apply, steps
-from nvmprov.errors import GuestError, RemoteCommandError
+from nvmprov.agent import apply, started, steps, verify
+from nvmprov.errors import RemoteCommandError
 
 from .test_agent_steps import LABEL, FakeGuest, MiB, plan_of, region
 
@@ -40,35 +41,46 @@ def fresh_three() -> FakeGuest:
 
 
 def rounds_of(g: FakeGuest, plan: object) -> list[list[str]]:
-    """The programs each SSH exec ran, in order."""
-    per_exec: list[list[str]] = []
-    original = g._mutate
+    """The programs each round ran (the commands between two fact reads), in order."""
+    per_round: list[list[str]] = [[]]
+    original_mutate, original_answer = g._mutate, g.answer
 
     def mutate(command: str, stdin: bytes | None) -> tuple[int, str]:
-        per_exec[-1].append(command.split()[0])
-        return original(command, stdin)
+        per_round[-1].append(command.split()[0])
+        return original_mutate(command, stdin)
 
-    run = g.run
-
-    def counted(cmd: str, *args: object, **kw: object) -> object:
-        per_exec.append([])
-        return run(cmd, *args, **kw)  # type: ignore[arg-type]
+    def answer(request: dict[str, object]) -> object:
+        result = original_answer(request)
+        if request["op"] == "facts":
+            per_round.append([])
+        return result
 
     g._mutate = mutate  # type: ignore[method-assign]
-    g.run = counted  # type: ignore[method-assign]
+    g.answer = answer  # type: ignore[method-assign]
     apply(g, plan)  # type: ignore[arg-type]
-    return per_exec
+    return per_round[:-1]
 
 
 @pytest.mark.parametrize(("make", "plan"), [(fresh_one, ONE), (fresh_three, THREE)], ids=["1-region", "3-regions"])
-def test_fresh_guest_takes_three_execs_then_one(make: object, plan: object) -> None:
+def test_fresh_guest_takes_three_reads_in_one_program_start_then_one(make: object, plan: object) -> None:
     g = make()  # type: ignore[operator]
     apply(g, plan)  # type: ignore[arg-type]
-    assert (g.execs, g.pythons, g.gathers) == (3, 3, 3)  # was 11 execs (1 region) / 22 (3 regions), 5 reads
+    # was 11 execs (1 region) / 22 (3 regions) with 5 reads; then 3 execs and 3 python3 starts
+    assert (g.execs, g.pythons, g.gathers) == (1, 1, 3)
     done = len(g.commands)
     apply(g, plan)  # type: ignore[arg-type]
-    assert (g.execs, g.pythons, g.gathers) == (4, 4, 4)  # a finished guest: one read, nothing else
+    assert (g.execs, g.pythons, g.gathers) == (2, 2, 4)  # a finished guest: one read, nothing else
     assert len(g.commands) == done
+
+
+def test_apply_and_verify_share_one_program_start() -> None:
+    g = fresh_one()
+    with started(g) as guest:
+        states = apply(guest, ONE)
+        g.answer = lambda request: {"regions": [], "synced": True}  # type: ignore[method-assign,assignment]
+        # the fake writes no payload; verify's request is what counts here
+        verify(guest, ONE, [states[0].__class__(**{**states[0].__dict__, "mountpoint": None})])
+    assert (g.execs, g.pythons, g.gathers) == (1, 1, 3)  # was 5 execs and 5 python3 starts (4 + verify)
 
 
 def test_what_each_round_carries() -> None:
@@ -125,9 +137,10 @@ def test_module_loading_failure_is_the_error() -> None:
     assert g.commands == [] and g.execs == 1
 
 
-def test_a_round_too_big_for_one_command_line_is_refused() -> None:
+def test_a_round_far_beyond_one_command_line_goes_through() -> None:
+    """Was refused above 100 KB: the request travelled on argv. Now it is a line on stdin."""
     g = FakeGuest()
     g.add_nvdimm(0, 512 * MiB)
     g.fstab += "# padding\n" * 20_000
-    with pytest.raises(GuestError, match="more than one command line may"):
-        apply(g, ONE)
+    apply(g, ONE)
+    assert g.fstab.count("# padding") == 20_000 and "UUID=" + steps.fs_uuid(ONE.regions[0]) in g.fstab

@@ -1,7 +1,8 @@
 """Facts -> commands, and apply() against a simulated guest kernel.
 
-FakeGuest answers the real fact collector's command with JSON in the collector's format (ndctl
-list text included) and changes its state on the commands a real guest would accept; it refuses
+FakeGuest starts as the real guest program would (the loader, the bundle on stdin), answers its
+requests with JSON in its format (ndctl list text included) and changes its state on the commands a
+real guest would accept; it refuses
 what the real kernel refuses (create-namespace on blank labels, init-labels on an active region,
 mkfs on a mounted device). Every command apply() runs is recorded.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -19,15 +19,16 @@ import pytest
 
 from nvmprov import sizes
 from nvmprov.agent import apply, steps
-from nvmprov.agent.converge import gather, guest_program
+from nvmprov.agent.converge import gather
 from nvmprov.agent.facts import parse_guest_facts
+from nvmprov.agent.program import LOADER, bundle
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Filesystem, Model, Plan, RegionPlan
 from nvmprov.ssh import Result
 
 MiB = 1024 * 1024
 KiB = 1024
-COLLECTOR = guest_program("collect_facts.py")
+BUNDLE = bundle()
 LABEL = 128 * KiB
 
 
@@ -69,6 +70,30 @@ class FakeRegion:
         return f"/sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0/{self.dev}"
 
 
+class FakeProgram:
+    """guest/serve.py as FakeGuest runs it: each request line answered at once, in order."""
+
+    stderr = ""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        self.guest = guest
+        self.answers: list[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        assert not self.closed
+        for line in data.splitlines():
+            result = self.guest.answer(json.loads(line))
+            self.answers.append(json.dumps({"ok": True, "result": result}).encode())
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        return self.answers.pop(0) if self.answers else None
+
+    def close(self, timeout_s: float = 0) -> int | None:
+        self.closed = True
+        return 0
+
+
 class FakeGuest:
     def __init__(self) -> None:
         self.modules = {"libvirt_dummy", "nfit", "nd_pmem", "virtio_pmem", "libnvdimm"}
@@ -80,8 +105,8 @@ class FakeGuest:
         self.fstab = "# /etc/fstab: static file system information.\nUUID=abcd / ext4 errors=remount-ro 0 1\n"
         self.commands: list[str] = []
         self.blkid_runs: dict[str, dict[str, object]] = {}  # blockdev -> what blkid "printed" instead
-        self.gathers = 0  # collect_facts.py runs
-        self.execs = 0  # SSH execs of any kind
+        self.gathers = 0  # facts read by the guest program
+        self.execs = 0  # SSH execs of any kind (a started guest program is one)
         self.pythons = 0  # python3 starts in the guest
         self.modprobes: list[str] = []  # the collector's own module loading
         self.modprobe_fails = False
@@ -217,46 +242,52 @@ class FakeGuest:
         command = cmd % tuple(shlex.quote(str(a)) for a in args) if args else cmd
         assert sudo, f"agent commands must run as root: {command}"
         self.execs += 1
-        if command.startswith("python3 -"):
-            self.pythons += 1
-        if stdin == COLLECTOR:
-            assert cmd == "python3 -" + " %s" * len(args), command
-            return Result(0, self._collect(*(str(a) for a in args)), "", command)
         self.commands.append(command)
-        sums = re.fullmatch(r'for f in (.*); do sha256sum < "\$f" \|\| echo unreadable; done', command)
-        if sums:  # verify.sha256_of_files: read-only
-            paths = shlex.split(sums.group(1))
-            digest = {p: hashlib.sha256(data).hexdigest() + "  -" for p, data in self.files.items()}
-            return Result(0, "".join(digest.get(p, "unreadable") + "\n" for p in paths), "", command)
         rc, err = self._mutate(command, stdin)
         if check and rc != 0:
             raise RemoteCommandError(command, rc, err)
         return Result(rc, "", err, command)
 
-    def _collect(self, request: str | None = None) -> str:
-        """What collect_facts.py does: load the modules, run the steps until one fails, read the facts."""
-        self.gathers += 1
-        wanted = json.loads(request) if request else {}
-        missing = [m for m in wanted.get("modules", ()) if m not in self.modules]
+    def start(self, cmd: str, *args: object, sudo: bool = False, stdin: bytes = b"") -> FakeProgram:
+        assert sudo, f"the guest program must run as root: {cmd}"
+        assert (cmd, args, stdin) == ("python3 -c %s", (LOADER,), BUNDLE), "not the guest program's own start"
+        self.execs += 1
+        self.pythons += 1
+        return FakeProgram(self)
+
+    def answer(self, request: dict[str, object]) -> object:
+        """What guest/serve.py answers, from this fake kernel."""
+        if request["op"] == "facts":
+            self.gathers += 1
+            return json.loads(self.facts_json())
+        if request["op"] == "run":
+            return self._run(request)
+        if request["op"] == "sha256":  # read-only
+            paths = request["paths"]
+            assert isinstance(paths, list)
+            return {"sums": {p: hashlib.sha256(self.files[p]).hexdigest() if p in self.files else None for p in paths}}
+        raise AssertionError(f"FakeGuest does not answer {request['op']!r}")
+
+    def _run(self, wanted: dict[str, object]) -> dict[str, object]:
+        """What run_steps.py does: load the missing modules, run the steps until one fails."""
+        missing = [m for m in wanted.get("modules", ()) if m not in self.modules]  # type: ignore[attr-defined]
         modprobe = None
         if missing:
             modprobe = {"command": "modprobe -a " + " ".join(missing), "rc": 0, "stdout": "", "stderr": ""}
             self.modprobes.append(modprobe["command"])
             if self.modprobe_fails:
                 modprobe.update(rc=1, stderr=f"modprobe: FATAL: Module {missing[0]} not found in directory")
-            else:
-                self.modules |= set(missing)
+                return {"modprobe": modprobe, "steps": []}
+            self.modules |= set(missing)
         results = []
-        for step in wanted.get("steps", ()):
+        for step in wanted.get("steps", ()):  # type: ignore[attr-defined]
             data = base64.b64decode(step["stdin_b64"]) if step["stdin_b64"] else None
             self.commands.append(step["command"])
             rc, err = self._mutate(step["command"], data)
             results.append({"command": step["command"], "rc": rc, "stderr": err})
             if rc != 0:
                 break
-        facts = json.loads(self.facts_json())
-        facts.update(steps=results, modprobe=modprobe)
-        return json.dumps(facts)
+        return {"modprobe": modprobe, "steps": results}
 
     def power_cycle(self, *, boot_modules: frozenset[str] = frozenset({"libnvdimm", "nfit", "nd_pmem"})) -> None:
         """Power cut and boot: nothing mounted or loaded but what boot brings. Boot loads the NFIT

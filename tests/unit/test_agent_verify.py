@@ -6,16 +6,18 @@ come out False here, while the payload checks must pass.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import queue
 import subprocess
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from nvmprov.agent import RegionState, verify
-from nvmprov.agent.converge import guest_program
 from nvmprov.agent.verify import PAYLOAD_BYTES, Job, parse_probe, run_jobs, sha256_of_files
 from nvmprov.errors import GuestError
 from nvmprov.ssh import Result, render_command
@@ -23,11 +25,58 @@ from nvmprov.ssh import Result, render_command
 from .test_agent_steps import plan_of, region
 
 
+class LocalProcess:
+    """A command started in a local shell: what nvmprov.ssh.RemoteProcess is over SSH."""
+
+    def __init__(self, command: str, stdin: bytes) -> None:
+        self.proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.send(stdin)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip(b"\n"))
+        self.lines.put(None)
+
+    @property
+    def stderr(self) -> str:
+        return "" if self.proc.poll() is None or self.proc.stderr is None else self.proc.stderr.read().decode()
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # it exited: read_line() says so, as over SSH
+            pass
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        line = self.lines.get(timeout=timeout_s)
+        if line is None:
+            self.proc.wait(timeout_s)
+        return line
+
+    def close(self, timeout_s: float = 30) -> int | None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self.proc.stdin.close()
+        return self.proc.wait(timeout_s)
+
+
 class LocalRunner:
     """Runs the agent's commands in a local shell (as this user; `sudo` is not needed here)."""
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+
+    def start(self, cmd: str, *args: object, sudo: bool = False, stdin: bytes = b"") -> LocalProcess:
+        command = render_command(cmd, *args)
+        self.commands.append(command)
+        return LocalProcess(command, stdin)
 
     def run(
         self,
@@ -88,7 +137,7 @@ def test_verify_without_dax_fails_dax_and_xip_but_writes_data(tmp_path: Path) ->
     assert hashlib.sha256(data).hexdigest() == report.payload_sha256
     assert sorted(p.name for p in tmp_path.iterdir()) == [payload.name]  # the probe cleaned up
     (command,) = runner.commands  # one guest program run, which ends with its own sync
-    assert command.startswith("python3 - ")
+    assert command.startswith("python3 -c ")
 
 
 def test_probe_here_shows_pages_for_both_copies(tmp_path: Path) -> None:
@@ -121,8 +170,10 @@ def test_payload_roundtrip_and_check(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("marker", [b"short", b"has space in it", b"quote'injection;rm -rf", b"\x00\x01nul-bytes"])
 def test_marker_must_be_plain_ascii(tmp_path: Path, marker: bytes) -> None:
+    runner = LocalRunner()
     with pytest.raises(GuestError, match="marker must be"):
-        run_jobs(LocalRunner(), [Job(region(mount=str(tmp_path)), marker=marker)])
+        run_jobs(runner, [Job(region(mount=str(tmp_path)), marker=marker)])
+    assert runner.commands == []  # refused before the guest program starts
 
 
 def test_filesystem_none_and_readonly_write_nothing(tmp_path: Path) -> None:
@@ -134,7 +185,8 @@ def test_filesystem_none_and_readonly_write_nothing(tmp_path: Path) -> None:
     assert (raw.dax, raw.xip_ok, raw.data_ok, raw.filesystem) == (True, None, None, "none")
     # a readonly nvdimm stays a raw namespace: not DAX by design, so dax does not apply (None, not False)
     assert (ro.dax, ro.xip_ok, ro.data_ok) == (None, None, None)
-    assert runner.commands == ["sync"]
+    (command,) = runner.commands  # the guest program's verify of no region: only its closing sync
+    assert command.startswith("python3 -c ")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -182,24 +234,35 @@ REAL_PROBE = json.loads((Path(__file__).parent / "fixtures" / "agent" / "real-pr
 
 
 class DaxGuest:
-    """Answers verify_regions.py as a real DAX guest did: the captured probe, a matching payload."""
+    """Answers the guest program's verify request as a real DAX guest did: the captured probe, a
+    matching payload."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, object]] = []
         self.execs = 0
+        self.answers: list[bytes] = []
+        self.stderr = ""
 
-    def run(self, cmd: str, *args: object, stdin: bytes | None = None, **_kw: object) -> Result:
+    def start(self, cmd: str, *args: object, **_kw: object) -> DaxGuest:
         self.execs += 1
-        if stdin != guest_program("verify_regions.py"):
-            return Result(0, "", "", cmd)  # sync
-        request = json.loads(str(args[0]))
+        return self
+
+    def send(self, data: bytes) -> None:
+        request = json.loads(data)
+        assert request.pop("op") == "verify"
         self.requests.append(request)
         regions = []
-        for r in request["regions"]:  # type: ignore[union-attr]
+        for r in request["regions"]:
             p = r["payload"]
             payload = {"path": p["path"], "bytes": 1, "sha256": "a" * 64, "sha256_read": "a" * 64} if p else None
             regions.append({"name": r["name"], "probe": REAL_PROBE if r["probe"] else None, "payload": payload})
-        return Result(0, json.dumps({"regions": regions, "synced": True}), "", cmd)
+        self.answers.append(json.dumps({"ok": True, "result": {"regions": regions, "synced": True}}).encode())
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        return self.answers.pop(0) if self.answers else None
+
+    def close(self, timeout_s: float = 0) -> int | None:
+        return 0
 
 
 @pytest.mark.parametrize(
@@ -236,7 +299,7 @@ def test_verify_of_three_regions_is_one_guest_program_run(tmp_path: Path) -> Non
     plan = plan_of(*(region(n, slot=i, mount=str(m)) for i, (n, m) in enumerate(zip("abc", mounts, strict=True))))
     runner = LocalRunner()
     reports = verify(runner, plan, [state(n, str(m)) for n, m in zip("abc", mounts, strict=True)])
-    assert len(runner.commands) == 1 and runner.commands[0].startswith("python3 - ")
+    assert len(runner.commands) == 1 and runner.commands[0].startswith("python3 -c ")
     for report, m in zip(reports, mounts, strict=True):
         assert report.data_ok is True and report.xip_ok is False  # no DAX on this host
         assert report.payload_path == str(m / ".nvmprov-payload")

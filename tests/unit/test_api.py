@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmprov import api, state, storage, workflow
+from nvmprov import api, proof, state, storage
 from nvmprov.errors import GuestError, Interrupted, SpecError, UsageError, VirtError
 from nvmprov.progress import CancelToken
 from nvmprov.report import GuestReport, Report
@@ -65,7 +65,7 @@ def test_a_failing_guest_is_reported_not_raised(conn, monkeypatch) -> None:  # n
     def no_ssh(*_a: object, **_k: object) -> None:
         raise GuestError("no SSH answer on 127.0.0.1:2222 within 600s")
 
-    monkeypatch.setattr(workflow, "open_session", no_ssh)
+    monkeypatch.setattr(proof, "open_session", no_ssh)
     conn.made.append("api-fails")  # the test driver refuses undefine's NVRAM flag: the domain stays
     report = api.create(mapping("api-fails"), connect=URI, progress=lambda _line: None)
     assert report.ok is False
@@ -77,7 +77,7 @@ def test_keyboard_interrupt_rolls_back_and_goes_on_to_the_caller(conn, monkeypat
     def ctrl_c(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(workflow, "open_session", ctrl_c)
+    monkeypatch.setattr(proof, "open_session", ctrl_c)
     conn.made.append("api-ctrlc")
     lines: list[str] = []
     filled = GuestReport(name="api-ctrlc")

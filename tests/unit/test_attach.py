@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from nvmprov import attach, domain, domxml, plan, spec
+from nvmprov import attach, domain, plan, spec
 from nvmprov.cli import exit_status
 from nvmprov.errors import UsageError
 from nvmprov.sizes import GiB, MiB
@@ -111,7 +111,7 @@ def test_no_max_memory_suggestion_covers_ram_region_and_headroom() -> None:
 
 
 def test_parse_counts_every_memory_device_against_slots_and_max_memory() -> None:
-    d = domxml.parse(managed_xml())
+    d = domain.parse(managed_xml())
     assert d.slots == 4 and len(d.devices) == 2 and d.free_slots == 2
     assert d.ram_bytes == 1 * GiB
     assert d.device_bytes == 256 * MiB + 64 * MiB
@@ -123,13 +123,13 @@ def test_parse_counts_every_memory_device_against_slots_and_max_memory() -> None
 def test_parse_live_address_base() -> None:
     live = managed_xml().replace("<address type=\"dimm\" slot=\"0\" />",
                                  "<address type='dimm' slot='0' base='0x100000000'/>")
-    dev = domxml.parse(live).device("ua-pmem-nv")
+    dev = domain.parse(live).device("ua-pmem-nv")
     assert dev is not None
     assert dev.base == 0x100000000 and dev.dimm_slot == 0 and dev.shared
 
 
 def test_foreign_region_plan_takes_free_slot_and_port() -> None:
-    d = domxml.parse(managed_xml())
+    d = domain.parse(managed_xml())
     r = attach.foreign_region_plan(d, req(model="virtio-pmem", size_bytes=100 * MiB), "x-pmem-new.raw")
     assert (r.pci_bus, r.pci_slot) == (2, 0x11)   # spare0: after the guest's own virtio-pmem port
     assert r.backing_bytes == 100 * MiB and r.alias == "ua-pmem-new" and r.dimm_slot is None
@@ -165,7 +165,7 @@ def test_recorded_virtio_pmem_lands_on_the_first_spare_port() -> None:
     entry = attach.region_spec(req(region="v2", model="virtio-pmem", size_bytes=64 * MiB), managed=True)
     after = plan.build(spec.GuestSpec.model_validate(json.loads(
         attach.managed_spec_json(g.model_dump_json(by_alias=True), entry, 64 * MiB))), FACTS)
-    d = domxml.parse(managed_xml())
+    d = domain.parse(managed_xml())
     assert attach.placement_problems(d, after.region("v2")) == []
     assert after.region("v2").pci_bus == d.free_root_ports[0].index
 
@@ -338,7 +338,7 @@ def test_numa_node_needs_a_cell_of_the_domain_and_an_nvdimm() -> None:
 
 
 def test_numa_node_reaches_the_device_xml_the_recorded_spec_and_the_report_entry() -> None:
-    d = domxml.parse(managed_xml(NUMA_GUEST))
+    d = domain.parse(managed_xml(NUMA_GUEST))
     assert [(c.id, c.cpus) for c in d.cells] == [(0, "0-0"), (1, None)]
     n = attach.foreign_region_plan(d, req(numa_node=1), "x-pmem-new.raw")
     assert n.numa_node == 1 and "<node>1</node>" in domain.region_device_xml(n, "/p")

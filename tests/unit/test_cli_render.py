@@ -126,7 +126,7 @@ def test_validate_without_rounding_is_quiet(tmp_path: Path, capsys) -> None:
 
 
 
-# start-up: render and validate run without the cyclic GC, then give it back (cli._without_gc)
+# start-up: render and validate run without the cyclic GC, then give it back (speedups.without_gc)
 
 
 @pytest.mark.parametrize("argv", [["render", str(GUEST)], ["validate", str(GUEST)], ["render", "missing.yaml"]],

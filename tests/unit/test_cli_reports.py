@@ -225,10 +225,10 @@ def test_exit_map_by_report() -> None:
 
 
 def test_a_recorded_spec_that_no_longer_validates_is_a_host_error(monkeypatch) -> None:
-    from nvmprov import domain
+    from nvmprov import domain, managed
 
     md = domain.Metadata.__new__(domain.Metadata)
     object.__setattr__(md, "spec_json", '{"name": "demo", "pmem": "not a list"}')
     object.__setattr__(md, "version", "0.0.1")
     with pytest.raises(HostError, match="does not validate"):
-        guests.plan_from_metadata(None, md)  # type: ignore[arg-type]
+        managed.plan_from_metadata(None, md)  # type: ignore[arg-type]

@@ -6,7 +6,6 @@ prove the line a user sees. None of these reach libvirt: argparse or the name ch
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -115,25 +114,31 @@ def test_stop_timeout_takes_positive_finite_seconds(text: str) -> None:
     assert cli.build_parser().parse_args(["stop", "x", "--timeout-s", text]).timeout_s == float(text)
 
 
-def _all_subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    sub = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001 - argparse has no public way
-    return dict(sub.choices)  # type: ignore[arg-type]
+class _Terminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
 
 
-@pytest.mark.parametrize("name", [c[0] for c in cli.SUBCOMMANDS])
-def test_the_lazy_parser_main_uses_gives_a_subcommand_the_options_of_the_full_one(
-        name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    full = _all_subparsers(cli.build_parser())[name].format_help()
-    with pytest.raises(SystemExit):
-        cli.build_parser(lazy=True).parse_args([name, "--help"])
-    assert capsys.readouterr().out == full
+def test_the_one_confirmation_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """destroy --purge, detach --purge and prune ask through cli.confirm: only y/yes is yes, and
+    without a terminal it refuses (exit 2, the --yes hint) instead of waiting for an answer."""
+    from nvmprov.errors import UsageError
+
+    asked: list[str] = []
+    for answer, said_yes in (("y", True), (" YES\n", True), ("", False), ("n", False), ("yes please", False)):
+        monkeypatch.setattr("builtins.input", lambda q, a=answer: asked.append(q) or a)
+        monkeypatch.setattr(sys, "stdin", _Terminal(True))
+        assert cli.confirm("delete x?", "add --yes") is said_yes
+    assert asked[0] == "delete x? [y/N] "
+    monkeypatch.setattr(sys, "stdin", _Terminal(False))
+    with pytest.raises(UsageError, match="add --yes"):
+        cli.confirm("delete x?", "add --yes")
+    assert len(asked) == 5
 
 
-def test_the_lazy_parser_makes_only_the_parser_of_the_command_run() -> None:
-    parser = cli.build_parser(lazy=True)
-    assert cli.build_parser(lazy=True).format_help() == cli.build_parser().format_help()
-    assert parser.parse_args(["render", "a.yaml", "--guest", "g"]).guest == "g"
-    subparsers = _all_subparsers(parser)
-    assert set(subparsers) == {name for name, _, _ in cli.SUBCOMMANDS}  # every choice is there
-    assert [a.dest for a in subparsers["render"]._actions] == ["help", "file", "guest", "uuid"]  # noqa: SLF001
-    assert {name for name, p in subparsers.items() if p is not None} == {"render"}
+def test_the_prompts_of_destroy_detach_and_prune_all_go_through_confirm() -> None:
+    source = Path(cli.__file__).read_text()
+    assert source.count("input(") == 1 and source.count("confirm(") == 4   # the definition and three callers

@@ -186,6 +186,7 @@ def _facts(*, region: bool, serial: int | None, ns: dict | None = None, modules:
         "blockdevs": {"pmem0": {"path": CXL_ND_PATH + "/pfn0.0/block/pmem0", "size_sectors": "1028096", "ro": "0",
                                 "dax": "1", "blkid": {"rc": 2, "stdout": "", "stderr": ""}}} if ns else {},
         "cxl_memdevs": {"mem0": {"serial": hex(serial) if serial is not None else None}},
+        "cxl_windows": {"decoder0.0": {"start": "0x460000000", "size": "0x20000000"}},
     }
     return parse_guest_facts(json.dumps(raw))
 
@@ -265,13 +266,23 @@ def test_show_maps_the_cxl_window_and_the_region() -> None:
     view = next(v for v in mm.regions if v.name == "c")
     assert (view.model, view.where, view.backing_path) == ("cxl", "qemu args", "/p/g-pmem-c.raw")
     assert mm.cxl_window == {"size_bytes": 512 * MiB, "regions": ["c"]}
-    probe = show.parse_probe(
-        f"ram 0-9fbff\nregion region0 0x460000000 536870912 - {CXL_ND_PATH} pmem0, -1\n"
-        "region region1 0x140000000 268435456 0x1 /sys/devices/LNXSYSTM:00/ACPI0012:00/ndbus1/region1 pmem1, 0\n"
-        "cxlwindow decoder0.0 0x460000000 0x20000000\n")
+    probe = show.Probe(
+        ram=((0, 0x9FBFF),),
+        regions=(show.GuestRegion("region0", 0x460000000, 512 * MiB, None, CXL_ND_PATH, ("pmem0",), -1),
+                 show.GuestRegion("region1", 0x100000000, 256 * MiB, 1,
+                                  "/sys/devices/LNXSYSTM:00/ACPI0012:00/ndbus1/region1", ("pmem1",), 0)),
+        cxl_windows=(show.CxlWindow("decoder0.0", 0x460000000, 512 * MiB),))
     assert md is not None
     show.merge_probe(mm, probe, md)
     assert (view.guest_region, view.guest_device, view.guest_start) == ("region0", "/dev/pmem0", 0x460000000)
     text = show.render_text(mm)
     assert "  CXL window      512 MiB  0x00460000000-0x0047fffffff  (decoder0.0; regions: c)" in text, text
     assert "no NUMA node" not in text
+
+
+def test_the_agents_facts_carry_the_cxl_window_for_show() -> None:
+    from nvmprov import show
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    facts = _facts(region=True, serial=r.cxl_serial)
+    assert show.probe_of(facts).cxl_windows == (show.CxlWindow("decoder0.0", 0x460000000, 512 * MiB),)

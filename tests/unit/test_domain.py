@@ -208,3 +208,22 @@ def test_names_reach_xml_as_text_not_markup() -> None:
     # names are validated before this point; the tree escapes anything that still slipped through
     p = replace(the_plan(), name="a<b>&c")
     assert ET.fromstring(domain.render(p, CTX)).find("name").text == "a<b>&c"  # type: ignore[union-attr]
+
+
+def test_domain_xml_is_parsed_only_in_the_model() -> None:
+    """domain.py is the one module that reads domain XML; the other ElementTree parses read other
+    libvirt documents, each named here (a new one must say which document it reads)."""
+    import re
+    from pathlib import Path
+
+    other_documents = {
+        "storage.py",    # pool and volume XML (storage._parse)
+        "host.py",       # capabilities
+        "identity.py",   # capabilities: the host UUID
+        "doctor.py",     # domain capabilities: the emulator's path
+    }
+    package = Path(domain.__file__).parent
+    parses = re.compile(r"\b(?:fromstring|ET\.parse|XMLParser|iterparse)\(")
+    found = {p.name: len(parses.findall(p.read_text())) for p in package.rglob("*.py")}
+    assert {name for name, n in found.items() if n} == {"domain.py", *other_documents}
+    assert found["domain.py"] == 1   # domain._tree: every domain XML

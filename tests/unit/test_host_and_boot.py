@@ -40,7 +40,7 @@ def test_kvm_facts_ignores_other_arches() -> None:
 
 
 def check(name: str, log_path: str, *, active: bool) -> None:
-    """What workflow.open_session does between SSH attempts, on a local serial log."""
+    """What proof.open_session does between SSH attempts, on a local serial log."""
     boot.check_boot_text(name, boot.read_tail(log_path, max_lines=200), active=active)
 
 

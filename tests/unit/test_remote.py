@@ -159,14 +159,14 @@ def test_real_ansible_inventory_reads_it_as_is(tmp_path: Path) -> None:
 
 
 def test_session_pool_and_console_under_xdg_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nvmprov import boot, session, workflow
+    from nvmprov import boot, session, uris
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    assert workflow.pool_dir_for("nvmprov", "qemu:///session") == str(tmp_path / "data/nvmprov/pool")
-    assert workflow.pool_dir_for("other", "qemu:///session") == str(tmp_path / "data/nvmprov/pools/other")
-    assert workflow.pool_dir_for("nvmprov", "qemu:///system") == "/var/lib/nvmprov/pool"
-    assert workflow.pool_dir_for("nvmprov") == "/var/lib/nvmprov/pool"
+    assert uris.pool_dir_for("nvmprov", "qemu:///session") == str(tmp_path / "data/nvmprov/pool")
+    assert uris.pool_dir_for("other", "qemu:///session") == str(tmp_path / "data/nvmprov/pools/other")
+    assert uris.pool_dir_for("nvmprov", "qemu:///system") == "/var/lib/nvmprov/pool"
+    assert uris.pool_dir_for("nvmprov") == "/var/lib/nvmprov/pool"
     log = boot.console_log_path("g1", "qemu:///session")
     assert log == str(tmp_path / "state/nvmprov/console/g1-nvmprov-serial.log")
     assert Path(log).parent.is_dir() and (Path(log).parent.stat().st_mode & 0o077) == 0
@@ -186,12 +186,11 @@ def test_image_import_names_the_missing_files_before_touching_libvirt(tmp_path: 
     assert "/var/lib/nvmprov/pool" in message
 
 
-def test_uris_module_agrees_with_virt_and_workflow() -> None:
+def test_uris_module_agrees_with_virt() -> None:
     # uris.py restates virt.DEFAULT_URI so render can use it without importing libvirt
-    from nvmprov import uris, virt, workflow
+    from nvmprov import uris, virt
 
     assert uris.SYSTEM_URI == virt.DEFAULT_URI
-    assert workflow.pool_dir_for is uris.pool_dir_for and workflow.effective_uri is uris.effective_uri
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,11 +198,10 @@ def test_uris_module_agrees_with_virt_and_workflow() -> None:
 
 
 def _guest_argv(uri: str) -> list[str]:
-    from nvmprov import guests, state
+    from nvmprov import guests, managed, state
 
-    files = state.GuestFiles(Path("/s/g1"))
-    return guests.openssh_argv("/usr/bin/ssh", files, port=40100, user="nvmprov",
-                               proxy=remote.ssh_proxy_options(uri), command=["uname", "-a"])
+    coords = managed.ssh_coordinates(state.GuestFiles(Path("/s/g1")), 40100, "nvmprov")
+    return guests.openssh_argv("/usr/bin/ssh", coords, proxy=remote.ssh_proxy_options(uri), command=["uname", "-a"])
 
 
 def _options(argv: list[str]) -> list[str]:

@@ -251,3 +251,11 @@ def test_many_nodes_are_capped() -> None:
     text = "name: d\npmem: [" + ",".join(["1"] * (spec.MAX_YAML_NODES + 10)) + "]\n"
     with pytest.raises(SpecError, match="YAML values; a guest file is far smaller"):
         spec.loads(text)
+
+
+def test_human_size_is_the_one_size_for_people() -> None:
+    from nvmprov.sizes import human_size
+
+    assert [human_size(n) for n in (512 * MiB, 1536 * MiB, 1 << 30, (1 << 30) + 4096, 3 << 40, 1000, 4096)] == [
+        "512 MiB", "1.50 GiB", "1 GiB", "1.00 GiB", "3 TiB", "1000 B", "4 KiB"]
+    assert human_size(None) == human_size("12") == human_size(True) == "-"   # unknown, or not bytes (report JSON)

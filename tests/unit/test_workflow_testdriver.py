@@ -19,7 +19,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from nvmprov import domain, guests, identity, image, ledger, plan, spec, state, storage, workflow
+from nvmprov import domain, guests, identity, image, ledger, managed, plan, proof, spec, state, storage, workflow
 from nvmprov.errors import GuestError, HostError, Interrupted, SpecError, UsageError
 from nvmprov.progress import Progress
 
@@ -111,7 +111,7 @@ def quiet() -> Progress:
 def test_reverify_of_an_existing_guest_reports_the_failed_phase(conn, monkeypatch) -> None:
     g = guest_spec("wf-reverify")
     define_managed(conn, g)
-    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    monkeypatch.setattr(proof, "open_session", ssh_never_answers)
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
     assert report.ok is False
     assert report.error == {"phase": "ssh", "message": "no SSH answer on 127.0.0.1:2222 within 600s"}
@@ -124,8 +124,8 @@ def test_reverify_of_an_existing_guest_reports_the_failed_phase(conn, monkeypatc
 def test_verify_one_reports_ssh_as_the_failed_phase(conn, monkeypatch) -> None:
     g = guest_spec("wf-verify-phase")
     define_managed(conn, g)
-    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
-    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    monkeypatch.setattr(managed.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(proof, "open_session", ssh_never_answers)
     workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())  # makes the pool
     report = guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
     assert report.error is not None and report.error["phase"] == "ssh", report.error
@@ -195,15 +195,15 @@ def test_create_and_verify_save_the_last_report(conn, monkeypatch) -> None:
     assert saved["schema_version"] == 1 and saved["ok"] is True and saved["guests"][0]["name"] == g.name
     conn.made.append(g.name)
 
-    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
-    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    monkeypatch.setattr(managed.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(proof, "open_session", ssh_never_answers)
     guests.verify_one(g.name, connect=URI, power_cycle=False, progress=quiet())
     saved = _saved(g.name)
     assert saved["ok"] is False and saved["guests"][0]["error"]["phase"] == "ssh"
 
 
 def test_a_rolled_back_create_leaves_no_report_behind(conn, monkeypatch) -> None:
-    monkeypatch.setattr(workflow, "open_session", ssh_never_answers)
+    monkeypatch.setattr(proof, "open_session", ssh_never_answers)
     g = guest_spec("wf-rolled-back")
     conn.made.append(g.name)  # the test driver refuses undefine's NVRAM flag: the domain stays, the rest goes
     report = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())
@@ -248,9 +248,9 @@ def test_a_recorded_spec_breaking_a_new_rule_warns_and_changes_nothing(conn, mon
     old["ssh"]["user"] = "daemon"
     old["pmem"][0]["mount"] = "/root/data"
     define_managed(conn, g, spec_json=json.dumps(old))
-    monkeypatch.setattr(guests.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    monkeypatch.setattr(managed.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
     before = conn.lookupByName("wf-recorded").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    m = guests.managed(conn, "wf-recorded")
+    m = managed.guest(conn, "wf-recorded")
     assert m.plan.ssh_user == "daemon"
     err = capsys.readouterr().err
     warned = "wf-recorded: warning: the spec this guest was made with breaks a rule added since: "
@@ -534,3 +534,48 @@ def test_adopting_is_refused_when_another_guest_records_the_volume_just_before(c
     with pytest.raises(HostError, match="recorded as guest other's"):
         workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
     assert ledger.read(pool).get("theirs3.raw") == ledger.Entry("theirs3.raw", "other", hv, "backing", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: one proof path: create (new and re-run), verify and attach all prove through proof.prove
+
+
+def test_create_verify_and_attach_prove_through_the_one_proof_function(conn, monkeypatch) -> None:
+    from nvmprov import attach
+
+    calls: list[tuple[str, str, int, tuple[str, ...], bool, bool]] = []
+    booting: list[bool] = []  # create waits a boot's timeout for SSH; verify and attach the ssh timeout
+
+    def recording_prove(run: proof.GuestRun, **kw: object) -> None:
+        only = kw.get("only") or run.plan.regions
+        calls.append((run.report.name, run.domain.name(), run.ssh.port, tuple(r.name for r in only),  # type: ignore[attr-defined]
+                      bool(kw.get("made")), bool(kw.get("power_cycle"))))
+        booting.append(bool(kw.get("booting")))
+        raise GuestError("the guest never answers")
+
+    monkeypatch.setattr(proof, "prove", recording_prove)
+    monkeypatch.setattr(managed.host, "facts", lambda _conn, pool_dir: replace(FACTS, pool_dir=pool_dir))
+    new = workflow.create(guest_spec("wf-proof-new"), workflow.CreateOptions(connect=URI), quiet())
+    conn.made.append("wf-proof-new")  # the test driver refuses undefine's NVRAM flag: the rollback leaves it
+    g = guest_spec("wf-proof")
+    workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    conn.made.append(g.name)
+    rerun = workflow.create(g, workflow.CreateOptions(connect=URI), quiet())  # starts it, proves it again
+    verified = guests.verify_one(g.name, connect=URI, power_cycle=True, progress=quiet())
+    plugged: list[str] = []  # the test driver has no virDomainAttachDeviceFlags: the device XML is kept
+    monkeypatch.setattr(attach.virt, "attach", lambda _dom, xml, **_k: plugged.append(xml))
+    request = attach.AttachRequest(region="hp0", size_bytes=256 * 1024**2)
+    attached = attach.attach(conn, g.name, request, quiet()).guests[0]
+
+    port = managed.guest(conn, g.name).md.ssh_port
+    assert [c[:2] for c in calls] == [("wf-proof-new", "wf-proof-new"), *[(g.name, g.name)] * 3]
+    assert [c[2:] for c in calls[1:]] == [
+        (port, ("data",), False, False),   # create on a guest that exists: re-verified, no power cycle
+        (port, ("data",), False, True),    # verify --power-cycle
+        (port, ("hp0",), True, False),     # attach: the new region alone, made by this run
+    ]
+    assert calls[0][3:] == (("data",), True, True)  # a new guest: made here, power-cycle proof
+    assert booting == [True, True, False, False]
+    assert len(plugged) == 1 and "ua-pmem-hp0" in plugged[0]
+    for report in (new, rerun, verified, attached):
+        assert report.ok is False and "the guest never answers" in (report.error or {}).get("message", "")

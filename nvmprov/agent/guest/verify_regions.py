@@ -1,6 +1,6 @@
-"""Verify the mounted regions in one run: DAX and execute-in-place probe, then a durable payload.
+"""Verify the mounted regions: DAX and execute-in-place probe, then a durable payload.
 
-argv: one JSON object
+verify_regions(request), REQUEST being
   {"scratch": DIR, "program": PATH,
    "regions": [{"name": str, "probe": MOUNTPOINT | null,
                 "payload": {"path": str, "marker": str, "size_bytes": int} | null,
@@ -22,20 +22,20 @@ body: self-describing, so a later run can check it without the host's help), thr
 devdax, pwrite + fsync on a block device. Then it is read back (the block device's cached pages
 dropped first) and described: {"offset", "length", "marker", "sha256", "sha256_written", "self_ok"}.
 Without a marker nothing is written. No other byte of the device is touched.
-Finally one more sync of every filesystem. Prints one JSON object:
+Finally one more sync of every filesystem. Returns
   {"regions": [{"name", "probe", "payload", "map_sync", "tail"}, ...], "synced": true}
+sha256_files(paths): {path: sha256 hex, or null for a file it cannot read}; reads only.
 """
 
 import ctypes
 import hashlib
-import json
 import mmap
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
+
+from proc import run
 
 AT_FDCWD = -100
 STATX_ALL_BASIC = 0xFFF  # STATX_BASIC_STATS | STATX_BTIME
@@ -60,14 +60,6 @@ def statx(path):
     if rc != 0:
         return {"error": os.strerror(ctypes.get_errno())}
     return {"raw": buf.raw.hex()}
-
-
-def run(argv):
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True)
-    except OSError as e:
-        return {"rc": 127, "stdout": "", "stderr": str(e)}
-    return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-4000:]}
 
 
 def place(program, directory):
@@ -214,8 +206,17 @@ def tail(job):
     return out
 
 
-def main(argv):
-    request = json.loads(argv[0])
+def sha256_files(paths):
+    out = {}
+    for path in paths:
+        try:
+            out[path] = sha256_of(path)
+        except OSError:
+            out[path] = None
+    return out
+
+
+def verify_regions(request):
     results = []
     for region in request["regions"]:
         result = {"name": region["name"], "probe": None, "payload": None, "map_sync": None, "tail": None}
@@ -231,8 +232,4 @@ def main(argv):
             result["payload"] = payload(p["path"], p["marker"], int(p["size_bytes"]))
         results.append(result)
     os.sync()
-    json.dump({"regions": results, "synced": True}, sys.stdout)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return {"regions": results, "synced": True}

@@ -1,31 +1,22 @@
-"""One round of the agent: run the steps it was given, load modules, print the guest's facts as JSON.
+"""Read the guest's facts: what the agent plans from and show draws. Changes nothing.
 
-argv: nothing (read facts only), or one JSON object {"steps": [...], "modules": [...]}:
-  modules  kernel modules that must be loaded before facts mean anything (nfit, nd_pmem,
-           virtio_pmem): the missing ones are loaded with `modprobe -a` (idempotent); the result
-           comes back under "modprobe" (null when nothing was missing).
-  steps    commands the host planned from the previous facts, run in order with `/bin/sh -c`, each
-           {"command": str, "stdin_b64": str | null, "timeout_s": float}; the first failure stops
-           the rest. Their results come back under "steps" ({"command", "rc", "stderr"}).
-Every nvdimm bus is then waited on (reading its wait_probe attribute, as ndctl does: the kernel
-registers regions and namespaces asynchronously, e.g. right after a modprobe or a hot-plug), and
-so are udev and systemd's running mount jobs (fstab's entries, mounted as their devices appear).
-Then everything the agent needs in the same round trip (each costs a second or more under TCG):
-modules, `ndctl list`, the sysfs topology (regions with their NUMA nodes, DIMM mappings and
-persistence domain, NFIT handles, CXL memdev serials, block devices, device-dax character devices), blkid of each pmem
-block device, /proc/self/mounts and /etc/fstab.
-Values are raw text; the host parses them, so this stays dumb and old-python friendly.
-Nothing but the given steps and the module loading changes the guest.
+read_facts(settle): every nvdimm bus is waited on first (reading its wait_probe attribute, as ndctl
+does: the kernel registers regions and namespaces asynchronously, e.g. right after a modprobe or a
+hot-plug); with SETTLE also udev's queue and systemd's running mount jobs (fstab's entries, mounted
+as their devices appear early in a boot). Then, in one go (each round trip costs a second or more
+under TCG): modules, `ndctl list`, the sysfs topology (regions with their physical range, NUMA
+nodes, DIMM mappings and persistence domain, NFIT handles, block devices, device-dax character
+devices), blkid of each pmem block device, /proc/self/mounts, /etc/fstab, the nvdimm lines of the
+kernel log and the top-level System RAM ranges of /proc/iomem.
+Values are raw text; the host parses them (nvmprov.agent.facts), so this stays dumb.
 """
 
-import base64
 import glob
-import json
 import os
 import re
-import subprocess
-import sys
 import time
+
+from proc import read, run
 
 MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem",
            "cxl_acpi", "cxl_pci", "cxl_port", "cxl_mem", "cxl_pmem")
@@ -36,48 +27,10 @@ KERNEL_LOG_LINES = 40
 # "already mounted" (seen after a power cycle). Wait for those jobs, at most this long.
 MOUNT_JOBS_DEADLINE_S = 30.0
 MOUNT_JOBS_POLL_S = 0.5
+UDEV_SETTLE_TIMEOUT_S = 10
 # Why a namespace did not come up is only in the kernel log ("... misaligned, unable to map").
 KERNEL_LOG_PATTERN = re.compile(r"nd_pmem|nd_pfn|nd_region|nd_btt|virtio_pmem|libnvdimm|nfit|misaligned")
-
-
-def read(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def run(argv):
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    except OSError as e:  # the tool is not installed
-        return {"rc": 127, "stdout": "", "stderr": str(e)}
-    return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-4000:]}
-
-
-def run_step(step):
-    """One planned command; rc 124 (as timeout(1) says) when it overran its time."""
-    data = base64.b64decode(step["stdin_b64"]) if step.get("stdin_b64") else b""
-    out = {"command": step["command"]}
-    try:
-        p = subprocess.run(
-            ["/bin/sh", "-c", step["command"]], input=data, capture_output=True, timeout=float(step["timeout_s"])
-        )
-    except subprocess.TimeoutExpired:
-        out.update(rc=124, stderr=f"timed out after {float(step['timeout_s']):g} s")
-        return out
-    out.update(rc=p.returncode, stderr=p.stderr.decode("utf-8", "replace")[-4000:])
-    return out
-
-
-def run_steps(steps):
-    results = []
-    for step in steps:
-        results.append(run_step(step))
-        if results[-1]["rc"] != 0:
-            break
-    return results
+SYSTEM_RAM = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) : System RAM$")
 
 
 def wait_probe():
@@ -87,24 +40,36 @@ def wait_probe():
         read(path)
 
 
-def settle_mounts():
-    """udev's queue drained, then no systemd mount job left running (no systemd: nothing to wait for)."""
-    run(["udevadm", "settle", "--timeout=10"])
-    deadline = time.monotonic() + MOUNT_JOBS_DEADLINE_S
-    while time.monotonic() < deadline:
-        jobs = run(["systemctl", "list-jobs", "--no-legend", "--plain"])
-        if jobs["rc"] != 0 or ".mount " not in jobs["stdout"]:
-            return
-        time.sleep(MOUNT_JOBS_POLL_S)
-
-
-def load_modules(wanted):
-    missing = [m for m in wanted if m not in modules_present(wanted)]
-    if not missing:
+def mount_jobs():
+    """systemd's queued .mount jobs ("UNIT STATE"); None without systemd."""
+    jobs = run(["systemctl", "list-jobs", "--no-legend", "--plain"])
+    if jobs["rc"] != 0:
         return None
-    result = run(["modprobe", "-a"] + missing)
-    result["command"] = "modprobe -a " + " ".join(missing)
-    return result
+    found = []
+    for line in jobs["stdout"].splitlines():
+        fields = line.split()  # JOB UNIT TYPE STATE
+        if len(fields) >= 4 and fields[1].endswith(".mount"):
+            found.append(fields[1] + " " + fields[3])
+    return found
+
+
+def settle():
+    """udev's queue drained, then no systemd mount job left (no systemd: nothing to wait for).
+
+    Returns what it waited for, in seconds, for the host's timings.
+    """
+    began = time.monotonic()
+    run(["udevadm", "settle", f"--timeout={UDEV_SETTLE_TIMEOUT_S}"])
+    udev = time.monotonic()
+    deadline = udev + MOUNT_JOBS_DEADLINE_S
+    polls = 0
+    jobs = mount_jobs()
+    while jobs and time.monotonic() < deadline:
+        polls += 1
+        time.sleep(MOUNT_JOBS_POLL_S)
+        jobs = mount_jobs()
+    return {"udev_s": round(udev - began, 3), "mount_jobs_s": round(time.monotonic() - udev, 3),
+            "polls": polls, "left": jobs or []}
 
 
 def builtin_modules():
@@ -117,16 +82,13 @@ def modules_present(names):
     return sorted(m for m in names if m in builtin or os.path.isdir("/sys/module/" + m))
 
 
-def modules():
-    return modules_present(MODULES)
-
-
 def regions():
     out = {}
     for path in sorted(glob.glob(ND + "region*")):
         count = int(read(path + "/mappings") or 0)
         out[os.path.basename(path)] = {
             "path": os.path.realpath(path),
+            "resource": read(path + "/resource"),  # the guest physical start (root only)
             "size": read(path + "/size"),
             "read_only": read(path + "/read_only"),
             # the node the firmware (NFIT proximity domain) put the region on; numa_node is only the
@@ -165,6 +127,14 @@ def cxl_memdevs():
     return out
 
 
+def cxl_windows():
+    """The CXL fixed memory windows: root decoders (decoder0.N) with their guest physical start and size."""
+    out = {}
+    for path in sorted(glob.glob("/sys/bus/cxl/devices/decoder0.*")):
+        out[os.path.basename(path)] = {"start": read(path + "/start"), "size": read(path + "/size")}
+    return out
+
+
 def blockdevs():
     out = {}
     for path in sorted(glob.glob("/sys/class/block/pmem*")):
@@ -185,28 +155,30 @@ def kernel_log():
     return lines[-KERNEL_LOG_LINES:]
 
 
-def main(argv):
-    request = json.loads(argv[0]) if argv else {}
-    modprobe = load_modules(request.get("modules") or [])
-    steps = run_steps(request.get("steps") or [])
+def system_ram():
+    """The top-level System RAM ranges of /proc/iomem, as "start-end" hex (root sees real addresses)."""
+    return [m.group(1) + "-" + m.group(2)
+            for m in (SYSTEM_RAM.match(line) for line in (read("/proc/iomem") or "").splitlines()) if m]
+
+
+def read_facts(settle_first=False):
+    began = time.monotonic()
     wait_probe()
-    settle_mounts()
-    facts = {
-        "modules": modules(),
+    waited = {"probe_s": round(time.monotonic() - began, 3)}
+    if settle_first:
+        waited.update(settle())
+    return {
+        "modules": modules_present(MODULES),
         "ndctl": run(["ndctl", "list", "--regions", "--namespaces", "--dimms", "--idle"]),
         "regions": regions(),
         "nmems": nmems(),
         "cxl_memdevs": cxl_memdevs(),
+        "cxl_windows": cxl_windows(),
         "blockdevs": blockdevs(),
         "daxdevs": daxdevs(),
         "mounts": read("/proc/self/mounts") or "",
         "fstab": read("/etc/fstab") or "",
         "kernel_log": kernel_log(),
-        "steps": steps,
-        "modprobe": modprobe,
+        "system_ram": system_ram(),
+        "waited": waited,
     }
-    json.dump(facts, sys.stdout)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

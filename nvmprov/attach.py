@@ -1,8 +1,9 @@
 """`nvmprov attach` and `nvmprov detach`: persistent memory into (and out of) any libvirt domain.
 
-First a pure check of what the domain can take (attach_problems / detach_problems); when it cannot,
-nothing is changed and the message says what must change. On a domain nvmprov manages the region
-joins the recorded spec (so start/verify know it) and the in-guest agent formats and verifies it.
+First a pure check of what the domain can take (attach_problems), or a pure plan of the detach
+(plan_detach: steps or problems); when it cannot, nothing is changed and the message says what
+must change. On a domain nvmprov manages the region joins the recorded spec (so start/verify know
+it) and the in-guest agent formats and verifies it.
 
 Measured on libvirt 9.0 + QEMU 7.2 (GUIDE.md): live nvdimm needs a domain started with an nvdimm
 ("nvdimm is not enabled: missing 'nvdimm' in '-M'"); virtio-pmem hot-plugs into a free PCIe root
@@ -273,24 +274,149 @@ def region_spec(request: AttachRequest, *, managed: bool) -> dict[str, object]:
 # detach, pure
 
 
-def detach_problems(domain_xml: str, region: str, *, live: bool, running: bool) -> list[str]:
-    d = domain.parse(domain_xml)
-    dev = d.device(f"ua-pmem-{region}")
-    if dev is None:
-        where = "running domain" if live else "config of domain"
-        return [f"the {where} {d.name} has no region {region} (alias ua-pmem-{region}); "
-                f"`nvmprov show {d.name}` lists its regions"]
-    if live and not running:
-        return [f"domain {d.name} is not running: drop --live (detach --config removes {region} from its config)"]
-    if live and dev.model == "nvdimm":
-        return [nvdimm_unplug_problem(d.name, region)]
-    return []
-
-
 def nvdimm_unplug_problem(domain_name: str, region: str) -> str:
     return (f"QEMU cannot hot-unplug an nvdimm (\"nvdimm device hot unplug is not supported yet\"): "
             f"`nvmprov detach {domain_name} {region} --config` drops {region} from the config; it leaves the guest "
             "at the next power-off and start")
+
+
+@dataclass(frozen=True)
+class Unplug:
+    """Take the device out of the running domain (QEMU 7.2 refuses virtio-pmem: see _unplug_live)."""
+
+    device_xml: str
+    region: str
+    managed: bool               # the guest is nvmprov's: the refusal names `detach --config`
+
+
+@dataclass(frozen=True)
+class DropFromConfig:
+    """Take the device out of the persistent definition: it leaves at the next power-off and start."""
+
+    device_xml: str
+
+
+@dataclass(frozen=True)
+class Unrecord:
+    """Rewrite nvmprov's metadata with this recorded spec (the region gone, its slot given back)."""
+
+    spec_json: str
+
+
+@dataclass(frozen=True)
+class PurgeVolume:
+    """Delete the backing volume if, when the step runs, no domain uses it and nvmprov made it for
+    this domain (ledger.may_delete); an adopted one only with --purge-adopted."""
+
+    pool: str
+    volume: str
+    path: str                   # "" when no XML names it (a stopped guest's virtio-pmem)
+    adopted: bool
+    made: tuple[str, ...]       # the volumes the guest's metadata lists as made (guests older than the ledger)
+
+
+DetachStep = Unplug | DropFromConfig | Unrecord | PurgeVolume
+_STEP_TARGETS = {Unplug: "live", DropFromConfig: "config", Unrecord: "metadata"}
+
+
+@dataclass(frozen=True)
+class DetachPlan:
+    """What detach does, in order, or why it must not (problems: nothing is done)."""
+
+    domain: str
+    region: str
+    steps: tuple[DetachStep, ...] = ()
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # said after the steps, before what the purge finds
+    volume: str | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        """What the region leaves: "live", "config", "metadata" (DetachResult.detached)."""
+        return [_STEP_TARGETS[type(s)] for s in self.steps if type(s) in _STEP_TARGETS]
+
+
+def plan_detach(live_xml: str, config_xml: str, md: Metadata | None, region: str, *, running: bool, live: bool,
+                config: bool, purge: ledger.Purge) -> DetachPlan:
+    """The steps that take REGION out of a domain, or the problems that stop it (pure).
+
+    LIVE_XML and CONFIG_XML: the domain's current and persistent XML; MD: nvmprov's metadata (None:
+    a domain nvmprov did not make). Neither flag: wherever the region is. A managed guest's
+    virtio-pmem is never in the config: its record is nvmprov's metadata (start re-plugs it).
+    """
+    name, alias = domain.parse(config_xml).name, f"ua-pmem-{region}"
+    recorded = next((r for r in md.regions if r.name == region), None) if md else None
+    problems = _recorded_problems(name, region, md, recorded)
+    if problems:
+        return DetachPlan(name, region, problems=tuple(problems))
+    live_dev = domain.device_xml(live_xml, alias) if running else None
+    config_dev = domain.device_xml(config_xml, alias)
+    if not (live or config):
+        live, config = live_dev is not None, config_dev is not None
+    metadata_only = recorded is not None and recorded.model == "virtio-pmem"
+    found = domain.parse(live_xml).device(alias) or domain.parse(config_xml).device(alias)
+    model = found.model if found else recorded.model if recorded else None
+    problems = _live_problems(name, region, running=running, model=model, found=live_dev is not None) if live else []
+    if config and not metadata_only and config_dev is None:
+        problems.append(f"the config of domain {name} has no region {region} (alias {alias}); "
+                        f"`nvmprov show {name}` lists its regions")
+    if not (live or config) and recorded is None:
+        problems.append(f"domain {name} has no region {region} (alias {alias}); `nvmprov show {name}` lists them")
+    if problems:
+        return DetachPlan(name, region, problems=tuple(problems))
+
+    steps: list[DetachStep] = []
+    notes: list[str] = []
+    if live:
+        steps.append(Unplug(live_dev or "", region, managed=recorded is not None))
+    if config and not metadata_only:
+        steps.append(DropFromConfig(config_dev or ""))
+        if running and not live:
+            notes.append(f"{region} stays in the running guest until {name} is powered off")
+    if recorded is not None and md is not None:
+        steps.append(Unrecord(managed_spec_without(md.spec_json or "{}", recorded)))
+        if metadata_only and running and not live:
+            notes.append(f"{region} stays in the running guest until {name} is powered off; the next start "
+                         "does not plug it")
+    path = _path_of(live_xml if live else config_xml, alias) or ""
+    volume = recorded.volume if recorded else (path.rsplit("/", 1)[-1] or None)
+    if volume is not None and purge.volumes:
+        made = tuple(v for v, _kind in md.volumes) if md else ()
+        steps.append(PurgeVolume(md.pool if md else "nvmprov", volume, path, purge.adopted, made))
+    elif volume is not None:
+        notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
+                     "deletes it once no domain uses it")
+    return DetachPlan(name, region, tuple(steps), notes=tuple(notes), volume=volume)
+
+
+def _recorded_problems(name: str, region: str, md: Metadata | None, recorded: RegionPlan | None) -> list[str]:
+    """A managed guest: the region must be in its record, and the last of its model there."""
+    if md is None:
+        return []
+    if md.spec_json is None:  # a guest made before the metadata held its spec: no plan to rebuild
+        return [f"the nvmprov metadata of guest {name} holds no spec; recreate it with this nvmprov"]
+    if recorded is None:
+        return [f"guest {name} has no region {region} ({', '.join(r.name for r in md.regions) or 'none'})"]
+    if recorded.model == "cxl":  # its devices are QEMU arguments in <qemu:commandline>, set at start
+        return [f"{region} is a CXL region and there is no CXL hot-unplug on this stack (libvirt 9.0 has no CXL "
+                f"device, QEMU 7.2 builds the CXL topology at start only): take it out of {name}'s spec and "
+                "recreate the guest"]
+    if not _last_of_model(md, recorded):
+        return [f"nvmprov places {recorded.model} regions by their order in the guest's spec; removing {region} "
+                f"would move the later ones: detach the later {recorded.model} regions first (or destroy and "
+                "re-create)"]
+    return []
+
+
+def _live_problems(name: str, region: str, *, running: bool, model: str | None, found: bool) -> list[str]:
+    if not running:
+        return [f"domain {name} is not running: drop --live (detach --config removes {region} from its config)"]
+    if model == "nvdimm":
+        return [nvdimm_unplug_problem(name, region)]
+    if not found:
+        return [f"the running domain {name} has no region {region} (alias ua-pmem-{region}); "
+                f"`nvmprov show {name}` lists its regions"]
+    return []
 
 
 def detach_device(dom: libvirt.virDomain, device_xml: str, *, live: bool, config: bool) -> None:
@@ -507,8 +633,11 @@ def _attach_managed(conn: libvirt.virConnect, hv: identity.Hypervisor, dom: libv
     progress.line(f"region {region.name}: recorded in {name}'s metadata (spec digest {new_plan.spec_digest[:12]})")
     g = GuestReport(name=name, accel=new_plan.accel, notes=notes,
                     ssh=ssh_coordinates(files, md.ssh_port, md.ssh_user))
-    if running:
+    if request.live:  # the proof can only reach a region the running guest has
         _run_agent(proof.GuestRun(conn, new_plan, files, progress, g, dom=dom), region)
+    elif running:
+        g.notes.append(f"{region.name} is in {name}'s config only: it appears after `nvmprov stop {name}` and "
+                       f"`nvmprov start {name}`; `nvmprov verify {name}` then formats and checks it")
     else:
         g.notes.append(f"{name} is not running: `nvmprov start {name}` then `nvmprov verify {name}` formats and "
                        "checks the region")
@@ -536,8 +665,6 @@ DETACH_POLL_S = 0.5
 def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
     import time
 
-    from . import virt
-
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if domain.device_xml(virt.xml_desc(dom), alias) is None:
@@ -548,8 +675,6 @@ def _wait_gone(dom: libvirt.virDomain, alias: str, deadline_s: float) -> bool:
 
 def managed_spec_without(spec_json: str, region: RegionPlan) -> str:
     """The recorded spec without REGION, its slot and headroom given back to the hotplug reserve."""
-    from .spec import parse_size
-
     data = json.loads(spec_json)
     data["pmem"] = [r for r in data["pmem"] if r["name"] != region.name]
     hp = data.setdefault("hotplug", {})
@@ -575,8 +700,6 @@ class DetachResult:
 
 def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, config: bool, purge: ledger.Purge,
            progress: Progress) -> DetachResult:
-    from . import domain, identity, virt
-
     hv = identity.of(conn)
     with domain_lock(conn, name, hv):  # before reading what will change, foreign domains included
         dom = virt.require(conn, name)
@@ -587,64 +710,40 @@ def detach(conn: libvirt.virConnect, name: str, region: str, *, live: bool, conf
 
 def _detach(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, region: str, *, live: bool,
             config: bool, purge: ledger.Purge, progress: Progress) -> DetachResult:
-    from . import domain, virt
-
-    name, alias = dom.name(), f"ua-pmem-{region}"
+    """plan_detach, then its steps in order; a step that fails stops the rest."""
     running = virt.is_active(dom)
-    live_xml, config_xml = virt.xml_desc(dom), virt.xml_desc(dom, inactive=True)
-    recorded = next((r for r in md.regions if r.name == region), None) if md else None
-    if md is not None and recorded is None:
-        raise UsageError(f"guest {name} has no region {region} ({', '.join(r.name for r in md.regions) or 'none'})")
-    if recorded is not None and md is not None and not _last_of_model(md, recorded):
-        raise refuse(f"cannot detach {region} from {name}", [
-            f"nvmprov places {recorded.model} regions by their order in the guest's spec; removing {region} would "
-            f"move the later ones: detach the later {recorded.model} regions first (or destroy and re-create)"])
-    if not (live or config):
-        live = running and domain.device_xml(live_xml, alias) is not None
-        config = domain.device_xml(config_xml, alias) is not None
-    managed_virtio = recorded is not None and recorded.model == "virtio-pmem"
-    problems = []
-    anywhere = domain.parse(live_xml).device(alias) or domain.parse(config_xml).device(alias)
-    if live and ((anywhere and anywhere.model == "nvdimm") or (recorded and recorded.model == "nvdimm")):
-        problems.append(nvdimm_unplug_problem(name, region))
-    elif live:
-        problems += detach_problems(live_xml, region, live=True, running=running)
-    if config and not managed_virtio:
-        problems += detach_problems(config_xml, region, live=False, running=running)
-    if not (live or config) and recorded is None:
-        problems.append(f"domain {name} has no region {region} (alias {alias}); `nvmprov show {name}` lists them")
-    if problems:
-        raise refuse(f"cannot detach {region} from {name}", problems)
+    the_plan = plan_detach(virt.xml_desc(dom), virt.xml_desc(dom, inactive=True), md, region, running=running,
+                           live=live, config=config, purge=purge)
+    if the_plan.problems:
+        raise refuse(f"cannot detach {region} from {the_plan.domain}", list(the_plan.problems))
+    notes = list(the_plan.notes)
+    deleted = False
+    for step in the_plan.steps:
+        deleted = _carry_out(conn, hv, dom, md, step, notes, progress) or deleted
+    progress.line(f"{region}: detached ({', '.join(the_plan.targets)})")
+    return DetachResult(the_plan.domain, region, the_plan.targets, the_plan.volume, deleted, notes)
 
-    path = _path_of(live_xml if live else config_xml, alias) or ""
-    done: list[str] = []
-    notes: list[str] = []
-    if live:
-        with progress.phase("detach", f"{region} from the running domain"):
-            _unplug_live(dom, domain.device_xml(live_xml, alias) or "", region, managed=recorded is not None)
-            if not _wait_gone(dom, alias, DETACH_DEADLINE_S):
-                raise VirtError(f"the guest of {name} did not release {region} within {DETACH_DEADLINE_S:.0f}s "
+
+def _carry_out(conn: libvirt.virConnect, hv: str, dom: libvirt.virDomain, md: Metadata | None, step: DetachStep,
+               notes: list[str], progress: Progress) -> bool:
+    """One step of a detach plan; True when it deleted the backing volume."""
+    name = dom.name()
+    if isinstance(step, Unplug):
+        with progress.phase("detach", f"{step.region} from the running domain"):
+            _unplug_live(dom, step.device_xml, step.region, managed=step.managed)
+            if not _wait_gone(dom, f"ua-pmem-{step.region}", DETACH_DEADLINE_S):
+                raise VirtError(f"the guest of {name} did not release {step.region} within {DETACH_DEADLINE_S:.0f}s "
                                 "(PCIe hot-unplug needs the guest's cooperation); nothing else was changed")
-        done.append("live")
-    if config and not managed_virtio:
-        detach_device(dom, domain.device_xml(config_xml, alias) or "", live=False, config=True)
-        done.append("config")
-        if running and not live:
-            notes.append(f"{region} stays in the running guest until {name} is powered off")
-    if recorded is not None and md is not None:
-        spec_json = managed_spec_without(md.spec_json or "{}", recorded)
-        new_plan = _plan_for(conn, md, spec_json)
-        new_md = replace(md, spec_json=spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
+    elif isinstance(step, DropFromConfig):
+        detach_device(dom, step.device_xml, live=False, config=True)
+    elif isinstance(step, Unrecord) and md is not None:
+        new_plan = _plan_for(conn, md, step.spec_json)
+        new_md = replace(md, spec_json=step.spec_json, spec_digest=new_plan.spec_digest, regions=new_plan.regions)
         virt.set_metadata(dom, domain.metadata_xml(new_md), key=domain.METADATA_PREFIX, uri=domain.METADATA_NS)
-        done.append("metadata")
-        if managed_virtio and running and not live:
-            notes.append(f"{region} stays in the running guest until {name} is powered off; the next start "
-                         "does not plug it")
-    volume = recorded.volume if recorded else (path.rsplit("/", 1)[-1] or None)
-    made = tuple(v for v, _kind in md.volumes) if md else ()  # guests made before the ledger recorded it here
-    deleted = _maybe_purge(conn, md.pool if md else "nvmprov", volume, path, purge, notes, owner=(hv, name, made))
-    progress.line(f"{region}: detached ({', '.join(done)})")
-    return DetachResult(name, region, done, volume, deleted, notes)
+    elif isinstance(step, PurgeVolume):
+        return _maybe_purge(conn, step.pool, step.volume, step.path, ledger.Purge(volumes=True, adopted=step.adopted),
+                            notes, owner=(hv, name, step.made))
+    return False
 
 
 def _unplug_live(dom: libvirt.virDomain, device_xml: str, region: str, *, managed: bool) -> None:
@@ -674,13 +773,7 @@ def _maybe_purge(conn: libvirt.virConnect, pool_name: str, volume: str | None, p
                  notes: list[str], *, owner: tuple[str, str, tuple[str, ...]]) -> bool:
     """Delete the region's volume when asked, no domain uses it and nvmprov made it for this domain
     (the ledger, or the guest's metadata for guests made before it); an adopted one only when asked."""
-    from . import ledger, storage, virt
-
-    if volume is None:
-        return False
-    if not purge.volumes:
-        notes.append(f"kept the backing volume {volume} (its data); `detach --purge --yes` or `nvmprov prune` "
-                     "deletes it once no domain uses it")
+    if volume is None or not purge.volumes:
         return False
     users = virt.path_users(conn, [path])[path] if path else []
     if users:

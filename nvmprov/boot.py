@@ -13,6 +13,11 @@ from .state import write_private
 from .textsafe import clean
 
 PANIC_MARKERS = ("Kernel panic", "end Kernel panic", "Unable to mount root fs")
+# The built-in image's seed applier (apply_seed.sh) ends with this line on the console once eth0 has
+# its address, or stops with the second; the serial log starts empty at each start (domain.py:
+# append='off'), so either is about this boot.
+SEED_APPLIED_MARKER = "nvmprov-seed: applied"
+SEED_FAILED_MARKER = "nvmprov-seed: error:"
 LOG_DIR = "/var/log/libvirt/qemu"
 SSH_PORT_RANGE = range(40022, 40922)
 COPY_MAX_BYTES = 4 * 1024 * 1024  # virtlogd rotates at 2 MiB; a guest could print without end
@@ -54,10 +59,21 @@ def check_boot_text(name: str, tail: str, *, active: bool) -> None:
         raise GuestError(
             f"guest {name} panicked while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])
         )
+    if SEED_FAILED_MARKER in tail:
+        raise GuestError(
+            f"guest {name} could not apply its seed (no login will work); last console lines:\n"
+            + "\n".join(tail.splitlines()[-20:])
+        )
     if not active:
         raise GuestError(
             f"guest {name} stopped while booting; last console lines:\n" + "\n".join(tail.splitlines()[-20:])
         )
+
+
+def seed_applied(tail: str) -> bool:
+    """The built-in image's console says its seed is applied: its network address is set, and sshd
+    starts next."""
+    return SEED_APPLIED_MARKER in tail
 
 
 def copy_log(log_path: str, dest: Path) -> None:

@@ -31,6 +31,7 @@ ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 VOLUME_KINDS = ("overlay", "seed", "backing", "label")   # label: a CXL device's label storage area
 SSH_FORWARD_HOST = "127.0.0.1"  # each guest's SSH forward listens on the hypervisor's loopback only
 DISK_PCI_SLOT = 0x0F     # the root disk, an integrated endpoint on pcie.0 below the root ports
+RNG_PCI_SLOT = 0x0E      # the virtio RNG, beside it
 NVDIMM_MMAP_ALIGN_BYTES = 2 * MiB   # see _region_element; backing sizes are 2 MiB multiples
 
 
@@ -599,6 +600,15 @@ def _serial(devices: ET.Element, ctx: RenderContext) -> None:
     _sub(console, "target", type="serial", port="0")
 
 
+def _rng(devices: ET.Element) -> None:
+    """A virtio RNG fed from the host's /dev/urandom. Without it the guest kernel's RNG was ready
+    only ~1.3 s after sshd had started (sshd waits for it) under TCG: the emulated CPU has no
+    RDRAND and little timing jitter to gather."""
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _pci_address(rng, 0, RNG_PCI_SLOT)
+
+
 def _devices(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
     devices = _sub(dom, "devices")
     _disks(devices, plan, ctx)
@@ -606,6 +616,7 @@ def _devices(dom: ET.Element, plan: Plan, ctx: RenderContext) -> None:
     _root_ports(devices, plan)
     _network_interface(devices, plan)
     _serial(devices, ctx)
+    _rng(devices)
     _sub(devices, "memballoon", model="none")   # a balloon would fight the fixed NUMA cell
     for region in _in_config(plan, ctx):
         devices.append(_region_element(region, ctx.pool_dir))

@@ -100,8 +100,13 @@ def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: le
     adopted ones with PURGE_ADOPTED (else handed back: kept and no longer recorded). Returns what
     is kept for NAME."""
     deleted, kept, handed_back = [], [], []
-    for entry in ledger.read(pool).of(hv, name):
-        if purge.deletes(entry):
+    entries = ledger.read(pool).of(hv, name)
+    in_use = _used_elsewhere(pool, name, [e.volume for e in entries if purge.deletes(e)])
+    for entry in entries:
+        if entry.volume in in_use:
+            progress.line(f"kept volume {entry.volume}: still used by domain {', '.join(in_use[entry.volume])}; "
+                          f"`nvmprov destroy {name} --purge` deletes it once nothing uses it")
+        elif purge.deletes(entry):
             if storage.delete(pool, entry.volume):
                 deleted.append(entry.volume)
                 what = "adopted backing volume" if entry.adopted else {
@@ -122,6 +127,20 @@ def _delete_owned(pool: libvirt.virStoragePool, hv: str, name: str, *, purge: le
         progress.line(f"kept adopted volumes {', '.join(handed_back)} (the spec named them; nvmprov no longer "
                       "records them); `destroy --purge-adopted` would have deleted them")
     return kept
+
+
+def _used_elsewhere(pool: libvirt.virStoragePool, name: str, volumes: list[str]) -> dict[str, list[str]]:
+    """Of VOLUMES (made for NAME), those another domain uses, with its names: a volume nvmprov made
+    may since have been given to another guest by hand, and deleting it would pull its disk away."""
+    paths = {}
+    for volume in volumes:
+        vol = storage.lookup(pool, volume)
+        if vol is not None:
+            paths[vol.path()] = volume
+    if not paths:
+        return {}
+    users = virt.path_users(pool.connect(), paths, exclude=name)
+    return {paths[p]: names for p, names in users.items() if names}
 
 
 def _destroy_kept(conn: libvirt.virConnect, hyper: identity.Hypervisor, name: str, *, purge: ledger.Purge,

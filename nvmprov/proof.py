@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,10 @@ from . import agent, boot, domain, identity, remote, ssh, state, storage, virt
 from .errors import GuestError
 from .managed import ssh_coordinates
 from .report import GuestReport, Report, SshInfo, render_json
+
+# SSH attempts wait for the built-in image's "seed applied" console line (open_session's seed_line),
+# but no longer than this: a console nvmprov cannot read must not cost more than trying at once.
+SEED_LINE_WAIT_S = 90.0
 
 if TYPE_CHECKING:
     import libvirt
@@ -65,6 +71,7 @@ def prove(
     run: GuestRun,
     *,
     booting: bool = False,
+    started: bool = False,
     only: tuple[RegionPlan, ...] | None = None,
     reformat: bool = False,
     made: bool = False,
@@ -75,7 +82,8 @@ def prove(
     GuestError (the phase it happened in is progress.last_phase()).
 
     booting: the guest may still be booting (create), so SSH waits the boot timeout, not the ssh
-    timeout; only: these regions alone (attach: the new one; the others stay as they are);
+    timeout; started: this run started the domain just now (its console log is this boot's alone);
+    only: these regions alone (attach: the new one; the others stay as they are);
     reformat: make filesystems again; made: this run made the regions, so the reserved tails of
     those without a filesystem are written (otherwise only re-read); power_cycle: then the
     persistence proof; ssh_only: stop once SSH answers (create --until ssh)."""
@@ -84,7 +92,8 @@ def prove(
     waiting = f"waiting for SSH on {coords.host}:{coords.port}" + (" (TCG boot takes about a minute)"
                                                                    if booting else "")
     with progress.phase("ssh", waiting):
-        session = open_session(run.domain, run.files, coords, deadline_s, progress)
+        session = open_session(run.domain, run.files, coords, deadline_s, progress,
+                               seed_line=started and run.plan.base_volume is not None)
     if ssh_only:
         session.close()
         return
@@ -110,11 +119,14 @@ def power_cycle_proof(run: GuestRun, regions: list[agent.RegionReport]) -> None:
     and find each region's marker in its host backing volume (read through libvirt)."""
     dom, the_plan, progress = run.domain, run.plan, run.progress
     progress.line("cutting the guest's power (virDomainDestroy, no clean shutdown)")
+    cut = time.monotonic()
     virt.power_off(dom)
     virt.start(dom)
     pool_dir = os.path.dirname(regions[0].backing_path) if regions and regions[0].backing_path else ""
     hotplug_virtio_pmem(dom, the_plan, pool_dir)
-    session = open_session(dom, run.files, run.ssh, the_plan.boot_timeout_s, progress)
+    session = open_session(dom, run.files, run.ssh, the_plan.boot_timeout_s, progress,
+                           seed_line=the_plan.base_volume is not None)
+    progress.line(f"power-cycle: the guest answers on SSH again {time.monotonic() - cut:.1f}s after the cut")
     try:
         # Not agent.apply: after the cut only modules and mounts may run; a region that would need
         # its namespace or filesystem made again is reported not persisted, and nothing is made.
@@ -136,10 +148,13 @@ def power_cycle_proof(run: GuestRun, regions: list[agent.RegionReport]) -> None:
 
 
 def open_session(
-    dom: libvirt.virDomain, files: state.GuestFiles, coords: SshInfo, deadline_s: float, progress: Progress
+    dom: libvirt.virDomain, files: state.GuestFiles, coords: SshInfo, deadline_s: float, progress: Progress,
+    *, seed_line: bool = False,
 ) -> ssh.Session:
     """An SSH session into DOM at COORDS, waiting up to DEADLINE_S for its sshd while watching the
-    serial console for a boot that cannot succeed; on failure the console's last lines say why."""
+    serial console for a boot that cannot succeed; on failure the console's last lines say why.
+    seed_line: the built-in image, started just now: no SSH attempt before its console says the seed
+    is applied (its address set), for at most SEED_LINE_WAIT_S (ssh.connect's `ready`)."""
     name = dom.name()
     uri = dom.connect().getURI()
     log_path = boot.console_log_path(name, uri)
@@ -156,6 +171,15 @@ def open_session(
         progress.checkpoint()
         boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
 
+    ready: Callable[[], bool] | None = None
+    if seed_line:
+        fallback_at = time.monotonic() + SEED_LINE_WAIT_S
+
+        def seed_line_seen() -> bool:
+            return boot.seed_applied(log_tail(200)) or time.monotonic() >= fallback_at
+
+        ready = seed_line_seen
+
     port = coords.port
     target = ssh.SshTarget(
         host=coords.host, port=port, user=coords.user, client_key_path=coords.identity_file,
@@ -163,7 +187,9 @@ def open_session(
         sock_factory=(lambda: hop.open_channel(port)) if hop is not None else None,
     )
     try:
-        return ssh.connect(target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check)
+        return ssh.connect(
+            target, deadline_s=deadline_s, progress=progress.line, abort_check=abort_check, ready=ready
+        )
     except GuestError as exc:
         tail = log_tail(15)
         if hop is None:

@@ -177,20 +177,10 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False,
     if isinstance(text, bool) or not isinstance(text, str | int):
         raise ValueError(f"{what} must be a size such as 512MiB, not {_describe(text)}")
     if isinstance(text, int):
-        if text == 0 and allow_zero:
-            return 0
-        if text == 0:
-            raise ValueError(f"{what} 0 is zero; give a positive size, e.g. {_example(minimum)}")
-        if text < 0:
-            raise ValueError(f"{what} {text} is negative; sizes are positive, e.g. {_example(minimum)}")
-        if text >= 10**MAX_SIZE_DIGITS:
-            raise ValueError(f"{what} is larger than {format_size(MAX_SIZE_BYTES)}; check the unit")
-        raise ValueError(f"{what} {text} has no unit; write it with one of {_UNIT_HELP}, "
-                         f"e.g. {_with_unit(str(text), minimum)}")
+        return _int_size(text, what=what, allow_zero=allow_zero, minimum=minimum)
     m = _SIZE_RE.fullmatch(text.strip())
     if m is None:
         raise ValueError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 512MiB")
-    unit = m["unit"].lower()
     if len(m["int"].lstrip("0")) > MAX_SIZE_DIGITS:
         raise ValueError(f"{what} {text[:12]!r}... ({len(m['int'])} digits) is larger than "
                          f"{format_size(MAX_SIZE_BYTES)}; check the unit")
@@ -203,6 +193,32 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False,
         if allow_zero:
             return 0
         raise ValueError(f"{what} {text!r} is zero; give a positive size, e.g. {_example(minimum)}")
+    exact = number * _unit_bytes(text, m, what=what, minimum=minimum)
+    if m["frac"] is not None:
+        fix = f"write {format_size(int(exact))}" if exact.denominator == 1 else "give a whole number of bytes"
+        raise ValueError(f"{what} {text!r} is fractional; {fix}")
+    n_bytes = int(exact)
+    if n_bytes > MAX_SIZE_BYTES:
+        raise ValueError(f"{what} {text!r} is larger than {format_size(MAX_SIZE_BYTES)}; check the unit")
+    return n_bytes
+
+
+def _int_size(n: int, *, what: str, allow_zero: bool, minimum: int) -> int:
+    """A bare YAML integer: only 0 (where zero is allowed) stands without a unit."""
+    if n == 0 and allow_zero:
+        return 0
+    if n == 0:
+        raise ValueError(f"{what} 0 is zero; give a positive size, e.g. {_example(minimum)}")
+    if n < 0:
+        raise ValueError(f"{what} {n} is negative; sizes are positive, e.g. {_example(minimum)}")
+    if n >= 10**MAX_SIZE_DIGITS:
+        raise ValueError(f"{what} is larger than {format_size(MAX_SIZE_BYTES)}; check the unit")
+    raise ValueError(f"{what} {n} has no unit; write it with one of {_UNIT_HELP}, e.g. {_with_unit(str(n), minimum)}")
+
+
+def _unit_bytes(text: str, m: re.Match[str], *, what: str, minimum: int) -> int:
+    """Bytes per unit of a matched size; a missing, decimal or unknown unit is refused with the fix."""
+    unit = m["unit"].lower()
     if not unit:
         raise ValueError(f"{what} {text!r} has no unit; write it with one of {_UNIT_HELP}, "
                          f"e.g. {_with_unit(m['int'], minimum)}")
@@ -212,14 +228,7 @@ def parse_size(text: str | int, *, what: str = "size", allow_zero: bool = False,
         )
     if unit not in _UNITS:
         raise ValueError(f"{what} {text!r} has an unknown unit {m['unit']!r}; use {_UNIT_HELP}")
-    exact = number * _UNITS[unit]
-    if m["frac"] is not None:
-        fix = f"write {format_size(int(exact))}" if exact.denominator == 1 else "give a whole number of bytes"
-        raise ValueError(f"{what} {text!r} is fractional; {fix}")
-    n_bytes = int(exact)
-    if n_bytes > MAX_SIZE_BYTES:
-        raise ValueError(f"{what} {text!r} is larger than {format_size(MAX_SIZE_BYTES)}; check the unit")
-    return n_bytes
+    return _UNITS[unit]
 
 
 def _describe(value: object) -> str:
@@ -643,7 +652,9 @@ class RegionSpec(BaseModel):
                    "remove readonly" if self.readonly else "add label: 128KiB")
             raise _Problem(f"only a labelled, writable nvdimm can be split into namespaces: {why}; {fix}",
                            "namespaces")
-        for key, value in (("mode", self.mode), ("align", self.align_bytes), ("filesystem", self.filesystem),
+        # filesystem: none is what the region itself holds (the recorded spec says so): not refused
+        for key, value in (("mode", self.mode), ("align", self.align_bytes),
+                           ("filesystem", None if self.filesystem == "none" else self.filesystem),
                            ("mount", self.mount)):
             if value is not None:
                 raise _Problem(f"{key} belongs to each namespace of a split region; move it into its namespace "

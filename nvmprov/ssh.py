@@ -30,19 +30,22 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 Progress = Callable[[str], None]
 
-BACKOFF_FIRST_S = 0.25
-# Attempts are cheap (QEMU's slirp answers the forward locally), and a longer pause only means
-# noticing sshd up to that much late: 0.25, 0.5, 1, 1, 1 ... seconds between attempts.
-BACKOFF_CAP_S = 1.0
-# With 1 s pauses a TCG boot makes ~60 failed attempts: report the first, then one line per this
+RETRY_PAUSE_S = 0.25
+# Attempts are cheap while nothing listens (QEMU's slirp answers the forward locally, the guest's
+# kernel resets it): a longer pause only means noticing sshd that much late. An authentication
+# failure is not cheap (sshd did a whole key exchange on the guest's one CPU, its seed not yet
+# applied): after those the pause doubles, 0.25, 0.5, 1, 1 ... seconds.
+AUTH_BACKOFF_CAP_S = 1.0
+# With short pauses a TCG boot makes ~100 failed attempts: report the first, then one line per this
 # many seconds, so progress stays a line per phase and not a line per attempt.
 ATTEMPT_REPORT_EVERY_S = 15.0
 # one TCP connect + banner + auth; slirp holds a connection silently until the guest listens
 ATTEMPT_TIMEOUT_CAP_S = 12.0
 # An attempt made before the guest has its address hangs in QEMU's slirp, which accepted it and
 # retries its SYN to the guest 3 s, then 6 s later: sshd, up meanwhile, was noticed ~5 s late.
-# So most attempts get this much time and are then made afresh; every FULL_ATTEMPT_EVERY-th gets
-# the full ATTEMPT_TIMEOUT_CAP_S, for a guest too slow to answer within the short time.
+# So, unless the caller knows the guest has its address (`ready`), most attempts get this much time
+# and are then made afresh; every FULL_ATTEMPT_EVERY-th gets the full ATTEMPT_TIMEOUT_CAP_S, for a
+# guest too slow to answer within the short time.
 SHORT_ATTEMPT_S = 4.0
 FULL_ATTEMPT_EVERY = 4
 READ_POLL_S = 0.05  # wake-up interval while a remote command runs
@@ -123,28 +126,44 @@ def connect(
     deadline_s: float,
     progress: Progress | None = None,
     abort_check: Callable[[], None] | None = None,
+    ready: Callable[[], bool] | None = None,
 ) -> Session:
     """Wait for the guest's SSH server and log in, until `deadline_s` seconds have passed.
 
-    Refused/reset/EOF/timeouts and authentication failures are retried with backoff (the guest
-    may still be booting, or its seed not yet applied); a host key other than the pinned one
-    fails at once. `abort_check` runs between attempts and may raise to give up early
-    (a kernel panic on the console, the domain gone).
+    Refused/reset/EOF/timeouts and authentication failures are retried (the guest may still be
+    booting, or its seed not yet applied); a host key other than the pinned one fails at once.
+    `abort_check` runs between attempts and may raise to give up early (a kernel panic on the
+    console, the domain gone). `ready`, when given, says whether the guest has its network address
+    yet (the built-in image says so on its console): until it does no attempt is made, since one
+    made earlier sits in slirp until a SYN retry reaches the guest, seconds late, or reaches sshd
+    after it was given up (an sshd started for nothing on the guest's one CPU); once it does, every
+    attempt gets the full time.
     """
     pinned = parse_public_key(target.host_public_key)
     client_key = _load_client_key(target.client_key_path)
     deadline = Deadline("ssh", deadline_s)
-    delay_s = BACKOFF_FIRST_S
+    auth_pause_s = RETRY_PAUSE_S
+    waiting = ready is not None  # for `ready`; asked until it says yes once
     attempt = 0
     last_error = "no attempt made"
-    next_report_s = 0.0  # monotonic time of the next attempt line
+    next_report_s = 0.0  # monotonic time of the next progress line
     while True:
-        attempt += 1
-        cap_s = ATTEMPT_TIMEOUT_CAP_S if attempt % FULL_ATTEMPT_EVERY == 0 else SHORT_ATTEMPT_S
-        try:
-            return Session(_connect_once(target, pinned, client_key, deadline, cap_s), target)
-        except _Retry as e:
-            last_error = clean(str(e))  # may quote the guest's SSH banner
+        if waiting and ready is not None and not ready():
+            last_error = "the guest has not said it has its network address yet"
+            pause_s = RETRY_PAUSE_S
+        else:
+            waiting = False
+            attempt += 1
+            full = ready is not None or attempt % FULL_ATTEMPT_EVERY == 0
+            cap_s = ATTEMPT_TIMEOUT_CAP_S if full else SHORT_ATTEMPT_S
+            try:
+                return Session(_connect_once(target, pinned, client_key, deadline, cap_s), target)
+            except _Retry as e:
+                last_error = clean(str(e))  # may quote the guest's SSH banner
+                pause_s = RETRY_PAUSE_S
+                if e.costly:
+                    pause_s = auth_pause_s
+                    auth_pause_s = min(auth_pause_s * 2, AUTH_BACKOFF_CAP_S)
         if progress is not None and time.monotonic() >= next_report_s:
             progress(f"ssh {target.host}:{target.port} attempt {attempt}: {last_error}")
             next_report_s = time.monotonic() + ATTEMPT_REPORT_EVERY_S
@@ -152,8 +171,7 @@ def connect(
             abort_check()
         if deadline.remaining_s <= 0:
             break
-        time.sleep(min(delay_s, deadline.remaining_s))
-        delay_s = min(delay_s * 2, BACKOFF_CAP_S)
+        time.sleep(min(pause_s, deadline.remaining_s))
     raise GuestTimeout(
         f"SSH to {target.user}@{target.host}:{target.port} not ready after {deadline_s:.0f} s "
         f"({attempt} attempts); last error: {last_error}"
@@ -161,7 +179,12 @@ def connect(
 
 
 class _Retry(Exception):
-    """An attempt failed in a way that is normal while a guest boots."""
+    """An attempt failed in a way that is normal while a guest boots. `costly`: the guest's sshd
+    did a whole key exchange for it (an authentication failure), so the next one waits longer."""
+
+    def __init__(self, message: str, *, costly: bool = False) -> None:
+        super().__init__(message)
+        self.costly = costly
 
 
 def _load_client_key(path: str) -> paramiko.PKey:
@@ -209,7 +232,8 @@ def _connect_once(
         client.close()
         raise _Retry(
             f"authentication as {target.user} with {target.client_key_path} failed ({e}); "
-            "the guest's seed (cloud-init, or nvmprov-seed in the built-in image) may not have installed the key yet"
+            "the guest's seed (cloud-init, or nvmprov-seed in the built-in image) may not have installed the key yet",
+            costly=True,
         ) from e
     except (OSError, EOFError, paramiko.SSHException) as e:
         client.close()

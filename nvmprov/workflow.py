@@ -196,7 +196,7 @@ def _create_new(run: _Creation) -> None:
     try:
         _build_guest(run)
         if opts.until not in ("define", "start"):
-            proof.prove(run, booting=True, reformat=opts.reformat, made=True,
+            proof.prove(run, booting=True, started=True, reformat=opts.reformat, made=True,
                         power_cycle=opts.power_cycle, ssh_only=opts.until == "ssh")
         run.md = replace(run.metadata, complete=True)
         _record(run.domain, run.md)
@@ -310,8 +310,9 @@ def _check_backing_volumes(run: _Creation) -> None:
             path = f"{pool_dir}/{volume}"
             users = virt.path_users(run.conn, [path], exclude=the_plan.name)[path]
             if users:
+                what = "backing volume" if volume == region.volume else "label storage volume"
                 raise HostError(
-                    f"volume {volume} of region {region.name} is used by domain(s) "
+                    f"{what} {volume} of region {region.name} is used by domain(s) "
                     f"{', '.join(users)}; give the region another name or detach it there first"
                 )
             if region.adopted:
@@ -525,12 +526,13 @@ def _reverify_existing(run: _Creation, dom: libvirt.virDomain, md: domain.Metada
     if opts.until == "define":  # the guest is defined: nothing to do, and starting it would be a change
         run.report.settle()
         return
-    if not virt.is_active(dom):
+    started = not virt.is_active(dom)
+    if started:
         proof.start_guest(run.conn, dom, run.plan, run.progress)
     if opts.until == "start":
         run.report.settle()
         return
-    proof.prove(run, booting=True, reformat=opts.reformat, ssh_only=opts.until == "ssh")
+    proof.prove(run, booting=True, started=started, reformat=opts.reformat, ssh_only=opts.until == "ssh")
     run.report.settle()
 
 

@@ -281,6 +281,19 @@ def test_sshd_waits_for_the_seed_only(booted: Booted, record_property):
     assert "python" not in booted.run("systemctl show -p ExecStart --value nvmprov-seed.service")
 
 
+def test_boot_leaves_out_initrd_udev_generators_and_motd(booted: Booted):
+    """The initrd's /init is nvmprov's own (initramfs-tools' makes /run/initramfs, and runs udev),
+    only systemd's fstab generator runs, and a login makes no message of the day (under TCG each
+    was seconds on sshd's path: docs/performance.md)."""
+    assert booted.run("test -e /run/initramfs && echo yes || echo no").strip() == "no"
+    running = booted.run(
+        "for g in /lib/systemd/system-generators/*; do "
+        '[ "$(readlink -f /etc/systemd/system-generators/${g##*/})" = /dev/null ] || echo ${g##*/}; done'
+    ).split()
+    assert running == ["systemd-fstab-generator"]
+    assert booted.run("test -e /run/motd.dynamic && echo yes || echo no").strip() == "no"
+
+
 def test_seed_applied_by_nvmprov_seed_without_cloud_init(booted: Booted):
     assert booted.run("systemctl is-active nvmprov-seed.service").strip() == "active"
     assert booted.run("command -v cloud-init || echo none").strip() == "none"

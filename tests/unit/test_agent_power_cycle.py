@@ -202,18 +202,22 @@ def test_power_cycle_proof_never_runs_apply(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(proof.virt, "power_off", cut_and_boot)
     monkeypatch.setattr(proof.virt, "start", lambda dom: calls.append("start"))
     monkeypatch.setattr(proof, "hotplug_virtio_pmem", lambda *a: calls.append("hotplug"))
-    monkeypatch.setattr(proof, "open_session", lambda *a: session)
+    gates: list[object] = []
+    monkeypatch.setattr(proof, "open_session", lambda *a, **kw: (gates.append(kw.get("seed_line")), session)[1])
     monkeypatch.setattr(proof.agent, "apply", forbidden)
     monkeypatch.setattr(proof.storage, "pool_of", lambda conn, name: "pool")
     monkeypatch.setattr(proof.storage, "volume", lambda pool, name: name)
     monkeypatch.setattr(proof.storage, "find_marker", find_marker)
     reports = [replace(r, backing_path=f"/pool/g-{r.name}.raw") for r in reports]
     report = GuestReport(name="g", ssh=SshInfo("127.0.0.1", 2222, "nvmprov", "/k", "/kh"))
-    run = proof.GuestRun(None, THREE, None, Progress(), report, dom=object())  # type: ignore[arg-type]
+    builtin = replace(THREE, base_volume="nvmprov-base.qcow2")  # the built-in image's overlay
+    run = proof.GuestRun(None, builtin, None, Progress(), report, dom=object())  # type: ignore[arg-type]
 
     proof.power_cycle_proof(run, reports)
 
     assert calls == ["power_off", "start", "hotplug"]
+    # a fresh boot: no SSH attempt before the built-in image's console says its seed is applied
+    assert gates == [True]
     assert not any(c.startswith(MUTATING) for c in session.commands), session.commands
     fast, labelled, v = reports
     assert fast.persisted is False and "not persisted" in (fast.persisted_reason or "")

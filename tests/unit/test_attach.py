@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from nvmprov import attach, domain, plan, spec
+from nvmprov import attach, domain, ledger, plan, spec
 from nvmprov.cli import exit_status
 from nvmprov.errors import UsageError
 from nvmprov.sizes import GiB, MiB
@@ -196,15 +196,134 @@ def test_attach_mode_joins_the_recorded_spec() -> None:
     assert (new.effective_mode, new.align_bytes, new.reserved_tail) == ("devdax", 2 * MiB, True)
 
 
-def test_detach_refuses_live_nvdimm_and_unknown_regions() -> None:
-    xml = managed_xml()
-    (p,) = attach.detach_problems(xml, "nv", live=True, running=True)
-    assert "nvdimm device hot unplug is not supported yet" in p and "detach g nv --config" in p
-    assert attach.detach_problems(xml, "nv", live=False, running=True) == []
-    (p,) = attach.detach_problems(xml, "nope", live=False, running=False)
-    assert "no region nope" in p
-    (p,) = attach.detach_problems(xml, "nv", live=True, running=False)
-    assert "not running" in p
+# ---------------------------------------------------------------------------------------------
+# plan_detach: (live XML, config XML, metadata, flags) -> steps or problems
+
+KEEP, PURGE = ledger.Purge(), ledger.Purge.asked(True, False)
+TWO_NVDIMMS = """\
+name: g
+hotplug: {slots: 2, headroom: 1GiB}
+pmem:
+  - {name: nv, size: 256MiB}
+  - {name: nv2, size: 256MiB}
+"""
+
+
+def managed_guest(text: str = GUEST) -> tuple[str, str, domain.Metadata]:
+    """(live XML, config XML, metadata) of a running managed guest: virtio-pmem live only."""
+    g = spec.loads(text).guests[0]
+    the_plan = plan.build(g, FACTS)
+    md = replace(domain.Metadata.from_plan(the_plan, ssh_port=2222, spec_json=g.model_dump_json(by_alias=True)),
+                 volumes=tuple((r.volume, "backing") for r in the_plan.regions))
+    return managed_xml(text), domain.render(the_plan, CTX), md
+
+
+def with_nvdimm(xml: str, alias: str = "ua-pmem-nv") -> str:
+    """FOREIGN with an nvdimm someone attached (by nvmprov or by hand)."""
+    dev = (f"<memory model='nvdimm' access='shared'><source><path>/var/lib/nvmprov/pool/plain.domain.nv.raw</path>"
+           f"</source><target><size unit='KiB'>65536</size><node>0</node></target><alias name='{alias}'/></memory>")
+    return xml.replace("</devices>", f"{dev}</devices>")
+
+
+def kinds(p: attach.DetachPlan) -> list[str]:
+    return [type(s).__name__ for s in p.steps]
+
+
+def test_detach_plan_refuses_live_nvdimm_and_names_the_way_that_works() -> None:
+    live, cfg, md = managed_guest()
+    for flags in ({}, {"live": True}, {"live": True, "config": True}):
+        p = attach.plan_detach(live, cfg, md, "nv", running=True, purge=KEEP,
+                               **{"live": False, "config": False, **flags})
+        (problem,) = p.problems
+        assert "nvdimm device hot unplug is not supported yet" in problem and "detach g nv --config" in problem
+        assert p.steps == ()
+
+
+def test_detach_plan_nvdimm_config_leaves_at_the_next_start_and_keeps_the_data() -> None:
+    live, cfg, md = managed_guest()
+    p = attach.plan_detach(live, cfg, md, "nv", running=True, live=False, config=True, purge=KEEP)
+    assert p.problems == () and kinds(p) == ["DropFromConfig", "Unrecord"]
+    assert p.targets == ["config", "metadata"] and p.volume == "g-pmem-nv.raw"
+    drop, unrecord = p.steps
+    assert "ua-pmem-nv" in drop.device_xml and 'model="nvdimm"' in drop.device_xml  # type: ignore[union-attr]
+    assert [r["name"] for r in json.loads(unrecord.spec_json)["pmem"]] == ["vp"]  # type: ignore[union-attr]
+    assert p.notes[0] == "nv stays in the running guest until g is powered off"
+    assert p.notes[1].startswith("kept the backing volume g-pmem-nv.raw (its data)")
+
+
+def test_detach_plan_managed_virtio_pmem_is_unplugged_live_and_unrecorded_never_in_config() -> None:
+    live, cfg, md = managed_guest()
+    p = attach.plan_detach(live, cfg, md, "vp", running=True, live=False, config=False, purge=KEEP)
+    assert kinds(p) == ["Unplug", "Unrecord"] and p.targets == ["live", "metadata"]
+    assert p.steps[0] == attach.Unplug(p.steps[0].device_xml, "vp", managed=True)  # type: ignore[union-attr]
+    # --config: its record is nvmprov's metadata, the running guest keeps it until it stops
+    p = attach.plan_detach(live, cfg, md, "vp", running=True, live=False, config=True, purge=KEEP)
+    assert kinds(p) == ["Unrecord"] and "the next start does not plug it" in p.notes[0]
+    # a stopped guest: only the record holds it
+    p = attach.plan_detach(cfg, cfg, md, "vp", running=False, live=False, config=False, purge=KEEP)
+    assert kinds(p) == ["Unrecord"] and p.problems == ()
+
+
+def test_detach_plan_purges_what_the_guest_made_with_its_metadata_as_witness() -> None:
+    live, cfg, md = managed_guest()
+    p = attach.plan_detach(cfg, cfg, md, "nv", running=False, live=False, config=False, purge=PURGE)
+    assert kinds(p) == ["DropFromConfig", "Unrecord", "PurgeVolume"]
+    purge = p.steps[-1]
+    assert purge == attach.PurgeVolume("nvmprov", "g-pmem-nv.raw", "/p/g-pmem-nv.raw", False,
+                                       ("g-pmem-nv.raw", "g-pmem-vp.raw"))
+    assert not any("kept" in n for n in p.notes)   # the purge step says what it keeps, when it runs
+
+
+@pytest.mark.parametrize(("region", "running", "flags", "fragment"), [
+    ("nope", True, {}, "guest g has no region nope (nv, vp)"),
+    ("nv", False, {"live": True}, "domain g is not running: drop --live"),
+    ("vp", False, {"live": True}, "domain g is not running: drop --live"),
+])
+def test_detach_plan_problems_on_a_managed_guest(region: str, running: bool, flags: dict[str, bool],
+                                                 fragment: str) -> None:
+    live, cfg, md = managed_guest()
+    p = attach.plan_detach(live if running else cfg, cfg, md, region, running=running, purge=PURGE,
+                           **{"live": False, "config": False, **flags})
+    assert [fragment in x for x in p.problems] == [True] and p.steps == ()
+
+
+def test_detach_plan_keeps_the_order_that_places_regions() -> None:
+    live, cfg, md = managed_guest(TWO_NVDIMMS)
+    (problem,) = attach.plan_detach(cfg, cfg, replace(md, spec_json=None), "nv2", running=False, live=False,
+                                    config=False, purge=KEEP).problems
+    assert "holds no spec; recreate it" in problem
+    (problem,) = attach.plan_detach(cfg, cfg, md, "nv", running=False, live=False, config=False,
+                                    purge=KEEP).problems
+    assert "detach the later nvdimm regions first" in problem
+    assert attach.plan_detach(cfg, cfg, md, "nv2", running=False, live=False, config=False,
+                              purge=KEEP).problems == ()
+
+
+def test_detach_plan_refuses_a_cxl_region_which_only_a_recreate_removes() -> None:
+    text = "name: g\npmem:\n  - {name: cxl, size: 256MiB, model: cxl}\n  - {name: nv, size: 64MiB}\n"
+    live, cfg, md = managed_guest(text)
+    p = attach.plan_detach(live, cfg, md, "cxl", running=True, live=False, config=False, purge=PURGE)
+    assert p.steps == () and [("no CXL hot-unplug" in x and "recreate the guest" in x) for x in p.problems] == [True]
+
+
+def test_detach_plan_on_a_foreign_domain() -> None:
+    cfg = with_nvdimm(FOREIGN)
+    p = attach.plan_detach(cfg, cfg, None, "nv", running=False, live=False, config=False, purge=PURGE)
+    assert kinds(p) == ["DropFromConfig", "PurgeVolume"] and p.targets == ["config"]
+    assert p.steps[-1] == attach.PurgeVolume("nvmprov", "plain.domain.nv.raw",
+                                             "/var/lib/nvmprov/pool/plain.domain.nv.raw", False, ())
+    (problem,) = attach.plan_detach(FOREIGN, FOREIGN, None, "nv", running=False, live=False, config=False,
+                                    purge=KEEP).problems
+    assert problem.startswith("domain plain has no region nv (alias ua-pmem-nv)")
+    (problem,) = attach.plan_detach(FOREIGN, FOREIGN, None, "nv", running=True, live=False, config=True,
+                                    purge=KEEP).problems
+    assert problem.startswith("the config of domain plain has no region nv")
+    # running, the nvdimm in the config only (attached --config): live is refused, --config is the way
+    (problem,) = attach.plan_detach(FOREIGN, cfg, None, "nv", running=True, live=True, config=False,
+                                    purge=KEEP).problems
+    assert "nvdimm device hot unplug is not supported yet" in problem
+    p = attach.plan_detach(FOREIGN, cfg, None, "nv", running=True, live=False, config=False, purge=KEEP)
+    assert kinds(p) == ["DropFromConfig"] and "stays in the running guest" in p.notes[0]
 
 
 # A foreign domain that could take virtio-pmem live (ACPI, maxMemory, a NUMA cell, a spare port).

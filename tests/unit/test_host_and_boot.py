@@ -142,3 +142,33 @@ def test_pool_lock_is_shared_by_creates_and_exclusive_for_prune(tmp_path, monkey
             pass
     with state.pool_lock("hv", "p", exclusive=True):  # released when the creates ended
         pass
+
+
+def test_seed_failure_on_the_console_stops_the_wait(tmp_path) -> None:
+    """apply_seed.sh's error line ends the SSH wait at once (no login can work), with the console."""
+    log = tmp_path / "serial.log"
+    log.write_text("[  OK  ] Started x\nnvmprov-seed: error: seed file nvmprov/extra not implemented by the image\n")
+    with pytest.raises(GuestError, match="could not apply its seed") as info:
+        check("g", str(log), active=True)
+    assert "nvmprov/extra not implemented" in str(info.value)
+    log.write_text("nvmprov-seed: applied (host g, user u, instance i) in 3.1 s\n")
+    check("g", str(log), active=True)
+
+
+def test_seed_applied_is_the_appliers_own_last_line() -> None:
+    """The SSH wait opens on the line apply_seed.sh prints once eth0 has its address (and stops on
+    its error line): the markers are the script's own words."""
+    from nvmprov import image
+
+    applier = (image.RECIPE_DIR / "files/usr/local/lib/nvmprov/apply_seed.sh").read_text()
+    say = 'say() {\n    echo "nvmprov-seed: $*"\n    [ -z "$CONSOLE" ] || echo "nvmprov-seed: $*" > "$CONSOLE"'
+    assert say in applier
+    # ... straight onto the console: through journald (journal+console) it came 4-9 s late
+    assert "    CONSOLE=/dev/console\n" in applier.split("main() {", 1)[1].split("mount_seed", 1)[0]
+    unit = (image.RECIPE_DIR / "files/etc/systemd/system/nvmprov-seed.service").read_text()
+    assert "StandardOutput=journal\n" in unit and "StandardError=journal\n" in unit
+    assert 'say "applied (host' in applier and 'fail() { say "error: $*"' in applier
+    assert applier.index("    set_network\n") < applier.index('say "applied (host')
+    assert boot.seed_applied("x\r\nnvmprov-seed: applied (host g, user u, instance i) in 3.1 s\r\n")
+    assert not boot.seed_applied("nvmprov-seed: error: no cidata CD\n")
+    assert not boot.seed_applied("")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import subprocess
 import uuid
 
 import libvirt
@@ -125,6 +126,46 @@ def test_sshd_starts_right_after_the_seed():
 def test_seed_cd_and_nic_are_probed_in_the_initrd():
     modules = (image.RECIPE_DIR / "files/etc/initramfs-tools/modules").read_text().split()
     assert {"ahci", "sr_mod", "isofs", "virtio_blk", "virtio_net"} <= set(modules)
+
+
+def test_the_initrd_has_nvmprovs_own_init_without_udev():
+    """initramfs-tools' init (udev started, triggered, settled: 5 s under TCG) is replaced by a
+    short one: the hook overwrites the init mkinitramfs copied before running hooks."""
+    hook = image.RECIPE_DIR / "files/etc/initramfs-tools/hooks/nvmprov-init"
+    init = image.RECIPE_DIR / "files/usr/local/lib/nvmprov/initrd-init"
+    assert os.access(hook, os.X_OK) and os.access(init, os.X_OK)
+    assert 'cp /usr/local/lib/nvmprov/initrd-init "${DESTDIR}/init"' in hook.read_text()
+    text = init.read_text()
+    assert subprocess.run(["sh", "-n", str(init)], check=False).returncode == 0
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "udev" not in code.replace("udev /dev", "")  # devtmpfs makes the nodes
+    assert "done < /conf/modules" in code and "modprobe -q -b -a $modules" in code
+    assert 'mount -t ext4 -o rw "$root" /root' in code
+    assert 'exec run-init /root "$init" "$@"' in code
+    assert "readonly=" not in (image.RECIPE_DIR / "files/etc/initramfs-tools/conf.d/nvmprov.conf").read_text()
+
+
+def test_only_the_fstab_generator_runs_and_logins_skip_motd():
+    hook = (image.RECIPE_DIR / "customize.sh").read_text()
+    loop = hook.split("for gen in ", 1)[1].split("; do", 1)[0]
+    masked = set(loop.replace("\\", " ").split())
+    assert "systemd-fstab-generator" not in masked  # the agent's region mounts are fstab lines
+    assert {"systemd-gpt-auto-generator", "systemd-sysv-generator", "systemd-getty-generator"} <= masked
+    assert 'ln -sf /dev/null "$root/etc/systemd/system-generators/$gen"' in hook
+    assert "pam_motd" in hook and '"$root/etc/pam.d/sshd"' in hook
+    assert 'ln -sf /dev/null "$root/etc/systemd/system/systemd-user-sessions.service"' in hook
+
+
+def test_sshd_and_the_seed_outweigh_other_units_while_booting():
+    for path, weight in (
+        ("files/etc/systemd/system/ssh.service.d/10-nvmprov.conf", "1000"),
+        ("files/etc/systemd/system/nvmprov-seed.service", "1000"),
+        ("files/etc/systemd/system/nvmprov-grow-root.service", "10"),
+    ):
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.read_string((image.RECIPE_DIR / path).read_text())
+        assert unit["Service"]["StartupCPUWeight"] == weight, path
+        assert "CPUWeight" not in unit["Service"], path  # after start-up every unit weighs the same
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nvmprov"
 # Where a deferred import saves start-up: the CLI (each command imports its own modules), the API
 # (importing it imports neither libvirt nor paramiko), and the modules on render's/validate's path.
 STARTUP = {"nvmprov.cli", "nvmprov.api", "nvmprov.image", "nvmprov.session", "nvmprov.spec"}
-# attach's detach half is being rewritten (issue 16 point 4); its imports move with it.
-NOT_YET = {"nvmprov.attach"}
 
 
 def _modules() -> dict[str, Path]:
@@ -96,7 +94,7 @@ def test_the_modules_import_each_other_at_the_top_without_a_cycle() -> None:
 
 def test_function_local_imports_of_nvmprov_modules_only_save_start_up() -> None:
     _top, local = _imports(_modules())
-    elsewhere = [f"{m}:{line} imports {t}" for m, line, t in local if m not in STARTUP | NOT_YET]
+    elsewhere = [f"{m}:{line} imports {t}" for m, line, t in local if m not in STARTUP]
     assert elsewhere == [], ("import these at the top of the module (no cycle needs dodging; only "
                              f"{sorted(STARTUP)} defer imports, for start-up): {elsewhere}")
 

@@ -82,6 +82,12 @@ def test_older_specs_keep_their_digest() -> None:
     assert "namespaces" not in guest_of(B).canonical()["pmem"][0]
 
 
+def test_the_recorded_spec_of_a_split_guest_loads_again_with_its_digest() -> None:
+    g = guest_of(SPLIT)
+    again, warnings = spec.load_recorded(g.canonical())
+    assert warnings == [] and again.digest() == g.digest() and again.pmem[0].namespaces == g.pmem[0].namespaces
+
+
 def test_namespaces_change_the_digest() -> None:
     assert guest_of(SPLIT).digest() != guest_of(B).digest()
 

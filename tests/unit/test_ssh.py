@@ -389,17 +389,66 @@ def _refusing_guest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[li
     return clock, pauses, ssh.SshTarget("127.0.0.1", 1, "u", str(key), public)
 
 
-def test_backoff_is_capped_at_one_second_and_keeps_the_deadline(
+def test_refused_attempts_are_retried_every_quarter_second_until_the_deadline(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Simulated clock: every attempt fails at once; the pauses grow to 1 s and stop at the deadline."""
+    """Simulated clock: every attempt is refused at once (cheap for the guest): a pause of 0.25 s
+    each, no growth, stopping exactly at the deadline."""
     clock, pauses, target = _refusing_guest(monkeypatch, tmp_path)
     with pytest.raises(GuestTimeout, match="not ready after 10 s"):
         ssh.connect(target, deadline_s=10)
-    assert pauses[:4] == [0.25, 0.5, 1.0, 1.0]
-    assert max(pauses) == ssh.BACKOFF_CAP_S == 1.0
+    assert set(pauses) == {ssh.RETRY_PAUSE_S} == {0.25}
     assert sum(pauses) == pytest.approx(10.0)  # waited exactly until the deadline, not past it
     assert clock[0] == pytest.approx(1010.0)
+
+
+def test_authentication_failures_back_off_to_one_second(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An authentication failure cost the guest a key exchange: the pauses after those double up to
+    1 s, while a refused attempt in between still waits only 0.25 s."""
+    _clock, pauses, target = _refusing_guest(monkeypatch, tmp_path)
+    outcomes = iter([True, True, False, True, True, True] + [True] * 100)
+
+    def fails(*_args: object) -> object:
+        costly = next(outcomes)
+        raise ssh._Retry("authentication failed" if costly else "connection refused", costly=costly)
+
+    monkeypatch.setattr(ssh, "_connect_once", fails)
+    with pytest.raises(GuestTimeout, match="authentication failed"):
+        ssh.connect(target, deadline_s=10)
+    assert pauses[:6] == [0.25, 0.5, 0.25, 1.0, 1.0, 1.0]
+    assert max(pauses) == ssh.AUTH_BACKOFF_CAP_S == 1.0
+
+
+def test_no_attempt_until_ready_then_each_gets_the_full_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With `ready` (the built-in image's console line): no connection is tried while it says no,
+    the abort check still runs every 0.25 s, it is not asked again once it said yes, and every
+    attempt then gets ATTEMPT_TIMEOUT_CAP_S (the guest has its address: nothing hangs in slirp)."""
+    clock, pauses, target = _refusing_guest(monkeypatch, tmp_path)
+    caps: list[float] = []
+    asked: list[float] = []
+    checks: list[float] = []
+
+    def refused(*args: object) -> object:
+        caps.append(args[4])  # type: ignore[arg-type]
+        raise ssh._Retry("connection refused (sshd not listening yet)")
+
+    def ready() -> bool:
+        asked.append(clock[0])
+        return clock[0] >= 1003.0
+
+    monkeypatch.setattr(ssh, "_connect_once", refused)
+    with pytest.raises(GuestTimeout, match=r"not ready after 5 s \((\d+) attempts\)") as failure:
+        ssh.connect(target, deadline_s=5, ready=ready, abort_check=lambda: checks.append(clock[0]))
+    assert asked[-1] == pytest.approx(1003.0) and len(asked) == 13  # 0, 0.25 ... 3.0 s; then no more
+    assert set(caps) == {ssh.ATTEMPT_TIMEOUT_CAP_S}
+    assert len(caps) == int(re.search(r"\((\d+) attempts\)", str(failure.value)).group(1)) == 9  # 3.0 ... 5.0 s
+    assert set(pauses) == {0.25} and len(checks) == len(pauses) + 1
+
+
+def test_never_ready_says_so_at_the_deadline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _clock, _pauses, target = _refusing_guest(monkeypatch, tmp_path)
+    with pytest.raises(GuestTimeout, match=r"\(0 attempts\); last error: the guest has not said it has its network"):
+        ssh.connect(target, deadline_s=3, ready=lambda: False)
 
 
 def test_most_attempts_are_short_and_every_fourth_gets_the_full_time(

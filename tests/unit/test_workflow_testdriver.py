@@ -384,6 +384,31 @@ def test_destroy_purge_of_an_owned_volume_does_not_call_it_kept(conn, monkeypatc
     assert storage.lookup(_pool(conn), "wf-own-purge-pmem-data.raw") is None
 
 
+def test_destroy_purge_keeps_a_volume_another_domain_uses(conn, monkeypatch) -> None:
+    """A backing volume nvmprov made, since given to another domain by hand: --purge keeps it."""
+    monkeypatch.setattr(guests.virt, "undefine", lambda dom: dom.undefine())  # the test driver takes no flags
+    g = guest_spec("wf-own-shared")
+    conn.made.append(g.name)  # type: ignore[attr-defined]
+    assert workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet()).ok
+    pool = _pool(conn)
+    path = storage.lookup(pool, "wf-own-shared-pmem-data.raw").path()
+    other = conn.defineXML(f"""<domain type='test'><name>wf-own-borrower</name><memory unit='KiB'>262144</memory>
+        <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>
+        <source file='{path}'/><target dev='vdb' bus='virtio'/></disk></devices></domain>""")
+    try:
+        out = io.StringIO()
+        guests.destroy_one(conn, identity.of(conn), g.name, purge=ledger.Purge(volumes=True), progress=Progress(out))
+        assert "kept volume wf-own-shared-pmem-data.raw: still used by domain wf-own-borrower" in out.getvalue()
+        assert storage.lookup(pool, "wf-own-shared-pmem-data.raw") is not None
+        assert ledger.read(pool).get("wf-own-shared-pmem-data.raw") is not None  # still nvmprov's, for a later purge
+        assert storage.lookup(pool, "wf-own-shared-root.qcow2") is None          # unshared: deleted as before
+    finally:
+        other.undefine()
+    out = io.StringIO()
+    guests.destroy_one(conn, identity.of(conn), g.name, purge=ledger.Purge(volumes=True), progress=Progress(out))
+    assert storage.lookup(pool, "wf-own-shared-pmem-data.raw") is None, out.getvalue()
+
+
 def _adopting(name: str, volume: str) -> spec.GuestSpec:
     return spec.loads(SPEC_TEXT.format(name=name).replace("mount: /mnt/data",
                                                           f"mount: /mnt/data\n    volume: {volume}")).guests[0]
@@ -579,3 +604,18 @@ def test_create_verify_and_attach_prove_through_the_one_proof_function(conn, mon
     assert len(plugged) == 1 and "ua-pmem-hp0" in plugged[0]
     for report in (new, rerun, verified, attached):
         assert report.ok is False and "the guest never answers" in (report.error or {}).get("message", "")
+
+
+def test_a_backing_volume_another_domain_uses_is_named_as_such_before_anything_is_made(conn) -> None:
+    g = guest_spec("wf-used")
+    volume = plan.build(g, FACTS).regions[0].volume
+    path = f"{storage.pool_path(_pool(conn))}/{volume}"
+    conn.defineXML(f"<domain type='test'><name>wf-user</name><memory>131072</memory><os><type>hvm</type></os>"
+                   f"<devices><disk type='file' device='disk'><source file='{path}'/><target dev='vdb'/></disk>"
+                   "</devices></domain>")
+    conn.made.append("wf-user")
+    with pytest.raises(HostError) as info:
+        workflow.create(g, workflow.CreateOptions(connect=URI, until="define"), quiet())
+    assert str(info.value).startswith(f"backing volume {volume} of region data is used by domain(s) wf-user; ")
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("wf-used")

@@ -35,7 +35,14 @@ TAB="$(printf '\t')"
 INSTANCE_RECORD=/var/lib/nvmprov/seed-instance-id
 HOST_KEY=/etc/ssh/ssh_host_ed25519_key
 
-say() { echo "nvmprov-seed: $*"; }
+# The serial console, written directly by main: nvmprov waits for the "applied" line there before
+# its first SSH attempt, and journald, through which StandardOutput=journal+console would pass it,
+# starts seconds later under TCG (4-9 s after the seed had finished, measured).
+CONSOLE=
+say() {
+    echo "nvmprov-seed: $*"
+    [ -z "$CONSOLE" ] || echo "nvmprov-seed: $*" > "$CONSOLE" 2> /dev/null || true
+}
 fail() { say "error: $*" >&2; exit 1; }
 centis() { echo $(( ${1%.*} * 100 + 1${1#*.} - 100 )); }  # "12.34" (/proc/uptime) -> 1234
 
@@ -195,6 +202,7 @@ check_packages() {  # outbound guests ask for packages: the built-in image has t
 
 main() {
     read -r started _ < /proc/uptime
+    CONSOLE=/dev/console
     mount_seed
     trap 'umount "$MOUNT_DIR"' EXIT
     seed="$MOUNT_DIR/nvmprov"

@@ -184,10 +184,18 @@ def guest_sudo(g: BaselineGuest, p: Prepared, script: str) -> str:
     return run(ssh_argv(g, p, "sudo -n sh -c " + shlex.quote(script)), timeout_s=GUEST_CMD_TIMEOUT_S)
 
 
+# sshd is up before udev's coldplug has loaded the nvdimm drivers (issue 14's boot path), so the hand
+# script loads them itself and waits for the block device, as nvmprov's agent does.
+LOAD_DRIVERS = "modprobe -a nfit nd_pmem"
+WAIT_PMEM0 = "i=0; until [ -b /dev/pmem0 ] || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done"
+
+
 def setup_script(marker: str) -> str:
     return "\n".join([
         "set -e",
+        LOAD_DRIVERS,
         "ndctl create-namespace -f -e namespace0.0 -m fsdax >/dev/null",
+        WAIT_PMEM0,
         "mkfs.ext4 -q -F -b 4096 /dev/pmem0",
         f"mkdir -p {MOUNT}",
         f"mount -o dax /dev/pmem0 {MOUNT}",
@@ -199,7 +207,7 @@ def setup_script(marker: str) -> str:
 
 
 def recheck_script() -> str:
-    return f"set -e; mount -o dax /dev/pmem0 {MOUNT}; sha256sum {MOUNT}/payload"
+    return f"set -e; {LOAD_DRIVERS}; {WAIT_PMEM0}; mount -o dax /dev/pmem0 {MOUNT}; sha256sum {MOUNT}/payload"
 
 
 def measure(g: BaselineGuest) -> dict[str, float]:

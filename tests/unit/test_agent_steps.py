@@ -21,7 +21,7 @@ from nvmprov import sizes
 from nvmprov.agent import apply, steps
 from nvmprov.agent.converge import gather
 from nvmprov.agent.facts import parse_guest_facts
-from nvmprov.agent.program import LOADER, bundle
+from nvmprov.agent.program import COMMAND, LOADER, bundle
 from nvmprov.errors import GuestError, RemoteCommandError
 from nvmprov.plan import Filesystem, Model, Plan, RegionPlan
 from nvmprov.ssh import Result
@@ -250,7 +250,7 @@ class FakeGuest:
 
     def start(self, cmd: str, *args: object, sudo: bool = False, stdin: bytes = b"") -> FakeProgram:
         assert sudo, f"the guest program must run as root: {cmd}"
-        assert (cmd, args, stdin) == ("python3 -c %s", (LOADER,), BUNDLE), "not the guest program's own start"
+        assert (cmd, args, stdin) == (COMMAND, (LOADER,), BUNDLE), "not the guest program's own start"
         self.execs += 1
         self.pythons += 1
         return FakeProgram(self)

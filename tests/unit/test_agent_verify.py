@@ -137,7 +137,7 @@ def test_verify_without_dax_fails_dax_and_xip_but_writes_data(tmp_path: Path) ->
     assert hashlib.sha256(data).hexdigest() == report.payload_sha256
     assert sorted(p.name for p in tmp_path.iterdir()) == [payload.name]  # the probe cleaned up
     (command,) = runner.commands  # one guest program run, which ends with its own sync
-    assert command.startswith("python3 -c ")
+    assert command.startswith("python3 -I -S -c ")
 
 
 def test_probe_here_shows_pages_for_both_copies(tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_filesystem_none_and_readonly_write_nothing(tmp_path: Path) -> None:
     # a readonly nvdimm stays a raw namespace: not DAX by design, so dax does not apply (None, not False)
     assert (ro.dax, ro.xip_ok, ro.data_ok) == (None, None, None)
     (command,) = runner.commands  # the guest program's verify of no region: only its closing sync
-    assert command.startswith("python3 -c ")
+    assert command.startswith("python3 -I -S -c ")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -299,7 +299,7 @@ def test_verify_of_three_regions_is_one_guest_program_run(tmp_path: Path) -> Non
     plan = plan_of(*(region(n, slot=i, mount=str(m)) for i, (n, m) in enumerate(zip("abc", mounts, strict=True))))
     runner = LocalRunner()
     reports = verify(runner, plan, [state(n, str(m)) for n, m in zip("abc", mounts, strict=True)])
-    assert len(runner.commands) == 1 and runner.commands[0].startswith("python3 -c ")
+    assert len(runner.commands) == 1 and runner.commands[0].startswith("python3 -I -S -c ")
     for report, m in zip(reports, mounts, strict=True):
         assert report.data_ok is True and report.xip_ok is False  # no DAX on this host
         assert report.payload_path == str(m / ".nvmprov-payload")

@@ -3,6 +3,7 @@ nvdimm backing files mapped 2 MiB-aligned (<alignsize>)."""
 
 from __future__ import annotations
 
+import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 
@@ -132,6 +133,10 @@ def test_baseline_guest_script_runs_the_agents_commands() -> None:
     for needle in ("ndctl create-namespace -f -e namespace0.0 -m fsdax", "mkfs.ext4 -q -F -b 4096 /dev/pmem0",
                    "mount -o dax /dev/pmem0 /mnt/data", "printf %s BASELINE-abc", "sync"):
         assert needle in script
+    # sshd now answers before udev's coldplug loaded the nvdimm drivers: the script loads them first
+    for s in (script, baseline.recheck_script()):
+        assert s.index("modprobe -a nfit nd_pmem") < s.index("until [ -b /dev/pmem0 ]") < s.index("mount -o dax")
+    assert subprocess.run(["sh", "-n", "-c", baseline.recheck_script()], check=False).returncode == 0
 
 
 def test_fmt_summary_single_run_and_digits() -> None:

@@ -170,6 +170,8 @@ def test_detach_purge_deletes_only_what_nvmprov_made(managed: Created) -> None:
     assert proc.returncode == 0, proc.stderr
     assert f"kept {NAME}-pmem-cfg.raw: still used by {NAME}" in proc.stdout, proc.stdout
     assert volumes() == before - {f"{NAME}-pmem-gone.raw"} and PLANTED in volumes()
+    t0 = time.monotonic()
     shown = json.loads(nvmprov("show", NAME, "--json", check=True, timeout_s=120).stdout)
+    print(f"show after the detaches: {time.monotonic() - t0:.1f}s, notes {shown['notes']}")
     assert [(r["name"], r["where"]) for r in shown["regions"]] == [
         ("base", "live+config"), ("nv", "live+config"), ("cfg", "live")]

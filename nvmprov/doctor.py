@@ -20,10 +20,13 @@ import libvirt
 
 from . import host, identity, image, ledger, spec, state, storage, virt
 from .errors import HostError, StorageError
+from .plan import CXL_LSA_BYTES
 from .sizes import backing_bytes_for, human_size
 
 Status = Literal["ok", "warn", "fail"]
 QEMU_HELP_TIMEOUT_S = 30.0
+KERNEL_HEAD_BYTES = 128 * 1024   # a bzImage's version string sits in its first pages (0x42c0 in Debian 12's)
+
 
 @dataclass(frozen=True)
 class Check:
@@ -66,6 +69,67 @@ def nvdimm_check(device_help: str | None) -> Check:
         return Check("qemu pmem devices", "fail", "this QEMU has no nvdimm device",
                      "install a QEMU built with nvdimm support (Debian: qemu-system-x86 >= 1:5)")
     return Check("qemu pmem devices", "ok", "QEMU offers " + " and ".join(have))
+
+
+CXL_DEVICES = ("pxb-cxl", "cxl-rp", "cxl-type3")
+# What `model: cxl` was measured with (issue 20): guest kernel 6.1 (Debian 12) has CXL_ACPI, CXL_PCI,
+# CXL_MEM, CXL_PORT, CXL_PMEM and CXL_REGION; pmem region creation came in 6.0.
+CXL_MIN_GUEST_KERNEL = (6, 0)
+
+
+def cxl_qemu_check(device_help: str | None) -> Check:
+    """QEMU's CXL devices (model: cxl), from `-device help`; None when it could not be asked."""
+    if device_help is None:
+        return Check("qemu cxl devices", "warn", "could not ask QEMU (remote host or no emulator binary here)",
+                     "create of a model: cxl guest fails at start if QEMU lacks them")
+    missing = [d for d in CXL_DEVICES if not re.search(rf'name "{d}"', device_help)]
+    if missing:
+        return Check("qemu cxl devices", "warn", f"this QEMU has no {', '.join(missing)}: model: cxl cannot work",
+                     "install QEMU >= 7.2 built with CXL (Debian 12's qemu-system-x86 has it), or use nvdimm")
+    return Check("qemu cxl devices", "ok", "QEMU offers " + ", ".join(CXL_DEVICES) + " (model: cxl)")
+
+
+def kernel_version(bzimage_head: bytes) -> str | None:
+    """The version string of a bzImage (x86 boot protocol: header 'HdrS', a pointer at 0x20e to the
+    string, relative to 0x200); None when these bytes do not hold one."""
+    if len(bzimage_head) < 0x210 or bzimage_head[0x202:0x206] != b"HdrS":
+        return None
+    at = int.from_bytes(bzimage_head[0x20E:0x210], "little") + 0x200
+    end = bzimage_head.find(b"\0", at)
+    if at >= len(bzimage_head) or end < 0:
+        return None
+    text = bzimage_head[at:end].decode("ascii", "replace").split(" ")[0]
+    return text or None
+
+
+def cxl_kernel_check(version: str | None) -> Check:
+    """The built-in image's guest kernel and model: cxl (VERSION None: not read)."""
+    if version is None:
+        return Check("guest kernel cxl", "warn", "could not read the built-in image's kernel version",
+                     "`nvmprov image build`; model: cxl needs a guest kernel >= 6.0 with CXL_REGION and CXL_PMEM")
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m[1]), int(m[2])) < CXL_MIN_GUEST_KERNEL:
+        return Check("guest kernel cxl", "warn", f"the built-in image's kernel {version} is older than 6.0: no CXL "
+                     "pmem regions", "model: cxl needs a guest kernel >= 6.0 with CXL_REGION and CXL_PMEM")
+    return Check("guest kernel cxl", "ok", f"the built-in image's kernel {version} (6.1 was measured with model: cxl; "
+                 "your own images need CXL_ACPI, CXL_PCI, CXL_MEM, CXL_PMEM, CXL_REGION and ndctl's cxl tool)")
+
+
+def cxl_confinement_check(secmodels: Iterable[str], qemu_ids: tuple[int, int] | None) -> Check:
+    """Can QEMU open files named only on its command line (CXL's)? libvirt neither chowns nor labels
+    them: nvmprov makes them owned by QEMU's user (DAC); an AppArmor or SELinux driver would also need
+    a rule for them, which libvirt does not add."""
+    confining = [m for m in secmodels if m in ("apparmor", "selinux")]
+    if confining:
+        return Check("cxl confinement", "warn", f"libvirt confines QEMU with {', '.join(confining)}; it does not "
+                     "allow files named only on QEMU's command line, as a CXL region's backing and label files",
+                     "allow the pool's *.raw and *.lsa files for QEMU (AppArmor: a rule in "
+                     "/etc/apparmor.d/local/abstractions/libvirt-qemu such as `/var/lib/nvmprov/pool/* rwk,`; "
+                     "SELinux: label them svirt_image_t), or use model: nvdimm")
+    who = f"uid {qemu_ids[0]}, gid {qemu_ids[1]}" if qemu_ids else "its user"
+    drivers = ", ".join(secmodels) or "none"
+    return Check("cxl confinement", "ok", f"no AppArmor or SELinux driver in libvirt ({drivers}): QEMU ({who}) opens "
+                 "the CXL files nvmprov makes owned by it")
 
 
 def leftover_names(owned: Iterable[str], existing: Iterable[str], referenced: set[str],
@@ -123,8 +187,12 @@ def run(uri: str, *, spec_path: str | None = None) -> list[Check]:
     try:
         checks = [Check("libvirt", "ok", f"{uri}: libvirt {_version(conn.getLibVersion())}, "
                         f"QEMU {_version(conn.getVersion())}")]
-        checks.append(nvdimm_check(_device_help(conn)))
-        checks.append(accel_check(*host.kvm_facts(conn.getCapabilities())))
+        device_help = _device_help(conn)
+        checks.append(nvdimm_check(device_help))
+        caps = conn.getCapabilities()
+        checks.append(accel_check(*host.kvm_facts(caps)))
+        checks.append(cxl_qemu_check(device_help))
+        checks.append(cxl_confinement_check(host.security_models(caps), host.qemu_ids(caps)))
         checks += _pool_checks(conn, spec_path)
         return checks
     finally:
@@ -148,6 +216,7 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
     names = image.builtin_volume_names()
     if image.is_built(pool):
         checks.append(Check("built-in image", "ok", f"{names[0]} and its kernel/initrd are in the pool"))
+        checks.append(cxl_kernel_check(_kernel_version(pool, names[1])))
     else:
         checks.append(Check("built-in image", "fail", f"{names[0]} is not in pool {pool.name()}",
                             "`nvmprov image build` (2-4 minutes; create also builds it on first use)"))
@@ -163,9 +232,18 @@ def _pool_checks(conn: libvirt.virConnect, spec_path: str | None) -> list[Check]
     return checks
 
 
+def _kernel_version(pool: libvirt.virStoragePool, volume: str) -> str | None:
+    try:
+        head = b"".join(storage.download(storage.volume(pool, volume), length=KERNEL_HEAD_BYTES))
+    except (StorageError, libvirt.libvirtError):
+        return None
+    return kernel_version(head)
+
+
 def _spec_need(spec_path: str) -> tuple[int, str]:
     loaded = spec.load(spec_path)
     need = sum(backing_bytes_for(r.size_bytes) for g in loaded.guests for r in g.pmem if r.allocation == "full")
+    need += sum(CXL_LSA_BYTES for g in loaded.guests for r in g.pmem if r.model == "cxl")  # its label area
     return need, f"the regions of {spec_path}"
 
 

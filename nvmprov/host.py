@@ -47,6 +47,12 @@ def qemu_ids(capabilities_xml: str) -> tuple[int, int] | None:
     return None
 
 
+def security_models(capabilities_xml: str) -> list[str]:
+    """libvirt's security drivers for QEMU ('none', 'dac', 'apparmor', 'selinux')."""
+    root = ET.fromstring(capabilities_xml)  # noqa: S314 - libvirt's own output
+    return [m.findtext("model") or "" for m in root.findall("./host/secmodel")]
+
+
 def facts(conn: libvirt.virConnect, pool_dir: str) -> HostFacts:
     caps = conn.getCapabilities()
     arch_el = ET.fromstring(caps).find("./host/cpu/arch")  # noqa: S314 - libvirt's own XML

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import agent, domain, identity, managed, proof, state, virt
 from .errors import GuestError, NvmprovError
-from .sizes import human_size
+from .plan import CXL_GRANULE_BYTES
+from .sizes import human_size, round_up
 
 if TYPE_CHECKING:
     import libvirt
@@ -43,10 +44,26 @@ class GuestRegion:
         return int(m.group(1), 16) if m else None
 
 
+    @property
+    def cxl(self) -> bool:
+        """The nd region of a CXL region (its bus hangs off the CXL nvdimm bridge)."""
+        return "/nvdimm-bridge" in self.sysfs
+
+
+@dataclass(frozen=True)
+class CxlWindow:
+    """A CXL fixed memory window as the guest shows it (a root decoder: decoder0.0)."""
+
+    decoder: str
+    start: int
+    size_bytes: int
+
+
 @dataclass(frozen=True)
 class Probe:
     ram: tuple[tuple[int, int], ...]          # inclusive (start, end)
     regions: tuple[GuestRegion, ...]
+    cxl_windows: tuple[CxlWindow, ...] = ()
 
 
 def probe_of(facts: GuestFacts) -> Probe:
@@ -62,7 +79,8 @@ def probe_of(facts: GuestFacts) -> Probe:
             blockdevs=tuple(sorted(b.name for b in facts.blockdevs.values() if b.region == r.dev)),
             target_node=r.target_node,
         ))
-    return Probe(facts.system_ram, tuple(regions))
+    windows = tuple(CxlWindow(name, start, size) for name, (start, size) in sorted(facts.cxl_windows.items()))
+    return Probe(facts.system_ram, tuple(regions), windows)
 
 
 @dataclass
@@ -106,6 +124,9 @@ class MemoryMap:
     headroom_bytes: int = 0
     free_root_ports: int = 0
     addresses_from: str = "libvirt"  # "guest" when the ranges were read inside the guest
+    # The CXL fixed memory window: {"size_bytes", "regions", and from the guest "decoder", "start", "end"};
+    # None without CXL regions. Its size is on QEMU's command line, the address only in the guest.
+    cxl_window: dict[str, Any] | None = None
     ssh: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -135,7 +156,11 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
             view.guest_start = dev.base
             view.guest_end = dev.base + dev.size_bytes - (dev.label_bytes or 0) - 1
         views[name] = view
+    cxl_paths = domain.references(config_xml).paths
     for r in md.regions if md else ():
+        if r.model == "cxl":  # on QEMU's command line, not a libvirt device
+            path = next((p for p in sorted(cxl_paths) if p.endswith("/" + r.volume)), None)
+            views[r.name] = RegionView(r.name, r.model, r.backing_bytes, None, "qemu args", path)
         view = views.get(r.name) or RegionView(r.name, r.model, r.backing_bytes, None, "recorded", None)
         view.usable_bytes = r.expected_usable_bytes
         if view.numa_node is None and r.model == "nvdimm":
@@ -146,11 +171,14 @@ def build_map(live_xml: str, config_xml: str, *, running: bool, md: Metadata | N
         node = next((n for n in nodes if n.id == view.numa_node), None)
         if node is not None:
             node.regions.append(view.name)
+    cxl = [r for r in md.regions if r.model == "cxl"] if md else []
+    window = {"size_bytes": round_up(sum(r.backing_bytes for r in cxl), CXL_GRANULE_BYTES),
+              "regions": [r.name for r in cxl]} if cxl else None
     return MemoryMap(
         name=now.name, state="running" if running else "shut off", managed=md is not None,
         ram_bytes=now.ram_bytes, regions=list(views.values()), max_memory_bytes=now.max_memory_bytes,
         slots=now.slots, free_slots=now.free_slots, headroom_bytes=now.headroom_bytes,
-        free_root_ports=len(now.free_root_ports), nodes=nodes,
+        free_root_ports=len(now.free_root_ports), nodes=nodes, cxl_window=window,
     )
 
 
@@ -164,6 +192,8 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
             continue
         if r.model == "nvdimm":
             found = [g for g in probe.regions if g.nfit_handle == (r.dimm_slot or 0) + 1]
+        elif r.model == "cxl":
+            found = [g for g in probe.regions if g.cxl]
         else:
             found = [g for g in probe.regions if g.nfit_handle is None and g.pci_slot() == r.pci_slot]
         if len(found) == 1:
@@ -172,6 +202,10 @@ def merge_probe(mm: MemoryMap, probe: Probe, md: Metadata) -> None:
             view.guest_region = g.dev
             view.guest_device = f"/dev/{g.blockdevs[0]}" if g.blockdevs else None
             view.target_node = g.target_node
+    if mm.cxl_window is not None and probe.cxl_windows:
+        w = probe.cxl_windows[0]   # nvmprov makes one window (cxl-fmw.0)
+        mm.cxl_window.update(decoder=w.decoder, start=w.start, end=w.start + w.size_bytes - 1,
+                             size_bytes=w.size_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +230,7 @@ def _node_lines(mm: MemoryMap) -> list[str]:
         regions = ", ".join(region(r) for r in n.regions) or "-"
         lines.append(f"  NUMA node {n.id:<2} {human_size(n.memory_bytes):>10}  {cpus:<22}  regions: {regions}")
     placed = {r for n in mm.nodes for r in n.regions}
-    off = [region(v.name) for v in mm.regions if v.name not in placed]
+    off = [region(v.name) for v in mm.regions if v.name not in placed and v.model != "cxl"]
     if mm.nodes and off:
         lines.append(f"  no NUMA node (virtio-pmem has none in libvirt): {', '.join(off)}")
     return lines
@@ -207,6 +241,11 @@ def render_text(mm: MemoryMap) -> str:
     ram = ", ".join(_range(a, b) for a, b in mm.ram_ranges) or "-"
     lines.append(f"  RAM          {human_size(mm.ram_bytes):>10}  {ram}")
     lines += _node_lines(mm)
+    if mm.cxl_window is not None:
+        w = mm.cxl_window
+        at, decoder = _range(w.get("start"), w.get("end")), w.get("decoder", "cxl-fmw.0")
+        lines.append(f"  CXL window   {human_size(w['size_bytes']):>10}  {at}  ({decoder}; regions: "
+                     f"{', '.join(w['regions'])})")
     headers = ("region", "model", "size", "usable", "guest physical range", "device", "attached", "backing")
     rows = [(v.name, v.model, human_size(v.size_bytes), human_size(v.usable_bytes), _range(v.guest_start, v.guest_end),
              v.guest_device or v.guest_region or "-", v.where, v.backing_path or "-") for v in mm.regions]

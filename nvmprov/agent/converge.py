@@ -22,10 +22,11 @@ from nvmprov.sizes import RESERVED_TAIL_BYTES, align_down
 
 GATHER_TIMEOUT_S = 180.0
 MAX_ROUNDS = 6  # read, namespace, filesystem+mount+fstab (and its read), then spares
-# What may run after a power cut (recheck): loading modules and mounting. virtio-pmem is hot-plugged
-# after start, so fstab's nofail line cannot mount it at boot. Never a namespace or a filesystem step:
-# those would hide the loss they repair.
-SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "mount"})
+# What may run after a power cut (recheck): loading modules, re-making a CXL region from its recorded
+# parameters (nothing programs the CXL decoders at boot; it writes no namespace and no filesystem), and
+# mounting. virtio-pmem is hot-plugged after start, so fstab's nofail line cannot mount it at boot.
+# Never a namespace or a filesystem step: those would hide the loss they repair.
+SAFE_AFTER_POWER_CYCLE: frozenset[Phase] = frozenset({"modules", "region", "mount"})
 
 
 # An SSH session (a guest program is started for the call) or the phase's running guest program

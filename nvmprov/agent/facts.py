@@ -341,6 +341,12 @@ class Region:
         return max(active, key=lambda ns: ns.size_bytes) if active else None
 
     @property
+    def cxl(self) -> bool:
+        """Is this the nd region of a CXL region? (its bus hangs off the CXL nvdimm bridge:
+        .../ACPI0017:00/root0/nvdimm-bridge0/ndbus0/region0)"""
+        return "/nvdimm-bridge" in self.sysfs_path
+
+    @property
     def pci_path(self) -> tuple[str, ...]:
         """PCI addresses from the root bus down to a virtio-pmem device; () for an NFIT region.
 
@@ -408,6 +414,8 @@ class GuestFacts:
     steps: tuple[StepResult, ...] = ()  # the round's commands run before reading, in order; stops at a failure
     modprobe: StepResult | None = None  # the collector's own module loading; None when nothing was missing
     daxdevs: dict[str, DaxDevice] = field(default_factory=dict)  # device-dax character devices
+    cxl_memdevs: dict[str, int | None] = field(default_factory=dict)  # CXL memdev ("mem0") -> its serial
+    cxl_windows: dict[str, tuple[int, int]] = field(default_factory=dict)  # root decoder -> (start, size)
     system_ram: tuple[tuple[int, int], ...] = ()  # /proc/iomem's top-level System RAM, inclusive ranges
 
     def kernel_lines(self, *words: str) -> tuple[str, ...]:
@@ -514,6 +522,10 @@ def guest_facts(raw: dict[str, Any]) -> GuestFacts:
         steps=tuple(_step_result(r) for r in raw.get("steps") or ()),
         modprobe=_step_result(raw["modprobe"]) if raw.get("modprobe") else None,
         daxdevs={n: _daxdev(n, d) for n, d in (raw.get("daxdevs") or {}).items()},
+        cxl_memdevs={n: _int((m or {}).get("serial")) for n, m in (raw.get("cxl_memdevs") or {}).items()},
+        cxl_windows={n: (start, size) for n, w in (raw.get("cxl_windows") or {}).items()
+                     if (start := _int((w or {}).get("start"))) is not None
+                     and (size := _int((w or {}).get("size"))) is not None},
         system_ram=tuple(r for r in (_hex_range(t) for t in raw.get("system_ram") or ()) if r is not None),
     )
 
@@ -563,6 +575,10 @@ def locate(facts: GuestFacts, region: RegionPlan) -> Region:
     if region.model == "nvdimm":
         found = _by_handle(facts, nfit_handle(region))
         where = f"NFIT handle {nfit_handle(region):#x} (dimm slot {region.dimm_slot})"
+    elif region.model == "cxl":
+        # one CXL region per guest (spec rule): the nd region on the CXL nvdimm bridge's bus
+        found = [r for r in facts.regions.values() if r.cxl]
+        where = "the CXL nvdimm bridge (made by `cxl create-region`)"
     else:
         # The first address under the root bus: the device itself, or the root port it sits behind.
         found = [r for r in facts.regions.values() if r.pci_path[:1] == (pci_address(region),)]
@@ -583,6 +599,19 @@ def locate(facts: GuestFacts, region: RegionPlan) -> Region:
             f"expected {expected}; the device is not the one the plan describes"
         )
     return guest
+
+
+def cxl_memdev(facts: GuestFacts, region: RegionPlan) -> str:
+    """The guest's name of the CXL region's type-3 device ("mem0"), found by its recorded serial."""
+    found = [name for name, serial in facts.cxl_memdevs.items() if serial == region.cxl_serial]
+    if len(found) != 1:
+        seen = ", ".join(f"{n} (serial {s:#x})" if s is not None else n for n, s in sorted(facts.cxl_memdevs.items()))
+        raise GuestError(
+            f"region {region.name}: {'no' if not found else 'more than one'} CXL memory device with serial "
+            f"{region.cxl_serial or 0:#x} in the guest (it shows: {seen or 'none'}); is the guest kernel's CXL "
+            "support (cxl_acpi, cxl_pci, cxl_mem) loaded, and was the domain started with its CXL arguments?"
+        )
+    return found[0]
 
 
 def _by_handle(facts: GuestFacts, handle: int) -> list[Region]:

@@ -23,15 +23,16 @@ from nvmprov.agent.facts import (
     NdNamespace,
     Region,
     blockdev_of,
+    cxl_memdev,
     dimm_of,
     locate,
     namespace_of,
 )
 from nvmprov.errors import GuestError
-from nvmprov.plan import RegionPlan
+from nvmprov.plan import RegionPlan, cxl_region
 from nvmprov.ssh import render_command
 
-Phase = Literal["modules", "namespace", "filesystem", "mount", "fstab"]
+Phase = Literal["modules", "region", "namespace", "filesystem", "mount", "fstab"]
 
 NAMESPACE_TIMEOUT_S = 300.0  # create-namespace writes the page map; slow under TCG for big regions
 MKFS_TIMEOUT_S = 600.0
@@ -66,6 +67,8 @@ def needed_modules(region: RegionPlan) -> tuple[str, ...]:
     # device_dax (/dev/daxN.M), sector nd_btt (/dev/pmemNs). fsdax needs neither.
     if region.model == "virtio-pmem":
         return ("virtio_pmem", "nd_pmem")
+    if region.model == "cxl":  # the CXL stack (they load by themselves on 6.1) and its pmem bridge to libnvdimm
+        return ("cxl_acpi", "cxl_pci", "cxl_port", "cxl_mem", "cxl_pmem", "nd_pmem")
     extra = {"devdax": ("dax_pmem", "device_dax"), "sector": ("nd_btt",)}.get(region.effective_mode or "", ())
     return ("nfit", "nd_pmem", *extra)
 
@@ -90,12 +93,22 @@ def plan_commands(facts: GuestFacts, region: RegionPlan, *, reformat: bool) -> l
     missing = [m for m in needed_modules(region) if m not in facts.modules]
     if missing:
         return [Command("modprobe -a" + " %s" * len(missing), tuple(missing), phase="modules", region=region.name)]
+    if region.model == "cxl" and not any(r.cxl for r in facts.regions.values()):
+        return [_cxl_region_command(facts, region)]
     guest = locate(facts, region)
-    if region.model == "nvdimm" and not region.readonly:
+    if region.model in ("nvdimm", "cxl") and not region.readonly:
         namespace = _namespace_commands(facts, region, guest, reformat=reformat)
         if namespace:
             return namespace
     return _filesystem_commands(facts, region, guest, reformat=reformat)
+
+
+def _cxl_region_command(facts: GuestFacts, region: RegionPlan) -> Command:
+    """`cxl create-region` from the recorded parameters: no firmware programs the CXL decoders here, so
+    the region is gone after every start. It writes no namespace and no filesystem: the labels in the
+    device's label storage area bring the namespace back (given the device serial)."""
+    template, args = cxl_region(region).command(cxl_memdev(facts, region))
+    return Command(template, args, phase="region", region=region.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,7 +424,7 @@ def fstab_entries(
 ) -> list[FstabEntry]:
     """One entry per region with a mount point whose filesystem exists, or is made by `planned`.
 
-    A region with module or namespace steps still `planned` gets none yet: its device is not
+    A region with module, CXL region or namespace steps still `planned` gets none yet: its device is not
     known until they ran (the next round writes it).
     """
     entries = []
@@ -419,7 +432,7 @@ def fstab_entries(
         if region.filesystem == "none" or region.mount is None:
             continue
         mine = [c for c in planned if c.region == region.name]
-        if any(c.phase in ("modules", "namespace") for c in mine):
+        if any(c.phase in ("modules", "region", "namespace") for c in mine):
             continue
         if any(c.makes_filesystem for c in mine):
             fs_id: str | None = fs_uuid(region)

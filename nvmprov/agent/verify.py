@@ -392,7 +392,7 @@ def _prepare(
     not_dax = mode in ("sector", "raw")
     # An nvdimm region is DAX only through an fsdax namespace (raw and sector modes have no page map;
     # a raw pmem device may still show queue/dax); virtio-pmem has no namespace modes of its own.
-    mode_ok = region.model != "nvdimm" or state.namespace_mode == "fsdax"
+    mode_ok = region.model == "virtio-pmem" or state.namespace_mode == "fsdax"
     if region.filesystem == "none":
         if not not_dax:
             report.dax = state.device_dax and mode_ok

@@ -261,7 +261,7 @@ def test_the_guest_program_reads_facts_here(tmp_path: Path) -> None:
     assert facts.regions == {}
     assert set(raw) == {
         "modules", "ndctl", "regions", "nmems", "blockdevs", "daxdevs", "mounts", "fstab", "kernel_log",
-        "system_ram", "waited",
+        "system_ram", "waited", "cxl_memdevs", "cxl_windows",
     }
     assert (facts.steps, facts.modprobe) == ((), None)
     assert "udev_s" in raw["waited"]  # the first read of a phase settles

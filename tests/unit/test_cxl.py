@@ -161,3 +161,128 @@ def test_who_uses_a_path_sees_a_cxl_guests_volumes_in_its_real_xml() -> None:
     bare.remove(bare.find(f"{{{domain.QEMU_NS}}}commandline"))
     without = domain.references(domain.ET.tostring(bare, encoding="unicode"))
     assert "/p/g-pmem-c.lsa" not in without.paths and ("nvmprov", "g-pmem-c.lsa") in without.volumes
+
+
+# ---------------------------------------------------------------------------------------------
+# the guest side: facts -> commands (pure)
+
+CXL_ND_PATH = "/sys/devices/platform/ACPI0017:00/root0/nvdimm-bridge0/ndbus0/region0"   # measured here
+
+
+def _facts(*, region: bool, serial: int | None, ns: dict | None = None, modules: tuple[str, ...] = ()) -> object:
+    from nvmprov.agent.facts import parse_guest_facts
+
+    mods = ["nd_pmem", "cxl_acpi", "cxl_pci", "cxl_port", "cxl_mem", "cxl_pmem", *modules]
+    seed = {"dev": "namespace0.0", "mode": "raw", "size": 0, "uuid": "00000000-0000-0000-0000-000000000000",
+            "sector_size": 512, "state": "disabled"}
+    listed = {"regions": [{"dev": "region0", "size": 536870912, "type": "pmem", "namespaces": [ns or seed],
+                           "mappings": [{"dimm": "nmem0", "offset": 0, "length": 536870912, "position": 0}]}],
+              "dimms": [{"dev": "nmem0"}]} if region else {}
+    raw = {
+        "modules": mods, "ndctl": {"rc": 0, "stdout": json.dumps(listed), "stderr": ""},
+        "regions": {"region0": {"path": CXL_ND_PATH, "size": "536870912", "read_only": "0",
+                                "mappings": ["nmem0,0,536870912,0"]}} if region else {},
+        "nmems": {}, "daxdevs": {}, "mounts": "", "fstab": "",
+        "blockdevs": {"pmem0": {"path": CXL_ND_PATH + "/pfn0.0/block/pmem0", "size_sectors": "1028096", "ro": "0",
+                                "dax": "1", "blkid": {"rc": 2, "stdout": "", "stderr": ""}}} if ns else {},
+        "cxl_memdevs": {"mem0": {"serial": hex(serial) if serial is not None else None}},
+        "cxl_windows": {"decoder0.0": {"start": "0x460000000", "size": "0x20000000"}},
+    }
+    return parse_guest_facts(json.dumps(raw))
+
+
+def test_the_guest_makes_the_cxl_region_from_its_recorded_parameters_by_serial() -> None:
+    from nvmprov.agent import steps
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    [cmd] = steps.plan_commands(_facts(region=False, serial=r.cxl_serial), r, reformat=False)
+    assert cmd.render() == "cxl create-region -d decoder0.0 -t pmem -m mem0 -w 1 -g 256"
+    assert cmd.phase == "region"
+    from nvmprov.agent.converge import SAFE_AFTER_POWER_CYCLE
+    assert "region" in SAFE_AFTER_POWER_CYCLE and "namespace" not in SAFE_AFTER_POWER_CYCLE
+
+
+def test_a_memdev_of_another_serial_is_not_taken() -> None:
+    from nvmprov.agent import steps
+    from nvmprov.errors import GuestError
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    with pytest.raises(GuestError, match="no CXL memory device with serial"):
+        steps.plan_commands(_facts(region=False, serial=12345), r, reformat=False)
+
+
+def test_a_new_cxl_region_gets_an_fsdax_namespace_then_a_filesystem() -> None:
+    from nvmprov.agent import steps
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    [cmd] = steps.plan_commands(_facts(region=True, serial=r.cxl_serial), r, reformat=False)
+    assert cmd.render() == "ndctl create-namespace -r region0 -m fsdax" and cmd.phase == "namespace"
+    fsdax = {"dev": "namespace0.0", "mode": "fsdax", "size": 526385152, "uuid": "0f1e", "sector_size": 512,
+             "blockdev": "pmem0", "align": 2097152}
+    cmds = steps.plan_commands(_facts(region=True, serial=r.cxl_serial, ns=fsdax), r, reformat=False)
+    assert cmds[0].render().startswith("mkfs.ext4") and "-b 4096" in cmds[0].render()
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor and show
+
+
+def test_doctor_checks_qemus_cxl_devices_the_guest_kernel_and_confinement() -> None:
+    from nvmprov import doctor
+
+    have = 'name "pxb-cxl", bus PCI\nname "cxl-rp", bus PCI\nname "cxl-type3", bus PCI\n'
+    assert doctor.cxl_qemu_check(have).status == "ok"
+    missing = doctor.cxl_qemu_check('name "nvdimm"\nname "cxl-rp"\n')
+    assert missing.status == "warn" and "no pxb-cxl, cxl-type3" in missing.detail and missing.fix
+    assert doctor.cxl_qemu_check(None).status == "warn"
+    assert doctor.cxl_kernel_check("6.1.0-57-amd64").status == "ok"
+    assert doctor.cxl_kernel_check("5.10.0-30-amd64").status == "warn"
+    assert doctor.cxl_kernel_check(None).status == "warn"
+    assert doctor.cxl_confinement_check(["none", "dac"], (64055, 64055)).status == "ok"
+    confined = doctor.cxl_confinement_check(["apparmor", "dac"], (64055, 64055))
+    assert confined.status == "warn" and "apparmor" in confined.detail and "abstractions/libvirt-qemu" in (
+        confined.fix or "")
+
+
+def test_kernel_version_from_a_bzimage_header() -> None:
+    from nvmprov import doctor
+
+    head = bytearray(0x5000)
+    head[0x202:0x206] = b"HdrS"
+    head[0x20E:0x210] = (0x42C0).to_bytes(2, "little")
+    text = b"6.1.0-57-amd64 (debian-kernel@lists.debian.org) #1 SMP\0"
+    head[0x44C0:0x44C0 + len(text)] = text
+    assert doctor.kernel_version(bytes(head)) == "6.1.0-57-amd64"
+    assert doctor.kernel_version(b"\0" * 0x1000) is None
+
+
+def test_show_maps_the_cxl_window_and_the_region() -> None:
+    from nvmprov import show
+
+    p = plan.build(guest(CXL + "  - {name: d, size: 256MiB}\n"), TCG_HOST)
+    xml = domain.render(p, CTX)
+    md = domain.parse_metadata(xml)
+    mm = show.build_map(xml, xml, running=True, md=md)
+    view = next(v for v in mm.regions if v.name == "c")
+    assert (view.model, view.where, view.backing_path) == ("cxl", "qemu args", "/p/g-pmem-c.raw")
+    assert mm.cxl_window == {"size_bytes": 512 * MiB, "regions": ["c"]}
+    probe = show.Probe(
+        ram=((0, 0x9FBFF),),
+        regions=(show.GuestRegion("region0", 0x460000000, 512 * MiB, None, CXL_ND_PATH, ("pmem0",), -1),
+                 show.GuestRegion("region1", 0x100000000, 256 * MiB, 1,
+                                  "/sys/devices/LNXSYSTM:00/ACPI0012:00/ndbus1/region1", ("pmem1",), 0)),
+        cxl_windows=(show.CxlWindow("decoder0.0", 0x460000000, 512 * MiB),))
+    assert md is not None
+    show.merge_probe(mm, probe, md)
+    assert (view.guest_region, view.guest_device, view.guest_start) == ("region0", "/dev/pmem0", 0x460000000)
+    text = show.render_text(mm)
+    assert "  CXL window      512 MiB  0x00460000000-0x0047fffffff  (decoder0.0; regions: c)" in text, text
+    assert "no NUMA node" not in text
+
+
+def test_the_agents_facts_carry_the_cxl_window_for_show() -> None:
+    from nvmprov import show
+
+    r = plan.build(guest(CXL), TCG_HOST).region("c")
+    facts = _facts(region=True, serial=r.cxl_serial)
+    assert show.probe_of(facts).cxl_windows == (show.CxlWindow("decoder0.0", 0x460000000, 512 * MiB),)

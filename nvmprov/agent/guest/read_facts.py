@@ -18,7 +18,8 @@ import time
 
 from proc import read, run
 
-MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem")
+MODULES = ("libnvdimm", "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_pmem",
+           "cxl_acpi", "cxl_pci", "cxl_port", "cxl_mem", "cxl_pmem")
 ND = "/sys/bus/nd/devices/"
 KERNEL_LOG_LINES = 40
 # systemd mounts fstab's nofail entries as their devices appear; with sshd up early in the boot the
@@ -118,6 +119,22 @@ def nmems():
     return out
 
 
+def cxl_memdevs():
+    """CXL memory devices and their serials (how a CXL region's device is found, not by enumeration)."""
+    out = {}
+    for path in sorted(glob.glob("/sys/bus/cxl/devices/mem*")):
+        out[os.path.basename(path)] = {"serial": read(path + "/serial")}
+    return out
+
+
+def cxl_windows():
+    """The CXL fixed memory windows: root decoders (decoder0.N) with their guest physical start and size."""
+    out = {}
+    for path in sorted(glob.glob("/sys/bus/cxl/devices/decoder0.*")):
+        out[os.path.basename(path)] = {"start": read(path + "/start"), "size": read(path + "/size")}
+    return out
+
+
 def blockdevs():
     out = {}
     for path in sorted(glob.glob("/sys/class/block/pmem*")):
@@ -155,6 +172,8 @@ def read_facts(settle_first=False):
         "ndctl": run(["ndctl", "list", "--regions", "--namespaces", "--dimms", "--idle"]),
         "regions": regions(),
         "nmems": nmems(),
+        "cxl_memdevs": cxl_memdevs(),
+        "cxl_windows": cxl_windows(),
         "blockdevs": blockdevs(),
         "daxdevs": daxdevs(),
         "mounts": read("/proc/self/mounts") or "",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import session, uris
@@ -74,6 +75,34 @@ def seed_applied(tail: str) -> bool:
     """The built-in image's console says its seed is applied: its network address is set, and sshd
     starts next."""
     return SEED_APPLIED_MARKER in tail
+
+
+# The gate waits for the seed line no longer than this: a boot that never prints it fails or
+# succeeds as it did before the gate existed.
+SEED_LINE_WAIT_S = 90.0
+# A console log that stays empty this long cannot be read (a remote hypervisor's log belongs to
+# root, read_tail gives ''): the gate opens, as the kernel prints within a second or two of start.
+CONSOLE_SILENT_S = 10.0
+
+
+class SeedLineGate:
+    """ssh.connect's `ready` for the built-in image on a domain started just now: yes once the
+    console (READ gives its tail) says the seed is applied, or it stayed empty CONSOLE_SILENT_S, or
+    SEED_LINE_WAIT_S have passed."""
+
+    def __init__(self, read: Callable[[], str], now: Callable[[], float] = time.monotonic) -> None:
+        self._read = read
+        self._now = now
+        self._began = now()
+        self._seen_text = False
+
+    def __call__(self) -> bool:
+        tail = self._read()
+        self._seen_text = self._seen_text or bool(tail)
+        waited = self._now() - self._began
+        if seed_applied(tail) or waited >= SEED_LINE_WAIT_S:
+            return True
+        return not self._seen_text and waited >= CONSOLE_SILENT_S
 
 
 def copy_log(log_path: str, dest: Path) -> None:

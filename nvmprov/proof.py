@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -19,10 +18,6 @@ from . import agent, boot, domain, identity, remote, ssh, state, storage, virt
 from .errors import GuestError
 from .managed import ssh_coordinates
 from .report import GuestReport, Report, SshInfo, render_json
-
-# SSH attempts wait for the built-in image's "seed applied" console line (open_session's seed_line),
-# but no longer than this: a console nvmprov cannot read must not cost more than trying at once.
-SEED_LINE_WAIT_S = 90.0
 
 if TYPE_CHECKING:
     import libvirt
@@ -154,7 +149,7 @@ def open_session(
     """An SSH session into DOM at COORDS, waiting up to DEADLINE_S for its sshd while watching the
     serial console for a boot that cannot succeed; on failure the console's last lines say why.
     seed_line: the built-in image, started just now: no SSH attempt before its console says the seed
-    is applied (its address set), for at most SEED_LINE_WAIT_S (ssh.connect's `ready`)."""
+    is applied (its address set): boot.SeedLineGate, ssh.connect's `ready`."""
     name = dom.name()
     uri = dom.connect().getURI()
     log_path = boot.console_log_path(name, uri)
@@ -171,15 +166,7 @@ def open_session(
         progress.checkpoint()
         boot.check_boot_text(name, log_tail(200), active=virt.is_active(dom))
 
-    ready: Callable[[], bool] | None = None
-    if seed_line:
-        fallback_at = time.monotonic() + SEED_LINE_WAIT_S
-
-        def seed_line_seen() -> bool:
-            return boot.seed_applied(log_tail(200)) or time.monotonic() >= fallback_at
-
-        ready = seed_line_seen
-
+    ready = boot.SeedLineGate(lambda: log_tail(200)) if seed_line else None
     port = coords.port
     target = ssh.SshTarget(
         host=coords.host, port=port, user=coords.user, client_key_path=coords.identity_file,

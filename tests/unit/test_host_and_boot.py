@@ -172,3 +172,37 @@ def test_seed_applied_is_the_appliers_own_last_line() -> None:
     assert boot.seed_applied("x\r\nnvmprov-seed: applied (host g, user u, instance i) in 3.1 s\r\n")
     assert not boot.seed_applied("nvmprov-seed: error: no cidata CD\n")
     assert not boot.seed_applied("")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_seed_line_gate_opens_on_the_line_and_only_then() -> None:
+    clock, console = _Clock(), ["[    0.0] Linux version 6.1"]
+    gate = boot.SeedLineGate(lambda: console[0], now=clock)
+    clock.t += 30
+    assert not gate()  # the console is readable and the seed is not applied yet
+    console[0] += "\nnvmprov-seed: applied (host g, user u, instance i) in 1.0 s\n"
+    assert gate()
+
+
+def test_seed_line_gate_gives_up_on_a_silent_console_and_after_its_limit() -> None:
+    """An unreadable console (a remote hypervisor's root-owned log reads as '') must not hold SSH
+    back for the whole limit; a readable one without the line holds it SEED_LINE_WAIT_S at most."""
+    clock = _Clock()
+    silent = boot.SeedLineGate(lambda: "", now=clock)
+    clock.t += boot.CONSOLE_SILENT_S - 1
+    assert not silent()  # the kernel may not have printed yet
+    clock.t += 1
+    assert silent()
+    clock = _Clock()
+    talking = boot.SeedLineGate(lambda: "[    0.0] Linux version 6.1\n", now=clock)
+    clock.t += boot.SEED_LINE_WAIT_S - 1
+    assert not talking()
+    clock.t += 1
+    assert talking()

@@ -471,3 +471,18 @@ def test_region_nodes_come_from_sysfs() -> None:
     # captures from collectors before issue 19 have neither: not known
     old = F.parse_guest_facts(fixture("real-facts-nvdimms-ready.json"))
     assert (old.regions[first].target_node, old.regions[first].numa_node) == (None, None)
+
+
+def test_settle_waits_for_running_mounts_and_present_devices_only(tmp_path: Path) -> None:
+    # A nofail fstab mount whose device is gone (detached region, CXL region not made yet) sits
+    # "waiting" for its 90 s device timeout: the fact reader waited its whole 30 s on it (show 33 s).
+    read_facts = guest_module("read_facts")
+    present = tmp_path / "pmem0"
+    present.touch()
+    listing = ("7 mnt-a.mount start running\n"
+               "8 mnt-b.mount start waiting\n"
+               "9 mnt-c.mount start waiting\n"
+               "10 dev-pmem9.device start running\n")
+    sources = {"mnt-b.mount": str(present), "mnt-c.mount": "/dev/no-such-pmem"}
+    assert read_facts.pending_mounts(listing, sources.get) == ["mnt-a.mount running", "mnt-b.mount waiting"]
+    assert read_facts.pending_mounts("", sources.get) == []

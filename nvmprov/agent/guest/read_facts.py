@@ -41,16 +41,32 @@ def wait_probe():
 
 
 def mount_jobs():
-    """systemd's queued .mount jobs ("UNIT STATE"); None without systemd."""
+    """systemd's queued .mount jobs that will finish soon ("UNIT STATE"); None without systemd."""
     jobs = run(["systemctl", "list-jobs", "--no-legend", "--plain"])
     if jobs["rc"] != 0:
         return None
+    return pending_mounts(jobs["stdout"], mount_source)
+
+
+def pending_mounts(list_jobs_text, source_of):
+    """The .mount jobs of `systemctl list-jobs` output worth waiting for: running ones, and waiting
+    ones whose device exists. A nofail mount waiting for a device that is not there (a region
+    detached, a CXL region not made yet) waits for its device timeout (90 s), not for us."""
     found = []
-    for line in jobs["stdout"].splitlines():
+    for line in list_jobs_text.splitlines():
         fields = line.split()  # JOB UNIT TYPE STATE
-        if len(fields) >= 4 and fields[1].endswith(".mount"):
-            found.append(fields[1] + " " + fields[3])
+        if len(fields) < 4 or not fields[1].endswith(".mount"):
+            continue
+        unit, state = fields[1], fields[3]
+        if state == "running" or os.path.exists(source_of(unit) or ""):
+            found.append(unit + " " + state)
     return found
+
+
+def mount_source(unit):
+    """What= of a mount unit: the device it mounts."""
+    shown = run(["systemctl", "show", "--property=What", "--value", unit])
+    return shown["stdout"].strip() if shown["rc"] == 0 else None
 
 
 def settle():

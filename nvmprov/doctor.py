@@ -53,7 +53,7 @@ def accel_check(offers_kvm: bool, has_virt_ext: bool) -> Check:
     if offers_kvm:
         return Check("acceleration", "warn",
                      "/dev/kvm is offered but the CPU has no vmx/svm (a paravirtual KVM, where guests hang in "
-                     "firmware): TCG software emulation will be used (boot to SSH takes about a minute)",
+                     "firmware): TCG software emulation will be used (boot to SSH takes 10-40 s)",
                      "nothing to do with accel: auto; for kvm, run on a host with nested virtualisation (vmx/svm)")
     return Check("acceleration", "warn", "libvirt offers no kvm here: TCG software emulation will be used",
                  "load kvm_intel/kvm_amd (and give the user /dev/kvm) for kvm; accel: auto works as is")

@@ -23,6 +23,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 
 import libvirt
@@ -131,8 +132,15 @@ def _slot_bytes(pool: libvirt.virStoragePool, name: str) -> bytes | None:
 _READ_ATTEMPTS = 5  # a rewrite of a slot takes milliseconds; eight creates at once raced one read here
 
 
+def _slots_lock(pool: libvirt.virStoragePool, *, exclusive: bool) -> AbstractContextManager[None]:
+    """Readers share it, a writer replacing a slot holds it alone: libvirt refuses to delete a
+    volume while a reader downloads it ("still in use"; eight creates at once hit it in CI)."""
+    return state.shared_lock(f"ledger-slots-{pool.UUIDString()}", exclusive=exclusive)
+
+
 def read(pool: libvirt.virStoragePool) -> Ledger:
-    found = newest(_slot_bytes(pool, name) for name in SLOTS)
+    with _slots_lock(pool, exclusive=False):
+        found = newest([_slot_bytes(pool, name) for name in SLOTS])
     if found is None:
         raise StorageError(
             f"the ownership ledger of storage pool {pool.name()!r} ({', '.join(SLOTS)}) is unreadable in both "
@@ -151,8 +159,9 @@ def update(pool: libvirt.virStoragePool, hypervisor: str, change: Callable[[Ledg
             return current
         new = replace(changed, generation=current.generation + 1)
         slot = SLOTS[new.generation % 2]
-        storage.delete(pool, slot)
-        storage.write_small(pool, slot, encode(new))
+        with _slots_lock(pool, exclusive=True):
+            storage.delete(pool, slot)
+            storage.write_small(pool, slot, encode(new))
         return new
 
 

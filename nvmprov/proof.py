@@ -84,7 +84,7 @@ def prove(
     persistence proof; ssh_only: stop once SSH answers (create --until ssh)."""
     progress, coords = run.progress, run.ssh
     deadline_s = run.plan.boot_timeout_s if booting else run.plan.ssh_timeout_s
-    waiting = f"waiting for SSH on {coords.host}:{coords.port}" + (" (TCG boot takes about a minute)"
+    waiting = f"waiting for SSH on {coords.host}:{coords.port}" + (" (a TCG boot takes 10-40 s)"
                                                                    if booting else "")
     with progress.phase("ssh", waiting):
         session = open_session(run.domain, run.files, coords, deadline_s, progress,

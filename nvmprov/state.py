@@ -224,6 +224,13 @@ def host_lock(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def shared_lock(name: str, *, exclusive: bool) -> Iterator[None]:
+    """A blocking host-wide readers-writer lock: many hold it shared, or one exclusively."""
+    with _flocked(f"host-{name}.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+        yield
+
+
+@contextlib.contextmanager
 def pool_lock(hypervisor: str, pool: str, *, exclusive: bool = False) -> Iterator[None]:
     """create and attach hold a pool shared (waiting while a prune runs); prune holds it exclusively
     and fails at once while any create or attach runs. HYPERVISOR is identity.Hypervisor.key.

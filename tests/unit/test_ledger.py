@@ -257,3 +257,43 @@ def test_a_slot_that_keeps_failing_is_an_error(conn, pool, monkeypatch) -> None:
     monkeypatch.setattr(storage, "read_small", read_small)
     with pytest.raises(StorageError, match="reading nvmprov-ledger-b.json.*I/O error"):
         ledger.read(pool)
+
+
+def _taken(pool, operation: int) -> bool:
+    """Whether the ledger's slot lock refuses OPERATION (non-blocking) from another open file."""
+    import fcntl
+    import os
+
+    from nvmprov import state
+
+    fd = os.open(state.state_root() / "locks" / f"host-ledger-slots-{pool.UUIDString()}.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_never_replaces_a_slot_while_a_reader_downloads_it(conn, pool, monkeypatch) -> None:
+    # libvirt refuses to delete a volume a reader is downloading ("still in use"): eight creates
+    # at once failed on it in CI. Readers share the slots' lock; a writer replacing a slot holds it.
+    import fcntl
+
+    ledger.record(pool, A)
+    seen: list[tuple[str, bool]] = []
+    real_read, real_delete = storage.read_small, storage.delete
+
+    def read_small(vol, max_bytes):
+        seen.append(("read", _taken(pool, fcntl.LOCK_EX)))   # shared: a writer must wait
+        return real_read(vol, max_bytes)
+
+    def delete(p, name):
+        seen.append(("delete", _taken(pool, fcntl.LOCK_SH)))  # exclusive: a reader must wait
+        return real_delete(p, name)
+
+    monkeypatch.setattr(storage, "read_small", read_small)
+    monkeypatch.setattr(storage, "delete", delete)
+    ledger.record(pool, B)
+    assert ("read", True) in seen and ("delete", True) in seen and all(held for _, held in seen), seen

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal, get_args, get_origin
 from urllib.parse import unquote
 
 import yaml
@@ -497,7 +497,24 @@ class TimeoutsSpec(BaseModel):
     ssh_s: int = Field(600, ge=1, le=86_400)
 
 
-class NamespaceSpec(BaseModel):
+class _DevdaxAlign:
+    """A devdax alignment, shared by a region and a namespace of a split region: the default
+    (2MiB) is not written out, and devdax_align_bytes gives the effective one."""
+
+    if TYPE_CHECKING:  # the fields of the models that use it (not pydantic fields of its own)
+        mode: str | None
+        align_bytes: int | None
+
+    @property
+    def devdax_align_bytes(self) -> int | None:
+        return (self.align_bytes or DEFAULT_DEVDAX_ALIGN) if self.mode == "devdax" else None
+
+    def _leave_default_align_unwritten(self) -> None:
+        if self.mode == "devdax" and self.align_bytes == DEFAULT_DEVDAX_ALIGN:
+            self.align_bytes = None
+
+
+class NamespaceSpec(_DevdaxAlign, BaseModel):
     """One namespace of a labelled region split in several (`namespaces:`, issue 19). Each follows
     the rules of a region of its mode; its size must fit the region (GuestSpec checks the sum)."""
 
@@ -539,13 +556,8 @@ class NamespaceSpec(BaseModel):
             raise _Problem(f"xfs needs at least 300MiB but a {format_size(self.size_bytes)} {self.mode} namespace "
                            f"leaves {usable} bytes usable; use size >= {format_size(size)} or filesystem: ext4",
                            "filesystem")
-        if self.mode == "devdax" and self.align_bytes == DEFAULT_DEVDAX_ALIGN:
-            self.align_bytes = None
+        self._leave_default_align_unwritten()
         return self
-
-    @property
-    def devdax_align_bytes(self) -> int | None:
-        return (self.align_bytes or DEFAULT_DEVDAX_ALIGN) if self.mode == "devdax" else None
 
 
 def _check_align(align_bytes: int | None, mode: str) -> None:
@@ -565,7 +577,7 @@ def _check_align(align_bytes: int | None, mode: str) -> None:
                        "align")
 
 
-class RegionSpec(BaseModel):
+class RegionSpec(_DevdaxAlign, BaseModel):
     model_config = _CONFIG
     name: RegionName
     size_bytes: Annotated[int, BeforeValidator(_size("size", minimum=MIN_REGION_BYTES)), _Ser] = Field(
@@ -616,13 +628,8 @@ class RegionSpec(BaseModel):
             self.mount = f"/mnt/{self.name}"
         if self.mode == ("raw" if self.readonly else "fsdax"):
             self.mode = None  # the default, written out
-        if self.mode == "devdax" and self.align_bytes == DEFAULT_DEVDAX_ALIGN:
-            self.align_bytes = None
+        self._leave_default_align_unwritten()
         return self
-
-    @property
-    def devdax_align_bytes(self) -> int | None:
-        return (self.align_bytes or DEFAULT_DEVDAX_ALIGN) if self.mode == "devdax" else None
 
     def _check_mode(self) -> None:
         """Modes and alignments a region can take (docs/spec.md, "Namespace modes")."""

@@ -9,6 +9,8 @@ provides (Debian's python3-setuptools and python3-wheel) when this interpreter l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import site
@@ -111,3 +113,22 @@ def test_image_build_help_from_another_directory(installed: Installed) -> None:
     proc = installed.run("nvmprov", "image", "build", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage: nvmprov image build" in proc.stdout
+
+
+def test_the_wheels_guest_program_answers(installed: Installed) -> None:
+    """The agent's guest programs are package resources: the installed wheel must carry them, and
+    its loader and bundle must run (here, as python3 would in a guest) and answer a request."""
+    script = (
+        "import subprocess, sys\n"
+        "from nvmprov.agent import program\n"
+        "request = b'{\"op\": \"sha256\", \"paths\": [\"guest.yaml\"]}\\n'\n"
+        "p = subprocess.run([sys.executable, '-I', '-S', '-c', program.LOADER], input=program.bundle() + request,\n"
+        "                   capture_output=True, timeout=60)\n"
+        "sys.stdout.write(program.__file__ + '\\n' + p.stdout.decode())\n"
+    )
+    proc = installed.run("python", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    where, answer = proc.stdout.split("\n", 1)
+    assert where.startswith(str(installed.venv)), where  # the installed copy, not the checkout
+    want = hashlib.sha256((installed.workdir / "guest.yaml").read_bytes()).hexdigest()
+    assert json.loads(answer) == {"ok": True, "result": {"sums": {"guest.yaml": want}}}, answer
